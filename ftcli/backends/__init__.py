@@ -1,0 +1,63 @@
+"""Backends share one small interface: take a TrainJob, train its model in place, return a TrainOutcome.
+
+When a backend returns, job.model holds the weights to keep (the best ones when a validation split
+is configured); the train recipe saves them, evaluates them and writes the run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ftcli.config import Config
+from ftcli.data import Prepared
+from ftcli.errors import FtcliError
+from ftcli.rundir import RunDir
+from ftcli.ui import TrainingProgress
+
+
+@dataclass
+class TrainJob:
+    config: Config
+    prepared: Prepared
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    run: RunDir
+    progress: TrainingProgress
+    resume_from: Path | None = None
+    is_main_process: bool = True
+
+    def log(self, event: dict[str, Any]) -> None:
+        """One logging or evaluation event: into metrics.jsonl and onto the progress bar."""
+        if self.is_main_process:
+            self.run.log_event(event)
+            self.progress.log(event)
+
+
+@dataclass
+class TrainOutcome:
+    global_step: int
+    epoch: float
+    train_seconds: float
+    train_samples: int
+    best_checkpoint: str | None = None
+    best_score: float | None = None
+    stopped_early: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    def train(self, job: TrainJob) -> TrainOutcome: ...
+
+
+def get_backend(name: str) -> Backend:
+    if name == "trainer":
+        from ftcli.backends.trainer import TrainerBackend
+
+        return TrainerBackend()
+    if name == "loop":
+        raise FtcliError("backend 'loop' is not built yet", "use --backend trainer")
+    raise FtcliError(f"unknown backend '{name}'", "use trainer or loop")

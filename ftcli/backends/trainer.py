@@ -1,0 +1,150 @@
+"""Backend `trainer`: the config mapped onto HF TrainingArguments and Trainer."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import (
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from ftcli.backends import TrainJob, TrainOutcome
+from ftcli.config import Config
+from ftcli.inference import autocast_dtype, pick_device
+from ftcli.metrics import MetricSuite, primary_metric
+
+# Trainer's log keys, renamed to the keys both backends write into metrics.jsonl.
+LOG_KEYS = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
+
+
+class TrainerBackend:
+    def train(self, job: TrainJob) -> TrainOutcome:
+        config = job.config
+        validation = job.prepared.splits.get("validation")
+        args = training_arguments(config, str(job.run.checkpoints), has_validation=validation is not None)
+        callbacks: list[TrainerCallback] = [_EventCallback(job)]
+        if config.training.early_stopping_patience and validation is not None:
+            callbacks.append(EarlyStoppingCallback(config.training.early_stopping_patience))
+        trainer = Trainer(
+            model=job.model,
+            args=args,
+            data_collator=DataCollatorWithPadding(job.tokenizer),
+            train_dataset=job.prepared.splits["train"],
+            eval_dataset=validation,
+            processing_class=job.tokenizer,
+            compute_metrics=_batched_metrics(config.metrics, len(job.prepared.label_names)),
+            callbacks=callbacks,
+        )
+        # ftcli draws its own progress bar and logs events itself.
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+        seconds = time.perf_counter() - started
+        job.model = trainer.model
+        state = trainer.state
+        return TrainOutcome(
+            global_step=state.global_step,
+            epoch=float(state.epoch or 0.0),
+            train_seconds=seconds,
+            train_samples=state.global_step * config.training.batch_size * config.training.grad_accum,
+            best_checkpoint=state.best_model_checkpoint,
+            best_score=state.best_metric,
+            stopped_early=state.global_step < state.max_steps,
+        )
+
+
+def training_arguments(config: Config, output_dir: str, has_validation: bool) -> TrainingArguments:
+    training = config.training
+    device = pick_device()
+    dtype = autocast_dtype(training.precision, device)
+    primary = primary_metric(config.metrics)
+    schedule = _schedule("eval", training.eval_every) if has_validation else {"eval_strategy": "no"}
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.eval_batch_size,
+        num_train_epochs=training.epochs or 1.0,
+        max_steps=training.max_steps or -1,
+        learning_rate=training.learning_rate,
+        weight_decay=training.weight_decay,
+        warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type=training.scheduler,
+        gradient_accumulation_steps=training.grad_accum,
+        max_grad_norm=training.max_grad_norm or 0.0,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device.type == "cpu",
+        logging_strategy="steps",
+        logging_steps=training.logging_steps,
+        **schedule,
+        **_schedule("save", training.save_every),
+        save_total_limit=training.keep_checkpoints,
+        load_best_model_at_end=has_validation,
+        metric_for_best_model=f"eval_{primary}" if has_validation else None,
+        greater_is_better=primary != "loss",
+        batch_eval_metrics=True,
+        seed=training.seed,
+        data_seed=training.seed,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def _schedule(kind: str, every: str | int) -> dict:
+    if every == "epoch":
+        return {f"{kind}_strategy": "epoch"}
+    return {f"{kind}_strategy": "steps", f"{kind}_steps": every}
+
+
+def _batched_metrics(names: list[str], num_labels: int):
+    """compute_metrics for batch_eval_metrics=True: accumulate label ids, compute on the last batch."""
+    suite = MetricSuite(names, num_labels)
+
+    def compute_metrics(prediction, compute_result: bool = True) -> dict[str, float]:
+        logits = torch.as_tensor(prediction.predictions)
+        labels = torch.as_tensor(prediction.label_ids)
+        suite.add_batch(logits.argmax(-1).cpu().numpy(), labels.cpu().numpy())
+        return suite.compute() if compute_result else {}
+
+    return compute_metrics
+
+
+class _EventCallback(TrainerCallback):
+    """Trainer's logs into metrics.jsonl (ftcli's key names) and onto ftcli's progress bar."""
+
+    def __init__(self, job: TrainJob) -> None:
+        self.job = job
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.job.progress.start(state.max_steps, initial_step=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            self.job.progress.step(state.global_step, samples)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        event = {"step": state.global_step, "epoch": round(float(state.epoch or 0.0), 4)}
+        for key, value in logs.items():
+            if key in LOG_KEYS:
+                event[LOG_KEYS[key]] = float(value)
+            elif key.startswith("eval_") and not key.endswith(("_runtime", "_per_second")):
+                event[key] = float(value)
+        if len(event) > 2:
+            self.job.log(event)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.job.progress.stop()

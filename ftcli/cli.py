@@ -1,0 +1,149 @@
+"""The command-line face: parse arguments, call one function, render the result. No logic here."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from ftcli.errors import FtcliError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune Hugging Face Transformers models for text classification from a YAML experiment.",
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML, or a run directory (its config.yaml).")]
+RunArg = Annotated[Path, typer.Argument(help="A run directory written by `ftcli train`.")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a key, e.g. --set training.learning_rate=3e-5.")
+]
+
+
+def user_errors(command: Callable) -> Callable:
+    """User mistakes end as one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from ftcli.ui import print_error
+
+        try:
+            return command(*args, **kwargs)
+        except FtcliError as error:
+            print_error(str(error))
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print_error("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _load(config: Path, overrides: list[str] | None, backend: str | None = None, smoke: bool = False):
+    from ftcli import config as schema
+
+    extra = [f"backend={backend}"] if backend else []
+    loaded = schema.resolve_paths(schema.load_config(config, (overrides or []) + extra))
+    return schema.smoke(loaded) if smoke else loaded
+
+
+@app.command("config")
+@user_errors
+def show_config(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Print the resolved, validated config."""
+    from ftcli.config import dump_config
+
+    typer.echo(dump_config(_load(config, set_)), nl=False)
+
+
+@app.command()
+@user_errors
+def prepare(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Load, check and tokenize the data into the on-disk cache; print a summary."""
+    from ftcli.train import setup_data
+    from ftcli.ui import console, prepare_summary
+
+    _, _, prepared = setup_data(_load(config, set_))
+    console.print(prepare_summary(prepared))
+
+
+@app.command()
+@user_errors
+def train(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    backend: Annotated[Optional[str], typer.Option(help="trainer or loop (overrides the config).")] = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="A few steps on a few examples: checks the whole path.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+) -> None:
+    """Fine-tune: prepare if needed, train, evaluate on validation, write the run directory."""
+    from ftcli.train import train as run_training
+    from ftcli.ui import console, metrics_table
+
+    loaded = _load(config, set_, backend, smoke)
+    console.print(f"run [bold]{loaded.run_dir}[/]  backend {loaded.backend}  model {loaded.model}")
+    result = run_training(loaded, overwrite=overwrite)
+    outcome = result.outcome
+    console.print(
+        f"trained {outcome.global_step} steps ({outcome.epoch:.2f} epochs) in {outcome.train_seconds:.1f} s"
+        + (" (stopped early)" if outcome.stopped_early else "")
+    )
+    if result.metrics:
+        console.print(metrics_table("final metrics", result.metrics))
+    console.print(f"run directory: {result.run.path}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run_dir: RunArg,
+    split: Annotated[str, typer.Option(help="Split to score: validation, test, train.")] = "validation",
+    checkpoint: Annotated[Optional[str], typer.Option(help="A checkpoint folder or step instead of model/.")] = None,
+) -> None:
+    """Score a run's model on a split; print a table and write it as JSON."""
+    from ftcli.evaluation import evaluate_run
+    from ftcli.ui import console, metrics_table
+
+    metrics, written = evaluate_run(run_dir, split, checkpoint)
+    console.print(metrics_table(f"{run_dir}", {split: metrics}))
+    console.print(f"written to {written}")
+
+
+@app.command()
+@user_errors
+def predict(
+    run_dir: RunArg,
+    input: Annotated[Optional[Path], typer.Option("--input", help="jsonl or csv with the text columns.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Where to write (.jsonl or .csv); stdout if absent.")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Classify one text.")] = None,
+    text_pair: Annotated[Optional[str], typer.Option("--text-pair", help="The second sentence of a pair.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="A checkpoint folder or step instead of model/.")] = None,
+) -> None:
+    """Predict label names and probabilities for a file or an inline text."""
+    from ftcli.predict import predict as run_predict
+    from ftcli.ui import error_console
+
+    rows = run_predict(run_dir, input, text, text_pair, checkpoint, output)
+    if output is not None:
+        error_console.print(f"{len(rows)} predictions written to {output}")
+
+
+def main() -> None:
+    # Quiet the libraries' import-time chatter; ftcli reports what matters itself.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from datasets.utils import logging as ds_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    ds_logging.set_verbosity_error()
+    ds_logging.disable_progress_bar()
+    disable_progress_bars()
+    app(prog_name="ftcli")

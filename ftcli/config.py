@@ -1,0 +1,283 @@
+"""The experiment schema: defaults, validation with readable errors, overrides and the smoke shrink.
+
+Every default lives here, each field's description doubles as the config reference. Loading
+reports every problem at once, each naming its key and the fix; unknown keys suggest the
+closest known one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ftcli.errors import FtcliError
+
+BUILTIN_METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    train: str | None = Field(None, description="Training file (jsonl, json, csv, tsv, parquet).")
+    validation: str | None = Field(None, description="Validation file, evaluated during training.")
+    test: str | None = Field(None, description="Test file, for `ftcli evaluate --split test`.")
+    hub: str | None = Field(None, description="Hub dataset id (e.g. glue) instead of local files.")
+    subset: str | None = Field(None, description="Hub dataset configuration (e.g. mrpc).")
+    text_fields: list[str] = Field(
+        ["text"], min_length=1, max_length=2, description="One text column, or two for sentence pairs."
+    )
+    label_field: str = Field("label", description="The label column (integers or strings).")
+    label_names: list[str] | None = Field(
+        None, min_length=2, description="Class names in id order; inferred and sorted when absent."
+    )
+    max_length: int = Field(128, ge=2, le=8192, description="Tokens per example; longer ones are truncated.")
+    max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training examples.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N examples of other splits.")
+
+    @field_validator("train", "validation", "test")
+    @classmethod
+    def _known_suffix(cls, path: str | None) -> str | None:
+        if path is not None and not path.lower().endswith(DATA_SUFFIXES):
+            raise ValueError(f"unsupported file type '{Path(path).suffix}'; use one of {', '.join(DATA_SUFFIXES)}")
+        return path
+
+    @field_validator("label_names")
+    @classmethod
+    def _unique_names(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError("label names must be unique")
+        return names
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        local = any((self.train, self.validation, self.test))
+        if self.hub and local:
+            raise ValueError("give either data.hub or local files (data.train, ...), not both")
+        if not self.hub and not self.train:
+            raise ValueError("no training data: set data.train to a file, or data.hub (with data.subset)")
+        if self.subset and not self.hub:
+            raise ValueError("data.subset needs data.hub")
+        return self
+
+    def split_files(self) -> dict[str, str]:
+        """The local files by split name, in train/validation/test order."""
+        files = {"train": self.train, "validation": self.validation, "test": self.test}
+        return {split: path for split, path in files.items() if path}
+
+
+class TrainingConfig(_Strict):
+    epochs: float | None = Field(3, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    batch_size: int = Field(8, ge=1, description="Examples per optimizer step, per process, before accumulation.")
+    eval_batch_size: int = Field(64, ge=1, description="Examples per evaluation or prediction batch.")
+    learning_rate: float = Field(5e-5, gt=0, le=1, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay (not applied to biases and LayerNorm).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the steps spent warming the learning rate up.")
+    scheduler: Literal[SCHEDULERS] = Field("linear", description="Learning-rate schedule after warm-up.")  # type: ignore[valid-type]
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this global norm; null disables.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 on the CPU."
+    )
+    eval_every: Literal["epoch"] | int = Field("epoch", description="Evaluate each epoch, or every N optimizer steps.")
+    save_every: Literal["epoch"] | int = Field("epoch", description="Checkpoint each epoch, or every N optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; the best one is never deleted.")
+    logging_steps: int = Field(10, ge=1, description="Log train loss and learning rate every N optimizer steps.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations without improvement of the first metric."
+    )
+    seed: int = Field(42, ge=0, description="Seed for weights of the new head, shuffling and dropout.")
+
+    @field_validator("eval_every", "save_every", mode="before")
+    @classmethod
+    def _epoch_or_steps(cls, value: Any) -> Any:
+        if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"{value!r} is neither 'epoch' nor a step count >= 1")
+
+    @model_validator(mode="after")
+    def _length_and_schedule(self) -> TrainingConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set training.epochs or training.max_steps")
+        if isinstance(self.eval_every, int) != isinstance(self.save_every, int):
+            raise ValueError("eval_every and save_every must both be 'epoch' or both step counts")
+        if isinstance(self.eval_every, int) and self.save_every % self.eval_every:
+            raise ValueError(
+                f"save_every={self.save_every} must be a multiple of eval_every={self.eval_every} "
+                "so that every checkpoint has a score"
+            )
+        return self
+
+
+class Config(_Strict):
+    name: str = Field(..., description="Run name; the run directory is output_dir/name.")
+    backend: Literal["trainer", "loop"] = Field("trainer", description="trainer (HF Trainer) or loop (ftcli's own).")
+    output_dir: str = Field("runs", description="Folder that holds run directories.")
+    model: str = Field("minilm", description="`minilm` (packaged, offline), a Hub id, or a local model directory.")
+    trust_remote_code: bool = Field(False, description="Run model code from the Hub; only for models you trust.")
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+    metrics: list[str] = Field(
+        ["accuracy", "f1"], min_length=1, description="The first one picks the best model. Built in: " + ", ".join(BUILTIN_METRICS)
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError("use letters, digits, '.', '_' and '-' only (it names a folder)")
+        return name
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name in BUILTIN_METRICS or "/" in name or Path(name).exists():
+                continue
+            close = difflib.get_close_matches(name, BUILTIN_METRICS, n=1, cutoff=0.7)
+            if close:
+                raise ValueError(f"unknown metric '{name}'; did you mean '{close[0]}'?")
+        return names
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML experiment, apply `key=value` overrides and validate everything at once."""
+    raw = read_yaml(path)
+    for override in overrides or []:
+        apply_override(raw, override)
+    return validate(raw, source=str(path))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.is_file():
+        raise FtcliError(f"config file {path} does not exist", "check the path")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise FtcliError(f"{path}: YAML syntax error{where}: {error.problem}", "fix the YAML") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise FtcliError(f"{path}: not a readable YAML file ({error})", "save it as UTF-8 YAML") from None
+    if raw is None:
+        raise FtcliError(f"{path} is empty", "write an experiment into it; see configs/ for examples")
+    if not isinstance(raw, dict):
+        raise FtcliError(f"{path} must hold a mapping of keys, not a {type(raw).__name__}", "see configs/ for examples")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as a YAML scalar."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise FtcliError(f"override '{override}' is not KEY=VALUE", "write e.g. --set training.learning_rate=3e-5")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            dotted = ".".join(parents[: depth + 1])
+            raise FtcliError(f"override '{override}': {dotted} is not a section", f"{dotted} holds a single value")
+        node = child
+    node[leaf] = value
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        problems = [_describe(problem) for problem in error.errors()]
+        raise FtcliError(f"{source}: " + "; ".join(dict.fromkeys(problems))) from None
+
+
+def _describe(problem: dict[str, Any]) -> str:
+    location = [part for part in problem["loc"] if isinstance(part, str)]
+    # pydantic names union members in the location (e.g. 'int', 'literal[...]'); hide them.
+    location = [part for part in location if not re.match(r"^(int|str|float|literal\[|list\[|function-)", part)]
+    key = ".".join(location) or "config"
+    kind = problem["type"]
+    if kind == "extra_forbidden":
+        parent = _section_fields(location[:-1])
+        close = difflib.get_close_matches(location[-1], parent, n=1, cutoff=0.5)
+        suggestion = f"did you mean '{'.'.join(location[:-1] + [close[0]])}'?" if close else f"known keys: {', '.join(parent)}"
+        return f"unknown key '{key}'; {suggestion}"
+    if kind == "missing":
+        return f"{key} is required"
+    message = problem["msg"].removeprefix("Value error, ")
+    given = problem.get("input")
+    if kind.startswith(("greater_than", "less_than")) or kind in ("int_parsing", "float_parsing", "bool_parsing"):
+        return f"{key}={given!r}: {message.lower()}"
+    return message if key == "config" or key in message else f"{key}: {message}"
+
+
+def _section_fields(path: list[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in path:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def dump_config(config: Config) -> str:
+    """The fully resolved config as YAML, in schema order."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def resolve_paths(config: Config, base: Path | None = None) -> Config:
+    """Make local data paths absolute so a run directory's config works from any folder."""
+    base = base or Path.cwd()
+    updates = {
+        split: str((base / path).resolve()) for split, path in config.data.split_files().items()
+    }
+    return config.model_copy(update={"data": config.data.model_copy(update=updates)})
+
+
+def smoke(config: Config) -> Config:
+    """Shrink any experiment to a few steps on a few examples, so CI checks the whole path in seconds."""
+    data = config.data.model_copy(update={"max_train_samples": 32, "max_eval_samples": 32, "max_length": 64})
+    training = config.training.model_copy(
+        update={
+            "max_steps": 4,
+            "batch_size": min(config.training.batch_size, 4),
+            "eval_batch_size": 16,
+            "grad_accum": 1,
+            "eval_every": 2,
+            "save_every": 2,
+            "logging_steps": 1,
+            "early_stopping_patience": None,
+        }
+    )
+    return config.model_copy(update={"name": f"{config.name}-smoke", "data": data, "training": training})

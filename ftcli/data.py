@@ -1,0 +1,411 @@
+"""Data: read local files or the Hub, check columns and labels, tokenize once, cache on disk.
+
+The cache key is a fingerprint of the raw data, the tokenizer and every setting that changes the
+tokens, so a second `prepare` (or `train`) is a cache hit and skips reading and tokenizing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_from_disk
+from transformers import PreTrainedTokenizerBase
+
+from ftcli.config import DataConfig
+from ftcli.errors import FtcliError
+
+CACHE_FORMAT = 1  # bump when the prepared columns change, to invalidate old caches
+MODEL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+@dataclass
+class SplitSummary:
+    size: int
+    label_counts: dict[str, int]
+    length_p50: float
+    length_p95: float
+    length_max: int
+    truncated: int
+
+
+@dataclass
+class Prepared:
+    """Tokenized splits (columns: input_ids, [token_type_ids], attention_mask, labels, length)."""
+
+    splits: DatasetDict
+    label_names: list[str]
+    summary: dict[str, SplitSummary]
+    fingerprint: str
+    cache_dir: Path
+    cache_hit: bool = field(default=False)
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a jsonl, json, csv, tsv or parquet file as dicts; every malformation is an FtcliError."""
+    path = Path(path)
+    if path.is_dir():
+        raise FtcliError(f"data file {path} is a directory", "point at a file")
+    if not path.is_file():
+        raise FtcliError(f"data file {path} does not exist", "check the path in data.* or --input")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows = _read_parquet(path)
+    elif suffix in (".csv", ".tsv"):
+        rows = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
+    elif suffix in (".jsonl", ".json"):
+        rows = _read_json(path)
+    else:
+        raise FtcliError(f"unsupported file type '{suffix}' ({path})", "use .jsonl, .json, .csv, .tsv or .parquet")
+    if not rows:
+        raise FtcliError(f"data file {path} holds no rows", "fill it, or remove it from the config")
+    return rows
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise FtcliError(
+            f"{path} is not UTF-8 (bad byte at line {line})", "re-save it as UTF-8, e.g. iconv -t UTF-8"
+        ) from None
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise FtcliError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}", "fix the file") from None
+        return _check_objects(rows, path)
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise FtcliError(
+                f"{path}: line {number} is not valid JSON ({error.msg})", "write one JSON object per line"
+            ) from None
+    return _check_objects(rows, path)
+
+
+def _check_objects(rows: Any, path: Path) -> list[dict[str, Any]]:
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise FtcliError(f"{path} must hold JSON objects, one per row", 'e.g. {"text": "...", "label": 0}')
+    return rows
+
+
+def _read_delimited(path: Path, delimiter: str) -> list[dict[str, Any]]:
+    reader = csv.reader(_read_text(path).splitlines(), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    rows = []
+    for number, values in enumerate(reader, start=2):
+        if not values:
+            continue
+        if len(values) != len(header):
+            raise FtcliError(
+                f"{path}: line {number} has {len(values)} fields but the header has {len(header)}",
+                "quote fields that contain the delimiter",
+            )
+        rows.append(dict(zip(header, values)))
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow raises several types for a damaged file
+        raise FtcliError(f"{path} is not a readable parquet file ({error})", "re-export it") from None
+
+
+# ---------------------------------------------------------------- splits and labels
+
+
+def load_raw_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], list[str] | None]:
+    """The configured splits as rows, cut to max_train_samples / max_eval_samples, and the
+    label names a Hub dataset declares (None for local files)."""
+    if data.hub:
+        splits, hub_names = _load_hub(data)
+    else:
+        splits, hub_names = {split: read_records(path) for split, path in data.split_files().items()}, None
+    limits = {split: data.max_train_samples if split == "train" else data.max_eval_samples for split in splits}
+    return {split: rows[: limits[split]] if limits[split] else rows for split, rows in splits.items()}, hub_names
+
+
+def _load_hub(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], list[str] | None]:
+    from datasets import ClassLabel, load_dataset
+
+    try:
+        loaded = load_dataset(data.hub, data.subset)
+    except Exception as error:  # network, unknown id, missing subset: all mean "not loadable"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(error).lower()
+        hint = (
+            "the Hub is unreachable (HF_HUB_OFFLINE or no network): use local files in data.train/validation/test"
+            if offline
+            else "check data.hub and data.subset"
+        )
+        raise FtcliError(f"cannot load Hub dataset '{data.hub}' ({type(error).__name__})", hint) from None
+    splits = {}
+    names = None
+    for split, dataset in loaded.items():
+        feature = dataset.features.get(data.label_field)
+        if isinstance(feature, ClassLabel):
+            names = feature.names
+        rows = dataset.to_list()
+        if rows and all(row.get(data.label_field) == -1 for row in rows):
+            continue  # an unlabeled split (GLUE's test): nothing to train or score on
+        splits[split] = rows
+    return splits, names
+
+
+def check_columns(splits: dict[str, list[dict[str, Any]]], data: DataConfig, require_labels: bool = True) -> None:
+    """Every split has the text columns as strings, and the label column, with no nulls."""
+    if "train" not in splits:
+        raise FtcliError("the dataset has no train split", "set data.train")
+    for split, rows in splits.items():
+        if not rows:
+            raise FtcliError(f"split '{split}' is empty", "check the file or max_*_samples")
+        columns = list(rows[0])
+        wanted = list(data.text_fields) + ([data.label_field] if require_labels else [])
+        for column in wanted:
+            if column not in columns:
+                key = "data.label_field" if column == data.label_field else "data.text_fields"
+                raise FtcliError(
+                    f"split '{split}' has no column '{column}' (columns: {', '.join(columns)})",
+                    f"set {key} to one of its columns",
+                )
+        check_texts(rows, data.text_fields, where=f"split '{split}'")
+        if require_labels:
+            for number, row in enumerate(rows, start=1):
+                if row.get(data.label_field) is None:
+                    raise FtcliError(
+                        f"split '{split}' row {number}: label '{data.label_field}' is missing or null",
+                        "give every row a label",
+                    )
+
+
+def check_texts(rows: list[dict[str, Any]], text_fields: list[str], where: str) -> None:
+    for number, row in enumerate(rows, start=1):
+        for column in text_fields:
+            value = row.get(column)
+            if not isinstance(value, str):
+                problem = "missing or null" if value is None else f"a {type(value).__name__}, not text"
+                raise FtcliError(f"{where} row {number}: '{column}' is {problem}", "every text field must be a string")
+
+
+def resolve_label_names(splits: dict[str, list[dict[str, Any]]], data: DataConfig, hub_names: list[str] | None) -> list[str]:
+    """data.label_names, else the Hub's ClassLabel names, else the training labels sorted."""
+    if data.label_names:
+        return list(data.label_names)
+    if hub_names:
+        return list(hub_names)
+    values = {row[data.label_field] for row in splits["train"]}
+    if all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in values):
+        return [str(value) for value in sorted(values)]
+    return sorted(str(value) for value in values)
+
+
+def encode_labels(rows: list[dict[str, Any]], label_field: str, label_names: list[str], where: str) -> list[int]:
+    """Label ids: names map by position; integers are ids when names were given or inferred."""
+    index = {name: position for position, name in enumerate(label_names)}
+    ids = []
+    for number, row in enumerate(rows, start=1):
+        value = row[label_field]
+        if isinstance(value, bool):
+            value = str(value).lower()
+        key = str(value)
+        if key in index:
+            ids.append(index[key])
+        elif isinstance(value, (int, np.integer)) and 0 <= value < len(label_names) and not _all_numeric(label_names):
+            ids.append(int(value))
+        else:
+            raise FtcliError(
+                f"{where} row {number}: label {value!r} is not one of data.label_names {label_names}",
+                "fix the label, or list every class in data.label_names",
+            )
+    return ids
+
+
+def _all_numeric(names: list[str]) -> bool:
+    return all(name.lstrip("-").isdigit() for name in names)
+
+
+# ---------------------------------------------------------------- tokenizing and caching
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    if getattr(tokenizer, "is_fast", False):
+        digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    else:
+        digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the raw files (or Hub id), the tokenizer and every token-changing setting."""
+    digest = hashlib.sha256(f"ftcli-cache-{CACHE_FORMAT}".encode())
+    # Local paths are left out: the same bytes under another path are the same data.
+    settings = data.model_dump(mode="json", exclude={"train", "validation", "test"})
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for split, path in data.split_files().items():
+        digest.update(split.encode())
+        digest.update(_file_digest(Path(path)).encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    if not path.is_file():
+        raise FtcliError(f"data file {path} does not exist", "check the path in data.*")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FTCLI_CACHE", Path.home() / ".cache" / "ftcli")) / "prepared"
+
+
+def tokenize_rows(
+    rows: list[dict[str, Any]], text_fields: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Dataset:
+    """Tokenize (pairs as pairs) with truncation, in batches, without padding: batches pad later."""
+    columns = {column: [row[column] for row in rows] for column in text_fields}
+    dataset = Dataset.from_dict(columns)
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        texts = [batch[column] for column in text_fields]
+        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+        full = tokenizer(*texts, truncation=False, add_special_tokens=True)["input_ids"]
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        encoded["full_length"] = [len(ids) for ids in full]
+        return dict(encoded)
+
+    return dataset.map(encode, batched=True, batch_size=1000, remove_columns=list(text_fields))
+
+
+def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, use_cache: bool = True) -> Prepared:
+    """Tokenized splits, from the cache when the fingerprint matches, else built and cached."""
+    fingerprint = data_fingerprint(data, tokenizer)
+    cache_dir = cache_root() / fingerprint
+    if use_cache and (cache_dir / "meta.json").is_file():
+        return _load_cached(cache_dir, fingerprint)
+
+    raw, hub_names = load_raw_splits(data)
+    check_columns(raw, data)
+    label_names = resolve_label_names(raw, data, hub_names)
+    splits, summary = {}, {}
+    for split, rows in raw.items():
+        labels = encode_labels(rows, data.label_field, label_names, where=f"split '{split}'")
+        if split == "train" and len(set(labels)) < 2:
+            raise FtcliError(
+                f"the training set has only one class ({label_names[labels[0]]})",
+                "a classifier needs examples of at least two classes",
+            )
+        tokenized = tokenize_rows(rows, data.text_fields, tokenizer, data.max_length).add_column("labels", labels)
+        summary[split] = _summarize(tokenized, label_names)
+        splits[split] = tokenized.remove_columns("full_length")
+    prepared = Prepared(DatasetDict(splits), label_names, summary, fingerprint, cache_dir)
+    if use_cache:
+        _save_cache(prepared)
+    return prepared
+
+
+def _summarize(tokenized: Dataset, label_names: list[str]) -> SplitSummary:
+    full = np.asarray(tokenized["full_length"])
+    lengths = np.asarray(tokenized["length"])
+    counts = Counter(tokenized["labels"])
+    return SplitSummary(
+        size=len(tokenized),
+        label_counts={name: counts.get(index, 0) for index, name in enumerate(label_names)},
+        length_p50=float(np.percentile(full, 50)),
+        length_p95=float(np.percentile(full, 95)),
+        length_max=int(full.max()),
+        truncated=int((full > lengths).sum()),
+    )
+
+
+def _save_cache(prepared: Prepared) -> None:
+    """Write to a temporary folder, then rename: a crash never leaves a half cache behind."""
+    prepared.cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{prepared.fingerprint}-", dir=prepared.cache_dir.parent))
+    try:
+        prepared.splits.save_to_disk(str(staging / "splits"))
+        meta = {
+            "label_names": prepared.label_names,
+            "summary": {split: asdict(summary) for split, summary in prepared.summary.items()},
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            staging.rename(prepared.cache_dir)
+        except OSError:  # another process cached the same fingerprint first: theirs is as good
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _load_cached(cache_dir: Path, fingerprint: str) -> Prepared:
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    splits = load_from_disk(str(cache_dir / "splits"))
+    summary = {split: SplitSummary(**values) for split, values in meta["summary"].items()}
+    return Prepared(splits, meta["label_names"], summary, fingerprint, cache_dir, cache_hit=True)
+
+
+# ---------------------------------------------------------------- batching
+
+
+def collate(
+    features: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Pad a list of tokenized rows to the longest one (rounded up to a multiple when asked)."""
+    longest = max(len(row["input_ids"]) for row in features)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    batch: dict[str, torch.Tensor] = {}
+    for column in MODEL_COLUMNS:
+        if column not in features[0]:
+            continue
+        pad_value = pad_token_id if column == "input_ids" else 0
+        padded = np.full((len(features), longest), pad_value, dtype=np.int64)
+        for position, row in enumerate(features):
+            values = row[column]
+            padded[position, : len(values)] = values
+        batch[column] = torch.from_numpy(padded)
+    if "labels" in features[0]:
+        batch["labels"] = torch.tensor([row["labels"] for row in features], dtype=torch.long)
+    return batch
+
+
+def length_sorted_batches(lengths: list[int] | np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Indices in batches of similar length, longest first: little padding, and a too-large
+    batch fails on the first batch rather than the last."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]

@@ -1,0 +1,13 @@
+"""The one error type users see: a message naming the problem and, when known, the fix."""
+
+
+class FtcliError(Exception):
+    """A user-facing error: printed as one line (plus the hint) and exit code 2, never a traceback."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message

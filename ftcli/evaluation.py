@@ -1,0 +1,61 @@
+"""The evaluate command: score a run's final model (or one checkpoint) on a labeled split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ftcli.config import Config, load_config
+from ftcli.data import prepare
+from ftcli.errors import FtcliError
+from ftcli.inference import evaluate_dataset, pick_device
+from ftcli.modeling import label_names_of, load_model, load_tokenizer
+from ftcli.rundir import RunDir, atomic_write_json
+
+
+def load_run_model(
+    run_path: str | Path, checkpoint: str | Path | None = None
+) -> tuple[RunDir, Config, PreTrainedModel, PreTrainedTokenizerBase]:
+    """A run's config with its final model (or a checkpoint's) and tokenizer, on the best device."""
+    run = RunDir.open(run_path)
+    config = load_config(run.config_file)
+    model_path = run.require_model(checkpoint)
+    tokenizer_path = model_path if (model_path / "tokenizer_config.json").is_file() else run.model_dir
+    tokenizer = load_tokenizer(str(tokenizer_path), config.trust_remote_code)
+    model = load_model(str(model_path), trust_remote_code=config.trust_remote_code).to(pick_device())
+    return run, config, model, tokenizer
+
+
+def evaluate_run(
+    run_path: str | Path, split: str = "validation", checkpoint: str | Path | None = None
+) -> tuple[dict[str, float], Path]:
+    """Metrics of the run's model on one split, written as eval_<split>.json (in the checkpoint's
+    folder when a checkpoint is scored); the final model's scores also update metrics.json."""
+    run, config, model, tokenizer = load_run_model(run_path, checkpoint)
+    prepared = prepare(config.data, tokenizer)
+    if split not in prepared.splits:
+        raise FtcliError(
+            f"split '{split}' is not in this run's data (available: {', '.join(prepared.splits)})",
+            f"add data.{split} to {run.config_file}" if split in ("validation", "test") else "pick one of those",
+        )
+    if prepared.label_names != label_names_of(model):
+        raise FtcliError(
+            f"the model's labels {label_names_of(model)} differ from the data's {prepared.label_names}",
+            "evaluate with the data the run was trained on",
+        )
+    metrics = evaluate_dataset(
+        model,
+        prepared.splits[split],
+        config.metrics,
+        config.training.eval_batch_size,
+        tokenizer.pad_token_id,
+        pick_device(),
+        config.training.precision,
+    )
+    checkpoint_dir = run.require_model(checkpoint) if checkpoint is not None else None
+    target = run.eval_file(split, checkpoint_dir)
+    atomic_write_json(target, {"split": split, "model": str(checkpoint_dir or run.model_dir), **metrics})
+    if checkpoint is None:
+        run.update_metrics(split, metrics)
+    return metrics, target

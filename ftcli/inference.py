@@ -1,0 +1,86 @@
+"""Forward passes without training: evaluation (loss + metrics) and class probabilities.
+
+Batches are sorted by length so they carry little padding, and metrics accumulate batch by batch:
+only label ids are kept, never the logits of the whole split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel
+
+from ftcli.data import collate, length_sorted_batches
+from ftcli.metrics import MetricSuite
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting; None means plain fp32."""
+    if device.type != "cuda":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def iterate_logits(
+    model: PreTrainedModel,
+    dataset: Dataset,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    precision: str = "auto",
+) -> Iterator[tuple[np.ndarray, torch.Tensor, dict[str, torch.Tensor]]]:
+    """(row indices, fp32 logits, batch) per length-sorted batch, in inference mode."""
+    rows = dataset.to_list()
+    dtype = autocast_dtype(precision, device)
+    model.eval()
+    with torch.inference_mode():
+        for indices in length_sorted_batches(dataset["length"], batch_size):
+            batch = collate([rows[i] for i in indices], pad_token_id)
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            inputs = {key: value for key, value in batch.items() if key != "labels"}
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(**inputs).logits
+            yield indices, logits.float(), batch
+
+
+def evaluate_dataset(
+    model: PreTrainedModel,
+    dataset: Dataset,
+    metric_names: list[str],
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    precision: str = "auto",
+) -> dict[str, float]:
+    """Mean cross-entropy loss and every configured metric over a labeled split."""
+    suite = MetricSuite(metric_names, num_labels=model.config.num_labels)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    for _, logits, batch in iterate_logits(model, dataset, batch_size, pad_token_id, device, precision):
+        labels = batch["labels"]
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+        suite.add_batch(logits.argmax(-1).cpu().numpy(), labels.cpu().numpy())
+    return {"loss": float(loss_sum) / max(len(dataset), 1)} | suite.compute()
+
+
+def predict_probabilities(
+    model: PreTrainedModel,
+    dataset: Dataset,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    precision: str = "auto",
+) -> np.ndarray:
+    """Softmax probabilities, one row per example, in the dataset's order."""
+    probabilities = np.zeros((len(dataset), model.config.num_labels), dtype=np.float32)
+    for indices, logits, _ in iterate_logits(model, dataset, batch_size, pad_token_id, device, precision):
+        probabilities[indices] = torch.softmax(logits, dim=-1).cpu().numpy()
+    return probabilities

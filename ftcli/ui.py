@@ -1,0 +1,120 @@
+"""Everything ftcli shows on the terminal: progress, tables, errors. Logic lives elsewhere."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+# Piped output (CI logs, files) gets a wide fixed width instead of rich's 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 120
+console = Console(highlight=False, width=_WIDTH)
+error_console = Console(stderr=True, highlight=False, width=_WIDTH)
+
+
+def print_error(message: str) -> None:
+    error_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+    return str(value)
+
+
+def metrics_table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
+    """One row per split (or run), one column per metric."""
+    columns: list[str] = []
+    for values in rows.values():
+        columns += [key for key in values if key not in columns]
+    table = Table(title=title, title_justify="left")
+    table.add_column("split")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for split, values in rows.items():
+        table.add_row(split, *(format_value(values.get(column, "")) for column in columns))
+    return table
+
+
+class TrainingProgress:
+    """A rich progress bar over optimizer steps showing loss, learning rate and throughput.
+
+    Quiet (no bar, nothing printed) on non-main processes and when disabled.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task = None
+        self._started = 0.0
+        self._samples = 0
+        self._fields = {"loss": "-", "lr": "-", "speed": "-"}
+
+    def start(self, total_steps: int, initial_step: int = 0) -> None:
+        self._started = time.perf_counter()
+        if not self.enabled:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} samples/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total_steps, completed=initial_step, **self._fields)
+
+    def step(self, step: int, samples: int) -> None:
+        self._samples += samples
+        if self._progress is None:
+            return
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        self._fields["speed"] = f"{self._samples / elapsed:,.1f}"
+        self._progress.update(self._task, completed=step, **self._fields)
+
+    def log(self, event: dict[str, Any]) -> None:
+        if "train_loss" in event:
+            self._fields["loss"] = f"{event['train_loss']:.4f}"
+        if "learning_rate" in event:
+            self._fields["lr"] = f"{event['learning_rate']:.2e}"
+        if self._progress is None:
+            return
+        self._progress.update(self._task, **self._fields)
+        evaluated = {key[5:]: value for key, value in event.items() if key.startswith("eval_")}
+        if evaluated:
+            shown = "  ".join(f"{key} {format_value(value)}" for key, value in evaluated.items())
+            self._progress.console.print(f"step {event['step']} (epoch {event.get('epoch', 0):.2f}): {shown}")
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def prepare_summary(prepared) -> Table:
+    """Splits, sizes, label counts, token lengths and truncation of a Prepared dataset."""
+    source = "cache hit" if prepared.cache_hit else "tokenized and cached"
+    table = Table(title=f"data {prepared.fingerprint} ({source}: {prepared.cache_dir})", title_justify="left")
+    for column in ("split", "examples", *prepared.label_names, "tokens p50", "p95", "max", "truncated"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, summary in prepared.summary.items():
+        table.add_row(
+            split,
+            str(summary.size),
+            *(str(summary.label_counts.get(name, 0)) for name in prepared.label_names),
+            f"{summary.length_p50:.0f}",
+            f"{summary.length_p95:.0f}",
+            str(summary.length_max),
+            str(summary.truncated),
+        )
+    return table
