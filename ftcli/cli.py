@@ -44,6 +44,20 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """Quiet the libraries' chatter and progress bars; ftcli reports what matters itself."""
+    from datasets.utils import logging as datasets_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    datasets_logging.set_verbosity_error()
+    datasets_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def _load(config: Path, overrides: list[str] | None, backend: str | None = None, smoke: bool = False):
     from ftcli import config as schema
 
@@ -134,16 +148,5 @@ def predict(
 
 
 def main() -> None:
-    # Quiet the libraries' import-time chatter; ftcli reports what matters itself.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from datasets.utils import logging as ds_logging
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    ds_logging.set_verbosity_error()
-    ds_logging.disable_progress_bar()
-    disable_progress_bars()
     app(prog_name="ftcli")

@@ -137,6 +137,9 @@ class Config(_Strict):
     metrics: list[str] = Field(
         ["accuracy", "f1"], min_length=1, description="The first one picks the best model. Built in: " + ", ".join(BUILTIN_METRICS)
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        [], description="Also log events to these trackers (each an optional install); metrics.jsonl is always written."
+    )
 
     @field_validator("name")
     @classmethod
@@ -238,7 +241,8 @@ def _describe(problem: dict[str, Any]) -> str:
     given = problem.get("input")
     if kind.startswith(("greater_than", "less_than")) or kind in ("int_parsing", "float_parsing", "bool_parsing"):
         return f"{key}={given!r}: {message.lower()}"
-    return message if key == "config" or key in message else f"{key}: {message}"
+    # Checks across a whole section name their keys themselves.
+    return message if key in ("config", "data", "training") else f"{key}: {message}"
 
 
 def _section_fields(path: list[str]) -> list[str]:

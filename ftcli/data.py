@@ -23,6 +23,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 from ftcli.config import DataConfig
+from ftcli import hub
 from ftcli.errors import FtcliError
 
 CACHE_FORMAT = 1  # bump when the prepared columns change, to invalidate old caches
@@ -56,11 +57,7 @@ class Prepared:
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a jsonl, json, csv, tsv or parquet file as dicts; every malformation is an FtcliError."""
-    path = Path(path)
-    if path.is_dir():
-        raise FtcliError(f"data file {path} is a directory", "point at a file")
-    if not path.is_file():
-        raise FtcliError(f"data file {path} does not exist", "check the path in data.* or --input")
+    path = require_file(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         rows = _read_parquet(path)
@@ -73,6 +70,15 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if not rows:
         raise FtcliError(f"data file {path} holds no rows", "fill it, or remove it from the config")
     return rows
+
+
+def require_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise FtcliError(f"data file {path} is a directory", "point at a file")
+    if not path.is_file():
+        raise FtcliError(f"data file {path} does not exist", "check the path in data.* or --input")
+    return path
 
 
 def _read_text(path: Path) -> str:
@@ -159,12 +165,13 @@ def load_raw_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], 
 def _load_hub(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], list[str] | None]:
     from datasets import ClassLabel, load_dataset
 
+    offline = hub.offline()
     try:
         loaded = load_dataset(data.hub, data.subset)
     except Exception as error:  # network, unknown id, missing subset: all mean "not loadable"
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(error).lower()
         hint = (
-            "the Hub is unreachable (HF_HUB_OFFLINE or no network): use local files in data.train/validation/test"
+            "the Hub cannot be reached (no network, or HF_HUB_OFFLINE=1) and the dataset is not in the "
+            "Hub cache: use local files in data.train/validation/test"
             if offline
             else "check data.hub and data.subset"
         )
@@ -280,10 +287,8 @@ def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> st
 
 
 def _file_digest(path: Path) -> str:
-    if not path.is_file():
-        raise FtcliError(f"data file {path} does not exist", "check the path in data.*")
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with require_file(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

