@@ -1,0 +1,107 @@
+"""Data: every file format, single texts and pairs, labels, truncation stats, the cache."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import invoke, sentiment_rows, write_rows
+from transformers import AutoTokenizer
+
+from ftcli.config import DataConfig
+from ftcli.data import collate, length_sorted_batches, prepare
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".parquet"])
+@pytest.mark.parametrize("pair", [False, True], ids=["single", "pair"])
+def test_prepare_reads_every_format(tmp_path, tokenizer, suffix, pair):
+    train = write_rows(tmp_path / f"train{suffix}", sentiment_rows(20, pair=pair))
+    fields = ["sentence1", "sentence2"] if pair else ["text"]
+    prepared = prepare(DataConfig(train=str(train), text_fields=fields, max_length=32), tokenizer)
+    split = prepared.splits["train"]
+    assert len(split) == 20
+    assert set(split.column_names) >= {"input_ids", "attention_mask", "labels", "length"}
+    first = split[0]
+    decoded = tokenizer.decode(first["input_ids"], skip_special_tokens=False)
+    assert decoded.count("[SEP]") == (2 if pair else 1)  # pairs are encoded as pairs
+    if pair:
+        assert set(first["token_type_ids"]) == {0, 1}
+    assert prepared.summary["train"].label_counts == {name: 10 for name in prepared.label_names}
+
+
+def test_labels_inferred_and_sorted_or_taken_from_config(tmp_path, tokenizer):
+    train = write_rows(tmp_path / "train.jsonl", sentiment_rows(8))
+    inferred = prepare(DataConfig(train=str(train)), tokenizer)
+    assert inferred.label_names == ["negative", "positive"]
+    assert inferred.splits["train"]["labels"][:2] == [0, 1]  # rows alternate negative, positive
+    given = prepare(DataConfig(train=str(train), label_names=["positive", "negative"]), tokenizer)
+    assert given.splits["train"]["labels"][:2] == [1, 0]
+
+
+def test_integer_labels_with_names_map_by_position(tmp_path, tokenizer):
+    train = write_rows(tmp_path / "train.jsonl", sentiment_rows(8, pair=True))
+    prepared = prepare(
+        DataConfig(train=str(train), text_fields=["sentence1", "sentence2"], label_names=["no", "yes"]), tokenizer
+    )
+    assert prepared.label_names == ["no", "yes"] and prepared.splits["train"]["labels"][:2] == [0, 1]
+
+
+def test_truncation_is_counted(tmp_path, tokenizer):
+    rows = [{"text": "word " * 50, "label": "a"}, {"text": "short", "label": "b"}]
+    train = write_rows(tmp_path / "train.jsonl", rows)
+    prepared = prepare(DataConfig(train=str(train), max_length=16), tokenizer)
+    summary = prepared.summary["train"]
+    assert summary.truncated == 1 and summary.length_max == 52
+    assert max(prepared.splits["train"]["length"]) == 16
+
+
+def test_second_prepare_is_a_cache_hit_and_changes_invalidate(tmp_path, tokenizer):
+    train = write_rows(tmp_path / "train.jsonl", sentiment_rows(8))
+    config = DataConfig(train=str(train), max_length=32)
+    first = prepare(config, tokenizer)
+    second = prepare(config, tokenizer)
+    assert not first.cache_hit and second.cache_hit and first.fingerprint == second.fingerprint
+    assert second.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]
+    assert prepare(config.model_copy(update={"max_length": 16}), tokenizer).fingerprint != first.fingerprint
+    write_rows(train, sentiment_rows(8, seed=5))
+    assert not prepare(config, tokenizer).cache_hit  # the file changed
+
+
+def test_prepare_command_reports_summary_and_cache_hit(make_experiment):
+    experiment = make_experiment(pair=True)
+    first = invoke("prepare", str(experiment))
+    assert first.exit_code == 0, first.output
+    assert "tokenized and cached" in first.stdout and "validation" in first.stdout and "p95" in first.stdout
+    second = invoke("prepare", str(experiment))
+    assert "cache hit" in second.stdout
+
+
+def test_sample_limits(tmp_path, tokenizer):
+    train = write_rows(tmp_path / "train.jsonl", sentiment_rows(30))
+    validation = write_rows(tmp_path / "validation.jsonl", sentiment_rows(30))
+    config = DataConfig(train=str(train), validation=str(validation), max_train_samples=10, max_eval_samples=4)
+    prepared = prepare(config, tokenizer)
+    assert (len(prepared.splits["train"]), len(prepared.splits["validation"])) == (10, 4)
+
+
+def test_collate_pads_to_longest_and_multiple():
+    rows = [
+        {"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": 1},
+        {"input_ids": [4], "attention_mask": [1], "labels": 0},
+    ]
+    batch = collate(rows, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [1, 0]
+    assert collate(rows, pad_token_id=0, pad_to_multiple_of=8)["input_ids"].shape == (2, 8)
+
+
+def test_length_sorted_batches_cover_every_index_once():
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    batches = length_sorted_batches(lengths, batch_size=3)
+    flat = [int(i) for batch in batches for i in batch]
+    assert sorted(flat) == list(range(7))
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
