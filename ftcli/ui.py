@@ -5,11 +5,16 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from ftcli.diagnosis import Diagnosis
+    from ftcli.report import Report, RunReport
 
 # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 120
@@ -90,6 +95,13 @@ class TrainingProgress:
         if self._progress is None:
             return
         self._progress.update(self._task, **self._fields)
+        if "train_loss" in event and not self._progress.console.is_terminal:
+            # Piped output (CI logs, tee) gets no live bar: one plain line per logging step instead.
+            total = self._progress.tasks[0].total
+            self._progress.console.print(
+                f"step {event['step']}/{total:.0f}  epoch {event.get('epoch', 0):.2f}  loss {self._fields['loss']}"
+                f"  lr {self._fields['lr']}  {self._fields['speed']} samples/s"
+            )
         evaluated = {key[5:]: value for key, value in event.items() if key.startswith("eval_")}
         if evaluated:
             shown = "  ".join(f"{key} {format_value(value)}" for key, value in evaluated.items())
@@ -118,3 +130,60 @@ def prepare_summary(prepared) -> Table:
             str(summary.truncated),
         )
     return table
+
+
+VERDICT_STYLES = {
+    "converged": "green",
+    "still_improving": "cyan",
+    "inconclusive": "dim",
+    "overfitting": "yellow",
+    "underfitting": "yellow",
+    "unstable": "red",
+}
+
+
+def diagnosis_view(diagnosis: Diagnosis) -> Group:
+    """The headline verdict, then each finding with its evidence and what to try."""
+    headline = (_verdict(diagnosis.verdict), f"bold {VERDICT_STYLES[diagnosis.verdict]}")
+    lines = [Text.assemble(("diagnosis: ", "bold"), headline)]
+    for finding in diagnosis.findings:
+        lines.append(Text(finding.summary, style=VERDICT_STYLES[finding.verdict]))
+        evidence = "  ".join(f"{key}={_evidence(value)}" for key, value in finding.evidence.items() if value is not None)
+        lines.append(Text(f"  evidence: {evidence}", style="dim"))
+        lines += [Text(f"  - {remedy}") for remedy in finding.remedies]
+    return Group(*lines)
+
+
+def run_table(report: RunReport) -> Table:
+    """A run's validation metrics: best, where, last evaluation, and the kept model's."""
+    from ftcli.report import format_number, metric_rows
+
+    table = Table(title=f"{report.label} ({report.run.path})", title_justify="left")
+    for column in ("metric", "best", "at step", "last eval", "saved model"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in metric_rows(report):
+        table.add_row(row.name, *map(format_number, (row.best, row.best_step, row.last, row.saved)))
+    return table
+
+
+def report_view(report: Report) -> Group:
+    """ftcli report's output: per run a table, the diagnosis and curves.png; then the shared files."""
+    from ftcli.report import run_stats
+
+    parts: list = []
+    for run in report.runs:
+        stats = "  ".join(f"{key} {value}" for key, value in run_stats(run).items())
+        parts += [run_table(run), Text(stats), diagnosis_view(run.diagnosis), Text(f"curves: {run.run.curves_png}"), Text("")]
+    if report.comparison_png:
+        parts.append(Text(f"comparison: {report.comparison_png}"))
+    if report.html:
+        parts.append(Text(f"html report: {report.html}"))
+    return Group(*parts)
+
+
+def _verdict(verdict: str) -> str:
+    return verdict.replace("_", " ")
+
+
+def _evidence(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else format_value(value)
