@@ -97,7 +97,7 @@ def train(
 ) -> None:
     """Fine-tune: prepare if needed, train, evaluate on validation, write the run directory."""
     from ftcli.train import train as run_training
-    from ftcli.ui import console, metrics_table
+    from ftcli.ui import console, diagnosis_view, metrics_table
 
     loaded = _load(config, set_, backend, smoke)
     console.print(f"run [bold]{loaded.run_dir}[/]  backend {loaded.backend}  model {loaded.model}")
@@ -109,6 +109,9 @@ def train(
     )
     if result.metrics:
         console.print(metrics_table("final metrics", result.metrics))
+    if result.diagnosis:
+        console.print(diagnosis_view(result.diagnosis))
+        console.print(f"curves: {result.run.curves_png}")
     console.print(f"run directory: {result.run.path}")
 
 
@@ -145,6 +148,23 @@ def predict(
     rows = run_predict(run_dir, input, text, text_pair, checkpoint, output)
     if output is not None:
         error_console.print(f"{len(rows)} predictions written to {output}")
+
+
+@app.command()
+@user_errors
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories written by `ftcli train`.")],
+    html: Annotated[bool, typer.Option("--html", help="Also write one self-contained report.html.")] = False,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="Folder for report.html and the comparison figure (default: the run, or the runs' parent)."),
+    ] = None,
+) -> None:
+    """Metrics tables, learning curves (curves.png) and a diagnosis per run; compare several runs."""
+    from ftcli.report import build_report
+    from ftcli.ui import console, report_view
+
+    console.print(report_view(build_report(run_dirs, html_page=html, folder=out)))
 
 
 def main() -> None:

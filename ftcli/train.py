@@ -12,10 +12,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from ftcli.backends import TrainJob, TrainOutcome, get_backend
 from ftcli.config import Config, dump_config
 from ftcli.data import Prepared, prepare
+from ftcli.diagnosis import Diagnosis, majority_baseline
 from ftcli.inference import evaluate_dataset, pick_device
 from ftcli.metrics import MetricSuite
 from ftcli.modeling import load_model, load_tokenizer, resolve_model_source
+from ftcli.report import analyze_run
 from ftcli.rundir import RunDir, atomic_write_text
+from ftcli.tracking import Tracker
 from ftcli.ui import TrainingProgress
 
 log = logging.getLogger("ftcli")
@@ -27,6 +30,7 @@ class TrainResult:
     outcome: TrainOutcome
     metrics: dict[str, dict[str, float]]
     prepared: Prepared
+    diagnosis: Diagnosis | None = None
 
 
 def setup_data(config: Config) -> tuple[str, PreTrainedTokenizerBase, Prepared]:
@@ -40,6 +44,7 @@ def setup_data(config: Config) -> tuple[str, PreTrainedTokenizerBase, Prepared]:
 
 def train(config: Config, overwrite: bool = False, show_progress: bool = True) -> TrainResult:
     # Setup. Everything that can fail on user input fails here, before the run directory exists.
+    tracker = Tracker(config.report_to)  # before tokenizing: a missing package should fail at once
     source, tokenizer, prepared = setup_data(config)
     MetricSuite(config.metrics, num_labels=len(prepared.label_names))
     set_seed(config.training.seed)
@@ -49,9 +54,13 @@ def train(config: Config, overwrite: bool = False, show_progress: bool = True) -
     atomic_write_text(run.config_file, dump_config(config))
     run.write_env(str(device))
 
-    # Train.
-    job = TrainJob(config, prepared, model, tokenizer, run, TrainingProgress(enabled=show_progress))
-    outcome = get_backend(config.backend).train(job)
+    # Train, mirroring each event into the trackers report_to names.
+    tracker.start(run, config)
+    job = TrainJob(config, prepared, model, tokenizer, run, TrainingProgress(enabled=show_progress), tracker=tracker)
+    try:
+        outcome = get_backend(config.backend).train(job)
+    finally:
+        tracker.close()  # flushes what was logged, even when training fails
 
     # Save the kept (best) weights, then score them on every labeled split but train.
     save_model(job.model, tokenizer, run.model_dir)
@@ -68,7 +77,11 @@ def train(config: Config, overwrite: bool = False, show_progress: bool = True) -
         )
         run.update_metrics("validation", metrics["validation"])
     run.update_metrics("train", _train_stats(outcome))
-    return TrainResult(run, outcome, metrics, prepared)
+
+    # Read the curves: curves.png and diagnosis.json, accuracy judged against the majority class.
+    run.update_metrics("data", majority_baseline(prepared.summary))
+    diagnosis = analyze_run(run).diagnosis
+    return TrainResult(run, outcome, metrics, prepared, diagnosis)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:

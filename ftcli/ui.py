@@ -158,7 +158,7 @@ def run_table(report: RunReport) -> Table:
     """A run's validation metrics: best, where, last evaluation, and the kept model's."""
     from ftcli.report import format_number, metric_rows
 
-    table = Table(title=f"{report.label} ({report.run.path})", title_justify="left")
+    table = Table(title=report.label, title_justify="left", title_style="bold")
     for column in ("metric", "best", "at step", "last eval", "saved model"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for row in metric_rows(report):
@@ -172,7 +172,7 @@ def report_view(report: Report) -> Group:
 
     parts: list = []
     for run in report.runs:
-        stats = "  ".join(f"{key} {value}" for key, value in run_stats(run).items())
+        stats = "  ".join(f"{key} {value}" for key, value in {"run": run.run.path, **run_stats(run)}.items())
         parts += [run_table(run), Text(stats), diagnosis_view(run.diagnosis), Text(f"curves: {run.run.curves_png}"), Text("")]
     if report.comparison_png:
         parts.append(Text(f"comparison: {report.comparison_png}"))

@@ -16,6 +16,7 @@ from ftcli.config import Config
 from ftcli.data import Prepared
 from ftcli.errors import FtcliError
 from ftcli.rundir import RunDir
+from ftcli.tracking import Tracker
 from ftcli.ui import TrainingProgress
 
 
@@ -29,12 +30,15 @@ class TrainJob:
     progress: TrainingProgress
     resume_from: Path | None = None
     is_main_process: bool = True
+    tracker: Tracker = field(default_factory=Tracker)
 
     def log(self, event: dict[str, Any]) -> None:
-        """One logging or evaluation event: into metrics.jsonl and onto the progress bar."""
+        """One logging or evaluation event: into metrics.jsonl, onto the progress bar and into
+        the trackers report_to names."""
         if self.is_main_process:
             self.run.log_event(event)
             self.progress.log(event)
+            self.tracker.log(event)
 
 
 @dataclass

@@ -1,0 +1,226 @@
+"""The automatic reading of learning curves: one synthetic metrics.jsonl per pattern gets its verdict,
+and healthy noise does not trigger a false alarm."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from ftcli.data import SplitSummary
+from ftcli.diagnosis import diagnose, majority_baseline, series
+
+LOGS_PER_EVAL = 10
+STEPS_PER_LOG = 5
+BINARY = {"majority_class": "negative", "majority_rate": 0.5, "num_labels": 2}
+
+
+def events_for(
+    train: list[float], evals: list[float] = (), accuracy: list[float] | None = None, start_lr: float = 5e-5
+) -> list[dict]:
+    """metrics.jsonl events as the backends write them: a log every STEPS_PER_LOG steps, an
+    evaluation (one epoch) every LOGS_PER_EVAL logs."""
+    steps_per_epoch = LOGS_PER_EVAL * STEPS_PER_LOG
+    total = len(train) * STEPS_PER_LOG
+    events = []
+    for index, loss in enumerate(train):
+        step = (index + 1) * STEPS_PER_LOG
+        lr = start_lr * (1 - step / (total + 1))
+        events.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss, "learning_rate": lr, "grad_norm": 1.0})
+        if step % steps_per_epoch == 0 and step // steps_per_epoch <= len(evals):
+            epoch = step // steps_per_epoch
+            event = {"step": step, "epoch": float(epoch), "eval_loss": evals[epoch - 1]}
+            if accuracy is not None:
+                event["eval_accuracy"] = accuracy[epoch - 1]
+            events.append(event)
+    return events
+
+
+def decaying(count: int, start: float = 0.69, floor: float = 0.05, rate: float = 12.0, noise: float = 0.0, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    return [floor + (start - floor) * math.exp(-index / rate) + rng.gauss(0, noise * start) for index in range(count)]
+
+
+def eval_step(index: int) -> int:
+    """The step of the index-th evaluation (0-based)."""
+    return (index + 1) * LOGS_PER_EVAL * STEPS_PER_LOG
+
+
+# ---------------------------------------------------------------- each pattern gets its verdict
+
+
+def test_converged():
+    events = events_for(decaying(60), [0.30, 0.21, 0.20, 0.195, 0.196, 0.195], [0.85, 0.9, 0.91, 0.91, 0.91, 0.91])
+    diagnosis = diagnose(events, BINARY)
+    assert diagnosis.verdict == "converged", diagnosis
+    assert [finding.verdict for finding in diagnosis.findings] == ["converged"]
+    assert diagnosis.findings[0].remedies == []
+
+
+def test_still_improving():
+    train = [0.69 - 0.006 * index for index in range(60)]  # still falling steadily at the end
+    events = events_for(train, [0.62, 0.55, 0.49, 0.43, 0.38, 0.33], [0.6, 0.66, 0.7, 0.74, 0.77, 0.8])
+    diagnosis = diagnose(events, BINARY, {"training": {"epochs": 6.0, "max_steps": None}})
+    assert diagnosis.verdict == "still_improving", diagnosis
+    finding = diagnosis.findings[0]
+    assert finding.evidence["recent_gain_share"] > 0.05
+    assert any("training.epochs (now 6)" in remedy for remedy in finding.remedies)
+
+
+def test_overfitting_names_the_best_step():
+    # Validation loss bottoms out at the third evaluation, then climbs while training loss keeps falling.
+    events = events_for(decaying(60, floor=0.01), [0.45, 0.33, 0.30, 0.34, 0.40, 0.47], [0.8, 0.86, 0.88, 0.87, 0.86, 0.86])
+    diagnosis = diagnose(events, BINARY, {"training": {"weight_decay": 0.0, "epochs": 6}})
+    assert diagnosis.verdict == "overfitting", diagnosis
+    finding = diagnosis.findings[0]
+    assert finding.evidence["best_eval_step"] == eval_step(2)
+    assert finding.evidence["best_eval_epoch"] == 3
+    assert finding.evidence["eval_loss_rise"] == pytest.approx(0.47 / 0.30 - 1, rel=1e-3)
+    assert finding.evidence["final_train_loss"] < finding.evidence["train_loss_at_best"]
+    assert f"best at step {eval_step(2)}" in finding.summary
+    remedies = " | ".join(finding.remedies)
+    assert "training.early_stopping_patience" in remedies and f"step {eval_step(2)}" in remedies
+    assert "training.weight_decay (now 0)" in remedies and "epoch 3" in remedies
+
+
+def test_overfitting_from_a_widening_gap_while_validation_stalls():
+    # Validation loss only drifts up 3% (under the rise threshold), but training loss keeps dropping.
+    events = events_for(decaying(60, floor=0.01, rate=15), [0.45, 0.33, 0.30, 0.305, 0.31, 0.309])
+    diagnosis = diagnose(events, BINARY)
+    assert diagnosis.verdict == "overfitting", diagnosis
+    finding = diagnosis.findings[0]
+    assert "gap widened" in finding.summary
+    assert finding.evidence["final_gap"] > finding.evidence["gap_at_best"] + 0.05
+    assert finding.evidence["best_eval_step"] == eval_step(2)
+
+
+def test_underfitting_flat_losses_at_the_majority_rate():
+    train = [0.69 + random.Random(index).gauss(0, 0.005) for index in range(60)]
+    events = events_for(train, [0.693, 0.692, 0.693, 0.692, 0.693, 0.692], [0.5] * 6)
+    diagnosis = diagnose(events, BINARY, {"training": {"learning_rate": 1e-7}, "model": "minilm"})
+    assert diagnosis.verdict == "underfitting", diagnosis
+    finding = diagnosis.findings[0]
+    assert finding.evidence["best_accuracy"] == 0.5 and finding.evidence["majority_rate"] == 0.5
+    assert finding.evidence["chance_loss"] == pytest.approx(math.log(2), rel=1e-3)
+    assert "stayed high" in finding.summary and "'negative'" in finding.summary
+    remedies = " | ".join(finding.remedies)
+    for expected in ("training.epochs", "raise training.learning_rate (now 1e-07)", "larger model (now minilm)", "check the data"):
+        assert expected in remedies
+
+
+def test_underfitting_when_only_the_class_prior_was_learned():
+    # 90/10 data: the loss falls to the prior's entropy, but accuracy never beats "always negative".
+    events = events_for(decaying(60, floor=0.33), [0.34, 0.33, 0.33, 0.33, 0.33, 0.33], [0.9] * 6)
+    diagnosis = diagnose(events, {"majority_class": "negative", "majority_rate": 0.9, "num_labels": 2})
+    assert diagnosis.verdict == "underfitting", diagnosis
+    assert "stayed high" not in diagnosis.findings[0].summary
+    assert "no better than always predicting 'negative' (90.0%)" in diagnosis.findings[0].summary
+
+
+def test_unstable_spikes():
+    train = decaying(60, noise=0.01)
+    train[25] *= 6
+    train[41] *= 8
+    diagnosis = diagnose(events_for(train, [0.4, 0.3, 0.25, 0.22, 0.21, 0.2]), BINARY, {"training": {"learning_rate": 0.01}})
+    assert diagnosis.verdict == "unstable", diagnosis
+    finding = diagnosis.findings[0]
+    assert finding.evidence["spike_steps"] == [26 * STEPS_PER_LOG, 42 * STEPS_PER_LOG]
+    assert any("training.learning_rate (now 0.01)" in remedy for remedy in finding.remedies)
+    assert any("training.max_grad_norm" in remedy for remedy in finding.remedies)
+    assert any("training.batch_size" in remedy for remedy in finding.remedies)
+
+
+def test_unstable_oscillation():
+    train = [0.3 if index % 2 else 0.9 for index in range(60)]
+    diagnosis = diagnose(events_for(train, [0.7, 0.8, 0.6, 0.75, 0.65, 0.7]), BINARY)
+    assert diagnosis.verdict == "unstable", diagnosis
+    assert diagnosis.findings[0].evidence["typical_jump_share"] > 0.5
+
+
+def test_unstable_divergence():
+    train = decaying(30, floor=0.15) + [0.15 * 1.12**index for index in range(30)]  # learns, then blows up
+    diagnosis = diagnose(events_for(train, [0.3, 0.2, 0.18, 0.5, 1.2, 3.0]), BINARY)
+    assert diagnosis.verdict == "unstable", diagnosis
+    finding = diagnosis.findings[0]
+    assert finding.evidence["final_train_loss"] > finding.evidence["start_train_loss"]
+    assert "climbed" in finding.summary
+
+
+def test_unstable_nan_names_the_step_and_stays_strict_json():
+    train = decaying(40) + [math.nan] * 20
+    diagnosis = diagnose(events_for(train, [0.4, 0.3, 0.25, 0.2, math.nan, math.nan]), BINARY, {"training": {"precision": "fp16"}})
+    assert diagnosis.verdict == "unstable", diagnosis
+    finding = diagnosis.findings[0]
+    assert finding.evidence["first_non_finite_step"] == 41 * STEPS_PER_LOG
+    assert "NaN" in finding.summary
+    assert any("training.precision: bf16" in remedy for remedy in finding.remedies)
+    json.dumps(diagnosis.to_json(), allow_nan=False)  # diagnosis.json is strict JSON
+
+
+def test_too_few_points_is_inconclusive_unless_the_loss_is_nan():
+    short = events_for([0.7, 0.6, 0.5], [0.55])
+    assert diagnose(short, BINARY, {"training": {"logging_steps": 50}}).verdict == "inconclusive"
+    assert "training.logging_steps (now 50)" in diagnose(short, None, {"training": {"logging_steps": 50}}).findings[0].remedies[0]
+    broken = diagnose(events_for([0.7, math.inf, math.nan]))
+    assert [finding.verdict for finding in broken.findings] == ["unstable", "inconclusive"]
+
+
+# ---------------------------------------------------------------- borderline cases that must not trigger
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_healthy_noise_is_not_a_problem(seed):
+    # 4% noise on every log and a validation curve that wobbles by a hair around its floor.
+    train = decaying(80, noise=0.04, seed=seed)
+    evals = [0.35, 0.24, 0.205, 0.2, 0.203, 0.199, 0.202, 0.2]
+    diagnosis = diagnose(events_for(train, evals, [0.85, 0.9, 0.91, 0.92, 0.91, 0.92, 0.92, 0.92]), BINARY)
+    assert diagnosis.verdict == "converged", diagnosis
+
+
+def test_one_bad_batch_is_not_instability():
+    train = decaying(60)
+    train[30] *= 5
+    diagnosis = diagnose(events_for(train, [0.3, 0.21, 0.2, 0.195, 0.196, 0.195]), BINARY)
+    assert diagnosis.verdict == "converged", diagnosis
+
+
+def test_jitter_near_zero_loss_is_not_overfitting_or_spikes():
+    # Validation loss "rises" 0.001 -> 0.0016, and training logs bounce between 0.001 and 0.004.
+    train = [max(value, 0.001) + (0.003 if index % 7 == 0 else 0) for index, value in enumerate(decaying(60, floor=0, rate=4))]
+    diagnosis = diagnose(events_for(train, [0.01, 0.002, 0.001, 0.0012, 0.0014, 0.0016], [1.0] * 6), BINARY)
+    assert diagnosis.verdict == "converged", diagnosis
+
+
+def test_a_model_that_starts_good_is_not_underfitting():
+    # Flat and low from the first log: a model already fine-tuned on the task, not a stuck one.
+    train = [0.08 + random.Random(index).gauss(0, 0.004) for index in range(60)]
+    diagnosis = diagnose(events_for(train, [0.1, 0.1, 0.099, 0.1, 0.1, 0.1], [0.97] * 6), BINARY)
+    assert diagnosis.verdict == "converged", diagnosis
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def test_series_keeps_the_last_value_of_a_step_logged_twice():
+    # A run resumed from step 10 logs steps 15 and 20 again.
+    events = [{"step": 10, "train_loss": 0.5}, {"step": 15, "train_loss": 0.9}, {"step": 15, "train_loss": 0.4}, {"step": 5, "train_loss": 0.6}]
+    assert series(events, "train_loss") == [(5, 0.6), (10, 0.5), (15, 0.4)]
+
+
+def test_majority_baseline_scores_the_training_majority_on_validation():
+    def split(counts):
+        return SplitSummary(sum(counts.values()), counts, 10.0, 12.0, 14, 0)
+
+    summary = {"train": split({"neg": 70, "pos": 30}), "validation": split({"neg": 12, "pos": 8})}
+    assert majority_baseline(summary) == {"majority_class": "neg", "majority_rate": 0.6, "num_labels": 2}
+    assert majority_baseline({"train": summary["train"]}) is None
+
+
+def test_evidence_holds_only_numbers():
+    train = decaying(60, floor=0.01)
+    diagnosis = diagnose(events_for(train, [0.45, 0.33, 0.30, 0.34, 0.40, 0.47]), BINARY)
+    for finding in diagnosis.findings:
+        for value in finding.evidence.values():
+            assert value is None or isinstance(value, (int, float)) or all(isinstance(item, int) for item in value)

@@ -1,0 +1,148 @@
+"""`ftcli report` and the files training writes at its end: curves.png, diagnosis.json, report.html."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import invoke
+from test_curves import PNG_MAGIC, png_size
+from test_diagnosis import decaying, events_for
+
+from ftcli.backends import get_backend
+from ftcli.errors import FtcliError
+
+VERDICTS = {"converged", "still_improving", "overfitting", "underfitting", "unstable", "inconclusive"}
+
+
+def assert_run_report_files(run: Path) -> dict:
+    """curves.png is a real picture and diagnosis.json a verdict with evidence and remedies."""
+    png = (run / "curves.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and png_size(png) == (1200, 800) and len(png) > 30_000
+    diagnosis = json.loads((run / "diagnosis.json").read_text())
+    assert diagnosis["verdict"] in VERDICTS
+    assert diagnosis["findings"][0]["verdict"] == diagnosis["verdict"]
+    assert {"summary", "evidence", "remedies"} <= set(diagnosis["findings"][0])
+    return diagnosis
+
+
+def assert_self_contained(page: str) -> None:
+    """Nothing the page shows comes from the network."""
+    assert "http://" not in page and "https://" not in page
+    for reference in re.findall(r'(?:src|href)="([^"]*)"', page):
+        assert reference.startswith("data:image/png;base64,"), reference
+    assert "<link" not in page and "<script" not in page
+
+
+def write_run(folder: Path, name: str, train: list[float], evals: list[float], metrics: dict | None = None) -> Path:
+    """A run directory as training leaves it, from synthetic curves: enough for report."""
+    run = folder / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": name, "training": {"learning_rate": 5e-5, "epochs": 6}}))
+    events = events_for(train, evals, [0.8] * len(evals))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_train_writes_curves_and_diagnosis_and_report_renders_html(make_experiment, tmp_path):
+    experiment = make_experiment(report_to=["tensorboard"])
+    trained = invoke("train", str(experiment))
+    assert trained.exit_code == 0, trained.output
+    run = tmp_path / "runs" / "tiny"
+    assert "diagnosis: " in trained.output and "curves: " in trained.output
+    diagnosis = assert_run_report_files(run)
+    assert diagnosis["verdict"] in ("converged", "still_improving"), diagnosis  # the task is learnable
+    data = json.loads((run / "metrics.json").read_text())["data"]
+    assert data == {"majority_class": "negative", "majority_rate": 0.5, "num_labels": 2}
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    (run / "curves.png").unlink()
+    reported = invoke("report", str(run), "--html")
+    assert reported.exit_code == 0, reported.output
+    assert (run / "curves.png").is_file()
+    for expected in ("best", "last eval", "saved model", "accuracy", "train_loss", "samples/s", "diagnosis: "):
+        assert expected in reported.output
+    page = (run / "report.html").read_text()
+    assert f"html report: {run / 'report.html'}" in reported.output.replace("\n", "")
+    assert_self_contained(page)
+    assert page.count('<img alt="learning curves of tiny" src="data:image/png;base64,') == 1
+    assert '<table class="metrics">' in page and "<th>saved model</th>" in page and "<td>accuracy</td>" in page
+    assert "learning_rate: 0.005" in page and "report_to:" in page  # the resolved config
+    assert f'class="verdict {diagnosis["verdict"]}"' in page and '<table class="evidence">' in page
+
+
+def test_report_compares_several_runs_side_by_side(tmp_path):
+    runs = tmp_path / "runs"
+    overfit = write_run(runs, "overfit", decaying(60, floor=0.01), [0.45, 0.33, 0.30, 0.34, 0.40, 0.47])
+    healthy = write_run(
+        runs,
+        "healthy",
+        decaying(60),
+        [0.3, 0.21, 0.2, 0.195, 0.196, 0.195],
+        metrics={"train": {"global_step": 300, "epoch": 6.0, "train_seconds": 125.0, "train_samples_per_second": 19.2}},
+    )
+    result = invoke("report", str(overfit), str(healthy), "--html")
+    assert result.exit_code == 0, result.output
+    output = result.output.replace("\n", "")
+    assert f"comparison: {runs / 'comparison.png'}" in output and f"html report: {runs / 'report.html'}" in output
+    assert "wall time 2m 05s" in output and "throughput 19.2 samples/s" in output
+    assert "unfinished" in output  # the run without metrics.json
+    assert png_size((runs / "comparison.png").read_bytes()) == (1200, 800)
+    assert json.loads((overfit / "diagnosis.json").read_text())["verdict"] == "overfitting"
+    assert json.loads((healthy / "diagnosis.json").read_text())["verdict"] == "converged"
+
+    page = (runs / "report.html").read_text()
+    assert_self_contained(page)
+    assert page.count("<img ") == 3  # the comparison and each run's curves
+    assert page.count('<section class="run">') == 2 and "--columns: 2" in page
+    assert '<table class="summary">' in page and "<td>overfitting</td>" in page and "<td>converged</td>" in page
+
+
+def test_runs_with_the_same_name_are_labelled_by_path(tmp_path):
+    first = write_run(tmp_path / "a", "tiny", decaying(60), [0.3, 0.21, 0.2])
+    second = write_run(tmp_path / "b", "tiny", decaying(60), [0.3, 0.21, 0.2])
+    result = invoke("report", str(first), str(second), "--out", str(tmp_path / "shared"))
+    assert result.exit_code == 0, result.output
+    titles = [line.strip() for line in result.output.splitlines() if line.strip().endswith("/tiny")]
+    assert titles == ["a/tiny", "b/tiny"]
+    assert (tmp_path / "shared" / "comparison.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: tmp / "missing", "does not exist"),
+        (lambda tmp: tmp, "is not an ftcli run directory"),
+        (lambda tmp: write_run(tmp, "empty", [], []), "has no logged events"),
+    ],
+)
+def test_report_errors_are_one_line(tmp_path, make, message):
+    result = invoke("report", str(make(tmp_path)))
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_report_on_a_loop_backend_run(make_experiment, tmp_path):
+    try:
+        get_backend("loop")
+    except FtcliError as error:
+        pytest.skip(str(error))
+    experiment = make_experiment(backend="loop")
+    assert invoke("train", str(experiment)).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    for file in ("curves.png", "diagnosis.json"):
+        (run / file).unlink()
+    reported = invoke("report", str(run), "--html")
+    assert reported.exit_code == 0, reported.output
+    assert_run_report_files(run)
+    assert_self_contained((run / "report.html").read_text())
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any({"train_loss", "learning_rate", "grad_norm"} <= set(event) for event in events)
+    assert any({"eval_loss", "eval_accuracy", "eval_f1"} <= set(event) for event in events)
+    shutil.rmtree(run)
