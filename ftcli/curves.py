@@ -35,7 +35,7 @@ def run_figure(events: list[dict[str, Any]], title: str, best_step: int | None =
     _line(loss_axes, series(events, "train_loss"), "training", alpha=0.8)
     _line(loss_axes, series(events, "eval_loss"), "validation", marker="o")
     if best_step is not None:
-        loss_axes.axvline(best_step, color="tab:green", linestyle="--", label=f"best validation (step {best_step})")
+        loss_axes.axvline(best_step, color="tab:green", linestyle="--", label=f"lowest validation loss (step {best_step})")
     _mark_non_finite(loss_axes, events)
     _finish(loss_axes, "Loss", "loss")
     _log_scale_if_wide(loss_axes, [v for key in ("train_loss", "eval_loss") for _, v in series(events, key)])

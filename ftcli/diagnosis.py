@@ -143,7 +143,10 @@ def diagnose(
     train_all, evals_all = series(events, "train_loss"), series(events, "eval_loss")
     train = [(step, value) for step, value in train_all if math.isfinite(value)]
     evals = [(step, value) for step, value in evals_all if math.isfinite(value)]
-    start = _level([value for _, value in train], at_end=False) if train else evals[0][1] if evals else 1.0
+    # The scale every threshold is a share of; a run with no finite training loss falls back on validation.
+    start = _level([value for _, value in train], at_end=False) if train else None
+    if start is None:
+        start = evals[0][1] if evals else 1.0
     curve = _Curve(train, evals, max(start, 1e-12))
     non_finite = sorted(step for step, value in train_all + evals_all if not math.isfinite(value))
     signals: dict[str, Any] = {"non_finite": non_finite} if non_finite else {}
@@ -247,11 +250,11 @@ def _unstable(signals: dict[str, Any], curve: _Curve, advice: _Advice) -> Findin
         said.append(f"the training loss spiked {len(signals['spikes'])} times (steps {steps})")
     if "oscillation" in signals:
         evidence["typical_jump_share"] = _num(signals["oscillation"])
-        said.append(f"it jumps by {signals['oscillation']:.0%} of the starting loss from log to log")
+        said.append(f"the training loss jumps by {signals['oscillation']:.0%} of its starting value from log to log")
     if "divergence" in signals:
         end, lowest = signals["divergence"]
         evidence |= {"lowest_train_loss": _num(lowest), "final_train_loss": _num(end)}
-        said.append(f"it climbed from its low of {lowest:.3g} back to {end:.3g} (started at {curve.scale:.3g})")
+        said.append(f"the training loss climbed from its low of {lowest:.3g} back to {end:.3g} (it started at {curve.scale:.3g})")
     remedies = [advice.lower_learning_rate(), advice.warmup(), advice.clipping(), advice.larger_batch()]
     if "non_finite" in signals:
         remedies += [advice.precision(), advice.check_data("an empty or corrupt example can make the loss NaN")]

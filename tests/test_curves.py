@@ -36,7 +36,7 @@ def test_run_figure_is_a_readable_png(tmp_path):
     ]
     assert rate.get_xlabel() == "optimizer step" and loss.get_ylabel() == "loss"
     legend = [text.get_text() for text in loss.get_legend().get_texts()]
-    assert legend == ["training", "validation", "best validation (step 200)"]
+    assert legend == ["training", "validation", "lowest validation loss (step 200)"]
     assert [text.get_text() for text in metrics.get_legend().get_texts()] == ["accuracy"]
     assert [child.get_xlabel() for child in loss.child_axes] == ["epoch"]  # the secondary epoch axis on top
 
