@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -103,6 +103,12 @@ class TrainingConfig(_Strict):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after N evaluations without improvement of the first metric."
     )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations during the backward pass: far less memory, about a third slower."
+    )
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw (PyTorch), or adamw_8bit: bitsandbytes' AdamW with 8-bit state (CUDA only)."
+    )
     seed: int = Field(42, ge=0, description="Seed for weights of the new head, shuffling and dropout.")
 
     @field_validator("eval_every", "save_every", mode="before")
@@ -126,6 +132,31 @@ class TrainingConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1, description="Rank of the low-rank update of each adapted layer.")
+    alpha: int = Field(16, ge=1, description="The update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the input of each adapter.")
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Layers to adapt, by name or name suffix (e.g. [query, value]); null: peft's choice for the architecture.",
+    )
+
+
+class SweepRange(_Strict):
+    low: float | int = Field(..., description="Smallest value tried.")
+    high: float | int = Field(..., description="Largest value tried.")
+    log: bool = Field(False, description="Sample on a log scale (for learning rates).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SweepRange:
+        if not self.low < self.high:
+            raise ValueError(f"low={self.low} must be below high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0, not {self.low}")
+        return self
+
+
 class Config(_Strict):
     name: str = Field(..., description="Run name; the run directory is output_dir/name.")
     backend: Literal["trainer", "loop"] = Field("trainer", description="trainer (HF Trainer) or loop (ftcli's own).")
@@ -139,6 +170,16 @@ class Config(_Strict):
     )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         [], description="Also log events to these trackers (each an optional install); metrics.jsonl is always written."
+    )
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters and the classifier head instead of every weight (needs ftcli[lora])."
+    )
+    sweep: dict[str, SweepRange | list[bool | int | float | str]] | None = Field(
+        None,
+        description="Search space of `ftcli sweep`: a dotted key to {low, high, log} or to a list of choices.",
+    )
+    push_to_hub: str | None = Field(
+        None, description="After training, upload model/ and a model card to this private Hub repo (user/name)."
     )
 
     @field_validator("name")
@@ -159,9 +200,86 @@ class Config(_Strict):
                 raise ValueError(f"unknown metric '{name}'; did you mean '{close[0]}'?")
         return names
 
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _search_space(cls, space: Any) -> Any:
+        if space is None:
+            return None
+        if not isinstance(space, dict) or not space:
+            raise ValueError("give a mapping of dotted keys to {low, high, log} or to a list of choices")
+        problems = [problem for key, values in space.items() for problem in _sweep_problems(key, values)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return space
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, repo_id: str | None) -> str | None:
+        if repo_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", repo_id):
+            raise ValueError(f"'{repo_id}' is not a Hub repo id; write user/name")
+        return repo_id
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def _sweep_problems(key: Any, values: Any) -> list[str]:
+    """What is wrong with one entry of the search space (schema checks of the values come later)."""
+    sweepable = _leaf_keys(Config, exclude={"name", "sweep", "push_to_hub"})
+    if key not in sweepable:
+        close = difflib.get_close_matches(str(key), sweepable, n=1, cutoff=0.6)
+        return [f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else "")]
+    if isinstance(values, list):
+        if not values:
+            return [f"{key}: the list of choices is empty"]
+        if not all(isinstance(value, (bool, int, float, str)) for value in values):
+            return [f"{key}: choices must be numbers, strings or booleans"]
+        return []
+    if isinstance(values, dict):
+        if isinstance(values.get("low"), bool) or isinstance(values.get("high"), bool):
+            return [f"{key}: low and high must be numbers"]
+        try:
+            SweepRange.model_validate(values)
+        except ValidationError as error:
+            return [f"{key}: {problem}" for problem in _range_problems(error)]
+        return []
+    return [f"{key}: give {{low, high, log}} or a list of choices, not {values!r}"]
+
+
+def _range_problems(error: ValidationError) -> list[str]:
+    """One problem per key of a range (pydantic reports a bad number once per member of int | float)."""
+    by_key: dict[str | None, str] = {}
+    for problem in error.errors():
+        key = next((part for part in problem["loc"] if isinstance(part, str)), None)
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = f"unknown key '{key}' (use low, high, log)"
+        elif problem["type"] == "missing":
+            message = f"{key} is required"
+        elif key is not None:
+            message = f"{key}: {message.lower()}"
+        by_key.setdefault(key, message)
+    return list(by_key.values())
+
+
+def _leaf_keys(model: type[BaseModel], exclude: set[str] = frozenset(), prefix: str = "") -> list[str]:
+    """Every dotted key that holds a value (not a section), in schema order."""
+    keys = []
+    for name, field in model.model_fields.items():
+        if name in exclude:
+            continue
+        section = _section_model(field.annotation)
+        keys += _leaf_keys(section, prefix=f"{prefix}{name}.") if section else [f"{prefix}{name}"]
+    return keys
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model class of a section field, also of an optional one (`LoraConfig | None`)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 # ---------------------------------------------------------------- loading
@@ -248,10 +366,10 @@ def _describe(problem: dict[str, Any]) -> str:
 def _section_fields(path: list[str]) -> list[str]:
     model: type[BaseModel] = Config
     for part in path:
-        annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        section = _section_model(model.model_fields[part].annotation) if part in model.model_fields else None
+        if section is None:
             return []
-        model = annotation
+        model = section
     return list(model.model_fields)
 
 
