@@ -133,7 +133,7 @@ def test_report_on_a_loop_backend_run(make_experiment, tmp_path):
         get_backend("loop")
     except FtcliError as error:
         pytest.skip(str(error))
-    experiment = make_experiment(backend="loop")
+    experiment = make_experiment(backend="loop", training={"epochs": 2})
     assert invoke("train", str(experiment)).exit_code == 0
     run = tmp_path / "runs" / "tiny"
     for file in ("curves.png", "diagnosis.json"):
