@@ -8,6 +8,7 @@ closest known one.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -403,3 +404,24 @@ def smoke(config: Config) -> Config:
         }
     )
     return config.model_copy(update={"name": f"{config.name}-smoke", "data": data, "training": training})
+
+
+def reference_markdown() -> str:
+    """The config reference as a markdown table, from the schema's defaults and descriptions."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, spec in model.model_fields.items():
+            section = next(
+                (kind for kind in (spec.annotation, *get_args(spec.annotation))
+                 if isinstance(kind, type) and issubclass(kind, BaseModel)),
+                None,
+            )
+            if section is not None:
+                walk(section, f"{prefix}{name}.")
+                continue
+            default = "required" if spec.is_required() else f"`{json.dumps(spec.default)}`"
+            lines.append(f"| `{prefix}{name}` | {default} | {spec.description} |")
+
+    walk(Config, "")
+    return "\n".join(lines)

@@ -78,3 +78,9 @@ def test_evaluate_metric_names_pass_through_but_typos_do_not():
     assert validate({"name": "x", "data": {"train": "t.jsonl"}, "metrics": ["accuracy", "glue/mrpc"]}).metrics
     with pytest.raises(FtcliError, match="did you mean 'matthews'"):
         validate({"name": "x", "data": {"train": "t.jsonl"}, "metrics": ["mathews"]})
+
+
+def test_readme_config_reference_is_the_schema():
+    from ftcli.config import reference_markdown
+
+    assert reference_markdown() in (ROOT / "README.md").read_text(), "regenerate the README's config reference"
