@@ -105,3 +105,36 @@ def test_length_sorted_batches_cover_every_index_once():
     flat = [int(i) for batch in batches for i in batch]
     assert sorted(flat) == list(range(7))
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+
+
+def test_length_grouping_keeps_every_example_and_cuts_padding():
+    import numpy as np
+
+    from ftcli.data import length_grouped_order
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=1000)
+    shuffled = rng.permutation(1000)
+    grouped = length_grouped_order(lengths, shuffled, batch_size=8, mega_batches=10)
+    assert sorted(grouped.tolist()) == list(range(1000))
+
+    def padded_tokens(order):
+        return sum(lengths[order[i : i + 8]].max() * len(order[i : i + 8]) for i in range(0, 1000, 8))
+
+    assert lengths.sum() / padded_tokens(grouped) > 0.9 > lengths.sum() / padded_tokens(shuffled)
+
+
+def test_device_tensors_gather_batches_like_collate(tmp_path, tokenizer):
+    import torch
+
+    from ftcli.data import DeviceTensors
+
+    train = write_rows(tmp_path / "train.jsonl", sentiment_rows(12, pair=True))
+    split = prepare(DataConfig(train=str(train), text_fields=["sentence1", "sentence2"]), tokenizer).splits["train"]
+    on_device = DeviceTensors(split, tokenizer.pad_token_id, torch.device("cpu"))
+    indices = [3, 0, 7]
+    expected = collate([split[i] for i in indices], tokenizer.pad_token_id)
+    gathered = on_device.batch(indices)
+    assert set(gathered) == set(expected)
+    for column in expected:
+        assert torch.equal(gathered[column], expected[column]), column
