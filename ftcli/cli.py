@@ -23,6 +23,9 @@ RunArg = Annotated[Path, typer.Argument(help="A run directory written by `ftcli 
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a key, e.g. --set training.learning_rate=3e-5.")
 ]
+AdapterOpt = Annotated[
+    bool, typer.Option("--adapter", help="Use the run's LoRA adapter on the base model instead of model/.")
+]
 
 
 def user_errors(command: Callable) -> Callable:
@@ -112,6 +115,8 @@ def train(
     if result.diagnosis:
         console.print(diagnosis_view(result.diagnosis))
         console.print(f"curves: {result.run.curves_png}")
+    if result.pushed_to:
+        console.print(f"pushed to the Hub: {result.pushed_to}")
     console.print(f"run directory: {result.run.path}")
 
 
@@ -121,12 +126,13 @@ def evaluate(
     run_dir: RunArg,
     split: Annotated[str, typer.Option(help="Split to score: validation, test, train.")] = "validation",
     checkpoint: Annotated[Optional[str], typer.Option(help="A checkpoint folder or step instead of model/.")] = None,
+    adapter: AdapterOpt = False,
 ) -> None:
     """Score a run's model on a split; print a table and write it as JSON."""
     from ftcli.evaluation import evaluate_run
     from ftcli.ui import console, metrics_table
 
-    metrics, written = evaluate_run(run_dir, split, checkpoint)
+    metrics, written = evaluate_run(run_dir, split, checkpoint, adapter)
     console.print(metrics_table(f"{run_dir}", {split: metrics}))
     console.print(f"written to {written}")
 
@@ -140,12 +146,13 @@ def predict(
     text: Annotated[Optional[str], typer.Option("--text", help="Classify one text.")] = None,
     text_pair: Annotated[Optional[str], typer.Option("--text-pair", help="The second sentence of a pair.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="A checkpoint folder or step instead of model/.")] = None,
+    adapter: AdapterOpt = False,
 ) -> None:
     """Predict label names and probabilities for a file or an inline text."""
     from ftcli.predict import predict as run_predict
     from ftcli.ui import error_console
 
-    rows = run_predict(run_dir, input, text, text_pair, checkpoint, output)
+    rows = run_predict(run_dir, input, text, text_pair, checkpoint, output, adapter)
     if output is not None:
         error_console.print(f"{len(rows)} predictions written to {output}")
 
@@ -165,6 +172,58 @@ def report(
     from ftcli.ui import console, report_view
 
     console.print(report_view(build_report(run_dirs, html_page=html, folder=out)))
+
+
+@app.command()
+@user_errors
+def sweep(
+    config: ConfigArg,
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Finished trials the study should hold in all.")],
+    storage: Annotated[
+        Optional[str], typer.Option(help="Optuna storage URL (default: sqlite in output_dir/<name>-sweep/).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Search the config's sweep: space with Optuna, one run per trial; continue the study when run again."""
+    from ftcli.sweep import run_sweep, summary_table
+    from ftcli.ui import console
+
+    result = run_sweep(_load(config, set_), trials, storage)
+    console.print(summary_table(result))
+    console.print(f"trials: {result.folder / 'trials.csv'}  ({result.trials_run} run now, {len(result.rows)} in the study)")
+    if result.best_config:
+        console.print(f"best config: {result.best_config}")
+
+
+@app.command()
+@user_errors
+def push(
+    run_dir: RunArg,
+    repo_id: Annotated[str, typer.Argument(help="The Hub repository, user/name (created if absent).")],
+    public: Annotated[bool, typer.Option("--public", help="Create the repository public (default: private).")] = False,
+) -> None:
+    """Upload a run's model with a model card (config, metrics, curves) to the Hugging Face Hub."""
+    from ftcli.push import push_run
+    from ftcli.ui import console
+
+    console.print(f"pushed {run_dir} to {push_run(run_dir, repo_id, private=not public)}")
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: RunArg,
+    format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+) -> None:
+    """Export a run's model (ONNX into RUN/export/) and check its logits against PyTorch."""
+    from ftcli.export import export_run
+    from ftcli.ui import console
+
+    result = export_run(run_dir, format)
+    console.print(
+        f"exported {result.onnx_file}: on {result.examples} {result.split} examples its logits differ from "
+        f"PyTorch's by at most {result.max_difference:.2e} (tolerance {result.atol:g})"
+    )
 
 
 def main() -> None:

@@ -1,38 +1,64 @@
-"""The evaluate command: score a run's final model (or one checkpoint) on a labeled split."""
+"""The evaluate command: score a run's final model (or one checkpoint, or its LoRA adapter) on a labeled split."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ftcli.config import Config, load_config
 from ftcli.data import prepare
 from ftcli.errors import FtcliError
 from ftcli.inference import evaluate_dataset, pick_device
-from ftcli.modeling import label_names_of, load_model, load_tokenizer
+from ftcli.lora import is_adapter, load_adapter_model
+from ftcli.modeling import label_names_of, load_model, load_tokenizer, resolve_model_source
 from ftcli.rundir import RunDir, atomic_write_json
 
 
 def load_run_model(
-    run_path: str | Path, checkpoint: str | Path | None = None
+    run_path: str | Path, checkpoint: str | Path | None = None, adapter: bool = False
 ) -> tuple[RunDir, Config, PreTrainedModel, PreTrainedTokenizerBase]:
-    """A run's config with its final model (or a checkpoint's) and tokenizer, on the best device."""
+    """A run's config with its final model (or a checkpoint's, or the base model with the run's
+    LoRA adapter) and tokenizer, on the best device."""
     run = RunDir.open(run_path)
     config = load_config(run.config_file)
+    if adapter:
+        if checkpoint is not None:
+            raise FtcliError("--adapter and --checkpoint both choose the weights", "pass one of them")
+        if not run.adapter_dir.is_dir():
+            raise FtcliError(f"{run.path} has no adapter/", "only runs trained with a lora: section have one")
+        checkpoint = run.adapter_dir
     model_path = run.require_model(checkpoint)
     tokenizer_path = model_path if (model_path / "tokenizer_config.json").is_file() else run.model_dir
     tokenizer = load_tokenizer(str(tokenizer_path), config.trust_remote_code)
-    model = load_model(str(model_path), trust_remote_code=config.trust_remote_code).to(pick_device())
-    return run, config, model, tokenizer
+    if is_adapter(model_path):
+        model = load_adapter_model(
+            model_path, resolve_model_source(config.model), _run_label_names(run), config.trust_remote_code
+        )
+    else:
+        model = load_model(str(model_path), trust_remote_code=config.trust_remote_code)
+    return run, config, model.to(pick_device()), tokenizer
+
+
+def _run_label_names(run: RunDir) -> list[str]:
+    """The class names an adapter's head was trained on, kept in the config of the run's model/."""
+    if not (run.model_dir / "config.json").is_file():
+        raise FtcliError(
+            f"an adapter needs the label names in {run.model_dir / 'config.json'}, which does not exist",
+            "train the run to the end first",
+        )
+    id2label = AutoConfig.from_pretrained(run.model_dir).id2label
+    return [id2label[index] for index in sorted(id2label)]
 
 
 def evaluate_run(
-    run_path: str | Path, split: str = "validation", checkpoint: str | Path | None = None
+    run_path: str | Path, split: str = "validation", checkpoint: str | Path | None = None, adapter: bool = False
 ) -> tuple[dict[str, float], Path]:
-    """Metrics of the run's model on one split, written as eval_<split>.json (in the checkpoint's
-    folder when a checkpoint is scored); the final model's scores also update metrics.json."""
-    run, config, model, tokenizer = load_run_model(run_path, checkpoint)
+    """Metrics of the run's model on one split, written as eval_<split>.json (in the checkpoint's or
+    the adapter's folder when one is scored); the final model's scores also update metrics.json."""
+    run, config, model, tokenizer = load_run_model(run_path, checkpoint, adapter)
+    if adapter:
+        checkpoint = run.adapter_dir
     prepared = prepare(config.data, tokenizer)
     if split not in prepared.splits:
         raise FtcliError(

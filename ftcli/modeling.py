@@ -66,6 +66,19 @@ def load_model(
         hf_logging.set_verbosity(verbosity)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Keep only each layer's inputs during the forward pass and recompute the rest in the backward
+    (training.gradient_checkpointing). Works on a LoRA-wrapped model too."""
+    if not model.supports_gradient_checkpointing:
+        raise FtcliError(
+            f"{type(model).__name__} does not support gradient checkpointing",
+            "set training.gradient_checkpointing=false",
+        )
+    # Non-reentrant checkpointing needs no input that requires a gradient, which LoRA's frozen
+    # embeddings do not provide.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def label_names_of(model: PreTrainedModel) -> list[str]:
     id2label = model.config.id2label
     return [id2label[index] for index in sorted(id2label)]

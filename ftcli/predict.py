@@ -37,13 +37,14 @@ def predict(
     text_pair: str | None = None,
     checkpoint: str | None = None,
     output: Path | None = None,
+    adapter: bool = False,
 ) -> list[dict[str, Any]]:
     """Every row gets predicted_label, its probability and all class probabilities."""
     if (input_file is None) == (text is None):
         raise FtcliError("give either --input FILE or --text", "e.g. ftcli predict RUN --text 'great movie'")
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise FtcliError(f"unsupported output type '{output.suffix}'", "name the output .jsonl or .csv")
-    run, config, model, tokenizer = load_run_model(run_path, checkpoint)
+    run, config, model, tokenizer = load_run_model(run_path, checkpoint, adapter)
     fields = config.data.text_fields
     rows = read_records(input_file) if input_file is not None else inline_rows(fields, text or "", text_pair)
     missing = [column for column in fields if column not in rows[0]]

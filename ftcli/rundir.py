@@ -4,6 +4,8 @@
       config.yaml      resolved config          env.json       versions, device, git, command
       metrics.jsonl    one event per log/eval   metrics.json   final metrics per split
       checkpoints/checkpoint-<step>/            model/         final (best) model + tokenizer
+      adapter/         LoRA adapters + head (LoRA runs; model/ holds them merged)
+      export/          model.onnx + tokenizer, written by `ftcli export`
 """
 
 from __future__ import annotations
@@ -72,6 +74,14 @@ class RunDir:
     @property
     def model_dir(self) -> Path:
         return self.path / "model"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / "export"
 
     @property
     def curves_png(self) -> Path:
@@ -160,7 +170,7 @@ class RunDir:
             path = Path(checkpoint)
             if not path.exists() and (self.checkpoints / path).exists():
                 path = self.checkpoints / path
-        if not (path / "config.json").is_file():
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
             hint = (
                 "train it to the end first, or pass --checkpoint"
                 if checkpoint is None

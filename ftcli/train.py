@@ -6,16 +6,21 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
+from ftcli import push
 from ftcli.backends import TrainJob, TrainOutcome, get_backend
 from ftcli.config import Config, dump_config
 from ftcli.data import Prepared, prepare
 from ftcli.diagnosis import Diagnosis, majority_baseline
 from ftcli.inference import evaluate_dataset, pick_device
 from ftcli.metrics import MetricSuite
-from ftcli.modeling import load_model, load_tokenizer, resolve_model_source
+from ftcli.lora import apply_lora, merge_lora
+from ftcli.modeling import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_model_source
+from ftcli.optim import check_optimizer
 from ftcli.report import analyze_run
 from ftcli.rundir import RunDir, atomic_write_text
 from ftcli.tracking import Tracker
@@ -31,6 +36,7 @@ class TrainResult:
     metrics: dict[str, dict[str, float]]
     prepared: Prepared
     diagnosis: Diagnosis | None = None
+    pushed_to: str | None = None
 
 
 def setup_data(config: Config) -> tuple[str, PreTrainedTokenizerBase, Prepared]:
@@ -42,13 +48,33 @@ def setup_data(config: Config) -> tuple[str, PreTrainedTokenizerBase, Prepared]:
     return source, tokenizer, prepare(config.data, tokenizer)
 
 
-def train(config: Config, overwrite: bool = False, show_progress: bool = True) -> TrainResult:
+def setup_model(config: Config, source: str, label_names: list[str]) -> torch.nn.Module:
+    """The model to train: pretrained weights and a new head, wrapped in LoRA adapters and
+    recomputing activations when the config says so."""
+    model = load_model(source, label_names, config.trust_remote_code)
+    if config.lora:
+        model = apply_lora(model, config.lora)
+    if config.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def train(
+    config: Config,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    on_evaluate: Callable[[dict[str, Any]], bool] | None = None,
+) -> TrainResult:
+    """Train a new run. `on_evaluate` sees every evaluation event and may stop training early by returning True."""
     # Setup. Everything that can fail on user input fails here, before the run directory exists.
+    check_optimizer(config.training.optimizer, pick_device())
+    if config.push_to_hub:
+        push.check_hub_access()  # before hours of training, not after
     tracker = Tracker(config.report_to)  # before tokenizing: a missing package should fail at once
     source, tokenizer, prepared = setup_data(config)
     MetricSuite(config.metrics, num_labels=len(prepared.label_names))
     set_seed(config.training.seed)
-    model = load_model(source, prepared.label_names, config.trust_remote_code)
+    model = setup_model(config, source, prepared.label_names)
     run = RunDir.create(config.run_dir, overwrite=overwrite)
     device = pick_device()
     atomic_write_text(run.config_file, dump_config(config))
@@ -56,13 +82,19 @@ def train(config: Config, overwrite: bool = False, show_progress: bool = True) -
 
     # Train, mirroring each event into the trackers report_to names.
     tracker.start(run, config)
-    job = TrainJob(config, prepared, model, tokenizer, run, TrainingProgress(enabled=show_progress), tracker=tracker)
+    job = TrainJob(
+        config, prepared, model, tokenizer, run, TrainingProgress(enabled=show_progress), tracker=tracker, on_evaluate=on_evaluate
+    )
     try:
         outcome = get_backend(config.backend).train(job)
     finally:
         tracker.close()  # flushes what was logged, even when training fails
 
-    # Save the kept (best) weights, then score them on every labeled split but train.
+    # Save the kept (best) weights, then score them on every labeled split but train. A LoRA run
+    # saves its adapters, then the model with the adapters merged in.
+    if config.lora:
+        save_model(job.model, tokenizer, run.adapter_dir)
+        job.model = merge_lora(job.model)
     save_model(job.model, tokenizer, run.model_dir)
     metrics: dict[str, dict[str, float]] = {}
     if "validation" in prepared.splits:
@@ -81,7 +113,8 @@ def train(config: Config, overwrite: bool = False, show_progress: bool = True) -
     # Read the curves: curves.png and diagnosis.json, accuracy judged against the majority class.
     run.update_metrics("data", majority_baseline(prepared.summary))
     diagnosis = analyze_run(run).diagnosis
-    return TrainResult(run, outcome, metrics, prepared, diagnosis)
+    pushed_to = push.push_run(run, config.push_to_hub) if config.push_to_hub else None
+    return TrainResult(run, outcome, metrics, prepared, diagnosis, pushed_to)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -31,6 +31,10 @@ class TrainJob:
     resume_from: Path | None = None
     is_main_process: bool = True
     tracker: Tracker = field(default_factory=Tracker)
+    # Sees each evaluation event (a sweep's pruner); returning True asks the backend to stop
+    # after this evaluation, as early stopping does. Single-process runs only.
+    on_evaluate: Callable[[dict[str, Any]], bool] | None = None
+    stop_requested: bool = False
 
     def log(self, event: dict[str, Any]) -> None:
         """One logging or evaluation event: into metrics.jsonl, onto the progress bar and into
@@ -39,6 +43,8 @@ class TrainJob:
             self.run.log_event(event)
             self.progress.log(event)
             self.tracker.log(event)
+            if self.on_evaluate is not None and any(key.startswith("eval_") for key in event):
+                self.stop_requested = self.on_evaluate(event) or self.stop_requested
 
 
 @dataclass

@@ -19,6 +19,7 @@ from ftcli.backends import TrainJob, TrainOutcome
 from ftcli.config import Config
 from ftcli.inference import autocast_dtype, pick_device
 from ftcli.metrics import MetricSuite, primary_metric
+from ftcli.optim import trainer_optimizer
 
 # Trainer's log keys, renamed to the keys both backends write into metrics.jsonl.
 LOG_KEYS = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
@@ -75,6 +76,7 @@ def training_arguments(config: Config, output_dir: str, has_validation: bool) ->
         num_train_epochs=training.epochs or 1.0,
         max_steps=training.max_steps or -1,
         learning_rate=training.learning_rate,
+        optim=trainer_optimizer(training.optimizer, device),
         weight_decay=training.weight_decay,
         warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of the total steps
         lr_scheduler_type=training.scheduler,
@@ -145,6 +147,10 @@ class _EventCallback(TrainerCallback):
                 event[key] = float(value)
         if len(event) > 2:
             self.job.log(event)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.job.stop_requested:  # e.g. a sweep pruned this trial: end here, as early stopping does
+            control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
         self.job.progress.stop()

@@ -1,0 +1,45 @@
+"""training.optimizer for both backends: PyTorch's AdamW, or bitsandbytes' 8-bit AdamW on CUDA.
+
+8-bit AdamW keeps the two moment estimates in 8 bits instead of 32: the optimizer state shrinks
+from 8 to about 2 bytes per trainable parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ftcli.config import TrainingConfig
+from ftcli.errors import FtcliError
+from ftcli.extras import require
+
+
+def check_optimizer(name: str, device: torch.device) -> None:
+    """Fail before anything is written when the optimizer cannot run on this machine."""
+    if name != "adamw_8bit":
+        return
+    if device.type != "cuda":
+        raise FtcliError(
+            f"training.optimizer=adamw_8bit needs a CUDA GPU (bitsandbytes), and this run is on the {device.type}",
+            "use training.optimizer=adamw here",
+        )
+    require("bitsandbytes", "bitsandbytes", "training.optimizer=adamw_8bit")
+
+
+def create_optimizer(
+    parameter_groups: list[dict], training: TrainingConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """The optimizer that training.optimizer names, over the given parameter groups (weight decay is set per group)."""
+    check_optimizer(training.optimizer, device)
+    if training.optimizer == "adamw_8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(parameter_groups, lr=training.learning_rate)
+    return torch.optim.AdamW(parameter_groups, lr=training.learning_rate)
+
+
+def trainer_optimizer(name: str, device: torch.device) -> str:
+    """The same choice in the words of TrainingArguments.optim."""
+    if name == "adamw_8bit":
+        return "adamw_bnb_8bit"
+    # The fused kernel is one launch per step instead of one per tensor; CUDA only.
+    return "adamw_torch_fused" if device.type == "cuda" else "adamw_torch"
