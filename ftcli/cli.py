@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -97,14 +98,25 @@ def train(
     backend: Annotated[Optional[str], typer.Option(help="trainer or loop (overrides the config).")] = None,
     smoke: Annotated[bool, typer.Option("--smoke", help="A few steps on a few examples: checks the whole path.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its newest checkpoint.")] = False,
+    resume_from: Annotated[
+        Optional[str], typer.Option("--resume-from", help="Continue the run from this checkpoint (path, name or step).")
+    ] = None,
+    num_processes: Annotated[
+        int, typer.Option("--num-processes", min=1, help="Train on N processes (re-runs itself under accelerate launch).")
+    ] = 1,
 ) -> None:
     """Fine-tune: prepare if needed, train, evaluate on validation, write the run directory."""
+    from ftcli import launch
     from ftcli.train import train as run_training
     from ftcli.ui import console, diagnosis_view, metrics_table
 
+    if num_processes > 1:
+        launch.relaunch(num_processes, sys.argv[1:])
+    console.quiet = not launch.is_main_process()
     loaded = _load(config, set_, backend, smoke)
     console.print(f"run [bold]{loaded.run_dir}[/]  backend {loaded.backend}  model {loaded.model}")
-    result = run_training(loaded, overwrite=overwrite)
+    result = run_training(loaded, overwrite, resume=resume, resume_from=resume_from)
     outcome = result.outcome
     console.print(
         f"trained {outcome.global_step} steps ({outcome.epoch:.2f} epochs) in {outcome.train_seconds:.1f} s"

@@ -97,12 +97,16 @@ class RunDir:
     def eval_file(self, split: str, checkpoint: Path | None = None) -> Path:
         return (checkpoint or self.path) / f"eval_{split}.json"
 
+    @staticmethod
+    def checkpoint_step(checkpoint: Path) -> int:
+        return int(checkpoint.name.split("-")[1])
+
     def list_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (temporary folders of an interrupted save are skipped)."""
         if not self.checkpoints.is_dir():
             return []
         found = [p for p in self.checkpoints.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        return sorted(found, key=self.checkpoint_step)
 
     # ------------------------------------------------------------ life cycle
     @classmethod
@@ -145,6 +149,11 @@ class RunDir:
         """Append one logging or evaluation event to metrics.jsonl (flushed, so a crash keeps it)."""
         with self.metrics_log.open("a", encoding="utf-8") as file:
             file.write(json.dumps(event) + "\n")
+
+    def drop_events_after(self, step: int) -> None:
+        """Forget the events logged after `step`: a run resumed from there logs them again."""
+        kept = [event for event in self.read_events() if event.get("step", 0) <= step]
+        atomic_write_text(self.metrics_log, "".join(json.dumps(event) + "\n" for event in kept))
 
     def read_events(self) -> list[dict[str, Any]]:
         if not self.metrics_log.is_file():

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from ftcli import push
+from ftcli import checkpoint, push
 from ftcli.backends import TrainJob, TrainOutcome, get_backend
-from ftcli.config import Config, dump_config
+from ftcli.config import Config, dump_config, load_config
 from ftcli.data import Prepared, prepare
 from ftcli.diagnosis import Diagnosis, majority_baseline
+from ftcli.errors import FtcliError
 from ftcli.inference import evaluate_dataset, pick_device
 from ftcli.metrics import MetricSuite
 from ftcli.lora import apply_lora, merge_lora
@@ -63,32 +65,54 @@ def train(
     config: Config,
     overwrite: bool = False,
     show_progress: bool = True,
+    resume: bool = False,
+    resume_from: str | Path | None = None,
     on_evaluate: Callable[[dict[str, Any]], bool] | None = None,
 ) -> TrainResult:
-    """Train a new run. `on_evaluate` sees every evaluation event and may stop training early by returning True."""
+    """Train a new run, or with `resume` continue config's run from its newest checkpoint (or `resume_from`).
+    `on_evaluate` sees every evaluation event and may stop training early by returning True."""
     # Setup. Everything that can fail on user input fails here, before the run directory exists.
-    check_optimizer(config.training.optimizer, pick_device())
+    # With several processes the main one prepares the data (tokenizing into the cache) while the
+    # others wait, then read the cache; only the main one writes the run directory.
+    device = pick_device()
+    processes = PartialState(cpu=device.type == "cpu")
+    is_main = processes.is_main_process
+    check_optimizer(config.training.optimizer, device)
     if config.push_to_hub:
         push.check_hub_access()  # before hours of training, not after
     tracker = Tracker(config.report_to)  # before tokenizing: a missing package should fail at once
-    source, tokenizer, prepared = setup_data(config)
+    with processes.main_process_first():
+        source, tokenizer, prepared = setup_data(config)
     MetricSuite(config.metrics, num_labels=len(prepared.label_names))
     set_seed(config.training.seed)
     model = setup_model(config, source, prepared.label_names)
-    run = RunDir.create(config.run_dir, overwrite=overwrite)
-    device = pick_device()
-    atomic_write_text(run.config_file, dump_config(config))
-    run.write_env(str(device))
+    if resume or resume_from is not None:
+        if overwrite:
+            raise FtcliError("--resume continues a run, --overwrite replaces it", "pass one of them")
+        run, resume_point = reopen(config, resume_from, is_main)
+    else:
+        run, resume_point = RunDir(config.run_dir), None
+        if is_main:
+            run = RunDir.create(config.run_dir, overwrite=overwrite)
+            atomic_write_text(run.config_file, dump_config(config))
+            run.write_env(str(device))
+    processes.wait_for_everyone()
 
     # Train, mirroring each event into the trackers report_to names.
-    tracker.start(run, config)
+    if is_main:
+        tracker.start(run, config)
+    progress = TrainingProgress(enabled=show_progress and is_main)
     job = TrainJob(
-        config, prepared, model, tokenizer, run, TrainingProgress(enabled=show_progress), tracker=tracker, on_evaluate=on_evaluate
+        config, prepared, model, tokenizer, run, progress, resume_point, is_main, tracker=tracker, on_evaluate=on_evaluate
     )
     try:
         outcome = get_backend(config.backend).train(job)
     finally:
         tracker.close()  # flushes what was logged, even when training fails
+    if resume_point is not None:
+        outcome.extra["resumed_from"] = str(resume_point)
+    if not is_main:
+        return TrainResult(run, outcome, {}, prepared)
 
     # Save the kept (best) weights, then score them on every labeled split but train. A LoRA run
     # saves its adapters, then the model with the adapters merged in.
@@ -115,6 +139,33 @@ def train(
     diagnosis = analyze_run(run).diagnosis
     pushed_to = push.push_run(run, config.push_to_hub) if config.push_to_hub else None
     return TrainResult(run, outcome, metrics, prepared, diagnosis, pushed_to)
+
+
+def reopen(config: Config, resume_from: str | Path | None, is_main: bool) -> tuple[RunDir, Path]:
+    """The run to continue and the checkpoint to continue from; the run keeps the config it started with."""
+    run = RunDir.open(config.run_dir)
+    # Both through the schema, so that keys added to ftcli since the run started count as their defaults.
+    changed = _changed_keys(load_config(run.config_file).model_dump(mode="json"), config.model_dump(mode="json"))
+    if changed:
+        raise FtcliError(
+            f"the config differs from the one {run.path} was trained with ({', '.join(changed)})",
+            f"resume with the run's own config: ftcli train {run.path} --resume",
+        )
+    resume_point = checkpoint.resume_point(run, resume_from, config.backend)
+    if is_main:
+        checkpoint.rewind(run, resume_point)
+    return run, resume_point
+
+
+def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in dict.fromkeys([*saved, *current]):
+        before, now = saved.get(key), current.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            changed += _changed_keys(before, now, f"{prefix}{key}.")
+        elif before != now:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:

@@ -48,6 +48,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def tiny_model_without_dropout_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT with dropout off: runs that split the same examples differently (accumulation,
+    several processes) then compute the same function, and differ only by float rounding."""
+    import shutil
+
+    from transformers import BertConfig
+
+    target = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    shutil.copytree(tiny_model_dir, target, dirs_exist_ok=True)
+    config = BertConfig.from_pretrained(target)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.save_pretrained(target)
+    return target
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """One tokenization cache per test session, never the user's ~/.cache."""

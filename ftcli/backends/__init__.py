@@ -69,5 +69,7 @@ def get_backend(name: str) -> Backend:
 
         return TrainerBackend()
     if name == "loop":
-        raise FtcliError("backend 'loop' is not built yet", "use --backend trainer")
+        from ftcli.backends.loop import LoopBackend
+
+        return LoopBackend()
     raise FtcliError(f"unknown backend '{name}'", "use trainer or loop")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -15,11 +16,13 @@ from transformers import (
     TrainingArguments,
 )
 
+from ftcli import checkpoint
 from ftcli.backends import TrainJob, TrainOutcome
 from ftcli.config import Config
 from ftcli.inference import autocast_dtype, pick_device
 from ftcli.metrics import MetricSuite, primary_metric
 from ftcli.optim import trainer_optimizer
+from ftcli.rundir import RunDir
 
 # Trainer's log keys, renamed to the keys both backends write into metrics.jsonl.
 LOG_KEYS = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
@@ -33,7 +36,9 @@ class TrainerBackend:
         callbacks: list[TrainerCallback] = [_EventCallback(job)]
         if config.training.early_stopping_patience and validation is not None:
             callbacks.append(EarlyStoppingCallback(config.training.early_stopping_patience))
-        trainer = Trainer(
+        trainer = _StagedTrainer(
+            run=job.run,
+            keep_checkpoints=config.training.keep_checkpoints,
             model=job.model,
             args=args,
             data_collator=DataCollatorWithPadding(job.tokenizer),
@@ -56,7 +61,7 @@ class TrainerBackend:
             global_step=state.global_step,
             epoch=float(state.epoch or 0.0),
             train_seconds=seconds,
-            train_samples=state.global_step * config.training.batch_size * config.training.grad_accum,
+            train_samples=state.global_step * config.training.batch_size * config.training.grad_accum * args.world_size,
             best_checkpoint=state.best_model_checkpoint,
             best_score=state.best_metric,
             stopped_early=state.global_step < state.max_steps,
@@ -89,7 +94,7 @@ def training_arguments(config: Config, output_dir: str, has_validation: bool) ->
         logging_steps=training.logging_steps,
         **schedule,
         **_schedule("save", training.save_every),
-        save_total_limit=training.keep_checkpoints,
+        save_total_limit=None,  # _StagedTrainer prunes, keeping what the loop backend keeps
         load_best_model_at_end=has_validation,
         metric_for_best_model=f"eval_{primary}" if has_validation else None,
         greater_is_better=primary != "loss",
@@ -97,6 +102,7 @@ def training_arguments(config: Config, output_dir: str, has_validation: bool) ->
         seed=training.seed,
         data_seed=training.seed,
         report_to="none",
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience continues on resume
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -106,6 +112,41 @@ def _schedule(kind: str, every: str | int) -> dict:
     if every == "epoch":
         return {f"{kind}_strategy": "epoch"}
     return {f"{kind}_strategy": "steps", f"{kind}_steps": every}
+
+
+class _StagedTrainer(Trainer):
+    """Trainer whose checkpoints appear whole or not at all, and are pruned as the loop backend's.
+
+    Trainer writes checkpoint-<step> in place; here it writes it under the staging folder of
+    ftcli.checkpoint, renamed into place once every process has written its part.
+    """
+
+    def __init__(self, *args, run: RunDir, keep_checkpoints: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.run = run
+        self.keep_checkpoints = keep_checkpoints
+        self._staging_root: Path | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging_root) if self._staging_root else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        final = self.run.checkpoint_dir(self.state.global_step)
+        staged = checkpoint.staging_dir(final)
+        self._staging_root = staged.parent
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        # Trainer recorded a new best checkpoint under its staging name.
+        if self.state.best_model_checkpoint == str(staged):
+            self.state.best_model_checkpoint = str(final)
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / checkpoint.TRAINER_STATE_FILE))
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state
+        if self.args.should_save:
+            checkpoint.publish(staged, final)
+            checkpoint.prune(self.run, self.keep_checkpoints, self.state.best_model_checkpoint)
 
 
 def _batched_metrics(names: list[str], num_labels: int):

@@ -1,0 +1,312 @@
+"""Backend `loop`: ftcli's own training loop on Accelerate, readable top to bottom.
+
+The Hugging Face course's loop (prepare, accumulate, backward, clip, step, schedule, evaluate
+through gather_for_metrics), made exact and resumable:
+
+- an epoch's data order is a permutation seeded by (seed, epoch), cut into global micro-batches
+  that the processes share; a resumed run slices it where its checkpoint stopped instead of
+  replaying the batches already trained on;
+- each optimizer step's gradient is the mean over exactly the examples it trained on, whatever
+  the accumulation, the number of processes, or a shorter last batch;
+- a checkpoint holds the weights, optimizer, schedule, scaler, every RNG and the loop's counters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.data_loader import DataLoaderShard
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from ftcli import checkpoint
+from ftcli.backends import TrainJob, TrainOutcome
+from ftcli.data import collate, length_sorted_batches
+from ftcli.errors import FtcliError
+from ftcli.inference import autocast_dtype, pick_device
+from ftcli.metrics import MetricSuite
+from ftcli.optim import create_optimizer
+
+# ftcli's precision setting, resolved for the device (ftcli.inference), in Accelerate's words.
+MIXED_PRECISION = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class LoopState:
+    """The loop's counters and records; every checkpoint saves them as training_state.json."""
+
+    optimizer_step: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # global micro-batches of `epoch` already trained on
+    examples_seen: int = 0
+    best_score: float | None = None  # best evaluation so far, for early stopping
+    evaluations_without_improvement: int = 0
+    best_checkpoint: str | None = None  # the best-scoring checkpoint, kept at the end
+    best_checkpoint_score: float | None = None
+    window_loss: float = 0.0  # train loss summed since the last log, over window_examples examples
+    window_examples: int = 0
+    num_processes: int = 1
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which examples each micro-batch and optimizer step train on: a function of the seed and the
+    epoch only, so a run can resume anywhere without replaying what came before."""
+
+    num_examples: int
+    global_batch_size: int  # batch_size × processes
+    grad_accum: int
+    seed: int
+    num_processes: int
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        size = self.global_batch_size
+        batches = [order[start : start + size] for start in range(0, self.num_examples, size)]
+        # Every process needs an example of each micro-batch: a tail too small to share joins the batch before.
+        if len(batches) > 1 and len(batches[-1]) < self.num_processes:
+            batches[-2:] = [np.concatenate(batches[-2:])]
+        return batches
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.epoch_batches(0)) / self.grad_accum)
+
+    def step_examples(self, batches: list[np.ndarray], index: int) -> int:
+        """Examples, over all processes, of the optimizer step that micro-batch `index` belongs to."""
+        first = index - index % self.grad_accum
+        return sum(len(batch) for batch in batches[first : first + self.grad_accum])
+
+
+class LoopBackend:
+    def train(self, job: TrainJob) -> TrainOutcome:
+        config, training = job.config, job.config.training
+        device = pick_device()
+        accelerator = Accelerator(
+            cpu=device.type == "cpu",
+            mixed_precision=MIXED_PRECISION[autocast_dtype(training.precision, device)],
+            gradient_accumulation_steps=training.grad_accum,
+        )
+        train_set = job.prepared.splits["train"]
+        validation = job.prepared.splits.get("validation")
+        if len(train_set) < accelerator.num_processes:
+            raise FtcliError(
+                f"the training set has {len(train_set)} examples, fewer than the {accelerator.num_processes} processes",
+                "train on more data or with fewer processes",
+            )
+        plan = BatchPlan(
+            len(train_set),
+            training.batch_size * accelerator.num_processes,
+            training.grad_accum,
+            training.seed,
+            accelerator.num_processes,
+        )
+        total_steps = training.max_steps or math.ceil(training.epochs * plan.steps_per_epoch)
+
+        # Optimizer and schedule. The scheduler is stepped by hand, once per optimizer step:
+        # prepared by Accelerate, it would advance once per process.
+        optimizer = create_optimizer(parameter_groups(job.model, training.weight_decay), training, device)
+        scheduler = get_scheduler(
+            training.scheduler,
+            optimizer,
+            num_warmup_steps=math.ceil(training.warmup_ratio * total_steps),
+            num_training_steps=total_steps,
+        )
+        model, optimizer = accelerator.prepare(job.model, optimizer)
+        pad_token_id = job.tokenizer.pad_token_id
+        eval_loader = None
+        if validation is not None:
+            eval_loader = accelerator.prepare(evaluation_loader(validation, training.eval_batch_size, pad_token_id))
+        suite = MetricSuite(config.metrics, num_labels=len(job.prepared.label_names))
+        greater_is_better = suite.primary != "loss"
+
+        state = LoopState(num_processes=accelerator.num_processes)
+        if job.resume_from is not None:
+            state = LoopState(**checkpoint.load_checkpoint(job.resume_from, accelerator, model, optimizer, scheduler))
+            if state.num_processes != accelerator.num_processes:
+                raise FtcliError(
+                    f"{job.resume_from} was written by {state.num_processes} processes, this run has {accelerator.num_processes}",
+                    "resume with the number of processes the run was started with",
+                )
+        # The logging window in progress at the checkpoint, summed over processes, continues on the main one.
+        window = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, examples
+        if accelerator.is_main_process:
+            window += torch.tensor([state.window_loss, state.window_examples], dtype=torch.float64, device=window.device)
+
+        # Train: optimizer steps until total_steps, epoch after epoch; a resumed run enters its
+        # epoch at the micro-batch its checkpoint stopped at.
+        job.progress.start(total_steps, initial_step=state.optimizer_step)
+        started = time.perf_counter()
+        model.train()
+        grad_norm = None
+        finished = stopped_early = False
+        while not (finished or stopped_early):
+            batches = plan.epoch_batches(state.epoch)
+            for batch in train_loader(train_set, batches[state.batches_done :], accelerator, pad_token_id):
+                step_examples = plan.step_examples(batches, state.batches_done)
+                with accelerator.accumulate(model):
+                    labels = batch.pop("labels")
+                    loss_sum = F.cross_entropy(model(**batch).logits.float(), labels, reduction="sum")
+                    # accelerator.backward divides by grad_accum and DDP averages over processes: undo
+                    # both, so the step's gradient is the mean over exactly the examples of the step.
+                    accelerator.backward(loss_sum * (training.grad_accum * accelerator.num_processes / step_examples))
+                    if accelerator.sync_gradients:
+                        if training.max_grad_norm:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+                        optimizer.step()
+                        if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
+                            scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                window[0] += loss_sum.detach()
+                window[1] += len(labels)
+                state.batches_done += 1
+                if not accelerator.sync_gradients:
+                    continue
+
+                # One optimizer step done.
+                state.optimizer_step += 1
+                state.examples_seen += step_examples
+                job.progress.step(state.optimizer_step, step_examples)
+                epoch_ended = state.batches_done == len(batches)
+                if epoch_ended:
+                    state.epoch, state.batches_done = state.epoch + 1, 0
+                epoch = round(state.epoch + state.batches_done / len(batches), 4)
+                finished = state.optimizer_step >= total_steps
+
+                # Log: the only host sync of a training step, every logging_steps steps.
+                if state.optimizer_step % training.logging_steps == 0:
+                    loss, examples = accelerator.reduce(window.clone()).tolist()
+                    event = {"step": state.optimizer_step, "epoch": epoch, "train_loss": loss / examples}
+                    event["learning_rate"] = scheduler.get_last_lr()[0]
+                    if grad_norm is not None:
+                        event["grad_norm"] = float(grad_norm)
+                    job.log(event)
+                    window.zero_()
+
+                # Evaluate on schedule and at the end, so that every checkpoint has a score.
+                score = None
+                if eval_loader is not None and (due(training.eval_every, state.optimizer_step, epoch_ended) or finished):
+                    metrics = evaluate(model, eval_loader, accelerator, suite)
+                    job.log({"step": state.optimizer_step, "epoch": epoch} | {f"eval_{k}": v for k, v in metrics.items()})
+                    score = metrics[suite.primary]
+                    if improves(score, state.best_score, greater_is_better):
+                        state.best_score, state.evaluations_without_improvement = score, 0
+                    else:
+                        state.evaluations_without_improvement += 1
+                    patience = training.early_stopping_patience
+                    out_of_patience = bool(patience) and state.evaluations_without_improvement >= patience
+                    stopped_early = out_of_patience or job.stop_requested
+
+                # Checkpoint on schedule and at the end; the best one and the newest ones are kept.
+                if due(training.save_every, state.optimizer_step, epoch_ended) or finished or stopped_early:
+                    target = job.run.checkpoint_dir(state.optimizer_step)
+                    if score is not None and improves(score, state.best_checkpoint_score, greater_is_better):
+                        state.best_checkpoint, state.best_checkpoint_score = str(target), score
+                    loss, examples = accelerator.reduce(window.clone()).tolist()
+                    state.window_loss, state.window_examples = loss, int(examples)
+                    checkpoint.save_checkpoint(target, accelerator, model, job.tokenizer, optimizer, scheduler, asdict(state))
+                    if accelerator.is_main_process:
+                        checkpoint.prune(job.run, training.keep_checkpoints, state.best_checkpoint)
+                if finished or stopped_early:
+                    break
+        job.progress.stop()
+        seconds = time.perf_counter() - started
+
+        # Keep the best checkpoint's weights when there was a validation split, else the last ones.
+        job.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        if state.best_checkpoint is not None:
+            checkpoint.load_weights(job.model, Path(state.best_checkpoint))
+        return TrainOutcome(
+            global_step=state.optimizer_step,
+            epoch=state.epoch + state.batches_done / len(batches),
+            train_seconds=seconds,
+            train_samples=state.examples_seen,
+            best_checkpoint=state.best_checkpoint,
+            best_score=state.best_checkpoint_score,
+            stopped_early=stopped_early,
+        )
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on the matrices; biases and LayerNorm weights (the 1-d tensors) get none."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def train_loader(
+    dataset: Dataset, batches: list[np.ndarray], accelerator: Accelerator, pad_token_id: int
+) -> DataLoaderShard:
+    """This process's share of each global micro-batch, padded and moved to the device.
+
+    A DataLoaderShard is what accelerator.prepare returns: it tells accelerator.accumulate where the
+    epoch ends, so a shorter last group of micro-batches still makes its optimizer step. It is built
+    here because the batches are already this process's; prepare would shard them a second time.
+    """
+    shares = [np.array_split(batch, accelerator.num_processes)[accelerator.process_index].tolist() for batch in batches]
+    return DataLoaderShard(
+        dataset,
+        device=accelerator.device,
+        batch_sampler=shares,
+        collate_fn=partial(collate, pad_token_id=pad_token_id),
+        generator=private_generator(),
+    )
+
+
+def evaluation_loader(dataset: Dataset, batch_size: int, pad_token_id: int) -> DataLoader:
+    """Batches of similar lengths (little padding), longest first, as ftcli.inference evaluates."""
+    order = np.concatenate(length_sorted_batches(dataset["length"], batch_size))
+    return DataLoader(
+        dataset.select(order),
+        batch_size=batch_size,
+        collate_fn=partial(collate, pad_token_id=pad_token_id),
+        generator=private_generator(),
+    )
+
+
+def private_generator() -> torch.Generator:
+    """A DataLoader draws a seed from this generator each time it starts iterating, and without
+    one from torch's global generator, which dropout uses: a resumed run, starting its loader at
+    another moment, would then continue with other dropout masks."""
+    return torch.Generator().manual_seed(0)
+
+
+def evaluate(
+    model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, suite: MetricSuite
+) -> dict[str, float]:
+    """Mean loss and every metric over the validation split, fed batch by batch (no logits kept)."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    examples = 0
+    with torch.no_grad():
+        for batch in loader:
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            # With several processes the last batch is topped up with repeated examples so that
+            # every process has one; gather_for_metrics drops them, so each example counts once.
+            losses, predictions, labels = accelerator.gather_for_metrics((losses, logits.argmax(-1), labels))
+            loss_sum += losses.sum()
+            examples += len(labels)
+            suite.add_batch(predictions.cpu().numpy(), labels.cpu().numpy())
+    model.train()
+    return {"loss": float(loss_sum) / max(examples, 1)} | suite.compute()
+
+
+def due(every: str | int, optimizer_step: int, epoch_ended: bool) -> bool:
+    return epoch_ended if every == "epoch" else optimizer_step % every == 0
+
+
+def improves(score: float, best: float | None, greater_is_better: bool) -> bool:
+    return best is None or (score > best if greater_is_better else score < best)

@@ -1,0 +1,215 @@
+"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint of the loop backend:
+
+    checkpoints/checkpoint-<step>/
+      model.safetensors, config.json, tokenizer files   weights, loadable by evaluate and predict
+      optimizer.pt, scheduler.pt [, scaler.pt]          AdamW moments, learning-rate schedule, fp16 scale
+      rng_state_<process>.pt                            python, numpy, torch and CUDA generators
+      training_state.json                               step, epoch, position in it, best score, ...
+
+Both backends write a checkpoint into checkpoints/.partial/checkpoint-<step>/ and rename it into
+place when it is complete, so a kill while saving leaves the previous checkpoints as they were and
+never a half checkpoint that --resume would pick. Everything is read back with
+torch.load(weights_only=True): loading a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ftcli.errors import FtcliError
+from ftcli.rundir import RunDir, atomic_write_json
+
+LOOP_STATE_FILE = "training_state.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # what HF Trainer writes into its checkpoints
+STATE_FILES = {"loop": LOOP_STATE_FILE, "trainer": TRAINER_STATE_FILE}
+
+
+# ---------------------------------------------------------------- writing whole or not at all
+
+
+def staging_dir(final: Path) -> Path:
+    """Where the checkpoint that will become `final` is written first."""
+    return final.parent / ".partial" / final.name
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Make a completely written checkpoint visible under its final name, in one rename."""
+    for path in staging.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as file:
+                os.fsync(file.fileno())  # the data reaches the disk before the name does
+    os.replace(staging, final)
+
+
+def prune(run: RunDir, keep: int, best: str | Path | None) -> None:
+    """Delete all checkpoints but the newest `keep` and the best one, and any half-written save."""
+    checkpoints = run.list_checkpoints()
+    kept = set(checkpoints[-keep:]) | ({Path(best)} if best else set())
+    for path in checkpoints:
+        if path not in kept:
+            shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(run.checkpoints / ".partial", ignore_errors=True)
+
+
+# ---------------------------------------------------------------- random number generators
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator that training draws from (dropout, shuffling in user code), as plain data."""
+    numpy_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": numpy_state["state"]["pos"],
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- the loop backend's checkpoints
+
+
+def save_checkpoint(
+    final: Path,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+) -> None:
+    """Write a resumable checkpoint. Every process calls this: the main one writes the weights and
+    the optimizer (identical on all processes), each process its own RNG states."""
+    staging = staging_dir(final)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), staging / "scaler.pt")
+        atomic_write_json(staging / LOOP_STATE_FILE, state)
+    # Every process has written its RNG file before the checkpoint gets its final name.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish(staging, final)
+
+
+def load_checkpoint(
+    path: Path,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore weights, optimizer, schedule, scaler and this process's RNG states; return the loop's state."""
+    rng_file = path / f"rng_state_{accelerator.process_index}.pt"
+    if not rng_file.is_file():
+        raise FtcliError(
+            f"{path} holds no RNG state for process {accelerator.process_index}",
+            "resume with as many processes as the run was started with",
+        )
+    load_weights(accelerator.unwrap_model(model), path)
+    optimizer.load_state_dict(_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load(path / "scheduler.pt"))
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(_load(path / "scaler.pt"))
+    set_rng_state(_load(rng_file))
+    return json.loads((path / LOOP_STATE_FILE).read_text())
+
+
+def load_weights(model: PreTrainedModel, path: Path) -> None:
+    """Load a checkpoint's safetensors weights into a model of the same architecture."""
+    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    # save_pretrained leaves out tied weights (they come back with the tie); anything else is a mismatch.
+    missing = set(missing) - set(getattr(model, "all_tied_weights_keys", None) or {})
+    if missing or unexpected:
+        raise FtcliError(
+            f"the weights in {path} do not fit the model (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]})",
+            "resume with the config the run was trained with",
+        )
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- choosing where to resume
+
+
+def resume_point(run: RunDir, given: str | Path | None, backend: str) -> Path:
+    """The checkpoint to resume from: `given` (a path, or a name or step inside the run), else the newest."""
+    if given is None:
+        checkpoints = run.list_checkpoints()
+        if not checkpoints:
+            raise FtcliError(
+                f"{run.path} has no checkpoint to resume from",
+                "start the run again with --overwrite, or wait for training.save_every steps before stopping it",
+            )
+        path = checkpoints[-1]
+    elif str(given).isdigit():
+        path = run.checkpoint_dir(int(given))
+    else:
+        path = Path(given)
+        if not path.exists() and (run.checkpoints / path).exists():
+            path = run.checkpoints / path
+    if path.resolve() not in {p.resolve() for p in run.list_checkpoints()}:
+        available = ", ".join(p.name for p in run.list_checkpoints()) or "none"
+        raise FtcliError(f"{given} is not a checkpoint of {run.path}", f"its checkpoints: {available}")
+    if not (path / STATE_FILES[backend]).is_file():
+        raise FtcliError(
+            f"{path} is not a checkpoint of the {backend} backend (no {STATE_FILES[backend]})",
+            "resume with the backend the run was trained with",
+        )
+    return path
+
+
+def rewind(run: RunDir, resume_from: Path) -> None:
+    """Forget what the run did after `resume_from`: the resumed run writes those checkpoints and events again."""
+    step = run.checkpoint_step(resume_from)
+    for path in run.list_checkpoints():
+        if run.checkpoint_step(path) > step:
+            shutil.rmtree(path)
+    shutil.rmtree(run.checkpoints / ".partial", ignore_errors=True)
+    run.drop_events_after(step)

@@ -1,0 +1,85 @@
+"""Exact resume, both backends: a run killed with SIGKILL after a checkpoint, then resumed, ends with
+the same weights (bit for bit, on the CPU) and the same metrics as a run never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import invoke, run_cli
+from safetensors.torch import load_file
+
+# The same intra-op threads in every process, hence the same float reductions.
+ENV = {"OMP_NUM_THREADS": "1"}
+STEPS_PER_EPOCH = 64 // 8
+
+
+def experiment_for(make_experiment, backend: str):
+    return make_experiment(
+        train_size=64,
+        backend=backend,
+        training={"epochs": 2, "eval_every": 2, "save_every": 2, "logging_steps": 2, "keep_checkpoints": 2},
+    )
+
+
+def train_until_killed(experiment, run) -> None:
+    """Start `ftcli train` and kill -9 it as soon as its first checkpoint exists (mid-epoch)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ftcli", "train", str(experiment), "--set", f"name={run.name}"],
+        env={**os.environ, **ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints").is_dir() or not any((run / "checkpoints").glob("checkpoint-*")):
+        assert process.poll() is None, "training ended before a checkpoint appeared"
+        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert not (run / "model").exists(), "the run finished before it was killed"
+
+
+@pytest.mark.parametrize("backend", ["loop", "trainer"])
+def test_killed_run_resumes_exactly(backend, make_experiment, tmp_path):
+    experiment = experiment_for(make_experiment, backend)
+    runs = tmp_path / "runs"
+    straight = run_cli("train", str(experiment), "--set", "name=straight", env=ENV)
+    assert straight.returncode == 0, straight.stderr
+
+    train_until_killed(experiment, runs / "killed")
+    resumed = run_cli("train", str(experiment), "--set", "name=killed", "--resume", env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+
+    expected = load_file(runs / "straight" / "model" / "model.safetensors")
+    weights = load_file(runs / "killed" / "model" / "model.safetensors")
+    assert expected.keys() == weights.keys()
+    assert all(torch.equal(expected[name], weights[name]) for name in expected)
+
+    expected_metrics = json.loads((runs / "straight" / "metrics.json").read_text())
+    metrics = json.loads((runs / "killed" / "metrics.json").read_text())
+    assert metrics["validation"] == expected_metrics["validation"]
+    for key in ("global_step", "epoch", "train_samples", "best_score", "stopped_early"):
+        assert metrics["train"][key] == expected_metrics["train"][key], key
+    resumed_step = int(metrics["train"]["resumed_from"].rsplit("-", 1)[1])
+    assert resumed_step % STEPS_PER_EPOCH, "the kill was meant to land mid-epoch"
+
+    # The events the killed run logged after its checkpoint were dropped and logged again.
+    expected_events = (runs / "straight" / "metrics.jsonl").read_text().splitlines()
+    assert (runs / "killed" / "metrics.jsonl").read_text().splitlines() == expected_events
+
+
+def test_resume_refuses_a_changed_config(make_experiment, tmp_path):
+    experiment = make_experiment(backend="loop", training={"max_steps": 4, "eval_every": 2, "save_every": 2})
+    assert invoke("train", str(experiment)).exit_code == 0
+    changed = invoke("train", str(experiment), "--resume", "--set", "training.learning_rate=1e-3")
+    assert changed.exit_code == 2
+    assert "training.learning_rate" in changed.output and "--resume" in changed.output
+    missing = invoke("train", str(experiment), "--resume-from", "checkpoint-99")
+    assert missing.exit_code == 2 and "checkpoint-4" in missing.output
+    assert invoke("train", str(experiment), "--resume", "--overwrite").exit_code == 2
