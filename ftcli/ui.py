@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -23,7 +24,8 @@ error_console = Console(stderr=True, highlight=False, width=_WIDTH)
 
 
 def print_error(message: str) -> None:
-    error_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    # Escaped: a message may hold brackets that are not markup, e.g. pip install 'ftcli[export]'.
+    error_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 def format_value(value: Any) -> str:
