@@ -140,8 +140,8 @@ def _results(metrics: dict[str, Any]) -> str:
 def _training(config: Config, train: dict[str, Any], env: dict[str, Any]) -> str:
     training = config.training
     lines = [
-        f"- {train.get('global_step', '?')} optimizer steps ({format_value(float(train.get('epoch', 0)))} epochs) "
-        f"in {format_value(float(train.get('train_seconds', 0)))} s on {env.get('device', 'an unknown device')}",
+        f"- {train.get('global_step', '?')} optimizer steps ({float(train.get('epoch', 0)):.2f} epochs) "
+        f"in {float(train.get('train_seconds', 0)):.1f} s on {env.get('device', 'an unknown device')}",
         f"- learning rate {training.learning_rate}, {training.scheduler} schedule, batch size {training.batch_size}"
         f" × {training.grad_accum} accumulated, max length {config.data.max_length} tokens",
     ]
