@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ftcli.errors import FtcliError
+from ftcli.lora import is_adapter, load_adapter_weights
 from ftcli.rundir import RunDir, atomic_write_json
 
 LOOP_STATE_FILE = "training_state.json"
@@ -161,6 +162,8 @@ def load_checkpoint(
 
 def load_weights(model: PreTrainedModel, path: Path) -> None:
     """Load a checkpoint's safetensors weights into a model of the same architecture."""
+    if is_adapter(path):  # a LoRA run's checkpoint: the adapters and the head alone
+        return load_adapter_weights(model, path)
     missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     # save_pretrained leaves out tied weights (they come back with the tie); anything else is a mismatch.
     missing = set(missing) - set(getattr(model, "all_tied_weights_keys", None) or {})

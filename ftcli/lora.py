@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from ftcli.config import LoraConfig
@@ -21,6 +22,7 @@ from ftcli.extras import require
 from ftcli.modeling import load_model
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> torch.nn.Module:
@@ -73,6 +75,18 @@ def merge_lora(model: torch.nn.Module) -> PreTrainedModel:
 
 def is_adapter(path: Path) -> bool:
     return (path / ADAPTER_CONFIG_FILE).is_file()
+
+
+def load_adapter_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a LoRA checkpoint (the adapters and the head, as peft saves them) into a LoRA-wrapped model."""
+    peft = require("peft", "lora", f"loading the LoRA checkpoint {path}")
+    # The checkpoint holds the trained weights alone: the frozen base weights are all 'missing', as they should be.
+    unexpected = peft.set_peft_model_state_dict(model, load_file(path / ADAPTER_WEIGHTS_FILE)).unexpected_keys
+    if unexpected:
+        raise FtcliError(
+            f"the adapter in {path} does not fit the model (unexpected {unexpected[:3]})",
+            "resume with the config the run was trained with",
+        )
 
 
 def load_adapter_model(

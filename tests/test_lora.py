@@ -56,6 +56,23 @@ def test_lora_run_saves_adapter_and_merged_model_and_both_score_the_same(make_ex
     assert abs(adapter_row["probability"] - model_row["probability"]) < 1e-5
 
 
+def test_lora_with_the_loop_backend_keeps_the_best_adapter_checkpoint(make_experiment, tmp_path):
+    experiment = make_experiment(backend="loop", lora=LORA, training={"max_steps": 8, "eval_every": 4, "save_every": 4})
+    result = invoke("train", str(experiment))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tiny"
+    best = json.loads((run / "metrics.json").read_text())["train"]["best_checkpoint"]
+    assert (run / "checkpoints" / "checkpoint-4" / "adapter_config.json").is_file()  # loop checkpoints hold the adapter
+    assert best and (run / "adapter" / "adapter_model.safetensors").is_file()
+
+    # A LoRA checkpoint is scored as the base model with that checkpoint's adapter on top.
+    scored = invoke("evaluate", str(run), "--checkpoint", best)
+    assert scored.exit_code == 0, scored.output
+    at_best = json.loads((run / "checkpoints" / best.rsplit("/", 1)[-1] / "eval_validation.json").read_text())
+    kept = json.loads((run / "metrics.json").read_text())["validation"]
+    assert abs(at_best["loss"] - kept["loss"]) < 1e-5  # the kept model is the best checkpoint's
+
+
 def test_adapter_option_on_a_run_without_lora_is_a_clear_error(make_experiment, tmp_path):
     experiment = make_experiment(training={"max_steps": 4, "eval_every": 2, "save_every": 2})
     assert invoke("train", str(experiment)).exit_code == 0
@@ -72,12 +89,14 @@ def test_unknown_lora_target_modules_fail_before_the_run_directory_exists(make_e
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
-def test_gradient_checkpointing_changes_memory_not_results(make_experiment, tmp_path):
+@pytest.mark.parametrize("backend", ["trainer", "loop"])
+def test_gradient_checkpointing_changes_memory_not_results(make_experiment, tmp_path, backend):
     """Recomputed activations give the same losses: same seed, same dropout masks, same numbers."""
     losses = {}
     for checkpointing in (False, True):
         experiment = make_experiment(
             name=f"gc-{checkpointing}",
+            backend=backend,
             lora=LORA,
             training={"max_steps": 6, "logging_steps": 1, "eval_every": 3, "save_every": 3, "gradient_checkpointing": checkpointing},
         )
