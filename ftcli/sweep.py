@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ class SweepResult:
     rows: list[dict[str, Any]]  # trials.csv, one dict per trial
     trials_run: int  # by this command; the others were in the study already
     best_config: Path | None = None
-    best: dict[str, Any] | None = field(default=None)  # the best trial's row
+    best: dict[str, Any] | None = None  # the best trial's row
 
 
 def run_sweep(config: Config, trials: int, storage: str | None = None, show_progress: bool = True) -> SweepResult:
@@ -87,7 +87,7 @@ def run_sweep(config: Config, trials: int, storage: str | None = None, show_prog
         best = study.best_trial
         result.best = _row(best, metric)
         result.best_config = folder / "best.yaml"
-        atomic_write_text(result.best_config, best_config_yaml(base, best.params, result.best, len(completed)))
+        atomic_write_text(result.best_config, best_config_yaml(base, best.params, result.best, metric, len(completed)))
     return result
 
 
@@ -223,15 +223,17 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def best_config_yaml(base: dict[str, Any], params: dict[str, Any], best: dict[str, Any], completed: int) -> str:
+def best_config_yaml(
+    base: dict[str, Any], params: dict[str, Any], best: dict[str, Any], metric: str, completed: int
+) -> str:
+    """The swept config with the best trial's values, named <name>-best, under a comment saying where it came from."""
     raw = copy.deepcopy(base) | {"name": f"{base['name']}-best", "sweep": None}
     for key, value in params.items():
         _assign(raw, key, value)
-    metric = next(key for key in best if key not in ("trial", "state"))
     header = (
         f"# The best of {completed} completed trials of the sweep {base['name']}: trial {best['trial']}, "
         f"validation {metric} {format_value(best[metric])} ({best['run_dir']}).\n"
-        f"# Train it with: ftcli train THIS_FILE\n"
+        "# Train it with `ftcli train` on this file.\n"
     )
     return header + dump_config(validate(raw, source="best.yaml"))
 
