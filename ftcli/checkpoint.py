@@ -131,10 +131,12 @@ def save_checkpoint(
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), staging / "scaler.pt")
         atomic_write_json(staging / LOOP_STATE_FILE, state)
-    # Every process has written its RNG file before the checkpoint gets its final name.
+    # Every process has written its RNG file before the checkpoint gets its final name, and
+    # every process finds it under that name when this returns.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         publish(staging, final)
+    accelerator.wait_for_everyone()
 
 
 def load_checkpoint(

@@ -41,7 +41,7 @@ def relaunch(num_processes: int, argv: list[str]) -> NoReturn:
         "--num_machines=1",
         "--mixed_precision=no",  # ftcli sets the precision from the config, which takes precedence
         "--dynamo_backend=no",
-        f"--main_process_port={_free_port()}",
+        f"--main_process_port={free_port()}",
         "-m",
         "ftcli",
         *_without_option(argv, "--num-processes"),
@@ -63,7 +63,7 @@ def _without_option(argv: list[str], option: str) -> list[str]:
     return kept
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port for the processes to meet on, so that two runs on one machine do not collide."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

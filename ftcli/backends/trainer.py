@@ -51,6 +51,11 @@ class TrainerBackend:
         # ftcli draws its own progress bar and logs events itself.
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+        # A sequence classifier's forward takes **kwargs but its loss is a plain batch mean that
+        # ignores num_items_in_batch. Told the truth, Trainer divides that mean by grad_accum and
+        # leaves it alone across processes; otherwise it does neither, and the gradient comes out
+        # grad_accum × processes too large (and so does the logged loss).
+        trainer.model_accepts_loss_kwargs = False
 
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
@@ -147,6 +152,7 @@ class _StagedTrainer(Trainer):
         if self.args.should_save:
             checkpoint.publish(staged, final)
             checkpoint.prune(self.run, self.keep_checkpoints, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()  # and finds the checkpoint under its final name
 
 
 def _batched_metrics(names: list[str], num_labels: int):

@@ -1,0 +1,85 @@
+"""Checkpoints: retention keeps the newest and the best, half-written saves are never resumed from,
+and RNG states survive torch.load(weights_only=True)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import invoke
+
+from ftcli import checkpoint
+from ftcli.errors import FtcliError
+from ftcli.rundir import RunDir
+
+
+def fake_checkpoints(run: RunDir, steps: list[int], backend: str = "loop") -> None:
+    for step in steps:
+        folder = run.checkpoint_dir(step)
+        folder.mkdir(parents=True)
+        (folder / checkpoint.STATE_FILES[backend]).write_text("{}")
+
+
+def test_prune_keeps_the_newest_and_the_best_and_clears_half_written_saves(tmp_path):
+    run = RunDir(tmp_path)
+    fake_checkpoints(run, [2, 4, 6, 8, 10])
+    checkpoint.staging_dir(run.checkpoint_dir(12)).mkdir(parents=True)
+    checkpoint.prune(run, keep=2, best=run.checkpoint_dir(4))
+    assert [p.name for p in run.list_checkpoints()] == ["checkpoint-4", "checkpoint-8", "checkpoint-10"]
+    assert [p.name for p in run.checkpoints.iterdir() if p.name.startswith(".")] == []
+
+
+def test_resume_point_is_the_newest_complete_checkpoint(tmp_path):
+    run = RunDir(tmp_path)
+    fake_checkpoints(run, [2, 4])
+    # A save killed midway stays under its staging name: never a candidate.
+    checkpoint.staging_dir(run.checkpoint_dir(6)).mkdir(parents=True)
+    assert checkpoint.resume_point(run, None, "loop") == run.checkpoint_dir(4)
+    assert checkpoint.resume_point(run, "2", "loop") == run.checkpoint_dir(2)
+    assert checkpoint.resume_point(run, "checkpoint-2", "loop") == run.checkpoint_dir(2)
+    with pytest.raises(FtcliError, match="not a checkpoint of the trainer backend"):
+        checkpoint.resume_point(run, None, "trainer")
+    with pytest.raises(FtcliError, match="checkpoint-2, checkpoint-4"):
+        checkpoint.resume_point(run, "6", "loop")
+
+
+def test_rewind_forgets_checkpoints_and_events_after_the_resume_point(tmp_path):
+    run = RunDir(tmp_path)
+    fake_checkpoints(run, [2, 4, 6])
+    for step in (1, 2, 3, 4, 5):
+        run.log_event({"step": step, "train_loss": 1.0 / step})
+    checkpoint.rewind(run, run.checkpoint_dir(2))
+    assert [p.name for p in run.list_checkpoints()] == ["checkpoint-2"]
+    assert [event["step"] for event in run.read_events()] == [1, 2]
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    def draw() -> tuple:
+        return random.random(), np.random.rand(), torch.rand(3).tolist()
+
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    expected = draw()
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draw() == expected
+
+
+@pytest.mark.parametrize("backend", ["loop", "trainer"])
+def test_training_keeps_the_last_checkpoints_and_the_best(backend, make_experiment, tmp_path):
+    experiment = make_experiment(
+        backend=backend,
+        metrics=["accuracy"],
+        training={"epochs": 3, "eval_every": 4, "save_every": 4, "keep_checkpoints": 2},
+    )
+    assert invoke("train", str(experiment)).exit_code == 0
+    run = RunDir(tmp_path / "runs" / "tiny")
+    events = [e for e in run.read_events() if "eval_accuracy" in e]
+    # The first evaluation with the highest accuracy is the best (a later tie does not replace it).
+    best_step = max(events, key=lambda e: (e["eval_accuracy"], -e["step"]))["step"]
+    kept = {run.checkpoint_step(p) for p in run.list_checkpoints()}
+    assert kept == {44, 48, best_step}
+    assert best_step < 44, "the task peaks early: the best checkpoint is kept besides the newest"
+    best = json.loads(run.metrics_file.read_text())["train"]["best_checkpoint"]
+    assert best == str(run.checkpoint_dir(best_step))

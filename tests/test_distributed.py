@@ -1,0 +1,68 @@
+"""Several processes: 2 CPU processes (gloo) with batch 4 each train as one process with batch 8.
+
+Both see the same examples at every optimizer step (the same permutation, split between the
+processes) and average the same gradients, so with dropout off every logged number agrees up to
+the order of float sums (all-reduce versus one batch). Only the main process writes and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import invoke, run_cli
+
+from ftcli.launch import free_port
+
+
+def launch_two_processes(backend: str, experiment, *overrides: str) -> subprocess.CompletedProcess:
+    if backend == "loop":  # ftcli's own flag, which re-executes itself under accelerate launch
+        return run_cli("train", str(experiment), *overrides, "--num-processes", "2")
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2"),
+        *("--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"),
+        *("-m", "ftcli", "train", str(experiment), *overrides),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def assert_close(expected: dict, actual: dict) -> None:
+    assert expected.keys() == actual.keys()
+    for key, value in expected.items():
+        if isinstance(value, float):
+            assert actual[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        else:
+            assert actual[key] == value, key
+
+
+@pytest.mark.parametrize("backend", ["loop", "trainer"])
+def test_two_processes_train_as_one_with_the_same_global_batch(
+    backend, make_experiment, tiny_model_without_dropout_dir, tmp_path
+):
+    experiment = make_experiment(
+        train_size=64,
+        backend=backend,
+        model=str(tiny_model_without_dropout_dir),
+        training={"epochs": 2, "eval_every": 4, "save_every": 4},
+    )
+    single = invoke("train", str(experiment), "--set", "name=one")
+    assert single.exit_code == 0, single.output
+    launched = launch_two_processes(backend, experiment, "--set", "name=two", "--set", "training.batch_size=4")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("run directory:") == 1, "the second process printed too"
+
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    events_one = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    events_two = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(events_two) == len(events_one)  # each event once: only the main process logs
+    for expected, actual in zip(events_one, events_two):
+        assert_close(expected, actual)
+
+    metrics_one = json.loads((one / "metrics.json").read_text())
+    metrics_two = json.loads((two / "metrics.json").read_text())
+    assert_close(metrics_one["validation"], metrics_two["validation"])
+    for key in ("global_step", "epoch", "train_samples"):
+        assert metrics_two["train"][key] == metrics_one["train"][key], key
+    assert [p.name for p in (two / "checkpoints").iterdir()] == [p.name for p in (one / "checkpoints").iterdir()]
