@@ -74,9 +74,15 @@ def test_killed_run_resumes_exactly(backend, make_experiment, tmp_path):
     assert (runs / "killed" / "metrics.jsonl").read_text().splitlines() == expected_events
 
 
-def test_resume_refuses_a_changed_config(make_experiment, tmp_path):
+def test_resume_refuses_a_changed_config_and_a_finished_run_stays_finished(make_experiment, tmp_path):
     experiment = make_experiment(backend="loop", training={"max_steps": 4, "eval_every": 2, "save_every": 2})
     assert invoke("train", str(experiment)).exit_code == 0
+    events = (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text()
+    again = invoke("train", str(experiment), "--resume")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text() == events  # no step taken, none logged
+    assert json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["train"]["global_step"] == 4
+
     changed = invoke("train", str(experiment), "--resume", "--set", "training.learning_rate=1e-3")
     assert changed.exit_code == 2
     assert "training.learning_rate" in changed.output and "--resume" in changed.output

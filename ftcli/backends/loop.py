@@ -148,9 +148,9 @@ class LoopBackend:
         started = time.perf_counter()
         model.train()
         grad_norm = None
-        finished = stopped_early = False
+        finished, stopped_early = state.optimizer_step >= total_steps, False  # resumed at the end: nothing left
+        batches = plan.epoch_batches(state.epoch)
         while not (finished or stopped_early):
-            batches = plan.epoch_batches(state.epoch)
             for batch in train_loader(train_set, batches[state.batches_done :], accelerator, pad_token_id):
                 step_examples = plan.step_examples(batches, state.batches_done)
                 with accelerator.accumulate(model):
@@ -218,6 +218,7 @@ class LoopBackend:
                         checkpoint.prune(job.run, training.keep_checkpoints, state.best_checkpoint)
                 if finished or stopped_early:
                     break
+            batches = plan.epoch_batches(state.epoch)
         job.progress.stop()
         seconds = time.perf_counter() - started
 
