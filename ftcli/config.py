@@ -111,6 +111,32 @@ class TrainingConfig(_Strict):
         "adamw", description="adamw (PyTorch), or adamw_8bit: bitsandbytes' AdamW with 8-bit state (CUDA only)."
     )
     seed: int = Field(42, ge=0, description="Seed for weights of the new head, shuffling and dropout.")
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length (shuffled mega-batches, sorted inside): far less padding."
+    )
+    pad_to_multiple_of: Literal["auto"] | int | None = Field(
+        "auto", description="Round each batch's length up to a multiple (tensor-core friendly); auto: 8 on a GPU, none on the CPU."
+    )
+    data_on_device: Literal["auto"] | bool = Field(
+        "auto", description="Keep the tokenized training set on the GPU (loop backend); auto: when it takes under 1 GiB."
+    )
+    compile: Literal["none", "cuda_graphs"] = Field(
+        "none",
+        description="loop backend on one GPU: cuda_graphs replays each training step as a CUDA graph, one per "
+        "length bucket (much less launch overhead at small batches).",
+    )
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive_multiple(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value} must be 'auto', null or >= 1")
+        return value
+
+    def resolved_pad_multiple(self, device_type: str) -> int | None:
+        if self.pad_to_multiple_of == "auto":
+            return 8 if device_type == "cuda" else None
+        return self.pad_to_multiple_of
 
     @field_validator("eval_every", "save_every", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ tensor learning rate, so the schedule changes the rate in place and the graph re
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LOSS_IGNORE_INDEX = -100  # rows added to fill a short last batch carry this label: no loss, no gradient
@@ -21,8 +22,8 @@ def length_buckets(max_length: int, smallest: int = 32, step: int = 16) -> list[
 
 
 class GraphedTrainStep:
-    """Call with a padded batch on the device; returns the loss tensor of that step (valid until
-    the next call: accumulate it, don't keep it)."""
+    """Call with a padded batch on the device; returns the step's summed loss and gradient norm
+    as tensors that the next call overwrites: accumulate them, don't keep them."""
 
     def __init__(
         self,
@@ -44,30 +45,41 @@ class GraphedTrainStep:
         self.device = next(model.parameters()).device
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self._inputs: dict[int, dict[str, torch.Tensor]] = {}
-        self._losses: dict[int, torch.Tensor] = {}
+        self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inverse_rows = torch.ones((), device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     # ------------------------------------------------------------ the step itself
-    def _step(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _step(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eager loop's step: summed cross-entropy, scaled to the mean over the real rows."""
         self.optimizer.zero_grad(set_to_none=False)  # gradients must stay the same tensors
+        features = {key: value for key, value in inputs.items() if key != "labels"}
         # The autocast cache would hold casts made during capture: graphs need it off.
         with torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
-            loss = self.model(**inputs).loss
-        loss.backward()
+            logits = self.model(**features).logits
+        loss_sum = F.cross_entropy(logits.float(), inputs["labels"], reduction="sum", ignore_index=LOSS_IGNORE_INDEX)
+        (loss_sum * self._inverse_rows).backward()
         if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm, foreach=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm, foreach=True)
+        else:
+            grad_norm = torch.zeros((), device=self.device)
         self.optimizer.step()
-        return loss.detach()
+        return loss_sum.detach(), grad_norm
 
     # ------------------------------------------------------------ capture
     def capture(self, token_type_ids: bool = True, warmup_steps: int = 3) -> None:
         """Warm up and capture one graph per bucket, longest first so one memory pool serves all.
 
         Warm-up runs real optimizer steps, so they run at learning rate 0 and the optimizer's
-        state (moments, step counts) is reset afterwards: training starts from the same weights.
+        state (moments, step counts) is put back afterwards, in place, since the graphs read
+        those very tensors: training starts (or resumes) from the same weights and state.
         """
         learning_rates = [group["lr"].clone() for group in self.optimizer.param_groups]
+        saved_state = {
+            parameter: {key: value.clone() for key, value in state.items() if torch.is_tensor(value)}
+            for parameter, state in self.optimizer.state.items()
+        }
         for group in self.optimizer.param_groups:
             group["lr"].fill_(0.0)
         pool = None
@@ -81,12 +93,12 @@ class GraphedTrainStep:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._losses[length] = self._step(inputs)
+                self._outputs[length] = self._step(inputs)
             pool = graph.pool()
             self._graphs[length] = graph
             self._inputs[length] = inputs
         torch.cuda.synchronize()
-        self._reset_optimizer_state()
+        self._restore_optimizer_state(saved_state)
         for group, rate in zip(self.optimizer.param_groups, learning_rates):
             group["lr"].copy_(rate)
 
@@ -101,11 +113,16 @@ class GraphedTrainStep:
             inputs["token_type_ids"] = torch.zeros(shape, dtype=torch.long, device=self.device)
         return inputs
 
-    def _reset_optimizer_state(self) -> None:
-        for state in self.optimizer.state.values():
-            for value in state.values():
+    def _restore_optimizer_state(self, saved: dict) -> None:
+        """State that existed before warm-up (a resumed run's) is copied back; state that warm-up
+        created (a fresh run's) is zeroed, as a fresh optimizer's would be."""
+        for parameter, state in self.optimizer.state.items():
+            for key, value in state.items():
                 if torch.is_tensor(value):
-                    value.zero_()
+                    if parameter in saved and key in saved[parameter]:
+                        value.copy_(saved[parameter][key])
+                    else:
+                        value.zero_()
 
     # ------------------------------------------------------------ replay
     def bucket_for(self, length: int) -> int:
@@ -114,7 +131,8 @@ class GraphedTrainStep:
                 return bucket
         raise ValueError(f"sequence length {length} exceeds the largest bucket {self.buckets[-1]}")
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one step on a batch of at most batch_size rows; returns (summed loss, grad norm)."""
         rows, length = batch["input_ids"].shape
         bucket = self.bucket_for(length)
         static = self._inputs[bucket]
@@ -132,5 +150,6 @@ class GraphedTrainStep:
         if rows < self.batch_size:
             # A fully masked row makes attention softmax over nothing (NaN); let padding rows see one token.
             static["attention_mask"][rows:, 0] = 1
+        self._inverse_rows.fill_(1.0 / rows)
         self._graphs[bucket].replay()
-        return self._losses[bucket]
+        return self._outputs[bucket]

@@ -110,7 +110,10 @@ def _line(axes: Axes, points: list[tuple[int, float]], label: str, **style: Any)
     steps = [step for step, _ in points]
     # NaN and inf leave a gap rather than breaking the axis limits; _mark_non_finite shows where.
     values = [value if math.isfinite(value) else math.nan for _, value in points]
-    marker = style.pop("marker", None) if len(points) > 1 else "o"
+    # A single point draws no line: give it a marker so it shows.
+    marker = style.pop("marker", None)
+    if len(points) == 1:
+        marker = "o"
     axes.plot(steps, values, label=label, marker=marker, markersize=4, linewidth=1.5, **style)
 
 

@@ -26,15 +26,23 @@ def check_optimizer(name: str, device: torch.device) -> None:
 
 
 def create_optimizer(
-    parameter_groups: list[dict], training: TrainingConfig, device: torch.device
+    parameter_groups: list[dict], training: TrainingConfig, device: torch.device, capturable: bool = False
 ) -> torch.optim.Optimizer:
-    """The optimizer that training.optimizer names, over the given parameter groups (weight decay is set per group)."""
+    """The optimizer that training.optimizer names, over the given parameter groups (weight decay is set per group).
+
+    capturable: for a step captured as a CUDA graph, the learning rate is a tensor on the device,
+    which the schedule updates in place and the graph reads at each replay.
+    """
     check_optimizer(training.optimizer, device)
     if training.optimizer == "adamw_8bit":
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit(parameter_groups, lr=training.learning_rate)
-    return torch.optim.AdamW(parameter_groups, lr=training.learning_rate)
+    if capturable:
+        learning_rate = torch.tensor(training.learning_rate, device=device)
+        return torch.optim.AdamW(parameter_groups, lr=learning_rate, fused=True, capturable=True)
+    # The fused kernel updates every tensor in one launch instead of one per tensor.
+    return torch.optim.AdamW(parameter_groups, lr=training.learning_rate, fused=device.type == "cuda")
 
 
 def trainer_optimizer(name: str, device: torch.device) -> str:

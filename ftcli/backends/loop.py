@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.data_loader import DataLoaderShard
 from datasets import Dataset
 from torch.utils.data import DataLoader
@@ -30,11 +30,15 @@ from transformers import get_scheduler
 
 from ftcli import checkpoint
 from ftcli.backends import TrainJob, TrainOutcome
-from ftcli.data import collate, length_sorted_batches
+from ftcli.config import TrainingConfig
+from ftcli.cuda_graphs import GraphedTrainStep, length_buckets
+from ftcli.data import DeviceTensors, collate, length_grouped_order, length_sorted_batches
 from ftcli.errors import FtcliError
 from ftcli.inference import autocast_dtype, pick_device
 from ftcli.metrics import MetricSuite
 from ftcli.optim import create_optimizer
+
+DEVICE_DATA_LIMIT_BYTES = 1 << 30  # MRPC padded is ~10 MB; a split this large leaves the GPU to the model
 
 # ftcli's precision setting, resolved for the device (ftcli.inference), in Accelerate's words.
 MIXED_PRECISION = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -67,9 +71,12 @@ class BatchPlan:
     grad_accum: int
     seed: int
     num_processes: int
+    lengths: np.ndarray | None = field(default=None, compare=False)  # set: group batches by length
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        if self.lengths is not None:
+            order = length_grouped_order(self.lengths, order, self.global_batch_size)
         size = self.global_batch_size
         batches = [order[start : start + size] for start in range(0, self.num_examples, size)]
         # Every process needs an example of each micro-batch: a tail too small to share joins the batch before.
@@ -91,9 +98,12 @@ class LoopBackend:
     def train(self, job: TrainJob) -> TrainOutcome:
         config, training = job.config, job.config.training
         device = pick_device()
+        dtype = autocast_dtype(training.precision, device)
+        graphs = use_cuda_graphs(training, device)
         accelerator = Accelerator(
             cpu=device.type == "cpu",
-            mixed_precision=MIXED_PRECISION[autocast_dtype(training.precision, device)],
+            # A CUDA graph step does its own autocast: Accelerate's would cache casts across the capture.
+            mixed_precision="no" if graphs else MIXED_PRECISION[dtype],
             gradient_accumulation_steps=training.grad_accum,
         )
         train_set = job.prepared.splits["train"]
@@ -109,12 +119,15 @@ class LoopBackend:
             training.grad_accum,
             training.seed,
             accelerator.num_processes,
+            lengths=np.asarray(train_set["length"]) if training.group_by_length else None,
         )
         total_steps = training.max_steps or math.ceil(training.epochs * plan.steps_per_epoch)
 
         # Optimizer and schedule. The scheduler is stepped by hand, once per optimizer step:
         # prepared by Accelerate, it would advance once per process.
-        optimizer = create_optimizer(parameter_groups(job.model, training.weight_decay), training, device)
+        optimizer = create_optimizer(
+            parameter_groups(job.model, training.weight_decay), training, device, capturable=graphs
+        )
         scheduler = get_scheduler(
             training.scheduler,
             optimizer,
@@ -137,6 +150,21 @@ class LoopBackend:
                     f"{job.resume_from} was written by {state.num_processes} processes, this run has {accelerator.num_processes}",
                     "resume with the number of processes the run was started with",
                 )
+        # Fast paths: the training set padded once on the GPU, and each step replayed as a CUDA graph.
+        pad_multiple = training.resolved_pad_multiple(device.type)
+        on_device = None
+        if keep_on_device(training, train_set, device):
+            on_device = DeviceTensors(train_set, pad_token_id, accelerator.device, pad_multiple)
+        graphed = None
+        if graphs:
+            longest = int(max(train_set["length"]))
+            graphed = GraphedTrainStep(
+                accelerator.unwrap_model(model), optimizer.optimizer, training.batch_size,
+                length_buckets(-(-longest // 16) * 16), training.max_grad_norm, dtype, pad_token_id,
+            )
+            model.train()
+            graphed.capture(token_type_ids="token_type_ids" in train_set.column_names)
+
         # The logging window in progress at the checkpoint, summed over processes, continues on the main one.
         window = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, examples
         if accelerator.is_main_process:
@@ -151,21 +179,29 @@ class LoopBackend:
         finished, stopped_early = state.optimizer_step >= total_steps, False  # resumed at the end: nothing left
         batches = plan.epoch_batches(state.epoch)
         while not (finished or stopped_early):
-            for batch in train_loader(train_set, batches[state.batches_done :], accelerator, pad_token_id):
+            loader = train_loader(
+                on_device or train_set, batches[state.batches_done :], accelerator, pad_token_id, pad_multiple
+            )
+            for batch in loader:
                 step_examples = plan.step_examples(batches, state.batches_done)
-                with accelerator.accumulate(model):
-                    labels = batch.pop("labels")
-                    loss_sum = F.cross_entropy(model(**batch).logits.float(), labels, reduction="sum")
-                    # accelerator.backward divides by grad_accum and DDP averages over processes: undo
-                    # both, so the step's gradient is the mean over exactly the examples of the step.
-                    accelerator.backward(loss_sum * (training.grad_accum * accelerator.num_processes / step_examples))
-                    if accelerator.sync_gradients:
-                        if training.max_grad_norm:
-                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
-                        optimizer.step()
-                        if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
-                            scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                if graphed is not None:  # the same step as below, replayed as one graph
+                    loss_sum, grad_norm = graphed(batch)
+                    scheduler.step()
+                    labels = batch["labels"]
+                else:
+                    with accelerator.accumulate(model):
+                        labels = batch.pop("labels")
+                        loss_sum = F.cross_entropy(model(**batch).logits.float(), labels, reduction="sum")
+                        # accelerator.backward divides by grad_accum and DDP averages over processes: undo
+                        # both, so the step's gradient is the mean over exactly the examples of the step.
+                        accelerator.backward(loss_sum * (training.grad_accum * accelerator.num_processes / step_examples))
+                        if accelerator.sync_gradients:
+                            if training.max_grad_norm:
+                                grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+                            optimizer.step()
+                            if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
+                                scheduler.step()
+                            optimizer.zero_grad(set_to_none=True)
                 window[0] += loss_sum.detach()
                 window[1] += len(labels)
                 state.batches_done += 1
@@ -186,7 +222,7 @@ class LoopBackend:
                 if state.optimizer_step % training.logging_steps == 0:
                     loss, examples = accelerator.reduce(window.clone()).tolist()
                     event = {"step": state.optimizer_step, "epoch": epoch, "train_loss": loss / examples}
-                    event["learning_rate"] = scheduler.get_last_lr()[0]
+                    event["learning_rate"] = float(scheduler.get_last_lr()[0])
                     if grad_norm is not None:
                         event["grad_norm"] = float(grad_norm)
                     job.log(event)
@@ -195,7 +231,7 @@ class LoopBackend:
                 # Evaluate on schedule and at the end, so that every checkpoint has a score.
                 score = None
                 if eval_loader is not None and (due(training.eval_every, state.optimizer_step, epoch_ended) or finished):
-                    metrics = evaluate(model, eval_loader, accelerator, suite)
+                    metrics = evaluate(model, eval_loader, accelerator, suite, dtype if graphs else None)
                     job.log({"step": state.optimizer_step, "epoch": epoch} | {f"eval_{k}": v for k, v in metrics.items()})
                     score = metrics[suite.primary]
                     if improves(score, state.best_score, greater_is_better):
@@ -247,7 +283,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train_loader(
-    dataset: Dataset, batches: list[np.ndarray], accelerator: Accelerator, pad_token_id: int
+    dataset: Dataset | DeviceTensors,
+    batches: list[np.ndarray],
+    accelerator: Accelerator,
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
 ) -> DataLoaderShard:
     """This process's share of each global micro-batch, padded and moved to the device.
 
@@ -256,13 +296,50 @@ def train_loader(
     here because the batches are already this process's; prepare would shard them a second time.
     """
     shares = [np.array_split(batch, accelerator.num_processes)[accelerator.process_index].tolist() for batch in batches]
+    if isinstance(dataset, DeviceTensors):
+        # A batch is one gather on the device: the loader only hands the indices over.
+        source, collate_fn = _Gather(dataset), _first
+    else:
+        source, collate_fn = dataset, partial(collate, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
     return DataLoaderShard(
-        dataset,
+        source,
         device=accelerator.device,
         batch_sampler=shares,
-        collate_fn=partial(collate, pad_token_id=pad_token_id),
+        collate_fn=collate_fn,
         generator=private_generator(),
     )
+
+
+class _Gather:
+    """DataLoader dataset whose batched read is a DeviceTensors gather."""
+
+    def __init__(self, tensors: DeviceTensors) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors.lengths)
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        return [self.tensors.batch(np.asarray(indices))]
+
+
+def _first(items: list):
+    return items[0]
+
+
+def use_cuda_graphs(training: TrainingConfig, device: torch.device) -> bool:
+    """training.compile=cuda_graphs where it can work: one CUDA process, no accumulation, PyTorch's
+    AdamW. Elsewhere the same config trains eagerly, so it runs unchanged on a laptop."""
+    if training.compile != "cuda_graphs":
+        return False
+    single = PartialState().num_processes == 1
+    return device.type == "cuda" and single and training.grad_accum == 1 and training.optimizer == "adamw"
+
+
+def keep_on_device(training: TrainingConfig, train_set: Dataset, device: torch.device) -> bool:
+    if training.data_on_device == "auto":
+        return device.type == "cuda" and DeviceTensors.nbytes_for(train_set) < DEVICE_DATA_LIMIT_BYTES
+    return bool(training.data_on_device)
 
 
 def evaluation_loader(dataset: Dataset, batch_size: int, pad_token_id: int) -> DataLoader:
@@ -284,16 +361,23 @@ def private_generator() -> torch.Generator:
 
 
 def evaluate(
-    model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, suite: MetricSuite
+    model: torch.nn.Module,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    suite: MetricSuite,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Mean loss and every metric over the validation split, fed batch by batch (no logits kept)."""
+    """Mean loss and every metric over the validation split, fed batch by batch (no logits kept).
+
+    autocast: a precision to apply here, when Accelerate does not (the CUDA-graph path)."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     examples = 0
     with torch.no_grad():
         for batch in loader:
             labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
+            with torch.autocast(accelerator.device.type, dtype=autocast, enabled=autocast is not None):
+                logits = model(**batch).logits.float()
             losses = F.cross_entropy(logits, labels, reduction="none")
             # With several processes the last batch is topped up with repeated examples so that
             # every process has one; gather_for_metrics drops them, so each example counts once.

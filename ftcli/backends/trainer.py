@@ -41,7 +41,9 @@ class TrainerBackend:
             keep_checkpoints=config.training.keep_checkpoints,
             model=job.model,
             args=args,
-            data_collator=DataCollatorWithPadding(job.tokenizer),
+            data_collator=DataCollatorWithPadding(
+                job.tokenizer, pad_to_multiple_of=config.training.resolved_pad_multiple(pick_device().type)
+            ),
             train_dataset=job.prepared.splits["train"],
             eval_dataset=validation,
             processing_class=job.tokenizer,
@@ -70,7 +72,22 @@ class TrainerBackend:
             best_checkpoint=state.best_model_checkpoint,
             best_score=state.best_metric,
             stopped_early=state.global_step < state.max_steps,
+            extra={"real_tokens": int(trainer.real_tokens), "padded_tokens": trainer.padded_tokens},
         )
+
+
+class _TokenCountingTrainer(Trainer):
+    """Trainer that counts real and padded training tokens, for throughput and padding efficiency."""
+
+    real_tokens: torch.Tensor | int = 0
+    padded_tokens = 0
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training:
+            mask = inputs["attention_mask"]
+            self.real_tokens = mask.sum() + self.real_tokens  # stays on the device: no sync per step
+            self.padded_tokens += mask.numel()
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 def training_arguments(config: Config, output_dir: str, has_validation: bool) -> TrainingArguments:
@@ -109,6 +126,8 @@ def training_arguments(config: Config, output_dir: str, has_validation: bool) ->
         report_to="none",
         restore_callback_states_from_checkpoint=True,  # early stopping's patience continues on resume
         disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if training.group_by_length else "random",
+        length_column_name="length",
         dataloader_num_workers=0,
     )
 
@@ -119,7 +138,7 @@ def _schedule(kind: str, every: str | int) -> dict:
     return {f"{kind}_strategy": "steps", f"{kind}_steps": every}
 
 
-class _StagedTrainer(Trainer):
+class _StagedTrainer(_TokenCountingTrainer):
     """Trainer whose checkpoints appear whole or not at all, and are pruned as the loop backend's.
 
     Trainer writes checkpoint-<step> in place; here it writes it under the staging folder of
