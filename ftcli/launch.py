@@ -24,7 +24,9 @@ def is_main_process() -> bool:
 def relaunch(num_processes: int, argv: list[str]) -> NoReturn:
     """Replace this process by `accelerate launch` running the same ftcli command on N processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise FtcliError("--num-processes inside a launched run", "leave --num-processes out: the launcher started the processes")
+        raise FtcliError(
+            "--num-processes inside a launched run", "leave --num-processes out: the launcher started the processes"
+        )
     if torch.cuda.is_available() and num_processes > torch.cuda.device_count():
         raise FtcliError(
             f"--num-processes {num_processes} but this machine has {torch.cuda.device_count()} GPUs",

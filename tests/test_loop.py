@@ -58,7 +58,9 @@ def test_loop_backend_writes_the_trainer_backends_run_directory_and_learns(make_
 
 
 @pytest.mark.parametrize("train_size", [64, 40])  # 40: the epoch ends with a shorter step
-def test_accumulating_two_batches_of_8_updates_as_one_batch_of_16(train_size, make_experiment, tiny_model_without_dropout_dir, tmp_path):
+def test_accumulating_two_batches_of_8_updates_as_one_batch_of_16(
+    train_size, make_experiment, tiny_model_without_dropout_dir, tmp_path
+):
     def final_weights(name: str, batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:
         experiment = make_experiment(
             train_size=train_size,
@@ -86,7 +88,8 @@ def test_batch_plan_visits_every_example_once_per_epoch_in_a_seeded_order():
     batches = plan.epoch_batches(0)
     assert sorted(np.concatenate(batches).tolist()) == list(range(37))
     assert [len(batch) for batch in batches] == [8, 8, 8, 8, 5]
-    assert all(np.array_equal(a, b) for a, b in zip(batches, plan.epoch_batches(0)))  # resumable: a function of (seed, epoch)
+    # Resumable: the plan is a function of (seed, epoch) alone.
+    assert all(np.array_equal(a, b) for a, b in zip(batches, plan.epoch_batches(0)))
     assert not np.array_equal(np.concatenate(batches), np.concatenate(plan.epoch_batches(1)))
     assert plan.steps_per_epoch == 3
     assert [plan.step_examples(batches, index) for index in range(5)] == [16, 16, 16, 16, 5]
@@ -94,3 +97,34 @@ def test_batch_plan_visits_every_example_once_per_epoch_in_a_seeded_order():
     # Two processes need an example each: a tail of one joins the batch before it.
     shared = BatchPlan(num_examples=33, global_batch_size=8, grad_accum=1, seed=3, num_processes=2)
     assert [len(batch) for batch in shared.epoch_batches(0)] == [8, 8, 8, 9]
+
+
+def test_warmup_then_the_configured_schedule(make_experiment, tmp_path):
+    experiment = make_experiment(
+        backend="loop",
+        training={"max_steps": 8, "warmup_ratio": 0.25, "scheduler": "cosine", "logging_steps": 1}
+        | {"eval_every": 8, "save_every": 8},
+    )
+    assert invoke("train", str(experiment)).exit_code == 0
+    events = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    rates = [e["learning_rate"] for e in events if "learning_rate" in e]  # each logged after its step
+    assert rates[:2] == pytest.approx([2.5e-3, 5e-3])  # 2 warm-up steps up to the peak
+    assert all(later < earlier for earlier, later in zip(rates[1:], rates[2:])) and rates[-1] == 0.0
+
+
+def test_early_stopping_ends_at_the_first_evaluation_without_improvement(make_experiment, tmp_path):
+    experiment = make_experiment(
+        backend="loop",
+        metrics=["accuracy"],
+        training={"epochs": 3, "eval_every": 4, "save_every": 4, "early_stopping_patience": 1},
+    )
+    assert invoke("train", str(experiment)).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scores = [(e["step"], e["eval_accuracy"]) for e in events if "eval_accuracy" in e]
+    stop_step = scores[-1][0]
+    assert scores[-1][1] <= max(score for _, score in scores[:-1])  # the last evaluation did not improve
+    assert all(later > earlier for (_, earlier), (_, later) in zip(scores[:-2], scores[1:-1]))  # every earlier one did
+    train = json.loads((run / "metrics.json").read_text())["train"]
+    assert train["stopped_early"] and train["global_step"] == stop_step < 48
+    assert (run / "checkpoints" / f"checkpoint-{stop_step}").is_dir()
