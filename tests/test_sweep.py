@@ -57,11 +57,12 @@ def test_sweep_runs_trials_as_runs_writes_summary_and_best_config_and_resumes(ma
     assert "0 run now" in invoke("sweep", str(experiment), "--trials", "3").output  # the study is complete
 
 
-def test_pruned_trials_end_as_complete_early_stopped_runs_and_the_study_goes_on(make_experiment, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["trainer", "loop"])
+def test_pruned_trials_end_as_complete_early_stopped_runs_and_the_study_goes_on(make_experiment, tmp_path, monkeypatch, backend):
     # A pruner that prunes every trial from its second evaluation on (step 4 of 6): accuracy is never above 1.1.
     pruner = optuna.pruners.ThresholdPruner(lower=1.1, n_warmup_steps=3)
     monkeypatch.setattr(optuna.pruners, "MedianPruner", lambda **_: pruner)
-    experiment = make_experiment(training=QUICK | {"max_steps": 6}, sweep={"training.batch_size": [8, 16]})
+    experiment = make_experiment(backend=backend, training=QUICK | {"max_steps": 6}, sweep={"training.batch_size": [8, 16]})
     result = invoke("sweep", str(experiment), "--trials", "2")
     assert result.exit_code == 0, result.output
     sweep_dir = tmp_path / "runs" / "tiny-sweep"
