@@ -1,7 +1,9 @@
 """Several processes: `ftcli train --num-processes N` re-executes itself under `accelerate launch`.
 
-`accelerate launch -m ftcli train CONFIG` works as well; both backends then train data-parallel,
-the main process writing the run directory and the others staying quiet.
+`accelerate launch --multi_gpu --num_processes N -m ftcli train CONFIG` works as well; both
+backends then train data-parallel, the main process writing the run directory and the others
+staying quiet. Without GPUs too: `--multi_gpu` picks the launcher that starts one process per
+rank (gloo on the CPU), while `--cpu --num_processes N` starts a single process.
 """
 
 from __future__ import annotations
