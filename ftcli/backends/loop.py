@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.data_loader import DataLoaderShard
 from datasets import Dataset
 from torch.utils.data import DataLoader
@@ -100,6 +101,9 @@ class LoopBackend:
         device = pick_device()
         dtype = autocast_dtype(training.precision, device)
         graphs = use_cuda_graphs(training, device)
+        # One process may train several times (sweeps, benchmarks), each run with its own precision;
+        # the distributed state (PartialState) is kept.
+        AcceleratorState._reset_state()
         accelerator = Accelerator(
             cpu=device.type == "cpu",
             # A CUDA graph step does its own autocast: Accelerate's would cache casts across the capture.

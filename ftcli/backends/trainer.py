@@ -68,7 +68,8 @@ class TrainerBackend:
             global_step=state.global_step,
             epoch=float(state.epoch or 0.0),
             train_seconds=seconds,
-            train_samples=state.global_step * config.training.batch_size * config.training.grad_accum * args.world_size,
+            # train_batch_size is per device times the GPUs nn.DataParallel uses when not launched distributed.
+            train_samples=state.global_step * args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
             best_checkpoint=state.best_model_checkpoint,
             best_score=state.best_metric,
             stopped_early=state.global_step < state.max_steps,
