@@ -6,24 +6,30 @@
       checkpoints/checkpoint-<step>/            model/         final (best) model + tokenizer
       adapter/         LoRA adapters + head (LoRA runs; model/ holds them merged)
       export/          model.onnx + tokenizer, written by `ftcli export`
+      .lock            "pid hostname" of the `ftcli train` writing the run, while it does
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import re
 import shutil
 import subprocess
 import sys
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ftcli.errors import FtcliError
 
 SECRET_PATTERN = re.compile(r"(token|secret|password|passwd|api[_-]?key)", re.IGNORECASE)
+
+log = logging.getLogger("ftcli")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -66,6 +72,10 @@ class RunDir:
     @property
     def metrics_file(self) -> Path:
         return self.path / "metrics.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
 
     @property
     def checkpoints(self) -> Path:
@@ -116,6 +126,7 @@ class RunDir:
         if run.path.exists() and not run.path.is_dir():
             raise FtcliError(f"run directory {run.path} is a file", "remove it or change name/output_dir")
         if run.path.exists() and any(run.path.iterdir()):
+            run._refuse_if_locked()  # before --overwrite deletes the files of a run in progress
             if not overwrite:
                 raise FtcliError(
                     f"run directory {run.path} already exists",
@@ -140,6 +151,37 @@ class RunDir:
         if not run.config_file.is_file():
             raise FtcliError(f"{run.path} is not an ftcli run directory (no config.yaml)", "give a run directory")
         return run
+
+    # ------------------------------------------------------------ one writer at a time
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory while training into it: a second `ftcli train` is refused, not
+        interleaved. A lock left by a process that died on this host (kill -9) is taken over."""
+        self._refuse_if_locked()
+        if self.lock_file.exists():
+            log.warning("taking over the lock of %s left by a process that no longer runs", self.path)
+        mine = f"{os.getpid()} {socket.gethostname()}"
+        atomic_write_text(self.lock_file, mine + "\n")
+        try:
+            yield
+        finally:
+            # A process that took over a lock it judged stale (it is not) must not delete its lock.
+            if self.lock_file.is_file() and self.lock_file.read_text().strip() == mine:
+                self.lock_file.unlink()
+
+    def _refuse_if_locked(self) -> None:
+        try:
+            pid_text, host = self.lock_file.read_text().split()
+        except (OSError, ValueError):
+            return  # no lock, or not one ftcli wrote: nothing holds the run
+        pid = int(pid_text)
+        if host == socket.gethostname() and not _process_alive(pid):
+            return
+        where = "" if host == socket.gethostname() else f" on {host}"
+        raise FtcliError(
+            f"run directory {self.path} is in use by process {pid}{where}",
+            f"wait for it or stop it, or train under another name; delete {self.lock_file} if no such process runs",
+        )
 
     # ------------------------------------------------------------ contents
     def write_env(self, device: str) -> None:
@@ -187,6 +229,16 @@ class RunDir:
             )
             raise FtcliError(f"no model in {path}", hint)
         return path
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 def environment(device: str) -> dict[str, Any]:

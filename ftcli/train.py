@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -86,64 +87,69 @@ def train(
     MetricSuite(config.metrics, num_labels=len(prepared.label_names))
     set_seed(config.training.seed)
     model = setup_model(config, source, prepared.label_names)
-    if resume or resume_from is not None:
-        if overwrite:
-            raise FtcliError("--resume continues a run, --overwrite replaces it", "pass one of them")
-        run, resume_point = reopen(config, resume_from, is_main)
+    resuming = resume or resume_from is not None
+    if resuming and overwrite:
+        raise FtcliError("--resume continues a run, --overwrite replaces it", "pass one of them")
+    if resuming:
+        run = RunDir.open(config.run_dir)
     else:
-        run, resume_point = RunDir(config.run_dir), None
+        run = RunDir.create(config.run_dir, overwrite=overwrite) if is_main else RunDir(config.run_dir)
+    # The main process holds the run directory from here until the run is saved and scored.
+    with run.lock() if is_main else nullcontext():
+        if resuming:
+            resume_point = reopen(config, run, resume_from, is_main)
+        else:
+            resume_point = None
+            if is_main:
+                atomic_write_text(run.config_file, dump_config(config))
+                run.write_env(str(device))
+        processes.wait_for_everyone()
+
+        # Train, mirroring each event into the trackers report_to names.
         if is_main:
-            run = RunDir.create(config.run_dir, overwrite=overwrite)
-            atomic_write_text(run.config_file, dump_config(config))
-            run.write_env(str(device))
-    processes.wait_for_everyone()
-
-    # Train, mirroring each event into the trackers report_to names.
-    if is_main:
-        tracker.start(run, config)
-    progress = TrainingProgress(enabled=show_progress and is_main)
-    job = TrainJob(
-        config, prepared, model, tokenizer, run, progress, resume_point, is_main, tracker=tracker, on_evaluate=on_evaluate
-    )
-    try:
-        outcome = get_backend(config.backend).train(job)
-    finally:
-        tracker.close()  # flushes what was logged, even when training fails
-    if resume_point is not None:
-        outcome.extra["resumed_from"] = str(resume_point)
-    if not is_main:
-        return TrainResult(run, outcome, {}, prepared)
-
-    # Save the kept (best) weights, then score them on every labeled split but train. A LoRA run
-    # saves its adapters, then the model with the adapters merged in.
-    if config.lora:
-        save_model(job.model, tokenizer, run.adapter_dir)
-        job.model = merge_lora(job.model)
-    save_model(job.model, tokenizer, run.model_dir)
-    metrics: dict[str, dict[str, float]] = {}
-    if "validation" in prepared.splits:
-        metrics["validation"] = evaluate_dataset(
-            job.model.to(device),
-            prepared.splits["validation"],
-            config.metrics,
-            config.training.eval_batch_size,
-            tokenizer.pad_token_id,
-            device,
-            config.training.precision,
+            tracker.start(run, config)
+        progress = TrainingProgress(enabled=show_progress and is_main)
+        job = TrainJob(
+            config, prepared, model, tokenizer, run, progress, resume_point, is_main, tracker=tracker, on_evaluate=on_evaluate
         )
-        run.update_metrics("validation", metrics["validation"])
-    run.update_metrics("train", _train_stats(outcome))
+        try:
+            outcome = get_backend(config.backend).train(job)
+        finally:
+            tracker.close()  # flushes what was logged, even when training fails
+        if resume_point is not None:
+            outcome.extra["resumed_from"] = str(resume_point)
+        if not is_main:
+            return TrainResult(run, outcome, {}, prepared)
 
-    # Read the curves: curves.png and diagnosis.json, accuracy judged against the majority class.
-    run.update_metrics("data", majority_baseline(prepared.summary))
-    diagnosis = analyze_run(run).diagnosis
-    pushed_to = push.push_run(run, config.push_to_hub) if config.push_to_hub else None
-    return TrainResult(run, outcome, metrics, prepared, diagnosis, pushed_to)
+        # Save the kept (best) weights, then score them on every labeled split but train. A LoRA run
+        # saves its adapters, then the model with the adapters merged in.
+        if config.lora:
+            save_model(job.model, tokenizer, run.adapter_dir)
+            job.model = merge_lora(job.model)
+        save_model(job.model, tokenizer, run.model_dir)
+        metrics: dict[str, dict[str, float]] = {}
+        if "validation" in prepared.splits:
+            metrics["validation"] = evaluate_dataset(
+                job.model.to(device),
+                prepared.splits["validation"],
+                config.metrics,
+                config.training.eval_batch_size,
+                tokenizer.pad_token_id,
+                device,
+                config.training.precision,
+            )
+            run.update_metrics("validation", metrics["validation"])
+        run.update_metrics("train", _train_stats(outcome))
+
+        # Read the curves: curves.png and diagnosis.json, accuracy judged against the majority class.
+        run.update_metrics("data", majority_baseline(prepared.summary))
+        diagnosis = analyze_run(run).diagnosis
+        pushed_to = push.push_run(run, config.push_to_hub) if config.push_to_hub else None
+        return TrainResult(run, outcome, metrics, prepared, diagnosis, pushed_to)
 
 
-def reopen(config: Config, resume_from: str | Path | None, is_main: bool) -> tuple[RunDir, Path]:
-    """The run to continue and the checkpoint to continue from; the run keeps the config it started with."""
-    run = RunDir.open(config.run_dir)
+def reopen(config: Config, run: RunDir, resume_from: str | Path | None, is_main: bool) -> Path:
+    """The checkpoint to continue `run` from; the run keeps the config it started with."""
     # Both through the schema, so that keys added to ftcli since the run started count as their defaults.
     changed = _changed_keys(load_config(run.config_file).model_dump(mode="json"), config.model_dump(mode="json"))
     if changed:
@@ -154,7 +160,7 @@ def reopen(config: Config, resume_from: str | Path | None, is_main: bool) -> tup
     resume_point = checkpoint.resume_point(run, resume_from, config.backend)
     if is_main:
         checkpoint.rewind(run, resume_point)
-    return run, resume_point
+    return resume_point
 
 
 def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
