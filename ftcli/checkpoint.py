@@ -7,21 +7,27 @@ A checkpoint of the loop backend:
       optimizer.pt, scheduler.pt [, scaler.pt]          AdamW moments, learning-rate schedule, fp16 scale
       rng_state_<process>.pt                            python, numpy, torch and CUDA generators
       training_state.json                               step, epoch, position in it, best score, ...
+      manifest.json                                     sha256 and size of every other file
 
 Both backends write a checkpoint into checkpoints/.partial/checkpoint-<step>/ and rename it into
 place when it is complete, so a kill while saving leaves the previous checkpoints as they were and
-never a half checkpoint that --resume would pick. Everything is read back with
-torch.load(weights_only=True): loading a checkpoint cannot run code.
+never a half checkpoint that --resume would pick. The manifest, written last, lets --resume tell a
+checkpoint damaged since (a bad disk, a copy cut short) and fall back to an older one. Everything is
+read back with torch.load(weights_only=True): loading a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -36,6 +42,9 @@ from ftcli.rundir import RunDir, atomic_write_json
 LOOP_STATE_FILE = "training_state.json"
 TRAINER_STATE_FILE = "trainer_state.json"  # what HF Trainer writes into its checkpoints
 STATE_FILES = {"loop": LOOP_STATE_FILE, "trainer": TRAINER_STATE_FILE}
+MANIFEST_FILE = "manifest.json"
+
+log = logging.getLogger("ftcli")
 
 
 # ---------------------------------------------------------------- writing whole or not at all
@@ -47,12 +56,64 @@ def staging_dir(final: Path) -> Path:
 
 
 def publish(staging: Path, final: Path) -> None:
-    """Make a completely written checkpoint visible under its final name, in one rename."""
+    """Record every file's hash, then make the completely written checkpoint visible under its
+    final name, in one rename."""
+    atomic_write_json(staging / MANIFEST_FILE, _file_digests(staging))
     for path in staging.rglob("*"):
         if path.is_file():
             with path.open("rb") as file:
                 os.fsync(file.fileno())  # the data reaches the disk before the name does
     os.replace(staging, final)
+
+
+@contextmanager
+def disk_full_is_a_user_error(run: RunDir, final: Path) -> Iterator[None]:
+    """A full disk (or quota) while saving `final`: drop its staging folder and say which checkpoint
+    to resume from, rather than end in a traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a failed write as a RuntimeError that quotes the OS's message.
+        disk_full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+            os.strerror(code) in str(error) for code in (errno.ENOSPC, errno.EDQUOT)
+        )
+        if not disk_full:
+            raise
+        shutil.rmtree(staging_dir(final), ignore_errors=True)
+        intact = [path.name for path in run.list_checkpoints() if path != final]
+        raise FtcliError(
+            f"no space left on device while saving {final.name}; "
+            + (f"{intact[-1]} is intact" if intact else "no checkpoint was saved before it"),
+            f"free space, then ftcli train {run.path} --resume" if intact else "free space and train again",
+        ) from None
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a published checkpoint, or None when its files are those its manifest lists.
+    Checkpoints written before manifests existed cannot be checked and count as intact."""
+    manifest_file = checkpoint / MANIFEST_FILE
+    if not manifest_file.is_file():
+        return None
+    expected = json.loads(manifest_file.read_text())
+    found = _file_digests(checkpoint)
+    for name, entry in expected.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != entry:
+            return f"{name} differs from when it was saved"
+    return None
+
+
+def _file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    digests = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST_FILE:
+            sha256 = hashlib.sha256()
+            with path.open("rb") as file:
+                while chunk := file.read(1 << 20):
+                    sha256.update(chunk)
+            digests[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": sha256.hexdigest()}
+    return digests
 
 
 def prune(run: RunDir, keep: int, best: str | Path | None) -> None:
@@ -107,6 +168,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
+    run: RunDir,
     final: Path,
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -117,6 +179,19 @@ def save_checkpoint(
 ) -> None:
     """Write a resumable checkpoint. Every process calls this: the main one writes the weights and
     the optimizer (identical on all processes), each process its own RNG states."""
+    with disk_full_is_a_user_error(run, final):
+        _save_checkpoint(final, accelerator, model, tokenizer, optimizer, scheduler, state)
+
+
+def _save_checkpoint(
+    final: Path,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+) -> None:
     staging = staging_dir(final)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
@@ -184,7 +259,8 @@ def _load(path: Path) -> Any:
 
 
 def resume_point(run: RunDir, given: str | Path | None, backend: str) -> Path:
-    """The checkpoint to resume from: `given` (a path, or a name or step inside the run), else the newest."""
+    """The checkpoint to resume from: `given` (a path, or a name or step inside the run), else the
+    newest intact one."""
     if given is None:
         checkpoints = run.list_checkpoints()
         if not checkpoints:
@@ -192,7 +268,16 @@ def resume_point(run: RunDir, given: str | Path | None, backend: str) -> Path:
                 f"{run.path} has no checkpoint to resume from",
                 "start the run again with --overwrite, or wait for training.save_every steps before stopping it",
             )
-        path = checkpoints[-1]
+        for path in reversed(checkpoints):
+            problem = damage(path)
+            if problem is None:
+                break
+            log.warning("%s is damaged (%s); trying the checkpoint before it", path.name, problem)
+        else:
+            raise FtcliError(
+                f"every checkpoint of {run.path} is damaged",
+                "start the run again with --overwrite, or restore the checkpoints from a backup",
+            )
     elif str(given).isdigit():
         path = run.checkpoint_dir(int(given))
     else:
@@ -207,6 +292,8 @@ def resume_point(run: RunDir, given: str | Path | None, backend: str) -> Path:
             f"{path} is not a checkpoint of the {backend} backend (no {STATE_FILES[backend]})",
             "resume with the backend the run was trained with",
         )
+    if given is not None and (problem := damage(path)):
+        raise FtcliError(f"{path} is damaged ({problem})", "resume from another checkpoint, or with --resume")
     return path
 
 

@@ -40,7 +40,7 @@ def user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except FtcliError as error:
             print_error(str(error))
-            raise typer.Exit(2) from None
+            raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             print_error("interrupted")
             raise typer.Exit(130) from None

@@ -113,8 +113,10 @@ def train(
             config, prepared, model, tokenizer, run, progress, resume_point, is_main, tracker=tracker, on_evaluate=on_evaluate
         )
         try:
-            outcome = get_backend(config.backend).train(job)
+            with job.stop_signals:  # SIGINT and SIGTERM: save and stop at the next optimizer step
+                outcome = get_backend(config.backend).train(job)
         finally:
+            progress.stop()  # a failed run leaves no live bar behind its error
             tracker.close()  # flushes what was logged, even when training fails
         if resume_point is not None:
             outcome.extra["resumed_from"] = str(resume_point)

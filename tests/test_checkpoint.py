@@ -3,6 +3,7 @@ and RNG states survive torch.load(weights_only=True)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 
@@ -83,3 +84,73 @@ def test_training_keeps_the_last_checkpoints_and_the_best(backend, make_experime
     assert best_step < 44, "the task peaks early: the best checkpoint is kept besides the newest"
     best = json.loads(run.metrics_file.read_text())["train"]["best_checkpoint"]
     assert best == str(run.checkpoint_dir(best_step))
+
+
+def published_checkpoints(run: RunDir, steps: list[int]) -> None:
+    for step in steps:
+        staging = checkpoint.staging_dir(run.checkpoint_dir(step))
+        staging.mkdir(parents=True)
+        (staging / checkpoint.LOOP_STATE_FILE).write_text("{}")
+        (staging / "model.safetensors").write_bytes(bytes(range(256)))
+        checkpoint.publish(staging, run.checkpoint_dir(step))
+
+
+def flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_resume_skips_damaged_checkpoints(tmp_path, caplog):
+    run = RunDir(tmp_path)
+    published_checkpoints(run, [2, 4])
+    assert all(checkpoint.damage(path) is None for path in run.list_checkpoints())
+    flip_a_byte(run.checkpoint_dir(4) / "model.safetensors")
+    assert checkpoint.resume_point(run, None, "loop") == run.checkpoint_dir(2)
+    assert "checkpoint-4 is damaged (model.safetensors differs from when it was saved)" in caplog.text
+    with pytest.raises(FtcliError, match="checkpoint-4 is damaged"):
+        checkpoint.resume_point(run, "4", "loop")
+    (run.checkpoint_dir(2) / "model.safetensors").unlink()
+    assert checkpoint.damage(run.checkpoint_dir(2)) == "model.safetensors is missing"
+    with pytest.raises(FtcliError, match="every checkpoint of .* is damaged"):
+        checkpoint.resume_point(run, None, "loop")
+
+
+@pytest.mark.parametrize("backend", ["loop", "trainer"])
+def test_a_damaged_checkpoint_is_passed_over_on_resume(backend, make_experiment, tmp_path):
+    experiment = make_experiment(
+        backend=backend, train_size=64, training={"max_steps": 4, "eval_every": 2, "save_every": 2}
+    )
+    assert invoke("train", str(experiment)).exit_code == 0
+    run = RunDir(tmp_path / "runs" / "tiny")
+    assert [p.name for p in run.list_checkpoints()] == ["checkpoint-2", "checkpoint-4"]
+    assert all(checkpoint.damage(path) is None for path in run.list_checkpoints())
+    flip_a_byte(run.checkpoint_dir(4) / "model.safetensors")
+
+    resumed = invoke("train", str(experiment), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    train_metrics = json.loads(run.metrics_file.read_text())["train"]
+    assert train_metrics["resumed_from"] == str(run.checkpoint_dir(2)) and train_metrics["global_step"] == 4
+    assert checkpoint.damage(run.checkpoint_dir(4)) is None  # written again
+
+
+@pytest.mark.parametrize("backend", ["loop", "trainer"])
+def test_a_full_disk_while_saving_is_a_user_error(backend, make_experiment, tmp_path, monkeypatch):
+    experiment = make_experiment(
+        backend=backend, train_size=64, training={"max_steps": 6, "eval_every": 2, "save_every": 2}
+    )
+    save = torch.save
+
+    def disk_fills_at_step_4(obj, path, *args, **kwargs):  # both backends save the optimizer with torch.save
+        if "checkpoint-4" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_at_step_4)
+    result = invoke("train", str(experiment))
+    assert result.exit_code == 2, result.output
+    assert "no space left on device while saving checkpoint-4; checkpoint-2 is intact" in result.output
+    assert "--resume" in result.output
+    run = RunDir(tmp_path / "runs" / "tiny")
+    assert [p.name for p in run.list_checkpoints()] == ["checkpoint-2"]
+    assert not checkpoint.staging_dir(run.checkpoint_dir(4)).exists() and not run.lock_file.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,3 +98,41 @@ def test_resume_refuses_a_changed_config_and_a_finished_run_stays_finished(make_
     missing = invoke("train", str(experiment), "--resume-from", "checkpoint-99")
     assert missing.exit_code == 2 and "checkpoint-4" in missing.output
     assert invoke("train", str(experiment), "--resume", "--overwrite").exit_code == 2
+
+
+@pytest.mark.parametrize("backend", ["loop", "trainer"])
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(backend, make_experiment, tmp_path, one_thread):
+    experiment = experiment_for(make_experiment, backend)
+    runs = tmp_path / "runs"
+    straight = invoke("train", str(experiment), "--set", "name=straight")
+    assert straight.exit_code == 0, straight.output
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ftcli", "train", str(experiment), "--set", "name=stopped"],
+        env={**os.environ, **ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not any((runs / "stopped" / "checkpoints").glob("checkpoint-*")):
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    stopped_step = int(stderr.split("interrupted at step ")[1].split(":")[0])
+    assert f"checkpoint-{stopped_step} saved; continue with ftcli train" in stderr and "--resume" in stderr
+    newest = sorted((runs / "stopped" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert newest[-1].name == f"checkpoint-{stopped_step}"
+    assert not (runs / "stopped" / "model").exists() and not (runs / "stopped" / ".lock").exists()
+
+    resumed = invoke("train", str(experiment), "--set", "name=stopped", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((runs / "stopped" / "metrics.json").read_text())["train"]["resumed_from"].endswith(
+        f"checkpoint-{stopped_step}"
+    )
+    expected = load_file(runs / "straight" / "model" / "model.safetensors")
+    weights = load_file(runs / "stopped" / "model" / "model.safetensors")
+    assert all(torch.equal(expected[name], weights[name]) for name in expected)
+

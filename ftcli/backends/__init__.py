@@ -6,18 +6,66 @@ is configured); the train recipe saves them, evaluates them and writes the run d
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import reduce
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ftcli.config import Config
 from ftcli.data import Prepared
-from ftcli.errors import FtcliError
+from ftcli.errors import FtcliError, TrainingInterrupted
 from ftcli.rundir import RunDir
 from ftcli.tracking import Tracker
 from ftcli.ui import TrainingProgress
+
+
+class StopSignals:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the backend to
+    save a checkpoint at the next optimizer step and stop, rather than lose the steps since the
+    last one. A second signal gets the previous handler: Ctrl-C twice still aborts at once."""
+
+    def __init__(self) -> None:
+        self.signal_number = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            self._previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    def _handle(self, number: int, frame) -> None:
+        self.signal_number = number
+        self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def requested(self) -> int:
+        """The signal that asked to stop, or 0. With several processes, one stopping stops all at
+        the same step (one small all-reduce per step: a signal may reach some processes only)."""
+        processes = PartialState()
+        if processes.num_processes > 1:
+            flag = torch.tensor([self.signal_number], device=processes.device)
+            self.signal_number = int(reduce(flag, "max"))
+        return self.signal_number
+
+    def interrupted(self, run: RunDir, optimizer_step: int) -> TrainingInterrupted:
+        saved = run.checkpoint_dir(optimizer_step).name
+        return TrainingInterrupted(
+            f"interrupted at step {optimizer_step}: {saved} saved; continue with ftcli train {run.path} --resume",
+            self.signal_number,
+        )
 
 
 @dataclass
@@ -35,6 +83,7 @@ class TrainJob:
     # after this evaluation, as early stopping does. Single-process runs only.
     on_evaluate: Callable[[dict[str, Any]], bool] | None = None
     stop_requested: bool = False
+    stop_signals: StopSignals = field(default_factory=StopSignals)
 
     def log(self, event: dict[str, Any]) -> None:
         """One logging or evaluation event: into metrics.jsonl, onto the progress bar and into
@@ -57,6 +106,38 @@ class TrainOutcome:
     best_score: float | None = None
     stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LossWatch:
+    """The first optimizer step whose training loss was nan or inf, remembered on the device: a
+    host sync every step would slow training, so the backends ask `check` only before they log,
+    evaluate or save (a diverged model must not overwrite the last good checkpoint)."""
+
+    NONE = torch.iinfo(torch.long).max
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_bad_step = torch.full((1,), self.NONE, dtype=torch.long, device=device)
+        self.first_bad_loss = torch.zeros((1,), device=device)
+
+    def observe(self, loss: torch.Tensor, optimizer_step: int) -> None:
+        """Record `loss`, of a micro-batch of `optimizer_step` (counted from 1)."""
+        loss = loss.detach().float().reshape(1)
+        first = ~torch.isfinite(loss) & (self.first_bad_step == self.NONE)
+        self.first_bad_loss = torch.where(first, loss, self.first_bad_loss)
+        self.first_bad_step = torch.where(first, optimizer_step, self.first_bad_step)
+
+    def check(self, accelerator: Accelerator, run: RunDir) -> None:
+        """Raise if any process saw a bad loss. Every process calls this at the same step."""
+        steps, losses = accelerator.gather((self.first_bad_step, self.first_bad_loss))
+        first = int(steps.argmin())
+        if int(steps[first]) == self.NONE:
+            return
+        checkpoints = run.list_checkpoints()
+        last_good = f"the last good checkpoint is {checkpoints[-1].name}" if checkpoints else "no checkpoint was saved"
+        raise FtcliError(
+            f"loss became {float(losses[first])} at step {int(steps[first])}; {last_good}",
+            "lower training.learning_rate, keep training.max_grad_norm set, or train in training.precision=fp32",
+        )
 
 
 class Backend(Protocol):

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from ftcli import checkpoint
-from ftcli.backends import TrainJob, TrainOutcome
+from ftcli.backends import LossWatch, TrainJob, TrainOutcome
 from ftcli.config import TrainingConfig
 from ftcli.cuda_graphs import GraphedTrainStep, length_buckets
 from ftcli.data import DeviceTensors, collate, length_grouped_order, length_sorted_batches
@@ -181,6 +181,7 @@ class LoopBackend:
         model.train()
         grad_norm = None
         real_tokens, padded_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device), 0
+        loss_watch = LossWatch(accelerator.device)
         finished, stopped_early = state.optimizer_step >= total_steps, False  # resumed at the end: nothing left
         batches = plan.epoch_batches(state.epoch)
         while not (finished or stopped_early):
@@ -211,6 +212,7 @@ class LoopBackend:
                                 scheduler.step()
                             optimizer.zero_grad(set_to_none=True)
                 window[0] += loss_sum.detach()
+                loss_watch.observe(loss_sum, state.optimizer_step + 1)
                 window[1] += len(labels)
                 state.batches_done += 1
                 if not accelerator.sync_gradients:
@@ -225,9 +227,17 @@ class LoopBackend:
                     state.epoch, state.batches_done = state.epoch + 1, 0
                 epoch = round(state.epoch + state.batches_done / len(batches), 4)
                 finished = state.optimizer_step >= total_steps
+                interrupted = not finished and job.stop_signals.requested()  # SIGINT, SIGTERM: save and stop
+                log_due = state.optimizer_step % training.logging_steps == 0
+                eval_due = eval_loader is not None and (due(training.eval_every, state.optimizer_step, epoch_ended) or finished)
+                save_due = due(training.save_every, state.optimizer_step, epoch_ended) or finished or interrupted
+                # A nan loss stops training before it is logged, evaluated or saved (a stop after
+                # evaluating saves too, but then eval_due was true).
+                if log_due or eval_due or save_due:
+                    loss_watch.check(accelerator, job.run)
 
-                # Log: the only host sync of a training step, every logging_steps steps.
-                if state.optimizer_step % training.logging_steps == 0:
+                # Log: with the check above, the only host sync of a training step, every logging_steps steps.
+                if log_due:
                     loss, examples = accelerator.reduce(window.clone()).tolist()
                     event = {"step": state.optimizer_step, "epoch": epoch, "train_loss": loss / examples}
                     event["learning_rate"] = float(scheduler.get_last_lr()[0])
@@ -238,7 +248,7 @@ class LoopBackend:
 
                 # Evaluate on schedule and at the end, so that every checkpoint has a score.
                 score = None
-                if eval_loader is not None and (due(training.eval_every, state.optimizer_step, epoch_ended) or finished):
+                if eval_due:
                     metrics = evaluate(model, eval_loader, accelerator, suite, dtype if graphs else None)
                     job.log({"step": state.optimizer_step, "epoch": epoch} | {f"eval_{k}": v for k, v in metrics.items()})
                     score = metrics[suite.primary]
@@ -251,15 +261,19 @@ class LoopBackend:
                     stopped_early = out_of_patience or job.stop_requested
 
                 # Checkpoint on schedule and at the end; the best one and the newest ones are kept.
-                if due(training.save_every, state.optimizer_step, epoch_ended) or finished or stopped_early:
+                if save_due or stopped_early:
                     target = job.run.checkpoint_dir(state.optimizer_step)
                     if score is not None and improves(score, state.best_checkpoint_score, greater_is_better):
                         state.best_checkpoint, state.best_checkpoint_score = str(target), score
                     loss, examples = accelerator.reduce(window.clone()).tolist()
                     state.window_loss, state.window_examples = loss, int(examples)
-                    checkpoint.save_checkpoint(target, accelerator, model, job.tokenizer, optimizer, scheduler, asdict(state))
+                    checkpoint.save_checkpoint(
+                        job.run, target, accelerator, model, job.tokenizer, optimizer, scheduler, asdict(state)
+                    )
                     if accelerator.is_main_process:
                         checkpoint.prune(job.run, training.keep_checkpoints, state.best_checkpoint)
+                if interrupted:
+                    raise job.stop_signals.interrupted(job.run, state.optimizer_step)
                 if finished or stopped_early:
                     break
             batches = plan.epoch_batches(state.epoch)

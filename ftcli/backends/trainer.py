@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from ftcli import checkpoint
-from ftcli.backends import TrainJob, TrainOutcome
+from ftcli.backends import LossWatch, TrainJob, TrainOutcome
 from ftcli.config import Config
 from ftcli.inference import autocast_dtype, pick_device
 from ftcli.metrics import MetricSuite, primary_metric
@@ -64,6 +64,8 @@ class TrainerBackend:
         seconds = time.perf_counter() - started
         job.model = trainer.model
         state = trainer.state
+        if job.stop_signals.signal_number and state.global_step < state.max_steps:
+            raise job.stop_signals.interrupted(job.run, state.global_step)
         return TrainOutcome(
             global_step=state.global_step,
             epoch=float(state.epoch or 0.0),
@@ -78,17 +80,32 @@ class TrainerBackend:
 
 
 class _TokenCountingTrainer(Trainer):
-    """Trainer that counts real and padded training tokens, for throughput and padding efficiency."""
+    """Trainer that counts real and padded training tokens, for throughput and padding efficiency,
+    and stops at a nan or inf training loss before it logs or saves anything after it."""
 
     real_tokens: torch.Tensor | int = 0
     padded_tokens = 0
+    loss_watch: LossWatch | None = None
+    run: RunDir
 
     def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
         if model.training:
             mask = inputs["attention_mask"]
             self.real_tokens = mask.sum() + self.real_tokens  # stays on the device: no sync per step
             self.padded_tokens += mask.numel()
-        return super().compute_loss(model, inputs, *args, **kwargs)
+            if self.loss_watch is None:
+                self.loss_watch = LossWatch(mask.device)
+            self.loss_watch.observe(loss[0] if isinstance(loss, tuple) else loss, self.state.global_step + 1)
+        return loss
+
+    def log(self, logs, *args, **kwargs) -> None:
+        self.check_loss()
+        super().log(logs, *args, **kwargs)
+
+    def check_loss(self) -> None:
+        if self.loss_watch is not None:
+            self.loss_watch.check(self.accelerator, self.run)
 
 
 def training_arguments(config: Config, output_dir: str, has_validation: bool) -> TrainingArguments:
@@ -115,6 +132,7 @@ def training_arguments(config: Config, output_dir: str, has_validation: bool) ->
         use_cpu=device.type == "cpu",
         logging_strategy="steps",
         logging_steps=training.logging_steps,
+        logging_nan_inf_filter=False,  # a nan loss shows in the log, not hidden behind the average
         **schedule,
         **_schedule("save", training.save_every),
         save_total_limit=None,  # _StagedTrainer prunes, keeping what the loop backend keeps
@@ -156,21 +174,24 @@ class _StagedTrainer(_TokenCountingTrainer):
         return str(self._staging_root) if self._staging_root else super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        self.check_loss()
         final = self.run.checkpoint_dir(self.state.global_step)
         staged = checkpoint.staging_dir(final)
         self._staging_root = staged.parent
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        # Trainer recorded a new best checkpoint under its staging name.
-        if self.state.best_model_checkpoint == str(staged):
-            self.state.best_model_checkpoint = str(final)
+        with checkpoint.disk_full_is_a_user_error(self.run, final):
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_root = None
+            # Trainer recorded a new best checkpoint under its staging name.
+            if self.state.best_model_checkpoint == str(staged):
+                self.state.best_model_checkpoint = str(final)
+                if self.args.should_save:
+                    self.state.save_to_json(str(staged / checkpoint.TRAINER_STATE_FILE))
+            self.accelerator.wait_for_everyone()  # every process has written its RNG state
             if self.args.should_save:
-                self.state.save_to_json(str(staged / checkpoint.TRAINER_STATE_FILE))
-        self.accelerator.wait_for_everyone()  # every process has written its RNG state
+                checkpoint.publish(staged, final)
         if self.args.should_save:
-            checkpoint.publish(staged, final)
             checkpoint.prune(self.run, self.keep_checkpoints, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()  # and finds the checkpoint under its final name
 
@@ -202,6 +223,9 @@ class _EventCallback(TrainerCallback):
         if state.is_world_process_zero:
             samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
             self.job.progress.step(state.global_step, samples)
+        # A signal: save this step and stop (the loop backend does the same).
+        if state.global_step < state.max_steps and self.job.stop_signals.requested():
+            control.should_save = control.should_training_stop = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
