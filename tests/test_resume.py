@@ -1,10 +1,12 @@
-"""Exact resume, both backends: a run killed with SIGKILL after a checkpoint, then resumed, ends with
-the same weights (bit for bit, on the CPU) and the same metrics as a run never interrupted."""
+"""Exact resume, both backends: a run killed with SIGKILL after a checkpoint (once, or five times at
+random moments), or stopped by SIGTERM, then resumed, ends with the same weights (bit for bit, on the
+CPU) and the same metrics as a run never interrupted."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import pytest
 import torch
 from conftest import invoke
 from safetensors.torch import load_file
+
+from ftcli.rundir import RunDir
 
 # One intra-op thread here and in the subprocess, hence the same float reductions.
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -136,3 +140,39 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(backend, make_ex
     weights = load_file(runs / "stopped" / "model" / "model.safetensors")
     assert all(torch.equal(expected[name], weights[name]) for name in expected)
 
+
+def test_five_kills_at_random_points_still_resume_exactly(make_experiment, tmp_path, one_thread):
+    """SIGKILL wherever it lands (mid-step, mid-save, mid-evaluation), five times in a row."""
+    experiment = make_experiment(  # 32 steps: room for five starts that each save a checkpoint
+        train_size=64,
+        backend="loop",
+        training={"epochs": 4, "eval_every": 2, "save_every": 2, "logging_steps": 2, "keep_checkpoints": 2},
+    )
+    runs = tmp_path / "runs"
+    assert invoke("train", str(experiment), "--set", "name=straight").exit_code == 0
+
+    rng = random.Random(0)
+    run = RunDir(runs / "killed")
+    newest = 0  # the step the next start resumes from
+    for kill in range(5):
+        args = ["--resume"] if kill else []
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ftcli", "train", str(experiment), "--set", "name=killed", *args],
+            env={**os.environ, **ENV},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # Once this start has saved a checkpoint of its own, kill it a random moment later.
+        while process.poll() is None and not [p for p in run.list_checkpoints() if run.checkpoint_step(p) > newest]:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.2))
+        process.kill()
+        process.wait()
+        assert not run.model_dir.exists(), "the run finished before it was killed"
+        newest = max(map(run.checkpoint_step, run.list_checkpoints()))
+
+    resumed = invoke("train", str(experiment), "--set", "name=killed", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    expected = load_file(runs / "straight" / "model" / "model.safetensors")
+    weights = load_file(run.model_dir / "model.safetensors")
+    assert all(torch.equal(expected[name], weights[name]) for name in expected)
