@@ -1,12 +1,16 @@
 """What both backends do when training goes wrong: a loss that turns nan stops the run before it
-saves anything after it."""
+saves anything after it; a signal asks for a checkpoint and a stop (end to end in test_resume.py)."""
 
 from __future__ import annotations
+
+import os
+import signal
 
 import pytest
 import torch
 from conftest import invoke
 
+from ftcli.backends import StopSignals
 from ftcli.rundir import RunDir
 
 
@@ -46,3 +50,16 @@ def test_a_nan_loss_stops_training_before_the_next_checkpoint(backend, make_expe
     run = RunDir(tmp_path / "runs" / "tiny")
     assert [p.name for p in run.list_checkpoints()] == ["checkpoint-2", "checkpoint-4"]
     assert not run.model_dir.exists() and not run.lock_file.exists()
+
+
+def test_stop_signals_record_the_first_signal_and_restore_the_handlers(tmp_path):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop_signals:
+        assert stop_signals.requested() == 0
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: recorded, not a KeyboardInterrupt
+        assert stop_signals.requested() == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) is before[0]  # a second Ctrl-C aborts at once
+        error = stop_signals.interrupted(RunDir(tmp_path), 7)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert error.exit_code == 130
+    assert str(error) == f"interrupted at step 7: checkpoint-7 saved; continue with ftcli train {tmp_path} --resume"
