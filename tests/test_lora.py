@@ -128,7 +128,7 @@ def test_adamw_8bit_without_cuda_is_a_clear_error_and_writes_nothing(make_experi
 
 
 def test_optimizer_choice_for_each_backend():
-    assert trainer_optimizer("adamw", torch.device("cpu")) == "adamw_torch"
+    assert trainer_optimizer("adamw", torch.device("cpu")) == "adamw_torch_fused"  # fused runs on the CPU too
     assert trainer_optimizer("adamw", torch.device("cuda")) == "adamw_torch_fused"
     assert trainer_optimizer("adamw_8bit", torch.device("cuda")) == "adamw_bnb_8bit"
     layer = torch.nn.Linear(4, 2)
@@ -137,6 +137,7 @@ def test_optimizer_choice_for_each_backend():
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
     assert optimizer.param_groups[0]["lr"] == 3e-4
+    assert optimizer.defaults["fused"]
 
 
 def test_the_head_trained_in_full_is_every_new_top_level_module():
