@@ -180,38 +180,26 @@ def save_checkpoint(
     """Write a resumable checkpoint. Every process calls this: the main one writes the weights and
     the optimizer (identical on all processes), each process its own RNG states."""
     with disk_full_is_a_user_error(run, final):
-        _save_checkpoint(final, accelerator, model, tokenizer, optimizer, scheduler, state)
-
-
-def _save_checkpoint(
-    final: Path,
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: dict[str, Any],
-) -> None:
-    staging = staging_dir(final)
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), staging / "scaler.pt")
-        atomic_write_json(staging / LOOP_STATE_FILE, state)
-    # Every process has written its RNG file before the checkpoint gets its final name, and
-    # every process finds it under that name when this returns.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        publish(staging, final)
-    accelerator.wait_for_everyone()
+        staging = staging_dir(final)
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), staging / "scaler.pt")
+            atomic_write_json(staging / LOOP_STATE_FILE, state)
+        # Every process has written its RNG file before the checkpoint gets its final name, and
+        # every process finds it under that name when this returns.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            publish(staging, final)
+        accelerator.wait_for_everyone()
 
 
 def load_checkpoint(
