@@ -118,7 +118,7 @@ class TrainingConfig(_Strict):
         "auto", description="Round each batch's length up to a multiple (tensor-core friendly); auto: 8 on a GPU, none on the CPU."
     )
     data_on_device: Literal["auto"] | bool = Field(
-        "auto", description="Keep the tokenized training set on the GPU (loop backend); auto: when it takes under 1 GiB."
+        "auto", description="Keep the tokenized training set on the GPU (loop backend); auto: when it takes under 1 GiB, or always with compile=cuda_graphs."
     )
     compile: Literal["none", "cuda_graphs"] = Field(
         "none",
@@ -156,6 +156,8 @@ class TrainingConfig(_Strict):
                 f"save_every={self.save_every} must be a multiple of eval_every={self.eval_every} "
                 "so that every checkpoint has a score"
             )
+        if self.compile == "cuda_graphs" and self.data_on_device is False:
+            raise ValueError("compile=cuda_graphs reads its batches from the training set on the GPU: drop data_on_device: false")
         return self
 
 

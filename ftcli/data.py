@@ -437,9 +437,11 @@ class DeviceTensors:
         rows = dataset.with_format(None)
         self.lengths = np.asarray(rows["length"])
         self.pad_to_multiple_of = pad_to_multiple_of
-        longest = int(self.lengths.max())
+        self.width = int(self.lengths.max())
+        if pad_to_multiple_of:
+            self.width = -(-self.width // pad_to_multiple_of) * pad_to_multiple_of
         self.tensors = {
-            column: self._pad(rows[column], longest, pad_token_id if column == "input_ids" else 0).to(device)
+            column: self._pad(rows[column], self.width, pad_token_id if column == "input_ids" else 0).to(device)
             for column in MODEL_COLUMNS
             if column in rows.column_names
         }
@@ -462,7 +464,7 @@ class DeviceTensors:
         length = int(self.lengths[indices].max())
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return min(length, next(iter(self.tensors.values())).shape[1])
+        return min(length, self.width)
 
     def batch(self, indices: np.ndarray, length: int | None = None) -> dict[str, torch.Tensor]:
         length = length or self.batch_length(indices)

@@ -154,20 +154,20 @@ class LoopBackend:
                     f"{job.resume_from} was written by {state.num_processes} processes, this run has {accelerator.num_processes}",
                     "resume with the number of processes the run was started with",
                 )
-        # Fast paths: the training set padded once on the GPU, and each step replayed as a CUDA graph.
+        # Fast paths: the training set padded once on the GPU, and each step replayed as a CUDA graph
+        # that gathers its own batch from it.
         pad_multiple = training.resolved_pad_multiple(device.type)
         on_device = None
-        if keep_on_device(training, train_set, device):
+        if graphs or keep_on_device(training, train_set, device):
             on_device = DeviceTensors(train_set, pad_token_id, accelerator.device, pad_multiple)
         graphed = None
         if graphs:
-            longest = int(max(train_set["length"]))
             graphed = GraphedTrainStep(
-                accelerator.unwrap_model(model), optimizer.optimizer, training.batch_size,
-                length_buckets(-(-longest // 16) * 16), training.max_grad_norm, dtype, pad_token_id,
+                accelerator.unwrap_model(model), optimizer.optimizer, on_device, training.batch_size,
+                length_buckets(on_device.width), training.max_grad_norm, dtype,
             )
             model.train()
-            graphed.capture(token_type_ids="token_type_ids" in train_set.column_names)
+            graphed.capture()
 
         # The logging window in progress at the checkpoint, summed over processes, continues on the main one.
         window = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, examples
@@ -180,105 +180,112 @@ class LoopBackend:
         started = time.perf_counter()
         model.train()
         grad_norm = None
-        real_tokens, padded_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device), 0
+        real_tokens, padded_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device), 0  # this process's
         loss_watch = LossWatch(accelerator.device)
+        checkpoints = checkpoint.CheckpointWriter(job.run, accelerator, training.keep_checkpoints)
         finished, stopped_early = state.optimizer_step >= total_steps, False  # resumed at the end: nothing left
         batches = plan.epoch_batches(state.epoch)
-        while not (finished or stopped_early):
-            loader = train_loader(
-                on_device or train_set, batches[state.batches_done :], accelerator, pad_token_id, pad_multiple
-            )
-            for batch in loader:
-                step_examples = plan.step_examples(batches, state.batches_done)
-                rows, length = batch["input_ids"].shape
-                real_tokens += batch["attention_mask"].sum()  # a device tensor: no sync
-                padded_tokens += graphed.batch_size * graphed.bucket_for(length) if graphed else rows * length
-                if graphed is not None:  # the same step as below, replayed as one graph
-                    loss_sum, grad_norm = graphed(batch)
-                    scheduler.step()
-                    labels = batch["labels"]
+        try:
+            while not (finished or stopped_early):
+                todo = batches[state.batches_done :]
+                if graphed is not None:
+                    source = todo  # the graph gathers each batch on the GPU from its row indices
                 else:
-                    with accelerator.accumulate(model):
-                        labels = batch.pop("labels")
-                        loss_sum = F.cross_entropy(model(**batch).logits.float(), labels, reduction="sum")
-                        # accelerator.backward divides by grad_accum and DDP averages over processes: undo
-                        # both, so the step's gradient is the mean over exactly the examples of the step.
-                        accelerator.backward(loss_sum * (training.grad_accum * accelerator.num_processes / step_examples))
-                        if accelerator.sync_gradients:
-                            if training.max_grad_norm:
-                                grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
-                            optimizer.step()
-                            if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
-                                scheduler.step()
-                            optimizer.zero_grad(set_to_none=True)
-                window[0] += loss_sum.detach()
-                loss_watch.observe(loss_sum, state.optimizer_step + 1)
-                window[1] += len(labels)
-                state.batches_done += 1
-                if not accelerator.sync_gradients:
-                    continue
-
-                # One optimizer step done.
-                state.optimizer_step += 1
-                state.examples_seen += step_examples
-                job.progress.step(state.optimizer_step, step_examples)
-                epoch_ended = state.batches_done == len(batches)
-                if epoch_ended:
-                    state.epoch, state.batches_done = state.epoch + 1, 0
-                epoch = round(state.epoch + state.batches_done / len(batches), 4)
-                finished = state.optimizer_step >= total_steps
-                interrupted = not finished and job.stop_signals.requested()  # SIGINT, SIGTERM: save and stop
-                log_due = state.optimizer_step % training.logging_steps == 0
-                eval_due = eval_loader is not None and (due(training.eval_every, state.optimizer_step, epoch_ended) or finished)
-                save_due = due(training.save_every, state.optimizer_step, epoch_ended) or finished or interrupted
-                # A nan loss stops training before it is logged, evaluated or saved (a stop after
-                # evaluating saves too, but then eval_due was true).
-                if log_due or eval_due or save_due:
-                    loss_watch.check(accelerator, job.run)
-
-                # Log: with the check above, the only host sync of a training step, every logging_steps steps.
-                if log_due:
-                    loss, examples = accelerator.reduce(window.clone()).tolist()
-                    event = {"step": state.optimizer_step, "epoch": epoch, "train_loss": loss / examples}
-                    event["learning_rate"] = float(scheduler.get_last_lr()[0])
-                    if grad_norm is not None:
-                        event["grad_norm"] = float(grad_norm)
-                    job.log(event)
-                    window.zero_()
-
-                # Evaluate on schedule and at the end, so that every checkpoint has a score.
-                score = None
-                if eval_due:
-                    metrics = evaluate(model, eval_loader, accelerator, suite, dtype if graphs else None)
-                    job.log({"step": state.optimizer_step, "epoch": epoch} | {f"eval_{k}": v for k, v in metrics.items()})
-                    score = metrics[suite.primary]
-                    if improves(score, state.best_score, greater_is_better):
-                        state.best_score, state.evaluations_without_improvement = score, 0
+                    source = train_loader(on_device or train_set, todo, accelerator, pad_token_id, pad_multiple)
+                for batch in source:
+                    step_examples = plan.step_examples(batches, state.batches_done)
+                    if graphed is not None:  # the same step as below, replayed as one graph
+                        loss_sum, grad_norm = graphed(batch)
+                        scheduler.step()
+                        rows = len(batch)
+                        real_tokens += int(on_device.lengths[batch].sum())
+                        padded_tokens += graphed.padded_tokens(batch)
                     else:
-                        state.evaluations_without_improvement += 1
-                    patience = training.early_stopping_patience
-                    out_of_patience = bool(patience) and state.evaluations_without_improvement >= patience
-                    stopped_early = out_of_patience or job.stop_requested
+                        with accelerator.accumulate(model):
+                            labels = batch.pop("labels")
+                            rows = len(labels)
+                            real_tokens += batch["attention_mask"].sum()  # a device tensor: no sync
+                            padded_tokens += batch["input_ids"].numel()
+                            loss_sum = F.cross_entropy(model(**batch).logits.float(), labels, reduction="sum")
+                            # accelerator.backward divides by grad_accum and DDP averages over processes: undo
+                            # both, so the step's gradient is the mean over exactly the examples of the step.
+                            accelerator.backward(loss_sum * (training.grad_accum * accelerator.num_processes / step_examples))
+                            if accelerator.sync_gradients:
+                                if training.max_grad_norm:
+                                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+                                optimizer.step()
+                                if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
+                                    scheduler.step()
+                                optimizer.zero_grad(set_to_none=True)
+                    window[0] += loss_sum.detach()
+                    loss_watch.observe(loss_sum, state.optimizer_step + 1)
+                    window[1] += rows
+                    state.batches_done += 1
+                    if graphed is None and not accelerator.sync_gradients:
+                        continue
 
-                # Checkpoint on schedule and at the end; the best one and the newest ones are kept.
-                if save_due or stopped_early:
-                    target = job.run.checkpoint_dir(state.optimizer_step)
-                    if score is not None and improves(score, state.best_checkpoint_score, greater_is_better):
-                        state.best_checkpoint, state.best_checkpoint_score = str(target), score
-                    loss, examples = accelerator.reduce(window.clone()).tolist()
-                    state.window_loss, state.window_examples = loss, int(examples)
-                    checkpoint.save_checkpoint(
-                        job.run, target, accelerator, model, job.tokenizer, optimizer, scheduler, asdict(state)
-                    )
-                    if accelerator.is_main_process:
-                        checkpoint.prune(job.run, training.keep_checkpoints, state.best_checkpoint)
-                if interrupted:
-                    raise job.stop_signals.interrupted(job.run, state.optimizer_step)
-                if finished or stopped_early:
-                    break
-            batches = plan.epoch_batches(state.epoch)
+                    # One optimizer step done.
+                    state.optimizer_step += 1
+                    state.examples_seen += step_examples
+                    job.progress.step(state.optimizer_step, step_examples)
+                    epoch_ended = state.batches_done == len(batches)
+                    if epoch_ended:
+                        state.epoch, state.batches_done = state.epoch + 1, 0
+                    epoch = round(state.epoch + state.batches_done / len(batches), 4)
+                    finished = state.optimizer_step >= total_steps
+                    interrupted = not finished and job.stop_signals.requested()  # SIGINT, SIGTERM: save and stop
+                    log_due = state.optimizer_step % training.logging_steps == 0
+                    eval_due = eval_loader is not None and (due(training.eval_every, state.optimizer_step, epoch_ended) or finished)
+                    save_due = due(training.save_every, state.optimizer_step, epoch_ended) or finished or interrupted
+                    # A nan loss stops training before it is logged, evaluated or saved (a stop after
+                    # evaluating saves too, but then eval_due was true).
+                    if log_due or eval_due or save_due:
+                        loss_watch.check(accelerator, job.run)
+
+                    # Log: with the check above, the only host sync of a training step, every logging_steps steps.
+                    if log_due:
+                        loss, examples = accelerator.reduce(window.clone()).tolist()
+                        event = {"step": state.optimizer_step, "epoch": epoch, "train_loss": loss / examples}
+                        event["learning_rate"] = float(scheduler.get_last_lr()[0])
+                        if grad_norm is not None:
+                            event["grad_norm"] = float(grad_norm)
+                        job.log(event)
+                        window.zero_()
+
+                    # Evaluate on schedule and at the end, so that every checkpoint has a score.
+                    score = None
+                    if eval_due:
+                        metrics = evaluate(model, eval_loader, accelerator, suite, dtype if graphs else None)
+                        job.log({"step": state.optimizer_step, "epoch": epoch} | {f"eval_{k}": v for k, v in metrics.items()})
+                        score = metrics[suite.primary]
+                        if improves(score, state.best_score, greater_is_better):
+                            state.best_score, state.evaluations_without_improvement = score, 0
+                        else:
+                            state.evaluations_without_improvement += 1
+                        patience = training.early_stopping_patience
+                        out_of_patience = bool(patience) and state.evaluations_without_improvement >= patience
+                        stopped_early = out_of_patience or job.stop_requested
+
+                    # Checkpoint on schedule and at the end (written in the background); the best one
+                    # and the newest ones are kept.
+                    if save_due or stopped_early:
+                        target = job.run.checkpoint_dir(state.optimizer_step)
+                        if score is not None and improves(score, state.best_checkpoint_score, greater_is_better):
+                            state.best_checkpoint, state.best_checkpoint_score = str(target), score
+                        loss, examples = accelerator.reduce(window.clone()).tolist()
+                        state.window_loss, state.window_examples = loss, int(examples)
+                        checkpoints.save(target, model, job.tokenizer, optimizer, scheduler, asdict(state), state.best_checkpoint)
+                    if interrupted:
+                        checkpoints.close()
+                        raise job.stop_signals.interrupted(job.run, state.optimizer_step)
+                    if finished or stopped_early:
+                        break
+                batches = plan.epoch_batches(state.epoch)
+        finally:
+            checkpoints.close()  # the last checkpoint is on disk before anything reads it
         job.progress.stop()
         seconds = time.perf_counter() - started
+        tokens = accelerator.reduce(torch.stack([real_tokens, torch.tensor(padded_tokens, device=real_tokens.device)]))
 
         # Keep the best checkpoint's weights when there was a validation split, else the last ones.
         job.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
@@ -292,7 +299,7 @@ class LoopBackend:
             best_checkpoint=state.best_checkpoint,
             best_score=state.best_checkpoint_score,
             stopped_early=stopped_early,
-            extra={"real_tokens": int(real_tokens), "padded_tokens": padded_tokens},
+            extra={"real_tokens": int(tokens[0]), "padded_tokens": int(tokens[1])},
         )
 
 
