@@ -28,7 +28,7 @@ import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -183,6 +183,23 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._final: Path | None = None
+        self._host = HostBuffers()
+
+    def reserve(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Allocate the host memory of the snapshots now, on a background thread: pinning 1.3 GB
+        takes 0.7 s (H200 host), which the first save would otherwise spend with training stopped."""
+        if self.accelerator.is_main_process and torch.cuda.is_available():
+            state = self._state(model, optimizer, None)
+            self._thread = threading.Thread(target=self._host.allocate, args=(state,), name="ftcli-pin")
+            self._thread.start()
+
+    def _state(self, model, optimizer, scheduler) -> dict[str, Any]:
+        return {
+            "model": self.accelerator.unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+        }
 
     def save(
         self,
@@ -208,22 +225,14 @@ class CheckpointWriter:
             accelerator.wait_for_everyone()  # every RNG file is written before the main process publishes
         if not accelerator.is_main_process:
             return
-        unwrapped = accelerator.unwrap_model(model)
-        snapshot = _to_host(
-            {
-                "model": unwrapped.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            }
-        )
+        snapshot = self._host.copy(self._state(model, optimizer, scheduler))
         copied = torch.cuda.Event() if torch.cuda.is_available() else None
         if copied is not None:
             copied.record()
         self._final = final
         self._thread = threading.Thread(
             target=self._write,
-            args=(staging, final, unwrapped, tokenizer, snapshot, copied, dict(state), best),
+            args=(staging, final, accelerator.unwrap_model(model), tokenizer, snapshot, copied, dict(state), best),
             name=f"ftcli-save-{final.name}",
         )
         self._thread.start()
@@ -260,22 +269,51 @@ class CheckpointWriter:
         self.accelerator.wait_for_everyone()
 
 
-def _to_host(value: Any, memo: dict | None = None) -> Any:
-    """A copy of a (nested) state dict with every tensor in host memory; tensors that share
-    storage (tied weights) stay shared, so save_pretrained still recognises them."""
-    memo = {} if memo is None else memo
+class HostBuffers:
+    """Host memory for snapshots of a (nested) state dict, reused by every save of the same
+    structure. GPU tensors are copied into pinned memory without waiting (the copy is ordered on
+    the stream before later steps); tensors that share storage (tied weights) stay shared, so
+    save_pretrained still recognises them."""
+
+    def __init__(self) -> None:
+        self._layout: list[tuple] | None = None
+        self._buffers: list[torch.Tensor] = []
+
+    def allocate(self, state: Any) -> None:
+        tensors = _unique_tensors(state)
+        self._buffers = [
+            torch.empty_like(tensor, device="cpu", pin_memory=tensor.device.type == "cuda") for tensor in tensors
+        ]
+        self._layout = [_identity(tensor) for tensor in tensors]
+
+    def copy(self, state: Any) -> Any:
+        """A copy of `state` with every tensor in host memory."""
+        tensors = _unique_tensors(state)
+        if [_identity(tensor) for tensor in tensors] != self._layout:
+            self.allocate(state)
+        for buffer, tensor in zip(self._buffers, tensors):
+            buffer.copy_(tensor.detach(), non_blocking=True)
+        copies = {_identity(tensor): buffer for tensor, buffer in zip(tensors, self._buffers)}
+        return _map_tensors(state, lambda tensor: copies[_identity(tensor)])
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    return (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.device)
+
+
+def _unique_tensors(state: Any) -> list[torch.Tensor]:
+    found: dict[tuple, torch.Tensor] = {}
+    _map_tensors(state, lambda tensor: found.setdefault(_identity(tensor), tensor))
+    return list(found.values())
+
+
+def _map_tensors(value: Any, function: Callable[[torch.Tensor], Any]) -> Any:
     if torch.is_tensor(value):
-        key = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride(), value.device)
-        if key not in memo:
-            if value.device.type == "cuda":
-                memo[key] = torch.empty_like(value, device="cpu", pin_memory=True).copy_(value.detach(), non_blocking=True)
-            else:
-                memo[key] = value.detach().clone()
-        return memo[key]
+        return function(value)
     if isinstance(value, dict):
-        return {key: _to_host(item, memo) for key, item in value.items()}
+        return {key: _map_tensors(item, function) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_host(item, memo) for item in value)
+        return type(value)(_map_tensors(item, function) for item in value)
     return value
 
 

@@ -154,3 +154,17 @@ def test_a_full_disk_while_saving_is_a_user_error(backend, make_experiment, tmp_
     run = RunDir(tmp_path / "runs" / "tiny")
     assert [p.name for p in run.list_checkpoints()] == ["checkpoint-2"]
     assert not checkpoint.staging_dir(run.checkpoint_dir(4)).exists() and not run.lock_file.exists()
+
+
+def test_host_snapshots_are_copies_that_keep_tied_tensors_tied_and_reuse_their_memory():
+    weight = torch.randn(4, 3)
+    state = {"model": {"embed": weight, "decoder": weight, "bias": torch.zeros(3)}, "optimizer": {"step": torch.tensor(2.0)}}
+    buffers = checkpoint.HostBuffers()
+    before = weight.clone()
+    first = buffers.copy(state)
+    weight.add_(1.0)  # training goes on after the snapshot
+    assert torch.equal(first["model"]["embed"], before)
+    assert first["model"]["embed"] is first["model"]["decoder"]
+    second = buffers.copy(state)
+    assert second["model"]["embed"].data_ptr() == first["model"]["embed"].data_ptr()  # the same host memory again
+    assert torch.equal(second["model"]["embed"], weight)

@@ -183,6 +183,7 @@ class LoopBackend:
         real_tokens, padded_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device), 0  # this process's
         loss_watch = LossWatch(accelerator.device)
         checkpoints = checkpoint.CheckpointWriter(job.run, accelerator, training.keep_checkpoints)
+        checkpoints.reserve(model, optimizer)
         finished, stopped_early = state.optimizer_step >= total_steps, False  # resumed at the end: nothing left
         batches = plan.epoch_batches(state.epoch)
         try:
