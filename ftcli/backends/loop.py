@@ -169,6 +169,9 @@ class LoopBackend:
             model.train()
             graphed.capture()
 
+        checkpoints = checkpoint.CheckpointWriter(job.run, accelerator, training.keep_checkpoints)
+        checkpoints.reserve(model, optimizer, scheduler)
+
         # The logging window in progress at the checkpoint, summed over processes, continues on the main one.
         window = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, examples
         if accelerator.is_main_process:
@@ -182,8 +185,6 @@ class LoopBackend:
         grad_norm = None
         real_tokens, padded_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device), 0  # this process's
         loss_watch = LossWatch(accelerator.device)
-        checkpoints = checkpoint.CheckpointWriter(job.run, accelerator, training.keep_checkpoints)
-        checkpoints.reserve(model, optimizer)
         finished, stopped_early = state.optimizer_step >= total_steps, False  # resumed at the end: nothing left
         batches = plan.epoch_batches(state.epoch)
         try:
