@@ -6,10 +6,11 @@ only label ids are kept, never the logits of the whole split.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from transformers import PreTrainedModel
 
@@ -62,13 +63,19 @@ def evaluate_dataset(
     precision: str = "auto",
 ) -> dict[str, float]:
     """Mean cross-entropy loss and every configured metric over a labeled split."""
-    suite = MetricSuite(metric_names, num_labels=model.config.num_labels)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    for _, logits, batch in iterate_logits(model, dataset, batch_size, pad_token_id, device, precision):
-        labels = batch["labels"]
-        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+    batches = iterate_logits(model, dataset, batch_size, pad_token_id, device, precision)
+    return score(((logits, batch["labels"]) for _, logits, batch in batches), MetricSuite(metric_names, model.config.num_labels))
+
+
+def score(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], suite: MetricSuite) -> dict[str, float]:
+    """Mean cross-entropy loss and every metric of `suite` over (fp32 logits, labels) batches,
+    fed batch by batch: only predicted and true label ids are kept, never the logits of a split."""
+    loss_sum, examples = 0.0, 0
+    for logits, labels in batches:
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        examples += len(labels)
         suite.add_batch(logits.argmax(-1).cpu().numpy(), labels.cpu().numpy())
-    return {"loss": float(loss_sum) / max(len(dataset), 1)} | suite.compute()
+    return {"loss": loss_sum / max(examples, 1)} | suite.compute()
 
 
 def predict_probabilities(

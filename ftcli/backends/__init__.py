@@ -126,12 +126,15 @@ class LossWatch:
         self.first_bad_loss = torch.where(first, loss, self.first_bad_loss)
         self.first_bad_step = torch.where(first, optimizer_step, self.first_bad_step)
 
-    def check(self, accelerator: Accelerator, run: RunDir) -> None:
-        """Raise if any process saw a bad loss. Every process calls this at the same step."""
+    def check(self, accelerator: Accelerator, run: RunDir, settle_saves: Callable[[], None] | None = None) -> None:
+        """Raise if any process saw a bad loss. Every process calls this at the same step.
+        settle_saves: finishes checkpoints still being written, so the error names the last one."""
         steps, losses = accelerator.gather((self.first_bad_step, self.first_bad_loss))
         first = int(steps.argmin())
         if int(steps[first]) == self.NONE:
             return
+        if settle_saves is not None:
+            settle_saves()
         checkpoints = run.list_checkpoints()
         last_good = f"the last good checkpoint is {checkpoints[-1].name}" if checkpoints else "no checkpoint was saved"
         raise FtcliError(

@@ -37,7 +37,7 @@ from ftcli.config import TrainingConfig
 from ftcli.cuda_graphs import GraphedTrainStep, length_buckets
 from ftcli.data import DeviceTensors, collate, length_grouped_order, length_sorted_batches
 from ftcli.errors import FtcliError
-from ftcli.inference import autocast_dtype, pick_device
+from ftcli.inference import autocast_dtype, pick_device, score
 from ftcli.metrics import MetricSuite
 from ftcli.optim import create_optimizer
 
@@ -255,7 +255,7 @@ class LoopBackend:
                     # A nan loss stops training before it is logged, evaluated or saved (a stop after
                     # evaluating saves too, but then eval_due was true).
                     if log_due or eval_due or save_due:
-                        loss_watch.check(accelerator, job.run)
+                        loss_watch.check(accelerator, job.run, settle_saves=checkpoints.close)
 
                     # Log: with the check above, the only host sync of a training step, every logging_steps steps.
                     if log_due:
@@ -412,26 +412,24 @@ def evaluate(
     suite: MetricSuite,
     autocast: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Mean loss and every metric over the validation split, fed batch by batch (no logits kept).
+    """Mean loss and every metric over the validation split, each process scoring its share.
 
     autocast: a precision to apply here, when Accelerate does not (the CUDA-graph path)."""
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    examples = 0
-    with torch.no_grad():
+
+    def gathered_batches():
         for batch in loader:
             labels = batch.pop("labels")
             with torch.autocast(accelerator.device.type, dtype=autocast, enabled=autocast is not None):
                 logits = model(**batch).logits.float()
-            losses = F.cross_entropy(logits, labels, reduction="none")
             # With several processes the last batch is topped up with repeated examples so that
             # every process has one; gather_for_metrics drops them, so each example counts once.
-            losses, predictions, labels = accelerator.gather_for_metrics((losses, logits.argmax(-1), labels))
-            loss_sum += losses.sum()
-            examples += len(labels)
-            suite.add_batch(predictions.cpu().numpy(), labels.cpu().numpy())
+            yield accelerator.gather_for_metrics((logits, labels))
+
+    model.eval()
+    with torch.no_grad():
+        metrics = score(gathered_batches(), suite)
     model.train()
-    return {"loss": float(loss_sum) / max(examples, 1)} | suite.compute()
+    return metrics
 
 
 def due(every: str | int, optimizer_step: int, epoch_ended: bool) -> bool:
