@@ -50,6 +50,11 @@ CASES = [
         "multiple of eval_every",
         config={"training": {"eval_every": 4, "save_every": 6}},
     ),
+    Case(
+        "graphs-without-device-data",
+        "compile=cuda_graphs reads its batches from the training set on the GPU",
+        config={"training": {"compile": "cuda_graphs", "data_on_device": False}},
+    ),
     Case("three-text-fields", "data.text_fields", config={"data": {"text_fields": ["a", "b", "c"]}}),
     Case("unsafe-name", "name: use letters", config={"name": "../escape"}),
     Case("unknown-metric", "did you mean 'accuracy'", config={"metrics": ["acuracy"]}),

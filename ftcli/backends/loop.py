@@ -107,13 +107,12 @@ class LoopBackend:
         # evaluation 0.1 s instead of 0.5-2.7 s, the same step time).
         graphs = use_cuda_graphs(job.config.training, pick_device())
         with sdpa_kernel(ATTENTION_WITHOUT_CUDNN) if graphs else nullcontext():
-            return self._train(job)
+            return self._train(job, graphs)
 
-    def _train(self, job: TrainJob) -> TrainOutcome:
+    def _train(self, job: TrainJob, graphs: bool) -> TrainOutcome:
         config, training = job.config, job.config.training
         device = pick_device()
         dtype = autocast_dtype(training.precision, device)
-        graphs = use_cuda_graphs(training, device)
         # One process may train several times (sweeps, benchmarks), each run with its own precision;
         # the distributed state (PartialState) is kept.
         AcceleratorState._reset_state()
