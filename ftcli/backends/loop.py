@@ -202,11 +202,10 @@ class LoopBackend:
         try:
             while not (finished or stopped_early):
                 todo = batches[state.batches_done :]
-                if graphed is not None:
-                    source = todo  # the graph gathers each batch on the GPU from its row indices
-                else:
-                    source = train_loader(on_device or train_set, todo, accelerator, pad_token_id, pad_multiple)
-                for batch in source:
+                # The graph gathers each batch on the GPU from its row indices; the eager step gets them padded.
+                if graphed is None:
+                    todo = train_loader(on_device or train_set, todo, accelerator, pad_token_id, pad_multiple)
+                for batch in todo:
                     step_examples = plan.step_examples(batches, state.batches_done)
                     if graphed is not None:  # the same step as below, replayed as one graph
                         loss_sum, grad_norm = graphed(batch)
