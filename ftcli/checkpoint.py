@@ -296,11 +296,12 @@ class HostBuffers:
     def copy(self, state: Any) -> Any:
         """A copy of `state` with every tensor in host memory."""
         tensors = _unique_tensors(state)
-        if [_identity(tensor) for tensor in tensors] != self._layout:
+        identities = [_identity(tensor) for tensor in tensors]
+        if identities != self._layout:
             self.allocate(state)
         for buffer, tensor in zip(self._buffers, tensors):
             buffer.copy_(tensor.detach(), non_blocking=True)
-        copies = {_identity(tensor): buffer for tensor, buffer in zip(tensors, self._buffers)}
+        copies = dict(zip(identities, self._buffers))
         return _map_tensors(state, lambda tensor: copies[_identity(tensor)])
 
 
@@ -388,12 +389,8 @@ def resume_point(run: RunDir, given: str | Path | None, backend: str) -> Path:
                 f"every checkpoint of {run.path} is damaged",
                 "start the run again with --overwrite, or restore the checkpoints from a backup",
             )
-    elif str(given).isdigit():
-        path = run.checkpoint_dir(int(given))
     else:
-        path = Path(given)
-        if not path.exists() and (run.checkpoints / path).exists():
-            path = run.checkpoints / path
+        path = run.find_checkpoint(given)
     if path.resolve() not in {p.resolve() for p in run.list_checkpoints()}:
         available = ", ".join(p.name for p in run.list_checkpoints()) or "none"
         raise FtcliError(f"{given} is not a checkpoint of {run.path}", f"its checkpoints: {available}")

@@ -111,6 +111,15 @@ class RunDir:
     def checkpoint_step(checkpoint: Path) -> int:
         return int(checkpoint.name.split("-")[1])
 
+    def find_checkpoint(self, reference: str | Path) -> Path:
+        """Where a checkpoint given by step, by name inside this run, or by path would be (it may not exist)."""
+        if str(reference).isdigit():
+            return self.checkpoint_dir(int(reference))
+        path = Path(reference)
+        if not path.exists() and (self.checkpoints / path).exists():
+            return self.checkpoints / path
+        return path
+
     def list_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (temporary folders of an interrupted save are skipped)."""
         if not self.checkpoints.is_dir():
@@ -213,14 +222,7 @@ class RunDir:
 
     def require_model(self, checkpoint: str | Path | None = None) -> Path:
         """The model folder to load: the final model, or a given checkpoint (path or step)."""
-        if checkpoint is None:
-            path = self.model_dir
-        elif str(checkpoint).isdigit():
-            path = self.checkpoint_dir(int(checkpoint))
-        else:
-            path = Path(checkpoint)
-            if not path.exists() and (self.checkpoints / path).exists():
-                path = self.checkpoints / path
+        path = self.model_dir if checkpoint is None else self.find_checkpoint(checkpoint)
         if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
             hint = (
                 "train it to the end first, or pass --checkpoint"
