@@ -50,6 +50,19 @@ def train_until_killed(experiment, run) -> None:
     assert not (run / "model").exists(), "the run finished before it was killed"
 
 
+def train_straight(experiment, runs) -> None:
+    """The uninterrupted run every resumed one is compared with, as runs/straight."""
+    straight = invoke("train", str(experiment), "--set", "name=straight")
+    assert straight.exit_code == 0, straight.output
+
+
+def assert_same_weights_as_straight(runs, run) -> None:
+    expected = load_file(runs / "straight" / "model" / "model.safetensors")
+    weights = load_file(run / "model" / "model.safetensors")
+    assert expected.keys() == weights.keys()
+    assert all(torch.equal(expected[name], weights[name]) for name in expected)
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -62,17 +75,12 @@ def one_thread():
 def test_killed_run_resumes_exactly(backend, make_experiment, tmp_path, one_thread):
     experiment = experiment_for(make_experiment, backend)
     runs = tmp_path / "runs"
-    straight = invoke("train", str(experiment), "--set", "name=straight")
-    assert straight.exit_code == 0, straight.output
+    train_straight(experiment, runs)
 
     train_until_killed(experiment, runs / "killed")
     resumed = invoke("train", str(experiment), "--set", "name=killed", "--resume")
     assert resumed.exit_code == 0, resumed.output
-
-    expected = load_file(runs / "straight" / "model" / "model.safetensors")
-    weights = load_file(runs / "killed" / "model" / "model.safetensors")
-    assert expected.keys() == weights.keys()
-    assert all(torch.equal(expected[name], weights[name]) for name in expected)
+    assert_same_weights_as_straight(runs, runs / "killed")
 
     expected_metrics = json.loads((runs / "straight" / "metrics.json").read_text())
     metrics = json.loads((runs / "killed" / "metrics.json").read_text())
@@ -108,8 +116,7 @@ def test_resume_refuses_a_changed_config_and_a_finished_run_stays_finished(make_
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(backend, make_experiment, tmp_path, one_thread):
     experiment = experiment_for(make_experiment, backend)
     runs = tmp_path / "runs"
-    straight = invoke("train", str(experiment), "--set", "name=straight")
-    assert straight.exit_code == 0, straight.output
+    train_straight(experiment, runs)
 
     process = subprocess.Popen(
         [sys.executable, "-m", "ftcli", "train", str(experiment), "--set", "name=stopped"],
@@ -136,9 +143,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(backend, make_ex
     assert json.loads((runs / "stopped" / "metrics.json").read_text())["train"]["resumed_from"].endswith(
         f"checkpoint-{stopped_step}"
     )
-    expected = load_file(runs / "straight" / "model" / "model.safetensors")
-    weights = load_file(runs / "stopped" / "model" / "model.safetensors")
-    assert all(torch.equal(expected[name], weights[name]) for name in expected)
+    assert_same_weights_as_straight(runs, runs / "stopped")
 
 
 def test_five_kills_at_random_points_still_resume_exactly(make_experiment, tmp_path, one_thread):
@@ -149,7 +154,7 @@ def test_five_kills_at_random_points_still_resume_exactly(make_experiment, tmp_p
         training={"epochs": 4, "eval_every": 2, "save_every": 2, "logging_steps": 2, "keep_checkpoints": 2},
     )
     runs = tmp_path / "runs"
-    assert invoke("train", str(experiment), "--set", "name=straight").exit_code == 0
+    train_straight(experiment, runs)
 
     rng = random.Random(0)
     run = RunDir(runs / "killed")
@@ -173,6 +178,4 @@ def test_five_kills_at_random_points_still_resume_exactly(make_experiment, tmp_p
 
     resumed = invoke("train", str(experiment), "--set", "name=killed", "--resume")
     assert resumed.exit_code == 0, resumed.output
-    expected = load_file(runs / "straight" / "model" / "model.safetensors")
-    weights = load_file(run.model_dir / "model.safetensors")
-    assert all(torch.equal(expected[name], weights[name]) for name in expected)
+    assert_same_weights_as_straight(runs, run.path)
