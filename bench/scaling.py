@@ -1,6 +1,8 @@
 """Data-parallel scaling: the same ftcli run on 1 and on N processes (GPUs), both backends.
 
-    python -m bench.scaling --processes 1 2 --backends loop trainer --batch-size 32
+    python -m bench.scaling --processes 1 2 --rows loop trainer loop:compile=cuda_graphs --batch-size 32
+
+A row is a backend, optionally with training settings of its own (`loop:compile=cuda_graphs`).
 
 Each run is the real command (`python -m ftcli train CONFIG --num-processes N`), so the numbers
 include what a user gets: launch, tokenization on the main process, training, evaluation through
@@ -24,9 +26,12 @@ import yaml
 from bench.train_speed import LABELS, MRPC, make_model_dir
 
 
-def run(config_path: Path, backend: str, processes: int, run_dir: Path) -> dict:
+def run(config_path: Path, row: str, processes: int, run_dir: Path) -> dict:
+    backend, _, settings = row.partition(":")
+    overrides = [f"training.{setting}" for setting in settings.split(",") if setting]
     command = [sys.executable, "-m", "ftcli", "train", str(config_path), "--backend", backend,
                "--set", f"name={run_dir.name}", "--num-processes", str(processes)]
+    command += [argument for override in overrides for argument in ("--set", override)]
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -36,7 +41,7 @@ def run(config_path: Path, backend: str, processes: int, run_dir: Path) -> dict:
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last_eval = [event for event in events if "eval_accuracy" in event][-1]
     return {
-        "backend": backend,
+        "row": row,
         "processes": processes,
         "wall_seconds": wall,
         "train_seconds": metrics["train"]["train_seconds"],
@@ -49,7 +54,7 @@ def run(config_path: Path, backend: str, processes: int, run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--backends", nargs="+", default=["loop", "trainer"])
+    parser.add_argument("--rows", nargs="+", default=["loop", "trainer", "loop:compile=cuda_graphs"])
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--model", choices=["minilm", "bert-base-random"], default="bert-base-random")
@@ -77,18 +82,18 @@ def main() -> None:
         }
         config_path = workdir / "scaling.yaml"
         config_path.write_text(yaml.safe_dump(experiment))
-        for backend in args.backends:
+        for index, row in enumerate(args.rows):
             for processes in args.processes:
-                result = run(config_path, backend, processes, workdir / "runs" / f"{backend}-{processes}")
+                result = run(config_path, row, processes, workdir / "runs" / f"row{index}-{processes}")
                 print(json.dumps(result), flush=True)
                 results.append(result)
 
-    print("\n| backend | processes | wall s | train s | train samples/s | scaling vs 1 | last eval acc | final eval acc |")
+    print("\n| row | processes | wall s | train s | train samples/s | scaling vs 1 | last eval acc | final eval acc |")
     print("|---|---|---|---|---|---|---|---|")
     for result in results:
-        one = next(r for r in results if r["backend"] == result["backend"] and r["processes"] == args.processes[0])
+        one = next(r for r in results if r["row"] == result["row"] and r["processes"] == args.processes[0])
         print(
-            f"| {result['backend']} | {result['processes']} | {result['wall_seconds']:.1f} | {result['train_seconds']:.1f} "
+            f"| {result['row']} | {result['processes']} | {result['wall_seconds']:.1f} | {result['train_seconds']:.1f} "
             f"| {result['samples_per_second']:.1f} | {result['samples_per_second'] / one['samples_per_second']:.2f}x "
             f"| {result['last_eval_accuracy']:.4f} | {result['final_eval_accuracy']:.4f} |"
         )

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import parse_flag_from_env
 from accelerate.data_loader import DataLoaderShard
 from datasets import Dataset
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -92,6 +93,15 @@ class BatchPlan:
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.epoch_batches(0)) / self.grad_accum)
+
+    @property
+    def largest_share(self) -> int:
+        """The most examples a process gets from one micro-batch (every epoch cuts the same sizes)."""
+        return math.ceil(max(len(batch) for batch in self.epoch_batches(0)) / self.num_processes)
+
+    def share(self, batch: np.ndarray, process_index: int) -> np.ndarray:
+        """One process's part of a global micro-batch."""
+        return np.array_split(batch, self.num_processes)[process_index]
 
     def step_examples(self, batches: list[np.ndarray], index: int) -> int:
         """Examples, over all processes, of the optimizer step that micro-batch `index` belongs to."""
@@ -175,7 +185,7 @@ class LoopBackend:
         graphed = None
         if graphs:
             graphed = GraphedTrainStep(
-                accelerator.unwrap_model(model), optimizer.optimizer, on_device, training.batch_size,
+                accelerator.unwrap_model(model), optimizer.optimizer, on_device, plan.largest_share,
                 length_buckets(on_device.width), training.max_grad_norm, dtype,
             )
             model.train()
@@ -204,15 +214,18 @@ class LoopBackend:
                 todo = batches[state.batches_done :]
                 # The graph gathers each batch on the GPU from its row indices; the eager step gets them padded.
                 if graphed is None:
-                    todo = train_loader(on_device or train_set, todo, accelerator, pad_token_id, pad_multiple)
+                    shares = [plan.share(batch, accelerator.process_index) for batch in todo]
+                    todo = train_loader(on_device or train_set, shares, accelerator.device, pad_token_id, pad_multiple)
                 for batch in todo:
                     step_examples = plan.step_examples(batches, state.batches_done)
                     if graphed is not None:  # the same step as below, replayed as one graph
-                        loss_sum, grad_norm = graphed(batch)
+                        share = plan.share(batch, accelerator.process_index)
+                        bucket = graphed.bucket_for(batch)  # the whole batch's: every process replays the same shape
+                        loss_sum, grad_norm = graphed(share, bucket)
                         scheduler.step()
-                        rows = len(batch)
-                        real_tokens += int(on_device.lengths[batch].sum())
-                        padded_tokens += graphed.padded_tokens(batch)
+                        rows = len(share)
+                        real_tokens += int(on_device.lengths[share].sum())
+                        padded_tokens += graphed.batch_size * bucket
                     else:
                         with accelerator.accumulate(model):
                             labels = batch.pop("labels")
@@ -327,18 +340,17 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def train_loader(
     dataset: Dataset | DeviceTensors,
-    batches: list[np.ndarray],
-    accelerator: Accelerator,
+    shares: list[np.ndarray],
+    device: torch.device,
     pad_token_id: int,
     pad_to_multiple_of: int | None = None,
 ) -> DataLoaderShard:
-    """This process's share of each global micro-batch, padded and moved to the device.
+    """This process's shares of the global micro-batches, padded and moved to the device.
 
     A DataLoaderShard is what accelerator.prepare returns: it tells accelerator.accumulate where the
     epoch ends, so a shorter last group of micro-batches still makes its optimizer step. It is built
     here because the batches are already this process's; prepare would shard them a second time.
     """
-    shares = [np.array_split(batch, accelerator.num_processes)[accelerator.process_index].tolist() for batch in batches]
     if isinstance(dataset, DeviceTensors):
         # A batch is one gather on the device: the loader only hands the indices over.
         source, collate_fn = _Gather(dataset), _first
@@ -346,8 +358,8 @@ def train_loader(
         source, collate_fn = dataset, partial(collate, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
     return DataLoaderShard(
         source,
-        device=accelerator.device,
-        batch_sampler=shares,
+        device=device,
+        batch_sampler=[share.tolist() for share in shares],
         collate_fn=collate_fn,
         generator=private_generator(),
     )
@@ -371,12 +383,13 @@ def _first(items: list):
 
 
 def use_cuda_graphs(training: TrainingConfig, device: torch.device) -> bool:
-    """training.compile=cuda_graphs where it can work: one CUDA process, no accumulation, PyTorch's
-    AdamW. Elsewhere the same config trains eagerly, so it runs unchanged on a laptop."""
+    """training.compile=cuda_graphs where it can work: CUDA, whole weights on every GPU (not FSDP or
+    DeepSpeed), no accumulation, PyTorch's AdamW. Elsewhere the same config trains eagerly, so it
+    runs unchanged on a laptop."""
     if training.compile != "cuda_graphs":
         return False
-    single = PartialState().num_processes == 1
-    return device.type == "cuda" and single and training.grad_accum == 1 and training.optimizer == "adamw"
+    sharded = parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    return device.type == "cuda" and not sharded and training.grad_accum == 1 and training.optimizer == "adamw"
 
 
 def keep_on_device(training: TrainingConfig, train_set: Dataset, device: torch.device) -> bool:
