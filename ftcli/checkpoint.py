@@ -7,7 +7,7 @@ A checkpoint of the loop backend:
       optimizer.pt, scheduler.pt [, scaler.pt]          AdamW moments, learning-rate schedule, fp16 scale
       rng_state_<process>.pt                            python, numpy, torch and CUDA generators
       training_state.json                               step, epoch, position in it, best score, ...
-      manifest.json                                     sha256 and size of every other file
+      manifest.json                                     size and digest of every other file
 
 Both backends write a checkpoint into checkpoints/.partial/checkpoint-<step>/ and rename it into
 place when it is complete, so a kill while saving leaves the previous checkpoints as they were and
@@ -45,6 +45,7 @@ LOOP_STATE_FILE = "training_state.json"
 TRAINER_STATE_FILE = "trainer_state.json"  # what HF Trainer writes into its checkpoints
 STATE_FILES = {"loop": LOOP_STATE_FILE, "trainer": TRAINER_STATE_FILE}
 MANIFEST_FILE = "manifest.json"
+DIGEST_PIECE = 16 << 20  # bytes hashed apart, in parallel
 
 log = logging.getLogger("ftcli")
 
@@ -104,23 +105,33 @@ def damage(checkpoint: Path) -> str | None:
 
 
 def _file_digests(folder: Path, sync: bool = False) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file in `folder` (the manifest aside), and with `sync` each file
-    fsynced. Files are read in parallel: hashing and reading release the GIL, and a checkpoint's
-    two big files (weights, optimizer) then take as long as the bigger one alone."""
+    """Size and digest of every file in `folder` (the manifest aside), and with `sync` each file
+    fsynced. A file's digest is the sha256 of the sha256s of its 16 MiB pieces, so that the pieces
+    of one big file (bert-base's 880 MB optimizer state) are hashed in parallel: reading and hashing
+    release the GIL."""
     paths = [path for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE]
+    sizes = [path.stat().st_size for path in paths]
+    pieces = [(path, offset) for path, size in zip(paths, sizes) for offset in range(0, max(size, 1), DIGEST_PIECE)]
 
-    def digest(path: Path) -> dict[str, Any]:
-        sha256 = hashlib.sha256()
+    def piece_digest(piece: tuple[Path, int]) -> bytes:
+        path, offset = piece
         with path.open("rb") as file:
-            while chunk := file.read(1 << 22):
-                sha256.update(chunk)
-            if sync:
-                os.fsync(file.fileno())
-        return {"size": path.stat().st_size, "sha256": sha256.hexdigest()}
+            return hashlib.sha256(os.pread(file.fileno(), DIGEST_PIECE, offset)).digest()
 
-    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), 8))) as pool:
-        entries = list(pool.map(digest, paths))
-    return {str(path.relative_to(folder)): entry for path, entry in zip(paths, entries)}
+    def fsync(path: Path) -> None:
+        with path.open("rb") as file:
+            os.fsync(file.fileno())
+
+    piece_digests: dict[Path, list[bytes]] = {path: [] for path in paths}
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for (path, _), digest in zip(pieces, pool.map(piece_digest, pieces)):
+            piece_digests[path].append(digest)
+        if sync:
+            list(pool.map(fsync, paths))
+    return {
+        str(path.relative_to(folder)): {"size": size, "sha256_of_pieces": hashlib.sha256(b"".join(piece_digests[path])).hexdigest()}
+        for path, size in zip(paths, sizes)
+    }
 
 
 def prune(run: RunDir, keep: int, best: str | Path | None) -> None:
