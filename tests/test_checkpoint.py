@@ -165,6 +165,9 @@ def test_host_snapshots_are_copies_that_keep_tied_tensors_tied_and_reuse_their_m
     weight.add_(1.0)  # training goes on after the snapshot
     assert torch.equal(first["model"]["embed"], before)
     assert first["model"]["embed"] is first["model"]["decoder"]
+    state["optimizer"]["step"] = torch.tensor(3.0)  # a new tensor of the same shape (a schedule's tensor learning rate)
     second = buffers.copy(state)
     assert second["model"]["embed"].data_ptr() == first["model"]["embed"].data_ptr()  # the same host memory again
+    assert second["optimizer"]["step"].data_ptr() == first["optimizer"]["step"].data_ptr()
     assert torch.equal(second["model"]["embed"], weight)
+    assert second["optimizer"]["step"].item() == 3.0
