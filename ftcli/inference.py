@@ -7,11 +7,13 @@ only label ids are kept, never the logits of the whole split.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 
 from ftcli.data import collate, length_sorted_batches
@@ -20,6 +22,16 @@ from ftcli.metrics import MetricSuite
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def attention_kernels(device: torch.device) -> AbstractContextManager:
+    """On CUDA, PyTorch's own attention kernels rather than cuDNN's: cuDNN builds an execution plan
+    for every new input shape, up to 0.4 s each on an H200, and evaluation and dynamic padding bring
+    dozens of shapes (measured: a final evaluation of 408 pairs took 5.0 s instead of 0.2 s).
+    PyTorch's kernels run the steps as fast."""
+    if device.type != "cuda":
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -43,7 +55,7 @@ def iterate_logits(
     rows = dataset.to_list()
     dtype = autocast_dtype(precision, device)
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_kernels(device):
         for indices in length_sorted_batches(dataset["length"], batch_size):
             batch = collate([rows[i] for i in indices], pad_token_id)
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,7 +27,6 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env
 from accelerate.data_loader import DataLoaderShard
 from datasets import Dataset
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -38,13 +36,11 @@ from ftcli.config import TrainingConfig
 from ftcli.cuda_graphs import GraphedTrainStep, length_buckets
 from ftcli.data import DeviceTensors, collate, length_grouped_order, length_sorted_batches
 from ftcli.errors import FtcliError
-from ftcli.inference import autocast_dtype, pick_device, score
+from ftcli.inference import attention_kernels, autocast_dtype, pick_device, score
 from ftcli.metrics import MetricSuite
 from ftcli.optim import create_optimizer
 
 DEVICE_DATA_LIMIT_BYTES = 1 << 30  # MRPC padded is ~10 MB; a split this large leaves the GPU to the model
-
-ATTENTION_WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # ftcli's precision setting, resolved for the device (ftcli.inference), in Accelerate's words.
 MIXED_PRECISION = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -111,13 +107,11 @@ class BatchPlan:
 
 class LoopBackend:
     def train(self, job: TrainJob) -> TrainOutcome:
-        # cuDNN's attention builds an execution plan for every new input shape (up to 0.4 s each on
-        # an H200), and evaluation batches come in many lengths; PyTorch's own attention kernels
-        # replay the graphed step as fast (measured: capture 1.1 s instead of 2.1 s, the first
-        # evaluation 0.1 s instead of 0.5-2.7 s, the same step time).
-        graphs = use_cuda_graphs(job.config.training, pick_device())
-        with sdpa_kernel(ATTENTION_WITHOUT_CUDNN) if graphs else nullcontext():
-            return self._train(job, graphs)
+        # Without cuDNN's attention, which plans anew for every input shape (measured with CUDA
+        # graphs: capture 1.1 s instead of 2.1 s, the first evaluation 0.1 s instead of 0.5-2.7 s).
+        device = pick_device()
+        with attention_kernels(device):
+            return self._train(job, use_cuda_graphs(job.config.training, device))
 
     def _train(self, job: TrainJob, graphs: bool) -> TrainOutcome:
         config, training = job.config, job.config.training
