@@ -120,34 +120,41 @@ def train(
             tracker.close()  # flushes what was logged, even when training fails
         if resume_point is not None:
             outcome.extra["resumed_from"] = str(resume_point)
-        if not is_main:
-            return TrainResult(run, outcome, {}, prepared)
-
-        # Save the kept (best) weights, then score them on every labeled split but train. A LoRA run
-        # saves its adapters, then the model with the adapters merged in.
-        if config.lora:
-            save_model(job.model, tokenizer, run.adapter_dir)
-            job.model = merge_lora(job.model)
-        save_model(job.model, tokenizer, run.model_dir)
-        metrics: dict[str, dict[str, float]] = {}
-        if "validation" in prepared.splits:
-            metrics["validation"] = evaluate_dataset(
-                job.model.to(device),
-                prepared.splits["validation"],
-                config.metrics,
-                config.training.eval_batch_size,
-                tokenizer.pad_token_id,
-                device,
-                config.training.precision,
-            )
-            run.update_metrics("validation", metrics["validation"])
-        run.update_metrics("train", _train_stats(outcome))
-
-        # Read the curves: curves.png and diagnosis.json, accuracy judged against the majority class.
-        run.update_metrics("data", majority_baseline(prepared.summary))
-        diagnosis = analyze_run(run).diagnosis
+        try:
+            if not is_main:
+                return TrainResult(run, outcome, {}, prepared)
+            metrics = save_and_score(job, device)
+            run.update_metrics("train", _train_stats(outcome))
+            # Read the curves: curves.png and diagnosis.json, accuracy judged against the majority class.
+            run.update_metrics("data", majority_baseline(prepared.summary))
+            diagnosis = analyze_run(run).diagnosis
+        finally:
+            job.settle_saves()  # the last checkpoint, written meanwhile, is published
         pushed_to = push.push_run(run, config.push_to_hub) if config.push_to_hub else None
         return TrainResult(run, outcome, metrics, prepared, diagnosis, pushed_to)
+
+
+def save_and_score(job: TrainJob, device: torch.device) -> dict[str, dict[str, float]]:
+    """Save the kept (best) weights into model/, then score them on the validation split. A LoRA
+    run saves its adapters, then the model with the adapters merged in."""
+    config, run, tokenizer = job.config, job.run, job.tokenizer
+    if config.lora:
+        save_model(job.model, tokenizer, run.adapter_dir)
+        job.model = merge_lora(job.model)
+    save_model(job.model, tokenizer, run.model_dir)
+    metrics: dict[str, dict[str, float]] = {}
+    if "validation" in job.prepared.splits:
+        metrics["validation"] = evaluate_dataset(
+            job.model.to(device),
+            job.prepared.splits["validation"],
+            config.metrics,
+            config.training.eval_batch_size,
+            tokenizer.pad_token_id,
+            device,
+            config.training.precision,
+        )
+        run.update_metrics("validation", metrics["validation"])
+    return metrics
 
 
 def reopen(config: Config, run: RunDir, resume_from: str | Path | None, is_main: bool) -> Path:

@@ -6,13 +6,17 @@ from __future__ import annotations
 import errno
 import json
 import random
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import invoke
 
+import ftcli.train
 from ftcli import checkpoint
+from ftcli.config import load_config
 from ftcli.errors import FtcliError
 from ftcli.rundir import RunDir
 
@@ -171,3 +175,36 @@ def test_host_snapshots_are_copies_that_keep_tied_tensors_tied_and_reuse_their_m
     assert second["optimizer"]["step"].data_ptr() == first["optimizer"]["step"].data_ptr()
     assert torch.equal(second["model"]["embed"], weight)
     assert second["optimizer"]["step"].item() == 3.0
+
+
+def test_the_last_checkpoint_is_published_when_train_returns_though_it_was_written_meanwhile(
+    make_experiment, monkeypatch
+):
+    """The final save is written while the model is saved, scored and its curves drawn; train
+    returns only once it is published."""
+    analyzed = threading.Event()
+    analyze_run = ftcli.train.analyze_run
+    write = checkpoint.CheckpointWriter._write
+    overlapped = []
+
+    def analyze_then_signal(run):
+        analysis = analyze_run(run)
+        analyzed.set()
+        return analysis
+
+    def write_last_after_analysis(self, staging, final, *args):
+        if final.name == "checkpoint-32":
+            overlapped.append(analyzed.wait(timeout=60))
+            time.sleep(0.2)
+        write(self, staging, final, *args)
+
+    monkeypatch.setattr(ftcli.train, "analyze_run", analyze_then_signal)
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "_write", write_last_after_analysis)
+    experiment = make_experiment(backend="loop", training={"epochs": 2})
+    run = ftcli.train.train(load_config(experiment), show_progress=False).run
+
+    assert overlapped == [True]
+    checkpoints = run.list_checkpoints()
+    assert [path.name for path in checkpoints] == ["checkpoint-16", "checkpoint-32"]
+    assert all(checkpoint.damage(path) is None and (path / checkpoint.MANIFEST_FILE).is_file() for path in checkpoints)
+    assert not (run.checkpoints / ".partial").exists()

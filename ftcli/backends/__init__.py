@@ -1,7 +1,8 @@
 """Backends share one small interface: take a TrainJob, train its model in place, return a TrainOutcome.
 
 When a backend returns, job.model holds the weights to keep (the best ones when a validation split
-is configured); the train recipe saves them, evaluates them and writes the run directory.
+is configured); the train recipe saves them, evaluates them and writes the run directory, then
+waits for job.settle_saves.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class TrainJob:
     on_evaluate: Callable[[dict[str, Any]], bool] | None = None
     stop_requested: bool = False
     stop_signals: StopSignals = field(default_factory=StopSignals)
+    # A backend may return while its last checkpoint is still being written; the recipe calls this
+    # (on every process) before the run is complete.
+    settle_saves: Callable[[], None] = lambda: None
 
     def log(self, event: dict[str, Any]) -> None:
         """One logging or evaluation event: into metrics.jsonl, onto the progress bar and into

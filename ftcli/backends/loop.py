@@ -301,15 +301,19 @@ class LoopBackend:
                     if finished or stopped_early:
                         break
                 batches = plan.epoch_batches(state.epoch)
-        finally:
-            checkpoints.close()  # the last checkpoint is on disk before anything reads it
+        except BaseException:
+            checkpoints.close()  # what was saved is on disk before the error is reported
+            raise
+        # The last checkpoint is still being written: the recipe saves and scores the model meanwhile.
+        job.settle_saves = checkpoints.close
         job.progress.stop()
         seconds = time.perf_counter() - started
         tokens = accelerator.reduce(torch.stack([real_tokens, torch.tensor(padded_tokens, device=real_tokens.device)]))
 
-        # Keep the best checkpoint's weights when there was a validation split, else the last ones.
+        # Keep the best checkpoint's weights when there was a validation split, else the last ones
+        # (the model holds them already when the best is the last: the one still being written).
         job.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        if state.best_checkpoint is not None:
+        if state.best_checkpoint is not None and state.best_checkpoint != str(checkpoints.newest):
             checkpoint.load_weights(job.model, Path(state.best_checkpoint))
         return TrainOutcome(
             global_step=state.optimizer_step,
