@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,11 +33,13 @@ def run(config_path: Path, row: str, processes: int, run_dir: Path) -> dict:
     command = [sys.executable, "-m", "ftcli", "train", str(config_path), "--backend", backend,
                "--set", f"name={run_dir.name}", "--num-processes", str(processes)]
     command += [argument for override in overrides for argument in ("--set", override)]
+    # One process gets one GPU: unlaunched, HF Trainer would spread it over all of them (nn.DataParallel).
+    environment = os.environ | ({"CUDA_VISIBLE_DEVICES": "0"} if processes == 1 else {})
     started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
     wall = time.perf_counter() - started
     if completed.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(command)} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-20000:]}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last_eval = [event for event in events if "eval_accuracy" in event][-1]

@@ -97,7 +97,8 @@ class _TokenCountingTrainer(Trainer):
             self.padded_tokens += mask.numel()
             if self.loss_watch is None:
                 self.loss_watch = LossWatch(mask.device)
-            self.loss_watch.observe(loss[0] if isinstance(loss, tuple) else loss, self.state.global_step + 1)
+            # Unlaunched on several GPUs, Trainer runs nn.DataParallel: one loss per GPU, averaged later.
+            self.loss_watch.observe((loss[0] if isinstance(loss, tuple) else loss).mean(), self.state.global_step + 1)
         return loss
 
     def log(self, logs, *args, **kwargs) -> None:
