@@ -122,8 +122,8 @@ class TrainingConfig(_Strict):
     )
     compile: Literal["none", "cuda_graphs"] = Field(
         "none",
-        description="loop backend on CUDA GPUs: cuda_graphs replays each training step (with several GPUs, its "
-        "gradient all-reduce too) as a CUDA graph, one per length bucket (much less launch overhead).",
+        description="loop backend on one GPU: cuda_graphs replays each training step as a CUDA graph, one per "
+        "length bucket (much less launch overhead at small batches).",
     )
 
     @field_validator("pad_to_multiple_of")

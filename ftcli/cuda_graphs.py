@@ -5,17 +5,12 @@ in 6.4 ms (bert-base on an H200, measured: about 1,000 small kernels). Capturing
 per padded length (a small set of static buckets) and replaying it removes that overhead. The
 optimizer must be built with `capturable=True` and a tensor learning rate, so the schedule
 changes the rate in place and the graph reads it.
-
-With several processes the graph also holds the gradient all-reduce (NCCL collectives can be
-captured), so data-parallel training replays one graph per step on every GPU instead of running
-eager DDP, whose steps stay launch-bound.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -30,16 +25,15 @@ def length_buckets(max_length: int, smallest: int = 32, step: int = 16) -> list[
 
 
 class GraphedTrainStep:
-    """Call with this process's row indices into the training set and the step's bucket; returns
-    the step's summed loss (over this process's rows) and gradient norm as tensors that the next
-    call overwrites: accumulate them, don't keep them.
+    """Call with a batch's row indices into the training set; returns the step's summed loss and
+    gradient norm as tensors that the next call overwrites: accumulate them, don't keep them.
 
     The graph gathers its batch itself from the training set kept on the GPU (DeviceTensors), so a
     step costs the host one small copy of row indices and one replay: nothing to collate, fill or
     synchronise, and the host runs ahead of the GPU.
 
     The gradients live in one flat buffer (each parameter's .grad is a view of it): zeroing,
-    clipping and the all-reduce between processes each touch one tensor.
+    the norm and clipping each run as one kernel.
     """
 
     def __init__(
@@ -61,7 +55,6 @@ class GraphedTrainStep:
         self.autocast_dtype = autocast_dtype
         self.device = next(model.parameters()).device
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.num_processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._gradients = torch.zeros(
             sum(p.numel() for p in self.parameters), dtype=self.parameters[0].dtype, device=self.device
         )
@@ -77,7 +70,7 @@ class GraphedTrainStep:
     # ------------------------------------------------------------ the step itself
     def _step(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The eager loop's step on the rows in self._rows, padded to `length`: summed
-        cross-entropy, its gradient the mean over the real rows of all processes."""
+        cross-entropy, its gradient the mean over the real rows."""
         self._gradients.zero_()  # in place: backward accumulates into the views, the graph keeps them
         real = self._rows >= 0
         rows = self._rows.clamp(min=0)  # an empty slot repeats row 0, whose loss is ignored below
@@ -92,12 +85,7 @@ class GraphedTrainStep:
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
             logits = self.model(**features).logits
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=LOSS_IGNORE_INDEX)
-        examples = real.sum()
-        if self.num_processes > 1:
-            dist.all_reduce(examples)  # the step's examples over all processes
-        (loss_sum / examples).backward()
-        if self.num_processes > 1:
-            dist.all_reduce(self._gradients)  # the processes' shares of the mean add up to the mean
+        (loss_sum / real.sum()).backward()
         grad_norm = self._gradients.norm()
         if self.max_grad_norm:  # as clip_grad_norm_ does it
             self._gradients.mul_((self.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0))
@@ -129,8 +117,7 @@ class GraphedTrainStep:
                     self._step(length)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # NCCL's watchdog thread polls its events during the capture: only this thread is captured.
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=pool):
                 self._outputs[length] = self._step(length)
             pool = graph.pool()
             self._graphs[length] = graph
@@ -158,12 +145,16 @@ class GraphedTrainStep:
                 return bucket
         raise ValueError(f"sequence length {length} exceeds the largest bucket {self.buckets[-1]}")
 
-    def __call__(self, rows: np.ndarray, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step on at most batch_size rows of the training set, padded to `bucket` (the same
-        on every process: bucket_for the whole global batch); returns (summed loss, grad norm)."""
+    def padded_tokens(self, rows: np.ndarray) -> int:
+        """Tokens the step computes for these rows, padding and empty slots included."""
+        return self.batch_size * self.bucket_for(rows)
+
+    def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on at most batch_size rows of the training set; returns (summed loss, grad norm)."""
         slots = np.full(self.batch_size, -1, dtype=np.int64)
         slots[: len(rows)] = rows
         # Pinned, so the copy is asynchronous; it is ordered after the previous replay on the stream.
         self._rows.copy_(torch.from_numpy(slots).pin_memory(), non_blocking=True)
+        bucket = self.bucket_for(rows)
         self._graphs[bucket].replay()
         return self._outputs[bucket]

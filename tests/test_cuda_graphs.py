@@ -1,24 +1,18 @@
 """The CUDA-graph step's arithmetic, run eagerly on the CPU: capture needs a GPU, but what the
-graph replays is `_step`, and it must train exactly like the eager loop's step, on one process
-or split over several."""
+graph replays is `_step`, and it must train exactly like the eager loop's step."""
 
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from conftest import sentiment_rows, write_rows
-from graph_step_worker import SHARES, build_step
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ftcli.config import DataConfig
 from ftcli.cuda_graphs import GraphedTrainStep, length_buckets
 from ftcli.data import DeviceTensors, collate, prepare
-from ftcli.launch import free_port
 
 
 def test_a_short_batch_fills_its_empty_slots_without_changing_the_step(tmp_path, tiny_model_without_dropout_dir):
@@ -49,31 +43,6 @@ def test_a_short_batch_fills_its_empty_slots_without_changing_the_step(tmp_path,
     assert torch.allclose(grad_norm, eager_norm, atol=1e-5)
     for (name, trained), eager in zip(model.named_parameters(), eager_model.parameters()):
         assert torch.allclose(trained, eager, atol=1e-6), name
-
-
-def test_two_processes_step_as_one_on_their_shares_of_the_batch(tmp_path, tiny_model_without_dropout_dir):
-    """The all-reduce inside the step: each process's gradient counts its rows once, over the
-    examples of all processes, so both end with the weights of one process stepping on the union."""
-    rows = write_rows(tmp_path / "train.jsonl", sentiment_rows(10, pair=True))
-    worker = Path(__file__).with_name("graph_step_worker.py")
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         str(worker), str(tiny_model_without_dropout_dir), str(rows), str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
-
-    union = [row for share in SHARES for row in share]
-    step, data = build_step(str(tiny_model_without_dropout_dir), str(rows), slots=len(union))
-    step._rows.copy_(torch.tensor(union))
-    loss_sum, grad_norm = step._step(data.width)
-
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
-    assert torch.allclose(ranks[0]["loss_sum"] + ranks[1]["loss_sum"], loss_sum, atol=1e-5)
-    for rank in ranks:
-        assert torch.allclose(rank["grad_norm"], grad_norm, atol=1e-5)
-        for name, weight in step.model.state_dict().items():
-            assert torch.allclose(rank["weights"][name], weight, atol=1e-6), name
 
 
 def test_buckets_cover_every_length_up_to_the_widest():

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import parse_flag_from_env
 from accelerate.data_loader import DataLoaderShard
 from datasets import Dataset
 from torch.utils.data import DataLoader
@@ -89,11 +88,6 @@ class BatchPlan:
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.epoch_batches(0)) / self.grad_accum)
-
-    @property
-    def largest_share(self) -> int:
-        """The most examples a process gets from one micro-batch (every epoch cuts the same sizes)."""
-        return math.ceil(max(len(batch) for batch in self.epoch_batches(0)) / self.num_processes)
 
     def share(self, batch: np.ndarray, process_index: int) -> np.ndarray:
         """One process's part of a global micro-batch."""
@@ -179,7 +173,7 @@ class LoopBackend:
         graphed = None
         if graphs:
             graphed = GraphedTrainStep(
-                accelerator.unwrap_model(model), optimizer.optimizer, on_device, plan.largest_share,
+                accelerator.unwrap_model(model), optimizer.optimizer, on_device, training.batch_size,
                 length_buckets(on_device.width), training.max_grad_norm, dtype,
             )
             model.train()
@@ -213,13 +207,11 @@ class LoopBackend:
                 for batch in todo:
                     step_examples = plan.step_examples(batches, state.batches_done)
                     if graphed is not None:  # the same step as below, replayed as one graph
-                        share = plan.share(batch, accelerator.process_index)
-                        bucket = graphed.bucket_for(batch)  # the whole batch's: every process replays the same shape
-                        loss_sum, grad_norm = graphed(share, bucket)
+                        loss_sum, grad_norm = graphed(batch)
                         scheduler.step()
-                        rows = len(share)
-                        real_tokens += int(on_device.lengths[share].sum())
-                        padded_tokens += graphed.batch_size * bucket
+                        rows = len(batch)
+                        real_tokens += int(on_device.lengths[batch].sum())
+                        padded_tokens += graphed.padded_tokens(batch)
                     else:
                         with accelerator.accumulate(model):
                             labels = batch.pop("labels")
@@ -381,13 +373,12 @@ def _first(items: list):
 
 
 def use_cuda_graphs(training: TrainingConfig, device: torch.device) -> bool:
-    """training.compile=cuda_graphs where it can work: CUDA, whole weights on every GPU (not FSDP or
-    DeepSpeed), no accumulation, PyTorch's AdamW. Elsewhere the same config trains eagerly, so it
-    runs unchanged on a laptop."""
+    """training.compile=cuda_graphs where it can work: one CUDA process, no accumulation, PyTorch's
+    AdamW. Elsewhere the same config trains eagerly, so it runs unchanged on a laptop."""
     if training.compile != "cuda_graphs":
         return False
-    sharded = parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
-    return device.type == "cuda" and not sharded and training.grad_accum == 1 and training.optimizer == "adamw"
+    single = PartialState().num_processes == 1
+    return device.type == "cuda" and single and training.grad_accum == 1 and training.optimizer == "adamw"
 
 
 def keep_on_device(training: TrainingConfig, train_set: Dataset, device: torch.device) -> bool:
