@@ -19,7 +19,7 @@ from transformers import (
 from ftcli import checkpoint
 from ftcli.backends import LossWatch, TrainJob, TrainOutcome
 from ftcli.config import Config
-from ftcli.inference import attention_kernels, autocast_dtype, pick_device
+from ftcli.inference import autocast_dtype, pick_device
 from ftcli.metrics import MetricSuite, primary_metric
 from ftcli.optim import trainer_optimizer
 from ftcli.rundir import RunDir
@@ -60,8 +60,7 @@ class TrainerBackend:
         trainer.model_accepts_loss_kwargs = False
 
         started = time.perf_counter()
-        with attention_kernels(pick_device()):  # as the loop backend trains: no per-shape cuDNN plans
-            trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+        trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
         seconds = time.perf_counter() - started
         job.model = trainer.model
         state = trainer.state
