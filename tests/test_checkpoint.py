@@ -4,6 +4,7 @@ and RNG states survive torch.load(weights_only=True)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import random
 import threading
@@ -118,6 +119,21 @@ def test_resume_skips_damaged_checkpoints(tmp_path, caplog):
     assert checkpoint.damage(run.checkpoint_dir(2)) == "model.safetensors is missing"
     with pytest.raises(FtcliError, match="every checkpoint of .* is damaged"):
         checkpoint.resume_point(run, None, "loop")
+
+
+def test_manifests_of_earlier_versions_whole_file_sha256s_are_still_checked(tmp_path):
+    run = RunDir(tmp_path)
+    published_checkpoints(run, [2])
+    folder = run.checkpoint_dir(2)
+    legacy = {
+        path.name: {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        for path in folder.iterdir()
+        if path.name != checkpoint.MANIFEST_FILE
+    }
+    (folder / checkpoint.MANIFEST_FILE).write_text(json.dumps(legacy))
+    assert checkpoint.damage(folder) is None
+    flip_a_byte(folder / "model.safetensors")
+    assert checkpoint.damage(folder) == "model.safetensors differs from when it was saved"
 
 
 @pytest.mark.parametrize("backend", ["loop", "trainer"])
