@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import invoke
 
+import ftcli.backends
 from ftcli.backends import StopSignals
 from ftcli.rundir import RunDir
 
@@ -55,11 +56,29 @@ def test_a_nan_loss_stops_training_before_the_next_checkpoint(backend, make_expe
 def test_stop_signals_record_the_first_signal_and_restore_the_handlers(tmp_path):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with StopSignals() as stop_signals:
-        assert stop_signals.requested() == 0
+        assert stop_signals.requested(1) == 0
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: recorded, not a KeyboardInterrupt
-        assert stop_signals.requested() == signal.SIGINT
+        assert stop_signals.requested(2) == signal.SIGINT  # one process: at the next step
         assert signal.getsignal(signal.SIGINT) is before[0]  # a second Ctrl-C aborts at once
         error = stop_signals.interrupted(RunDir(tmp_path), 7)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert error.exit_code == 130
     assert str(error) == f"interrupted at step 7: checkpoint-7 saved; continue with ftcli train {tmp_path} --resume"
+
+
+def test_several_processes_agree_on_a_signal_every_few_steps_only(monkeypatch):
+    """Agreeing waits for the GPU: at every step it would stop the host from running ahead."""
+
+    class TwoProcesses:
+        num_processes = 2
+        device = torch.device("cpu")
+
+    agreements = []
+    monkeypatch.setattr(ftcli.backends, "PartialState", TwoProcesses)
+    monkeypatch.setattr(ftcli.backends, "reduce", lambda flag, op: agreements.append(op) or flag)
+    stop_signals = StopSignals()
+    stop_signals.signal_number = signal.SIGTERM  # reached this process only, mid-interval
+    steps = range(1, 2 * StopSignals.AGREE_EVERY + 1)
+    stopping = [step for step in steps if stop_signals.requested(step)]
+    assert stopping == [StopSignals.AGREE_EVERY, 2 * StopSignals.AGREE_EVERY]
+    assert agreements == ["max", "max"]

@@ -28,8 +28,9 @@ from ftcli.ui import TrainingProgress
 
 class StopSignals:
     """While training, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the backend to
-    save a checkpoint at the next optimizer step and stop, rather than lose the steps since the
-    last one. A second signal gets the previous handler: Ctrl-C twice still aborts at once."""
+    save a checkpoint at the next optimizer step (with several processes, within AGREE_EVERY
+    steps) and stop, rather than lose the steps since the last one. A second signal gets the
+    previous handler: Ctrl-C twice still aborts at once."""
 
     def __init__(self) -> None:
         self.signal_number = 0
@@ -52,13 +53,21 @@ class StopSignals:
             signal.signal(number, handler)
         self._previous = {}
 
-    def requested(self) -> int:
-        """The signal that asked to stop, or 0. With several processes, one stopping stops all at
-        the same step (one small all-reduce per step: a signal may reach some processes only)."""
+    # With several processes, optimizer steps between two agreements on a signal.
+    AGREE_EVERY = 16
+
+    def requested(self, optimizer_step: int) -> int:
+        """The signal that asked to stop at this optimizer step, or 0. With several processes all
+        must stop at the same step, and a signal may reach some of them only: they agree (a small
+        all-reduce that waits for the GPU) every AGREE_EVERY steps, not at every step, so that the
+        host can run ahead of the GPU in between."""
         processes = PartialState()
-        if processes.num_processes > 1:
-            flag = torch.tensor([self.signal_number], device=processes.device)
-            self.signal_number = int(reduce(flag, "max"))
+        if processes.num_processes == 1:
+            return self.signal_number
+        if optimizer_step % self.AGREE_EVERY:
+            return 0
+        flag = torch.tensor([self.signal_number], device=processes.device)
+        self.signal_number = int(reduce(flag, "max"))
         return self.signal_number
 
     def interrupted(self, run: RunDir, optimizer_step: int) -> TrainingInterrupted:

@@ -249,7 +249,7 @@ class LoopBackend:
                         state.epoch, state.batches_done = state.epoch + 1, 0
                     epoch = round(state.epoch + state.batches_done / len(batches), 4)
                     finished = state.optimizer_step >= total_steps
-                    interrupted = not finished and job.stop_signals.requested()  # SIGINT, SIGTERM: save and stop
+                    interrupted = not finished and job.stop_signals.requested(state.optimizer_step)  # SIGINT, SIGTERM: save and stop
                     log_due = state.optimizer_step % training.logging_steps == 0
                     eval_due = eval_loader is not None and (due(training.eval_every, state.optimizer_step, epoch_ended) or finished)
                     save_due = due(training.save_every, state.optimizer_step, epoch_ended) or finished or interrupted

@@ -225,7 +225,7 @@ class _EventCallback(TrainerCallback):
             samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
             self.job.progress.step(state.global_step, samples)
         # A signal: save this step and stop (the loop backend does the same).
-        if state.global_step < state.max_steps and self.job.stop_signals.requested():
+        if state.global_step < state.max_steps and self.job.stop_signals.requested(state.global_step):
             control.should_save = control.should_training_stop = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
