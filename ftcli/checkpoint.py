@@ -39,6 +39,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ftcli.data import file_sha256, round_up
 from ftcli.errors import FtcliError
 from ftcli.lora import is_adapter, load_adapter_weights
 from ftcli.rundir import RunDir, atomic_write_json
@@ -102,18 +103,10 @@ def damage(checkpoint: Path) -> str | None:
         if name not in found:
             return f"{name} is missing"
         if "sha256" in entry:  # a manifest of ftcli before 2026-11-29: one sha256 of the whole file
-            found[name] = {"size": found[name]["size"], "sha256": _whole_file_sha256(checkpoint / name)}
+            found[name] = {"size": found[name]["size"], "sha256": file_sha256(checkpoint / name)}
         if found[name] != entry:
             return f"{name} differs from when it was saved"
     return None
-
-
-def _whole_file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(DIGEST_PIECE):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _file_digests(folder: Path, sync: bool = False) -> dict[str, dict[str, Any]]:
@@ -321,7 +314,7 @@ class HostBuffers:
         self.release()
         tensors = _unique_tensors(state)
         sizes = [tensor.numel() * tensor.element_size() for tensor in tensors]
-        starts = [0, *itertools.accumulate(-(-size // self.ALIGNMENT) * self.ALIGNMENT for size in sizes)]
+        starts = [0, *itertools.accumulate(round_up(size, self.ALIGNMENT) for size in sizes)]
         self._block = torch.empty(starts[-1], dtype=torch.uint8)
         if any(tensor.is_cuda for tensor in tensors):
             self._page_lock(self._block)

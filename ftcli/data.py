@@ -281,17 +281,21 @@ def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> st
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for split, path in data.split_files().items():
         digest.update(split.encode())
-        digest.update(_file_digest(Path(path)).encode())
+        digest.update(file_sha256(require_file(path)).encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     return digest.hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with require_file(path).open("rb") as handle:
+    with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def cache_root() -> Path:
@@ -393,7 +397,7 @@ def collate(
     """Pad a list of tokenized rows to the longest one (rounded up to a multiple when asked)."""
     longest = max(len(row["input_ids"]) for row in features)
     if pad_to_multiple_of:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        longest = round_up(longest, pad_to_multiple_of)
     batch: dict[str, torch.Tensor] = {}
     for column in MODEL_COLUMNS:
         if column not in features[0]:
@@ -439,7 +443,7 @@ class DeviceTensors:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.width = int(self.lengths.max())
         if pad_to_multiple_of:
-            self.width = -(-self.width // pad_to_multiple_of) * pad_to_multiple_of
+            self.width = round_up(self.width, pad_to_multiple_of)
         self.tensors = {
             column: self._pad(rows[column], self.width, pad_token_id if column == "input_ids" else 0).to(device)
             for column in MODEL_COLUMNS
@@ -463,7 +467,7 @@ class DeviceTensors:
     def batch_length(self, indices: np.ndarray) -> int:
         length = int(self.lengths[indices].max())
         if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            length = round_up(length, self.pad_to_multiple_of)
         return min(length, self.width)
 
     def batch(self, indices: np.ndarray, length: int | None = None) -> dict[str, torch.Tensor]:
