@@ -109,11 +109,10 @@ class LoopBackend:
         device = pick_device()
         graphs = use_cuda_graphs(job.config.training, device)
         with attention_kernels(device) if graphs else nullcontext():
-            return self._train(job, graphs)
+            return self._train(job, device, graphs)
 
-    def _train(self, job: TrainJob, graphs: bool) -> TrainOutcome:
+    def _train(self, job: TrainJob, device: torch.device, graphs: bool) -> TrainOutcome:
         config, training = job.config, job.config.training
-        device = pick_device()
         dtype = autocast_dtype(training.precision, device)
         # One process may train several times (sweeps, benchmarks), each run with its own precision;
         # the distributed state (PartialState) is kept.
@@ -291,8 +290,7 @@ class LoopBackend:
                         loss, examples = accelerator.reduce(window.clone()).tolist()
                         state.window_loss, state.window_examples = loss, int(examples)
                         checkpoints.save(target, model, job.tokenizer, optimizer, scheduler, asdict(state), state.best_checkpoint)
-                    if interrupted:
-                        checkpoints.close()
+                    if interrupted:  # the except below waits for the checkpoint just started
                         raise job.stop_signals.interrupted(job.run, state.optimizer_step)
                     if finished or stopped_early:
                         break
