@@ -24,6 +24,22 @@ def length_buckets(max_length: int, smallest: int = 32, step: int = 16) -> list[
     return list(range(smallest, max_length, step)) + [max_length]
 
 
+def low_precision_copies(model: nn.Module, dtype: torch.dtype) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
+    """The trainable parameters that autocast casts at every forward (those of Linear layers), by
+    name, each with a leaf copy in `dtype` for the forward to run on instead."""
+    copies: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.requires_grad and id(parameter) not in seen:
+                seen.add(id(parameter))
+                copy = parameter.detach().to(dtype).requires_grad_()
+                copies[f"{module_name}.{name}" if module_name else name] = (parameter, copy)
+    return copies
+
+
 class GraphedTrainStep:
     """Call with a batch's row indices into the training set; returns the step's summed loss and
     gradient norm as tensors that the next call overwrites: accumulate them, don't keep them.
@@ -32,8 +48,14 @@ class GraphedTrainStep:
     step costs the host one small copy of row indices and one replay: nothing to collate, fill or
     synchronise, and the host runs ahead of the GPU.
 
-    The gradients live in one flat buffer (each parameter's .grad is a view of it): zeroing,
-    the norm and clipping each run as one kernel.
+    Kernels saved: under autocast every Linear casts its fp32 weight and bias to bf16 at each
+    forward, and backward casts their gradients back and adds every gradient into .grad. At batch
+    8 those are ~500 of the step's ~1,000 tiny kernels. The graph instead runs the forward on
+    low-precision copies of those parameters (the very casts autocast makes), refreshed by one
+    multi-tensor copy after the optimizer step; backward writes every gradient into fresh memory,
+    and one multi-tensor copy per dtype packs them into one flat buffer (each parameter's .grad is
+    a view of it), where the norm and clipping are one kernel each. The arithmetic is the eager
+    autocast step's.
     """
 
     def __init__(
@@ -58,10 +80,12 @@ class GraphedTrainStep:
         self._gradients = torch.zeros(
             sum(p.numel() for p in self.parameters), dtype=self.parameters[0].dtype, device=self.device
         )
+        self._gradient_views = []
         offset = 0
         for parameter in self.parameters:
-            parameter.grad = self._gradients[offset : offset + parameter.numel()].view_as(parameter)
+            self._gradient_views.append(self._gradients[offset : offset + parameter.numel()].view_as(parameter))
             offset += parameter.numel()
+        self._copies = low_precision_copies(model, autocast_dtype) if autocast_dtype is not None else {}
         # The batch's row indices; -1 marks a slot of a short last batch (no loss, no gradient).
         self._rows = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -71,7 +95,8 @@ class GraphedTrainStep:
     def _step(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The eager loop's step on the rows in self._rows, padded to `length`: summed
         cross-entropy, its gradient the mean over the real rows."""
-        self._gradients.zero_()  # in place: backward accumulates into the views, the graph keeps them
+        for parameter in [*self.parameters, *(copy for _, copy in self._copies.values())]:
+            parameter.grad = None  # so backward hands its gradient tensors over instead of adding them
         real = self._rows >= 0
         rows = self._rows.clamp(min=0)  # an empty slot repeats row 0, whose loss is ignored below
         features = {
@@ -80,17 +105,44 @@ class GraphedTrainStep:
             if name != "labels"
         }
         labels = torch.where(real, self.data.tensors["labels"].index_select(0, rows), LOSS_IGNORE_INDEX)
+        overrides = {name: copy for name, (_, copy) in self._copies.items()}
         # The autocast cache would hold casts made during capture: graphs need it off.
-        with torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32,
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
-            logits = self.model(**features).logits
+            logits = torch.func.functional_call(self.model, overrides, args=(), kwargs=features).logits
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=LOSS_IGNORE_INDEX)
         (loss_sum / real.sum()).backward()
+        self._pack_gradients()
         grad_norm = self._gradients.norm()
         if self.max_grad_norm:  # as clip_grad_norm_ does it
             self._gradients.mul_((self.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0))
         self.optimizer.step()
+        self._refresh_copies()
         return loss_sum.detach(), grad_norm
+
+    def _refresh_copies(self) -> None:
+        """The low-precision copies take the optimizer's new weights."""
+        if self._copies:
+            originals, copies = zip(*self._copies.values())
+            with torch.no_grad():
+                torch._foreach_copy_(list(copies), list(originals))
+
+    def _pack_gradients(self) -> None:
+        """Copy each gradient (a low-precision copy's cast back to fp32) into the parameter's view of
+        the flat buffer, and make that view its .grad for the optimizer. A parameter the forward did
+        not use keeps a zero gradient."""
+        copy_of = {id(parameter): copy for parameter, copy in self._copies.values()}
+        by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+        for parameter, view in zip(self.parameters, self._gradient_views):
+            gradient = copy_of.get(id(parameter), parameter).grad
+            if gradient is not None:
+                targets, sources = by_dtype.setdefault(gradient.dtype, ([], []))
+                targets.append(view)
+                sources.append(gradient)
+            parameter.grad = view
+        with torch.no_grad():
+            for targets, sources in by_dtype.values():
+                torch._foreach_copy_(targets, sources)
 
     # ------------------------------------------------------------ capture
     def capture(self, warmup_steps: int = 2) -> None:
