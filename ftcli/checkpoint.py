@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.utils.serialization
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -140,12 +141,16 @@ def _file_digests(folder: Path, sync: bool = False) -> dict[str, dict[str, Any]]
 
 
 def prune(run: RunDir, keep: int, best: str | Path | None) -> None:
-    """Delete all checkpoints but the newest `keep` and the best one, and any half-written save."""
+    """Delete all checkpoints but the newest `keep` and the best one."""
     checkpoints = run.list_checkpoints()
     kept = set(checkpoints[-keep:]) | ({Path(best)} if best else set())
     for path in checkpoints:
         if path not in kept:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def clear_staging(run: RunDir) -> None:
+    """Delete every half-written save; no save may be in flight."""
     shutil.rmtree(run.checkpoints / ".partial", ignore_errors=True)
 
 
@@ -195,15 +200,20 @@ class CheckpointWriter:
 
     A save takes a snapshot of the weights, the optimizer and the schedule into host memory (on a
     GPU an asynchronous copy into pinned memory, ordered on the stream before the next step can
-    change them), and a background thread writes, hashes, fsyncs, publishes and prunes: bert-base
-    with its AdamW moments is 1.3 GB, seconds of writing that would otherwise stop training. One
-    save is in flight at a time; its error (a full disk) is raised by the next `save` or by `close`.
+    change them), and a background thread writes it out, then hashes, fsyncs, publishes and
+    prunes: bert-base with its AdamW moments is 1.3 GB, seconds that would otherwise stop
+    training. The next save waits only until the snapshot is written out of host memory, not for
+    the fsync (1.6 s of 3.6 s on the H200 host, measured), so one checkpoint reaches the disk
+    while the next is written. Checkpoints are published in the order they were saved. A failed
+    save's error (a full disk) is raised by the next `save` or by `close`.
     """
 
     def __init__(self, run: RunDir, accelerator: Accelerator, keep: int) -> None:
         self.run, self.accelerator, self.keep = run, accelerator, keep
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._saves: dict[Path, threading.Thread] = {}  # oldest first; each waits for the one before to publish
+        self._snapshot_written = threading.Event()
+        self._snapshot_written.set()
+        self._errors: list[tuple[Path, BaseException]] = []
         self.newest: Path | None = None  # the last checkpoint saved (or still being written)
         self._host = HostBuffers()
 
@@ -236,16 +246,22 @@ class CheckpointWriter:
     ) -> None:
         """Start saving a resumable checkpoint. Every process calls this: each writes its own RNG
         states at once, the main one hands the weights and optimizer (the same on all) to its thread."""
-        self.wait()
+        self._snapshot_written.wait()
+        if self._errors:
+            self.wait()  # raises, once every checkpoint before it is published
         accelerator = self.accelerator
         with disk_full_is_a_user_error(self.run, final):
-            staging = staging_dir(final)
-            if accelerator.is_main_process:
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir(parents=True)
-            accelerator.wait_for_everyone()
-            torch.save(rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
-            accelerator.wait_for_everyone()  # every RNG file is written before the main process publishes
+            try:
+                staging = staging_dir(final)
+                if accelerator.is_main_process:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    staging.mkdir(parents=True)
+                accelerator.wait_for_everyone()
+                torch.save(rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
+                accelerator.wait_for_everyone()  # every RNG file is written before the main process publishes
+            except BaseException:
+                self._join()  # the error names the intact checkpoints: those in flight are published first
+                raise
         self.newest = final
         if not accelerator.is_main_process:
             return
@@ -253,44 +269,75 @@ class CheckpointWriter:
         copied = torch.cuda.Event() if torch.cuda.is_available() else None
         if copied is not None:
             copied.record()
-        self._thread = threading.Thread(
+        self._snapshot_written.clear()
+        previous = next(reversed(self._saves.values()), None)
+        self._saves[final] = threading.Thread(
             target=self._write,
-            args=(staging, final, accelerator.unwrap_model(model), tokenizer, snapshot, copied, dict(state), best),
+            args=(staging, final, accelerator.unwrap_model(model), tokenizer, snapshot, copied, dict(state), best, previous),
             name=f"ftcli-save-{final.name}",
         )
-        self._thread.start()
+        self._saves[final].start()
 
-    def _write(self, staging, final, model, tokenizer, snapshot, copied, state, best) -> None:
+    def _write(self, staging, final, model, tokenizer, snapshot, copied, state, best, previous) -> None:
         try:
-            if copied is not None:
-                copied.synchronize()
-            model.save_pretrained(staging, state_dict=snapshot["model"])
-            tokenizer.save_pretrained(staging)
-            torch.save(snapshot["optimizer"], staging / "optimizer.pt")
-            torch.save(snapshot["scheduler"], staging / "scheduler.pt")
-            if snapshot["scaler"] is not None:
-                torch.save(snapshot["scaler"], staging / "scaler.pt")
-            atomic_write_json(staging / LOOP_STATE_FILE, state)
+            try:
+                if copied is not None:
+                    copied.synchronize()
+                model.save_pretrained(staging, state_dict=snapshot["model"])
+                tokenizer.save_pretrained(staging)
+                save_without_crc(snapshot["optimizer"], staging / "optimizer.pt")
+                save_without_crc(snapshot["scheduler"], staging / "scheduler.pt")
+                if snapshot["scaler"] is not None:
+                    save_without_crc(snapshot["scaler"], staging / "scaler.pt")
+                atomic_write_json(staging / LOOP_STATE_FILE, state)
+            finally:
+                self._snapshot_written.set()  # the next save may snapshot into the host memory
+                if previous is not None:
+                    previous.join()  # published in the order saved
             publish(staging, final)
             prune(self.run, self.keep, best)
         except BaseException as error:  # raised on the training thread by wait()
-            self._error = error
+            self._errors.append((final, error))
 
     def wait(self) -> None:
-        """Block until the save in flight is published; raise what went wrong with it."""
-        if self._thread is None:
-            return
-        self._thread.join()
-        self._thread, error, self._error = None, self._error, None
-        if error is not None:
-            with disk_full_is_a_user_error(self.run, self.newest):
+        """Block until every save in flight is published; raise what went wrong with the first that failed."""
+        self._join()
+        self._raise_error()
+
+    def _join(self) -> None:
+        if self._saves:
+            next(reversed(self._saves.values())).join()  # which waited for each before it
+            self._saves.clear()
+
+    def wait_for(self, final: Path) -> None:
+        """Block until the checkpoint `final` is published, on every process (to read it back)."""
+        if final in self._saves:
+            self._saves[final].join()
+        self.accelerator.wait_for_everyone()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._errors:
+            (final, error), *_ = self._errors
+            self._errors.clear()
+            with disk_full_is_a_user_error(self.run, final):
                 raise error
 
     def close(self) -> None:
         """Wait for the last save; afterwards every process finds every checkpoint published."""
         self.wait()
         self._host.release()
+        if self.accelerator.is_main_process:
+            clear_staging(self.run)
         self.accelerator.wait_for_everyone()
+
+
+def save_without_crc(value: Any, path: Path) -> None:
+    """torch.save less the zip format's CRC32 of every record: 0.4 s of the 0.9-1.0 s that writing
+    bert-base's 880 MB AdamW state took (measured on the H200 host). The manifest's digests check
+    the file instead, and torch.load reads it as before."""
+    with torch.utils.serialization.config.patch({"save.compute_crc32": False}):
+        torch.save(value, path)
 
 
 class HostBuffers:
@@ -461,5 +508,5 @@ def rewind(run: RunDir, resume_from: Path) -> None:
     for path in run.list_checkpoints():
         if run.checkpoint_step(path) > step:
             shutil.rmtree(path)
-    shutil.rmtree(run.checkpoints / ".partial", ignore_errors=True)
+    clear_staging(run)
     run.drop_events_after(step)

@@ -34,6 +34,7 @@ def test_prune_keeps_the_newest_and_the_best_and_clears_half_written_saves(tmp_p
     fake_checkpoints(run, [2, 4, 6, 8, 10])
     checkpoint.staging_dir(run.checkpoint_dir(12)).mkdir(parents=True)
     checkpoint.prune(run, keep=2, best=run.checkpoint_dir(4))
+    checkpoint.clear_staging(run)
     assert [p.name for p in run.list_checkpoints()] == ["checkpoint-4", "checkpoint-8", "checkpoint-10"]
     assert [p.name for p in run.checkpoints.iterdir() if p.name.startswith(".")] == []
 
@@ -223,4 +224,32 @@ def test_the_last_checkpoint_is_published_when_train_returns_though_it_was_writt
     checkpoints = run.list_checkpoints()
     assert [path.name for path in checkpoints] == ["checkpoint-16", "checkpoint-32"]
     assert all(checkpoint.damage(path) is None and (path / checkpoint.MANIFEST_FILE).is_file() for path in checkpoints)
+    assert not (run.checkpoints / ".partial").exists()
+
+
+def test_a_save_does_not_wait_for_the_previous_checkpoint_to_reach_the_disk_and_publishing_keeps_order(
+    make_experiment, monkeypatch
+):
+    """Checkpoint-16's fsync and publishing are held until checkpoint-32 has been written out: the
+    second save must not wait for the first's publishing, and the first is still published first."""
+    publish = checkpoint.publish
+    published, waited = [], []
+
+    def publish_first_after_the_second_is_written(staging, final):
+        if final.name == "checkpoint-16":
+            second = checkpoint.staging_dir(final.with_name("checkpoint-32")) / checkpoint.LOOP_STATE_FILE
+            deadline = time.monotonic() + 30
+            while not second.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            waited.append(second.exists())
+        publish(staging, final)
+        published.append(final.name)
+
+    monkeypatch.setattr(checkpoint, "publish", publish_first_after_the_second_is_written)
+    experiment = make_experiment(backend="loop", training={"epochs": 2, "keep_checkpoints": 2})
+    run = ftcli.train.train(load_config(experiment), show_progress=False).run
+
+    assert waited == [True]
+    assert published == ["checkpoint-16", "checkpoint-32"]
+    assert all(checkpoint.damage(path) is None for path in run.list_checkpoints())
     assert not (run.checkpoints / ".partial").exists()

@@ -308,6 +308,7 @@ class LoopBackend:
         # (the model holds them already when the best is the last: the one still being written).
         job.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         if state.best_checkpoint is not None and state.best_checkpoint != str(checkpoints.newest):
+            checkpoints.wait_for(Path(state.best_checkpoint))
             checkpoint.load_weights(job.model, Path(state.best_checkpoint))
         return TrainOutcome(
             global_step=state.optimizer_step,

@@ -194,6 +194,7 @@ class _StagedTrainer(_TokenCountingTrainer):
                 checkpoint.publish(staged, final)
         if self.args.should_save:
             checkpoint.prune(self.run, self.keep_checkpoints, self.state.best_model_checkpoint)
+            checkpoint.clear_staging(self.run)
         self.accelerator.wait_for_everyone()  # and finds the checkpoint under its final name
 
 
