@@ -147,6 +147,8 @@ class GraphedTrainStep:
     # ------------------------------------------------------------ capture
     def capture(self, warmup_steps: int = 2) -> None:
         """Warm up and capture one graph per bucket, longest first so one memory pool serves all.
+        The first bucket warms up with `warmup_steps` (lazy state: the optimizer's moments, library
+        handles); every other bucket with one step, for its own shapes' kernels.
 
         Warm-up runs real optimizer steps, so they run at learning rate 0 and the optimizer's
         state (moments, step counts) is put back afterwards, in place, since the graphs read
@@ -163,9 +165,9 @@ class GraphedTrainStep:
         pool = None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        for length in sorted(self.buckets, reverse=True):
+        for index, length in enumerate(sorted(self.buckets, reverse=True)):
             with torch.cuda.stream(side):
-                for _ in range(warmup_steps):
+                for _ in range(warmup_steps if index == 0 else 1):
                     self._step(length)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
