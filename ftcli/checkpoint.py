@@ -438,12 +438,24 @@ def load_checkpoint(
             "resume with as many processes as the run was started with",
         )
     load_weights(accelerator.unwrap_model(model), path)
-    optimizer.load_state_dict(_load(path / "optimizer.pt"))
+    load_optimizer_state(optimizer, _load(path / "optimizer.pt"))
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(_load(path / "scaler.pt"))
     set_rng_state(_load(rng_file))
     return json.loads((path / LOOP_STATE_FILE).read_text())
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """optimizer.load_state_dict, except that a tensor learning rate (a CUDA-graph run's) keeps its
+    own tensor on the GPU and takes the saved value: load_state_dict would put the saved CPU copy in
+    its place, and the graphs, captured after, would train at the rate of the moment of capture."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, rate in zip(optimizer.param_groups, rates):
+        if torch.is_tensor(rate):
+            rate.copy_(torch.as_tensor(group["lr"]))
+            group["lr"] = rate
 
 
 def load_weights(model: PreTrainedModel, path: Path) -> None:

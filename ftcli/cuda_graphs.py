@@ -152,8 +152,11 @@ class GraphedTrainStep:
 
         Warm-up runs real optimizer steps, so they run at learning rate 0 and the optimizer's
         state (moments, step counts) is put back afterwards, in place, since the graphs read
-        those very tensors: training starts (or resumes) from the same weights and state.
+        those very tensors: training starts (or resumes) from the same weights and state. Its
+        dropout draws are undone too (the CUDA generator's state), so a resumed run's replays
+        draw the masks the uninterrupted run drew.
         """
+        rng_state = torch.cuda.get_rng_state(self.device)
         learning_rates = [group["lr"].clone() for group in self.optimizer.param_groups]
         saved_state = {
             parameter: {key: value.clone() for key, value in state.items() if torch.is_tensor(value)}
@@ -176,6 +179,7 @@ class GraphedTrainStep:
             pool = graph.pool()
             self._graphs[length] = graph
         torch.cuda.synchronize()
+        torch.cuda.set_rng_state(rng_state, self.device)
         self._restore_optimizer_state(saved_state)
         for group, rate in zip(self.optimizer.param_groups, learning_rates):
             group["lr"].copy_(rate)

@@ -253,3 +253,16 @@ def test_a_save_does_not_wait_for_the_previous_checkpoint_to_reach_the_disk_and_
     assert published == ["checkpoint-16", "checkpoint-32"]
     assert all(checkpoint.damage(path) is None for path in run.list_checkpoints())
     assert not (run.checkpoints / ".partial").exists()
+
+
+def test_a_tensor_learning_rate_keeps_its_tensor_and_takes_the_saved_value(tmp_path):
+    """A CUDA-graph run's learning rate is a tensor on the GPU that the captured step reads: after
+    resuming, it must still be that tensor, or the graph trains at the rate it was captured with."""
+    parameter = torch.nn.Parameter(torch.ones(3))
+    saved = torch.optim.AdamW([parameter], lr=torch.tensor(0.25))
+    torch.save(saved.state_dict(), tmp_path / "optimizer.pt")
+    rate = torch.tensor(1.0)
+    optimizer = torch.optim.AdamW([parameter], lr=rate)
+    checkpoint.load_optimizer_state(optimizer, torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    assert optimizer.param_groups[0]["lr"] is rate
+    assert rate.item() == 0.25
