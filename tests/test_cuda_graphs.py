@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import sentiment_rows, write_rows
@@ -13,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from ftcli.config import DataConfig
 from ftcli.cuda_graphs import GraphedTrainStep, length_buckets
 from ftcli.data import DeviceTensors, collate, prepare
+from ftcli.modeling import enable_gradient_checkpointing
 
 
 def graphed_and_eager(tmp_path, model_dir, autocast_dtype):
@@ -63,8 +65,12 @@ def test_a_short_batch_fills_its_empty_slots_without_changing_the_step(tmp_path,
     assert_same_weights(step.model, eager_model)
 
 
-def test_low_precision_copies_train_exactly_like_autocast(tmp_path, tiny_model_without_dropout_dir):
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_low_precision_copies_train_exactly_like_autocast(tmp_path, tiny_model_without_dropout_dir, gradient_checkpointing):
     step, eager_model, split, pad_token_id = graphed_and_eager(tmp_path, tiny_model_without_dropout_dir, torch.bfloat16)
+    if gradient_checkpointing:  # backward recomputes the forward: its gradients must still reach the copies
+        enable_gradient_checkpointing(step.model)
+        enable_gradient_checkpointing(eager_model)
     linear_parameters = sum(
         len(list(m.parameters(recurse=False))) for m in step.model.modules() if isinstance(m, torch.nn.Linear)
     )
