@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from conftest import sentiment_rows, write_rows
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ftcli.config import DataConfig
+from ftcli.config import DataConfig, LoraConfig
 from ftcli.cuda_graphs import GraphedTrainStep, length_buckets
 from ftcli.data import DeviceTensors, collate, prepare
+from ftcli.lora import apply_lora
 from ftcli.modeling import enable_gradient_checkpointing
 
 
-def graphed_and_eager(tmp_path, model_dir, autocast_dtype):
+def graphed_and_eager(tmp_path, model_dir, autocast_dtype, adapt=lambda model: model):
     """A GraphedTrainStep over 10 training pairs and an identical eager model, both with SGD (the
     update is the gradient itself; AdamW would blow float noise in tiny gradients up to a full step)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -25,11 +26,10 @@ def graphed_and_eager(tmp_path, model_dir, autocast_dtype):
     split = prepare(DataConfig(train=str(rows), text_fields=["sentence1", "sentence2"]), tokenizer).splits["train"]
     data = DeviceTensors(split, tokenizer.pad_token_id, torch.device("cpu"), pad_to_multiple_of=8)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    model = adapt(AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2))
     eager_model = copy.deepcopy(model)
-    step = GraphedTrainStep(
-        model, torch.optim.SGD(model.parameters(), lr=0.5), data, 4, length_buckets(data.width), 1.0, autocast_dtype
-    )
+    trained = [p for p in model.parameters() if p.requires_grad]
+    step = GraphedTrainStep(model, torch.optim.SGD(trained, lr=0.5), data, 4, length_buckets(data.width), 1.0, autocast_dtype)
     return step, eager_model, split, tokenizer.pad_token_id
 
 
@@ -65,17 +65,25 @@ def test_a_short_batch_fills_its_empty_slots_without_changing_the_step(tmp_path,
     assert_same_weights(step.model, eager_model)
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_low_precision_copies_train_exactly_like_autocast(tmp_path, tiny_model_without_dropout_dir, gradient_checkpointing):
-    step, eager_model, split, pad_token_id = graphed_and_eager(tmp_path, tiny_model_without_dropout_dir, torch.bfloat16)
-    if gradient_checkpointing:  # backward recomputes the forward: its gradients must still reach the copies
+def lora(model):
+    return apply_lora(model, LoraConfig(r=4, dropout=0.0))
+
+
+@pytest.mark.parametrize("variant", ["full", "gradient_checkpointing", "lora"])
+def test_low_precision_copies_train_exactly_like_autocast(tmp_path, tiny_model_without_dropout_dir, variant):
+    adapt = lora if variant == "lora" else lambda model: model
+    step, eager_model, split, pad_token_id = graphed_and_eager(tmp_path, tiny_model_without_dropout_dir, torch.bfloat16, adapt)
+    if variant == "gradient_checkpointing":  # backward recomputes the forward: its gradients must still reach the copies
         enable_gradient_checkpointing(step.model)
         enable_gradient_checkpointing(eager_model)
-    linear_parameters = sum(
-        len(list(m.parameters(recurse=False))) for m in step.model.modules() if isinstance(m, torch.nn.Linear)
+    trained_linear_parameters = sum(
+        parameter.requires_grad
+        for module in step.model.modules()
+        if isinstance(module, torch.nn.Linear)
+        for parameter in module.parameters(recurse=False)
     )
-    assert len(step._copies) == linear_parameters
-    optimizer = torch.optim.SGD(eager_model.parameters(), lr=0.5)
+    assert len(step._copies) == trained_linear_parameters > 0
+    optimizer = torch.optim.SGD([p for p in eager_model.parameters() if p.requires_grad], lr=0.5)
     # Two steps: the second runs on the copies the first step's update refreshed.
     for rows in ([7, 2, 5, 1], [0, 3, 8, 9]):
         step._rows.copy_(torch.tensor(rows))
@@ -84,8 +92,8 @@ def test_low_precision_copies_train_exactly_like_autocast(tmp_path, tiny_model_w
         assert torch.allclose(loss_sum, eager_loss_sum, atol=1e-5)
         assert torch.allclose(grad_norm, eager_norm, atol=1e-5)
     assert_same_weights(step.model, eager_model)
-    for parameter, copy in step._copies.values():
-        assert torch.equal(copy, parameter.to(torch.bfloat16))
+    for parameter, low_precision in step._copies.values():
+        assert torch.equal(low_precision, parameter.to(torch.bfloat16))
 
 
 def test_buckets_cover_every_length_up_to_the_widest():
