@@ -2,7 +2,8 @@
 
     python -m bench.scaling --processes 1 2 --rows loop trainer loop:compile=cuda_graphs --batch-size 32
 
-A row is a backend, optionally with training settings of its own (`loop:compile=cuda_graphs`).
+A row is a backend, optionally with training settings of its own, written as for
+bench.train_speed (`loop:compile=cuda_graphs;batch_size=32`).
 
 Each run is the real command (`python -m ftcli train CONFIG --num-processes N`), so the numbers
 include what a user gets: launch, tokenization on the main process, training, evaluation through
@@ -24,15 +25,14 @@ from pathlib import Path
 
 import yaml
 
-from bench.train_speed import LABELS, MRPC, make_model_dir
+from bench.train_speed import LABELS, MRPC, make_model_dir, parse_row
 
 
 def run(config_path: Path, row: str, processes: int, run_dir: Path) -> dict:
-    backend, _, settings = row.partition(":")
-    overrides = [f"training.{setting}" for setting in settings.split(",") if setting]
+    backend, settings = parse_row(row)
     command = [sys.executable, "-m", "ftcli", "train", str(config_path), "--backend", backend,
                "--set", f"name={run_dir.name}", "--num-processes", str(processes)]
-    command += [argument for override in overrides for argument in ("--set", override)]
+    command += [argument for key, value in settings.items() for argument in ("--set", f"training.{key}={value}")]
     # One process gets one GPU: unlaunched, HF Trainer would spread it over all of them (nn.DataParallel).
     environment = os.environ | ({"CUDA_VISIBLE_DEVICES": "0"} if processes == 1 else {})
     started = time.perf_counter()

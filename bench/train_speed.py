@@ -209,6 +209,13 @@ class _CountingCollator:
 # ---------------------------------------------------------------- (b), (c) ftcli
 
 
+def parse_row(spec: str) -> tuple[str, dict[str, str]]:
+    """A row of ftcli: a backend, optionally with training settings of its own,
+    `loop:compile=cuda_graphs;batch_size=32` -> ("loop", {"compile": "cuda_graphs", "batch_size": "32"})."""
+    backend, _, settings = spec.partition(":")
+    return backend, dict(item.split("=", 1) for item in settings.split(";") if item)
+
+
 def run_ftcli(
     args: argparse.Namespace, spec: str, model_dir: str, files: dict[str, str], workdir: Path, letter: str
 ) -> Row:
@@ -216,8 +223,8 @@ def run_ftcli(
     from ftcli.config import validate
     from ftcli.train import train
 
-    backend, _, extra = spec.partition(":")
-    overrides = dict(item.split("=", 1) for item in [*args.ftcli_set, *extra.split(";")] if item)
+    backend, settings = parse_row(spec)
+    overrides = dict(item.split("=", 1) for item in args.ftcli_set if item) | settings
     config = validate(
         {
             "name": f"bench-{letter}",
