@@ -50,7 +50,7 @@ def train_until_killed(experiment, run) -> None:
     assert not (run / "model").exists(), "the run finished before it was killed"
 
 
-def train_straight(experiment, runs) -> None:
+def train_straight(experiment) -> None:
     """The uninterrupted run every resumed one is compared with, as runs/straight."""
     straight = invoke("train", str(experiment), "--set", "name=straight")
     assert straight.exit_code == 0, straight.output
@@ -75,7 +75,7 @@ def one_thread():
 def test_killed_run_resumes_exactly(backend, make_experiment, tmp_path, one_thread):
     experiment = experiment_for(make_experiment, backend)
     runs = tmp_path / "runs"
-    train_straight(experiment, runs)
+    train_straight(experiment)
 
     train_until_killed(experiment, runs / "killed")
     resumed = invoke("train", str(experiment), "--set", "name=killed", "--resume")
@@ -116,7 +116,7 @@ def test_resume_refuses_a_changed_config_and_a_finished_run_stays_finished(make_
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(backend, make_experiment, tmp_path, one_thread):
     experiment = experiment_for(make_experiment, backend)
     runs = tmp_path / "runs"
-    train_straight(experiment, runs)
+    train_straight(experiment)
 
     process = subprocess.Popen(
         [sys.executable, "-m", "ftcli", "train", str(experiment), "--set", "name=stopped"],
@@ -154,7 +154,7 @@ def test_five_kills_at_random_points_still_resume_exactly(make_experiment, tmp_p
         training={"epochs": 4, "eval_every": 2, "save_every": 2, "logging_steps": 2, "keep_checkpoints": 2},
     )
     runs = tmp_path / "runs"
-    train_straight(experiment, runs)
+    train_straight(experiment)
 
     rng = random.Random(0)
     run = RunDir(runs / "killed")
