@@ -108,6 +108,7 @@ def train(
 ) -> None:
     """Fine-tune: prepare if needed, train, evaluate on validation, write the run directory."""
     from ftcli import launch
+    from ftcli.inference import pick_device, resolved_precision
     from ftcli.train import train as run_training
     from ftcli.ui import console, diagnosis_view, metrics_table
 
@@ -115,7 +116,9 @@ def train(
         launch.relaunch(num_processes, sys.argv[1:])
     console.quiet = not launch.is_main_process()
     loaded = _load(config, set_, backend, smoke)
-    console.print(f"run [bold]{loaded.run_dir}[/]  backend {loaded.backend}  model {loaded.model}")
+    device = pick_device()
+    precision = resolved_precision(loaded.training.precision, device)
+    console.print(f"run [bold]{loaded.run_dir}[/]  backend {loaded.backend}  model {loaded.model}  on {device.type} in {precision}")
     result = run_training(loaded, overwrite, resume=resume, resume_from=resume_from)
     outcome = result.outcome
     console.print(

@@ -95,7 +95,9 @@ class TrainingConfig(_Strict):
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this global norm; null disables.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, fp32 on the CPU."
+        "auto",
+        description="Mixed precision. auto: bf16 where the hardware computes it natively (most GPUs; CPUs with "
+        "AVX-512 BF16 or AMX), else fp32. fp16 needs a GPU (fp32 on the CPU).",
     )
     eval_every: Literal["epoch"] | int = Field("epoch", description="Evaluate each epoch, or every N optimizer steps.")
     save_every: Literal["epoch"] | int = Field("epoch", description="Checkpoint each epoch, or every N optimizer steps.")

@@ -193,8 +193,8 @@ class RunDir:
         )
 
     # ------------------------------------------------------------ contents
-    def write_env(self, device: str) -> None:
-        atomic_write_json(self.env_file, environment(device))
+    def write_env(self, device: str, precision: str) -> None:
+        atomic_write_json(self.env_file, environment(device, precision))
 
     def log_event(self, event: dict[str, Any]) -> None:
         """Append one logging or evaluation event to metrics.jsonl (flushed, so a crash keeps it)."""
@@ -243,8 +243,8 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def environment(device: str) -> dict[str, Any]:
-    """What produced a run: versions, device, git commit, and the command line with secrets masked."""
+def environment(device: str, precision: str) -> dict[str, Any]:
+    """What produced a run: versions, device and precision, git commit, and the command line with secrets masked."""
     import accelerate
     import datasets
     import torch
@@ -261,6 +261,7 @@ def environment(device: str) -> dict[str, Any]:
         "accelerate": accelerate.__version__,
         "platform": platform.platform(),
         "device": device,
+        "precision": precision,
         "git_commit": _git_commit(),
         "command": mask_secrets(sys.argv),
     }

@@ -19,7 +19,7 @@ from ftcli.config import Config, dump_config, load_config
 from ftcli.data import Prepared, prepare
 from ftcli.diagnosis import Diagnosis, majority_baseline
 from ftcli.errors import FtcliError
-from ftcli.inference import evaluate_dataset, pick_device
+from ftcli.inference import evaluate_dataset, pick_device, resolved_precision
 from ftcli.metrics import MetricSuite
 from ftcli.lora import apply_lora, merge_lora
 from ftcli.modeling import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_model_source
@@ -102,7 +102,7 @@ def train(
             resume_point = None
             if is_main:
                 atomic_write_text(run.config_file, dump_config(config))
-                run.write_env(str(device))
+                run.write_env(str(device), resolved_precision(config.training.precision, device))
         processes.wait_for_everyone()
 
         # Train, mirroring each event into the trackers report_to names.

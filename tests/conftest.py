@@ -146,6 +146,9 @@ def make_experiment(tmp_path: Path, tiny_model_dir: Path):
                 "logging_steps": 2,
                 "eval_every": "epoch",
                 "save_every": "epoch",
+                # auto is bf16 on CPUs with native bf16 and fp32 on others: the tests compare runs
+                # to float tolerances and must do the same arithmetic on every machine.
+                "precision": "fp32",
             },
             "metrics": ["accuracy", "f1"],
         }
