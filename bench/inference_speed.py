@@ -7,9 +7,12 @@ predict paths, on the same model and the same MRPC validation pairs, in one proc
 Rows (each timed --repeats times, the median reported; tokenization is outside every timing):
   (a) Trainer.predict      the course: DataCollatorWithPadding, TrainingArguments defaults (batch 8)
   (b) Trainer.predict 64   the same with per_device_eval_batch_size=64, ftcli's evaluation batch
-  (c) ftcli evaluate       ftcli.inference.evaluate_dataset: loss and metrics, length-sorted batches of 64
-  (d) ftcli predict        ftcli.inference.predict_probabilities: class probabilities, same batches
-The ftcli rows must give the same predictions as (a): the table reports how many agree.
+  (c) Trainer.predict bf16 the same with bf16=True, as a user would tune it
+  (d) ftcli evaluate       ftcli.inference.evaluate_dataset: loss and metrics, length-sorted batches
+                           of 64, precision auto (bf16 where the hardware computes it natively)
+  (e) ftcli predict        ftcli.inference.predict_probabilities: class probabilities, same batches
+  (f) ftcli predict fp32   the same in fp32: what length-sorting alone gives
+The table reports how many predictions agree with (a)'s; bf16 may flip a few borderline pairs.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def main() -> None:
 
     from ftcli.config import DataConfig
     from ftcli.data import prepare
-    from ftcli.inference import evaluate_dataset, pick_device, predict_probabilities
+    from ftcli.inference import evaluate_dataset, pick_device, predict_probabilities, resolved_precision
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
@@ -82,8 +85,10 @@ def main() -> None:
         split = prepare(data, tokenizer).splits["train"]
         examples = len(split)
 
-        def trainer_predict(batch_size: int):
-            arguments = TrainingArguments(f"{tmp}/trainer", per_device_eval_batch_size=batch_size, report_to="none", disable_tqdm=True)
+        def trainer_predict(batch_size: int, **settings):
+            arguments = TrainingArguments(
+                f"{tmp}/trainer", per_device_eval_batch_size=batch_size, report_to="none", disable_tqdm=True, **settings
+            )
             trainer = Trainer(model, arguments, data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
             return lambda: trainer.predict(tokenized["validation"]).predictions.argmax(-1)
 
@@ -92,14 +97,19 @@ def main() -> None:
         rows.append(("(a) Trainer.predict (course, batch 8)", seconds, reference))
         seconds, predicted = timed(trainer_predict(EVAL_BATCH_SIZE), args.repeats)
         rows.append((f"(b) Trainer.predict, batch {EVAL_BATCH_SIZE}", seconds, predicted))
+        seconds, predicted = timed(trainer_predict(EVAL_BATCH_SIZE, bf16=True, use_cpu=device.type == "cpu"), args.repeats)
+        rows.append((f"(c) Trainer.predict, batch {EVAL_BATCH_SIZE}, bf16=True", seconds, predicted))
+        auto = resolved_precision("auto", device)
         seconds, _ = timed(
             lambda: evaluate_dataset(model, split, ["accuracy", "f1"], EVAL_BATCH_SIZE, tokenizer.pad_token_id, device), args.repeats
         )
-        rows.append((f"(c) ftcli evaluate (loss + metrics), batch {EVAL_BATCH_SIZE}", seconds, None))
-        seconds, probabilities = timed(
-            lambda: predict_probabilities(model, split, EVAL_BATCH_SIZE, tokenizer.pad_token_id, device), args.repeats
-        )
-        rows.append((f"(d) ftcli predict (probabilities), batch {EVAL_BATCH_SIZE}", seconds, probabilities.argmax(-1)))
+        rows.append((f"(d) ftcli evaluate (loss + metrics), batch {EVAL_BATCH_SIZE}, {auto}", seconds, None))
+        for letter, precision in (("e", "auto"), ("f", "fp32")):
+            seconds, probabilities = timed(
+                lambda: predict_probabilities(model, split, EVAL_BATCH_SIZE, tokenizer.pad_token_id, device, precision), args.repeats
+            )
+            name = auto if precision == "auto" else precision
+            rows.append((f"({letter}) ftcli predict (probabilities), batch {EVAL_BATCH_SIZE}, {name}", seconds, probabilities.argmax(-1)))
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(

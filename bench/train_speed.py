@@ -8,6 +8,7 @@ One process, one run: every row trains the same model on the same data with the 
 one after another, and the table reports each row's ratio to row (a). Rows:
   (a) hf-trainer      the course's code: datasets.map tokenize, DataCollatorWithPadding,
                       TrainingArguments(eval_strategy="epoch") with every other default
+                      (`hf:bf16=true;use_cpu=true` adds TrainingArguments of a row's own)
   (b) ftcli-trainer   ftcli.train.train(config) with backend trainer
   (c) ftcli-loop      ftcli.train.train(config) with backend loop
 Each row's "total" is its whole job after imports: tokenization, model load, training,
@@ -114,7 +115,10 @@ def subset_files(workdir: Path, train_samples: int | None, mrpc: Path) -> dict[s
 # ---------------------------------------------------------------- (a) the course's code
 
 
-def run_hf_trainer(args: argparse.Namespace, model_dir: str, files: dict[str, str], workdir: Path) -> Row:
+def run_hf_trainer(
+    args: argparse.Namespace, spec: str, model_dir: str, files: dict[str, str], workdir: Path, letter: str
+) -> Row:
+    """spec: `hf`, optionally with TrainingArguments of its own: `hf:bf16=true`."""
     from datasets import ClassLabel, load_dataset
     from transformers import (
         AutoModelForSequenceClassification,
@@ -126,7 +130,8 @@ def run_hf_trainer(args: argparse.Namespace, model_dir: str, files: dict[str, st
 
     from ftcli.metrics import compute_builtin  # evaluate.load("glue", "mrpc") needs the Hub
 
-    row = Row("(a) hf-trainer")
+    _, settings = parse_row(spec)
+    row = Row(f"({letter}) hf-trainer" + spec.removeprefix("hf"))
     started = time.perf_counter()
     with peak_memory(args.device, row):
         raw = load_dataset("json", data_files=files, cache_dir=str(workdir / "hf-datasets"))
@@ -151,6 +156,7 @@ def run_hf_trainer(args: argparse.Namespace, model_dir: str, files: dict[str, st
             per_device_train_batch_size=args.batch_size,
             report_to="none",
             disable_tqdm=True,
+            **{key: yaml.safe_load(value) for key, value in settings.items()},
         )
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
         trainer = Trainer(
@@ -315,8 +321,8 @@ def main() -> None:
     parser.add_argument(
         "--rows",
         default="hf,trainer,loop",
-        help="rows in order, the first the baseline: hf, or an ftcli backend with optional training overrides "
-        "(loop:compile=cuda_graphs;batch_size=32)",
+        help="rows in order, the first the baseline: hf with optional TrainingArguments (hf:bf16=true), or an "
+        "ftcli backend with optional training overrides (loop:compile=cuda_graphs;batch_size=32)",
     )
     parser.add_argument("--data-dir", type=Path, default=MRPC, help="folder with MRPC's train/validation.jsonl")
     parser.add_argument("--minilm-dir", default=None, help="MiniLM folder when the package is not installed")
@@ -341,8 +347,8 @@ def main() -> None:
         files = subset_files(workdir, args.train_samples, args.data_dir)
         for letter, spec in zip("abcdefgh", args.rows.split(",")):
             torch.manual_seed(0)
-            if spec == "hf":
-                row = run_hf_trainer(args, model_dir, files, workdir)
+            if parse_row(spec)[0] == "hf":
+                row = run_hf_trainer(args, spec, model_dir, files, workdir, letter)
             else:
                 row = run_ftcli(args, spec, model_dir, files, workdir, letter)
             print(json.dumps(asdict(row) | {"samples_per_second": row.samples_per_second}), flush=True)
