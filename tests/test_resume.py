@@ -24,11 +24,13 @@ ENV = {"OMP_NUM_THREADS": "1"}
 STEPS_PER_EPOCH = 64 // 8
 
 
-def experiment_for(make_experiment, backend: str):
+def experiment_for(make_experiment, backend: str, precision: str = "fp32"):
     return make_experiment(
         train_size=64,
         backend=backend,
-        training={"epochs": 2, "eval_every": 2, "save_every": 2, "logging_steps": 2, "keep_checkpoints": 2},
+        training={
+            "epochs": 2, "eval_every": 2, "save_every": 2, "logging_steps": 2, "keep_checkpoints": 2, "precision": precision
+        },
     )
 
 
@@ -71,9 +73,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("backend", ["loop", "trainer"])
-def test_killed_run_resumes_exactly(backend, make_experiment, tmp_path, one_thread):
-    experiment = experiment_for(make_experiment, backend)
+@pytest.mark.parametrize(("backend", "precision"), [("loop", "fp32"), ("trainer", "fp32"), ("loop", "bf16")])
+def test_killed_run_resumes_exactly(backend, precision, make_experiment, tmp_path, one_thread):
+    experiment = experiment_for(make_experiment, backend, precision)
     runs = tmp_path / "runs"
     train_straight(experiment)
 
