@@ -122,10 +122,12 @@ class TrainingConfig(_Strict):
     data_on_device: Literal["auto"] | bool = Field(
         "auto", description="Keep the tokenized training set on the GPU (loop backend); auto: when it takes under 1 GiB, or always with compile=cuda_graphs."
     )
-    compile: Literal["none", "cuda_graphs"] = Field(
-        "none",
-        description="loop backend on one GPU: cuda_graphs replays each training step as a CUDA graph, one per "
-        "length bucket (much less launch overhead at small batches).",
+    compile: Literal["auto", "cuda_graphs", "none"] = Field(
+        "auto",
+        description="loop backend: cuda_graphs replays each training step as a CUDA graph, one per length bucket "
+        "(much less launch overhead at small batches; one GPU process, no accumulation, adamw). auto: cuda_graphs "
+        "where it can work and the training set fits on the GPU, else eager steps, also when the model's step "
+        "cannot be captured. none: eager steps.",
     )
 
     @field_validator("pad_to_multiple_of")

@@ -19,6 +19,12 @@ from ftcli.data import DeviceTensors
 LOSS_IGNORE_INDEX = -100  # rows added to fill a short last batch carry this label: no loss, no gradient
 
 
+class CaptureFailed(Exception):
+    """The model's training step cannot be captured as a CUDA graph (e.g. its forward reads a value
+    back to the host). Nothing of the attempt remains: the weights, the optimizer's state, its
+    learning rate and the CUDA generator are as they were before it."""
+
+
 def length_buckets(max_length: int, smallest: int = 32, step: int = 16) -> list[int]:
     """Static sequence lengths to capture: 32, 48, ... up to max_length (which is always one)."""
     return list(range(smallest, max_length, step)) + [max_length]
@@ -165,6 +171,22 @@ class GraphedTrainStep:
         for group in self.optimizer.param_groups:
             group["lr"].fill_(0.0)
         self._rows.copy_(torch.arange(self.batch_size) % len(self.data.lengths))
+        try:
+            self._capture_buckets(warmup_steps)
+        except CaptureFailed:
+            self._graphs.clear()
+            self._outputs.clear()
+            for parameter in self.parameters:
+                parameter.grad = None  # not views of the flat buffer: an eager step after this one owns them
+            _end_generator_capture(self.device)
+            raise
+        finally:
+            torch.cuda.set_rng_state(rng_state, self.device)
+            self._restore_optimizer_state(saved_state)
+            for group, rate in zip(self.optimizer.param_groups, learning_rates):
+                group["lr"].copy_(rate)
+
+    def _capture_buckets(self, warmup_steps: int) -> None:
         pool = None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -174,15 +196,14 @@ class GraphedTrainStep:
                     self._step(length)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._outputs[length] = self._step(length)
+            try:
+                with torch.cuda.graph(graph, pool=pool):
+                    self._outputs[length] = self._step(length)
+            except Exception as error:  # the warm-up ran the same step eagerly: only capturing it failed
+                raise CaptureFailed(_first_cause(error)) from error
             pool = graph.pool()
             self._graphs[length] = graph
         torch.cuda.synchronize()
-        torch.cuda.set_rng_state(rng_state, self.device)
-        self._restore_optimizer_state(saved_state)
-        for group, rate in zip(self.optimizer.param_groups, learning_rates):
-            group["lr"].copy_(rate)
 
     def _restore_optimizer_state(self, saved: dict) -> None:
         """State that existed before warm-up (a resumed run's) is copied back; state that warm-up
@@ -216,3 +237,21 @@ class GraphedTrainStep:
         bucket = self.bucket_for(rows)
         self._graphs[bucket].replay()
         return self._outputs[bucket]
+
+
+def _first_cause(error: BaseException) -> str:
+    """The first line of the error that started a chain: a failed capture raises again on leaving
+    the capture, and that second error says less."""
+    while error.__context__ is not None:
+        error = error.__context__
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _end_generator_capture(device: torch.device) -> None:
+    """A capture that CUDA invalidated ends without telling PyTorch's CUDA generator, which then
+    refuses to draw dropout masks outside a capture ("Offset increment outside graph capture",
+    seen on an H200). A capture that ends normally tells it."""
+    scratch = torch.zeros(1, device=device)
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        scratch.add_(1)

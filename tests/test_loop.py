@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import invoke
+from datasets import Dataset
 from safetensors.torch import load_file
 
+import ftcli.backends.loop
 from ftcli.backends.loop import BatchPlan, use_cuda_graphs
 from ftcli.config import TrainingConfig
+from ftcli.cuda_graphs import CaptureFailed, GraphedTrainStep
+from ftcli.data import DeviceTensors
 
 
 def test_loop_backend_writes_the_trainer_backends_run_directory_and_learns(make_experiment, tmp_path):
@@ -103,12 +107,21 @@ def test_batch_plan_visits_every_example_once_per_epoch_in_a_seeded_order():
     assert np.array_equal(np.concatenate([shared.share(last, rank) for rank in range(2)]), last)
 
 
-def test_cuda_graphs_only_where_they_can_work_else_the_same_config_trains_eagerly():
-    graphs = TrainingConfig(compile="cuda_graphs")
-    assert use_cuda_graphs(graphs, torch.device("cuda"))
-    assert not use_cuda_graphs(graphs, torch.device("cpu"))
-    assert not use_cuda_graphs(TrainingConfig(), torch.device("cuda"))
-    assert not use_cuda_graphs(TrainingConfig(compile="cuda_graphs", grad_accum=2), torch.device("cuda"))
+def test_cuda_graphs_only_where_they_can_work_else_the_same_config_trains_eagerly(monkeypatch):
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    small = Dataset.from_dict({"length": [12, 40, 7]})
+    for compile in ("cuda_graphs", "auto"):
+        assert use_cuda_graphs(TrainingConfig(compile=compile), small, gpu)
+        assert not use_cuda_graphs(TrainingConfig(compile=compile), small, cpu)
+        assert not use_cuda_graphs(TrainingConfig(compile=compile, grad_accum=2), small, gpu)
+        assert not use_cuda_graphs(TrainingConfig(compile=compile, optimizer="adamw_8bit"), small, gpu)
+    assert TrainingConfig().compile == "auto"
+    assert not use_cuda_graphs(TrainingConfig(compile="none"), small, gpu)
+    # auto leaves a training set that would crowd the GPU, or that the config keeps off it, to eager steps.
+    assert not use_cuda_graphs(TrainingConfig(data_on_device=False), small, gpu)
+    monkeypatch.setattr(ftcli.backends.loop, "DEVICE_DATA_LIMIT_BYTES", DeviceTensors.nbytes_for(small))
+    assert not use_cuda_graphs(TrainingConfig(), small, gpu)
+    assert use_cuda_graphs(TrainingConfig(compile="cuda_graphs"), small, gpu)
 
 
 def test_warmup_then_the_configured_schedule(make_experiment, tmp_path):
@@ -140,3 +153,37 @@ def test_early_stopping_ends_at_the_first_evaluation_without_improvement(make_ex
     train = json.loads((run / "metrics.json").read_text())["train"]
     assert train["stopped_early"] and train["global_step"] == stop_step < 48
     assert (run / "checkpoints" / f"checkpoint-{stop_step}").is_dir()
+
+
+@pytest.fixture
+def uncapturable_step(monkeypatch):
+    """As on a GPU where the model's step cannot be captured: the graphed path is taken, its
+    capture fails (CI has no GPU, so the failure is simulated where capture would start)."""
+
+    def capture(self, warmup_steps: int = 2) -> None:
+        raise CaptureFailed("RuntimeError: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(ftcli.backends.loop, "use_cuda_graphs", lambda training, train_set, device: training.compile != "none")
+    monkeypatch.setattr(GraphedTrainStep, "capture", capture)
+
+
+def test_compile_auto_trains_eagerly_when_the_step_cannot_be_captured(make_experiment, tmp_path, caplog, uncapturable_step):
+    # bf16, so that the eager run must put back the autocast that the graphed attempt left to its graphs.
+    experiment = make_experiment(backend="loop", training={"epochs": 1, "precision": "bf16"})
+    assert invoke("train", str(experiment), "--set", "name=eager", "--set", "training.compile=none").exit_code == 0
+    result = invoke("train", str(experiment), "--set", "name=fallback")
+    assert result.exit_code == 0, result.output
+    assert "training with eager steps: this model's step cannot be captured as a CUDA graph (RuntimeError" in caplog.text
+    # The abandoned attempt leaves nothing behind: the run is the eager run, bit for bit.
+    eager = load_file(tmp_path / "runs" / "eager" / "model" / "model.safetensors")
+    fallback = load_file(tmp_path / "runs" / "fallback" / "model" / "model.safetensors")
+    assert all(torch.equal(eager[name], fallback[name]) for name in eager)
+
+
+def test_compile_cuda_graphs_names_a_step_that_cannot_be_captured(make_experiment, tmp_path, uncapturable_step):
+    experiment = make_experiment(backend="loop", training={"epochs": 1, "compile": "cuda_graphs"})
+    result = invoke("train", str(experiment))
+    assert result.exit_code == 2
+    assert "cannot be captured as a CUDA graph (RuntimeError: operation not permitted when stream is capturing)" in result.output
+    assert "training.compile: auto" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs" / "tiny" / "model").exists()

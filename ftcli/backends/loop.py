@@ -13,9 +13,9 @@ through gather_for_metrics), made exact and resumable:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,12 +33,14 @@ from transformers import get_scheduler
 from ftcli import checkpoint
 from ftcli.backends import LossWatch, TrainJob, TrainOutcome
 from ftcli.config import TrainingConfig
-from ftcli.cuda_graphs import GraphedTrainStep, length_buckets
+from ftcli.cuda_graphs import CaptureFailed, GraphedTrainStep, length_buckets
 from ftcli.data import DeviceTensors, collate, length_grouped_order, length_sorted_batches
 from ftcli.errors import FtcliError
 from ftcli.inference import attention_kernels, autocast_dtype, pick_device, score
 from ftcli.metrics import MetricSuite
 from ftcli.optim import create_optimizer
+
+log = logging.getLogger("ftcli")
 
 DEVICE_DATA_LIMIT_BYTES = 1 << 30  # MRPC padded is ~10 MB; a split this large leaves the GPU to the model
 
@@ -102,14 +104,29 @@ class BatchPlan:
 
 class LoopBackend:
     def train(self, job: TrainJob) -> TrainOutcome:
-        # A graphed run trains without cuDNN's attention, which plans anew for every input shape
-        # (measured: capture 1.1 s instead of 2.1 s, the same step time). Eager steps keep it: the
-        # trainer backend measured 1.10x of HF Trainer at batch 8 with it, 0.82-0.92x without (in
-        # different runs, not isolated in one). Evaluation goes without it either way.
         device = pick_device()
-        graphs = use_cuda_graphs(job.config.training, device)
-        with attention_kernels(device) if graphs else nullcontext():
-            return self._train(job, device, graphs)
+        training = job.config.training
+        if use_cuda_graphs(training, job.prepared.splits["train"], device):
+            try:
+                # A graphed run trains without cuDNN's attention, which plans anew for every input shape
+                # (measured: capture 1.1 s instead of 2.1 s, the same step time). Eager steps keep it:
+                # the trainer backend measured 1.10x of HF Trainer at batch 8 with it, 0.82-0.92x
+                # without (in different runs, not isolated in one). Evaluation goes without it either way.
+                with attention_kernels(device):
+                    return self._train(job, device, graphs=True)
+            except CaptureFailed as failure:
+                if training.compile == "cuda_graphs":
+                    raise FtcliError(
+                        f"this model's training step cannot be captured as a CUDA graph ({failure})",
+                        "set training.compile: auto (falls back to eager steps) or none",
+                    ) from None
+                reason = str(failure)
+            # Outside the except clause, so that the failed attempt's tensors are freed first.
+            log.warning("training with eager steps: this model's step cannot be captured as a CUDA graph (%s)", reason)
+            # The attempt prepared the model without Accelerate's autocast (the graphs cast for
+            # themselves), and Accelerate leaves a model it has prepared once as it is.
+            vars(job.model).pop("_is_accelerate_prepared", None)
+        return self._train(job, device, graphs=False)
 
     def _train(self, job: TrainJob, device: torch.device, graphs: bool) -> TrainOutcome:
         config, training = job.config, job.config.training
@@ -375,18 +392,25 @@ def _first(items: list):
     return items[0]
 
 
-def use_cuda_graphs(training: TrainingConfig, device: torch.device) -> bool:
+def use_cuda_graphs(training: TrainingConfig, train_set: Dataset, device: torch.device) -> bool:
     """training.compile=cuda_graphs where it can work: one CUDA process, no accumulation, PyTorch's
-    AdamW. Elsewhere the same config trains eagerly, so it runs unchanged on a laptop."""
-    if training.compile != "cuda_graphs":
+    AdamW. Elsewhere the same config trains eagerly, so it runs unchanged on a laptop. auto also
+    needs the training set to fit on the GPU, where the graph gathers its batches."""
+    if training.compile == "none":
+        return False
+    if training.compile == "auto" and not (training.data_on_device is not False and fits_on_device(train_set)):
         return False
     single = PartialState().num_processes == 1
     return device.type == "cuda" and single and training.grad_accum == 1 and training.optimizer == "adamw"
 
 
+def fits_on_device(train_set: Dataset) -> bool:
+    return DeviceTensors.nbytes_for(train_set) < DEVICE_DATA_LIMIT_BYTES
+
+
 def keep_on_device(training: TrainingConfig, train_set: Dataset, device: torch.device) -> bool:
     if training.data_on_device == "auto":
-        return device.type == "cuda" and DeviceTensors.nbytes_for(train_set) < DEVICE_DATA_LIMIT_BYTES
+        return device.type == "cuda" and fits_on_device(train_set)
     return bool(training.data_on_device)
 
 
