@@ -76,7 +76,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         )
     # Non-reentrant checkpointing needs no input that requires a gradient, which LoRA's frozen
     # embeddings do not provide.
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 5 releases before the rename (5.17 has only the old name)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def label_names_of(model: PreTrainedModel) -> list[str]:

@@ -108,14 +108,25 @@ def test_gradient_checkpointing_changes_memory_not_results(make_experiment, tmp_
     assert losses[True] == pytest.approx(losses[False], abs=1e-6)
 
 
-def test_gradient_checkpointing_is_on_in_the_model_to_train(make_experiment):
+@pytest.mark.parametrize("transformers_names", ["activation_checkpointing", "gradient_checkpointing only"])
+def test_gradient_checkpointing_is_on_in_the_model_to_train(make_experiment, monkeypatch, transformers_names):
+    from transformers import PreTrainedModel
+
     from ftcli.config import load_config
     from ftcli.train import setup_data, setup_model
 
+    if transformers_names == "gradient_checkpointing only":  # as before transformers renamed it (5.17)
+        enable = PreTrainedModel.activation_checkpointing_enable
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            enable(self, activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+        monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", gradient_checkpointing_enable)
+        monkeypatch.delattr(PreTrainedModel, "activation_checkpointing_enable")
     config = load_config(make_experiment(lora=LORA, training={"gradient_checkpointing": True}))
     source, _, prepared = setup_data(config)
     model = setup_model(config, source, prepared.label_names)
-    assert model.is_activation_checkpointing  # forwarded by peft to the wrapped model
+    assert model.base_model.model.is_activation_checkpointing  # the model peft wraps
 
 
 def test_adamw_8bit_without_cuda_is_a_clear_error_and_writes_nothing(make_experiment, tmp_path):
