@@ -110,11 +110,11 @@ def test_batch_plan_visits_every_example_once_per_epoch_in_a_seeded_order():
 def test_cuda_graphs_only_where_they_can_work_else_the_same_config_trains_eagerly(monkeypatch):
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     small = Dataset.from_dict({"length": [12, 40, 7]})
-    for compile in ("cuda_graphs", "auto"):
-        assert use_cuda_graphs(TrainingConfig(compile=compile), small, gpu)
-        assert not use_cuda_graphs(TrainingConfig(compile=compile), small, cpu)
-        assert not use_cuda_graphs(TrainingConfig(compile=compile, grad_accum=2), small, gpu)
-        assert not use_cuda_graphs(TrainingConfig(compile=compile, optimizer="adamw_8bit"), small, gpu)
+    for setting in ("cuda_graphs", "auto"):
+        assert use_cuda_graphs(TrainingConfig(compile=setting), small, gpu)
+        assert not use_cuda_graphs(TrainingConfig(compile=setting), small, cpu)
+        assert not use_cuda_graphs(TrainingConfig(compile=setting, grad_accum=2), small, gpu)
+        assert not use_cuda_graphs(TrainingConfig(compile=setting, optimizer="adamw_8bit"), small, gpu)
     assert TrainingConfig().compile == "auto"
     assert not use_cuda_graphs(TrainingConfig(compile="none"), small, gpu)
     # auto leaves a training set that would crowd the GPU, or that the config keeps off it, to eager steps.
