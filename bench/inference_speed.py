@@ -99,17 +99,16 @@ def main() -> None:
         rows.append((f"(b) Trainer.predict, batch {EVAL_BATCH_SIZE}", seconds, predicted))
         seconds, predicted = timed(trainer_predict(EVAL_BATCH_SIZE, bf16=True, use_cpu=device.type == "cpu"), args.repeats)
         rows.append((f"(c) Trainer.predict, batch {EVAL_BATCH_SIZE}, bf16=True", seconds, predicted))
-        auto = resolved_precision("auto", device)
         seconds, _ = timed(
             lambda: evaluate_dataset(model, split, ["accuracy", "f1"], EVAL_BATCH_SIZE, tokenizer.pad_token_id, device), args.repeats
         )
-        rows.append((f"(d) ftcli evaluate (loss + metrics), batch {EVAL_BATCH_SIZE}, {auto}", seconds, None))
+        rows.append((f"(d) ftcli evaluate (loss + metrics), batch {EVAL_BATCH_SIZE}, {resolved_precision('auto', device)}", seconds, None))
         for letter, precision in (("e", "auto"), ("f", "fp32")):
             seconds, probabilities = timed(
                 lambda: predict_probabilities(model, split, EVAL_BATCH_SIZE, tokenizer.pad_token_id, device, precision), args.repeats
             )
-            name = auto if precision == "auto" else precision
-            rows.append((f"({letter}) ftcli predict (probabilities), batch {EVAL_BATCH_SIZE}, {name}", seconds, probabilities.argmax(-1)))
+            name = f"({letter}) ftcli predict (probabilities), batch {EVAL_BATCH_SIZE}, {resolved_precision(precision, device)}"
+            rows.append((name, seconds, probabilities.argmax(-1)))
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(
