@@ -192,7 +192,9 @@ class SweepRange(_Strict):
 
 class Config(_Strict):
     name: str = Field(..., description="Run name; the run directory is output_dir/name.")
-    backend: Literal["trainer", "loop"] = Field("trainer", description="trainer (HF Trainer) or loop (ftcli's own).")
+    backend: Literal["loop", "trainer"] = Field(
+        "loop", description="loop (ftcli's own, the faster: CUDA graphs on a GPU) or trainer (HF Trainer)."
+    )
     output_dir: str = Field("runs", description="Folder that holds run directories.")
     model: str = Field("minilm", description="`minilm` (packaged, offline), a Hub id, or a local model directory.")
     trust_remote_code: bool = Field(False, description="Run model code from the Hub; only for models you trust.")

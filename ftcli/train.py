@@ -14,7 +14,7 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from ftcli import checkpoint, push
-from ftcli.backends import TrainJob, TrainOutcome, get_backend
+from ftcli.backends import TrainJob, TrainOutcome, check_launch, get_backend
 from ftcli.config import Config, dump_config, load_config
 from ftcli.data import Prepared, prepare
 from ftcli.diagnosis import Diagnosis, majority_baseline
@@ -79,6 +79,7 @@ def train(
     processes = PartialState(cpu=device.type == "cpu")
     is_main = processes.is_main_process
     check_optimizer(config.training.optimizer, device)
+    check_launch(config.backend)
     if config.push_to_hub:
         push.check_hub_access()  # before hours of training, not after
     tracker = Tracker(config.report_to)  # before tokenizing: a missing package should fail at once

@@ -29,7 +29,7 @@ def test_main_job_is_the_course_recipe():
 
 def test_defaults_fill_everything_left_out():
     config = validate({"name": "x", "data": {"train": "t.jsonl"}})
-    assert config.backend == "trainer" and config.training.batch_size == 8 and config.metrics == ["accuracy", "f1"]
+    assert config.backend == "loop" and config.training.batch_size == 8 and config.metrics == ["accuracy", "f1"]
     assert config.run_dir == Path("runs") / "x"
 
 

@@ -24,6 +24,7 @@ class Case:
     raw_yaml: str | None = None  # replaces the whole experiment file
     needs_run: bool = False  # train a tiny run first (for evaluate/predict cases)
     config_file: str | None = None  # pass this path instead of the experiment file
+    env: dict[str, str] = field(default_factory=dict)  # set while the command runs
 
 
 GOOD_JSONL = "".join(json.dumps(row) + "\n" for row in sentiment_rows(16))
@@ -65,6 +66,8 @@ CASES = [
     Case("override-into-scalar", "is not a section", args=["--set", "model.path=x"]),
     Case("override-bad-value", "training.epochs='many'", args=["--set", "training.epochs=many"]),
     Case("unknown-backend", "backend", args=["--backend", "jax"]),
+    Case("loop-under-fsdp", "shards the model with FSDP", env={"ACCELERATE_USE_FSDP": "true"}),
+    Case("loop-under-deepspeed", "--backend trainer", env={"ACCELERATE_USE_DEEPSPEED": "true"}),
     # ---- data files
     Case("missing-train-file", "does not exist", config={"data": {"train": "{data}/nope.jsonl"}}),
     Case("unsupported-type", "unsupported file type '.txt'", config={"data": {"train": "{data}/train.txt"}}),
@@ -182,6 +185,8 @@ def test_user_error_is_one_clear_line(case: Case, tmp_path, tiny_model_dir, trai
     monkeypatch.chdir(tmp_path)
     argv = _prepare_case(case, tmp_path, tiny_model_dir, lambda: trained_run)
     cache_before = set(isolated_cache.rglob("*")) if isolated_cache.exists() else set()
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, value)
 
     result = invoke(*argv)
 

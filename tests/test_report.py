@@ -13,8 +13,6 @@ from conftest import invoke
 from test_curves import PNG_MAGIC, png_size
 from test_diagnosis import decaying, events_for
 
-from ftcli.backends import get_backend
-from ftcli.errors import FtcliError
 
 VERDICTS = {"converged", "still_improving", "overfitting", "underfitting", "unstable", "inconclusive"}
 
@@ -128,12 +126,8 @@ def test_report_errors_are_one_line(tmp_path, make, message):
     assert message in result.output and "Traceback" not in result.output
 
 
-def test_report_on_a_loop_backend_run(make_experiment, tmp_path):
-    try:
-        get_backend("loop")
-    except FtcliError as error:
-        pytest.skip(str(error))
-    experiment = make_experiment(backend="loop", training={"epochs": 2})
+def test_report_on_a_trainer_backend_run(make_experiment, tmp_path):
+    experiment = make_experiment(backend="trainer", training={"epochs": 2})
     assert invoke("train", str(experiment)).exit_code == 0
     run = tmp_path / "runs" / "tiny"
     for file in ("curves.png", "diagnosis.json"):

@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 
 def test_train_writes_complete_run_directory_and_learns(make_experiment, tmp_path):
-    experiment = make_experiment(training={"epochs": 3})
+    experiment = make_experiment(backend="trainer", training={"epochs": 3})
     result = invoke("train", str(experiment))
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "tiny"
@@ -47,7 +47,7 @@ def test_train_writes_complete_run_directory_and_learns(make_experiment, tmp_pat
 
 
 def test_existing_run_directory_is_refused_without_overwrite(make_experiment, tmp_path):
-    experiment = make_experiment(training={"max_steps": 2, "eval_every": 2, "save_every": 2})
+    experiment = make_experiment(backend="trainer", training={"max_steps": 2, "eval_every": 2, "save_every": 2})
     assert invoke("train", str(experiment)).exit_code == 0
     refused = invoke("train", str(experiment))
     assert refused.exit_code == 2
@@ -56,7 +56,7 @@ def test_existing_run_directory_is_refused_without_overwrite(make_experiment, tm
 
 
 def test_evaluate_and_predict_on_a_trained_run(make_experiment, tmp_path):
-    experiment = make_experiment(pair=True, training={"epochs": 3})
+    experiment = make_experiment(backend="trainer", pair=True, training={"epochs": 3})
     assert invoke("train", str(experiment)).exit_code == 0
     run = tmp_path / "runs" / "tiny"
     train_metrics = json.loads((run / "metrics.json").read_text())["validation"]

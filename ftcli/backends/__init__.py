@@ -7,6 +7,7 @@ waits for job.settle_saves.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -170,3 +171,17 @@ def get_backend(name: str) -> Backend:
 
         return LoopBackend()
     raise FtcliError(f"unknown backend '{name}'", "use trainer or loop")
+
+
+# accelerate launch sets these from a config file that shards the model.
+SHARDING_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def check_launch(backend: str) -> None:
+    """Fail before anything is written when the launch asks for sharding that the backend does not do."""
+    for variable, name in SHARDING_LAUNCHES.items():
+        if backend == "loop" and os.environ.get(variable, "false").lower() == "true":
+            raise FtcliError(
+                f"this launch shards the model with {name}, and the loop backend trains one whole model per process",
+                "set backend: trainer (or pass --backend trainer) to train with FSDP or DeepSpeed",
+            )
