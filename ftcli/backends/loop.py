@@ -123,9 +123,6 @@ class LoopBackend:
                 reason = str(failure)
             # Outside the except clause, so that the failed attempt's tensors are freed first.
             log.warning("training with eager steps: this model's step cannot be captured as a CUDA graph (%s)", reason)
-            # The attempt prepared the model without Accelerate's autocast (the graphs cast for
-            # themselves), and Accelerate leaves a model it has prepared once as it is.
-            vars(job.model).pop("_is_accelerate_prepared", None)
         return self._train(job, device, graphs=False)
 
     def _train(self, job: TrainJob, device: torch.device, graphs: bool) -> TrainOutcome:
@@ -168,7 +165,13 @@ class LoopBackend:
             num_warmup_steps=math.ceil(training.warmup_ratio * total_steps),
             num_training_steps=total_steps,
         )
-        model, optimizer = accelerator.prepare(job.model, optimizer)
+        if graphs:
+            # One process, and the graphs autocast for themselves: Accelerate has nothing to wrap. (It
+            # also marks a model it prepares and never prepares it again, which would leave the
+            # eager retry after a failed capture without autocast.)
+            model, optimizer = job.model.to(accelerator.device), accelerator.prepare(optimizer)
+        else:
+            model, optimizer = accelerator.prepare(job.model, optimizer)
         pad_token_id = job.tokenizer.pad_token_id
         eval_loader = None
         if validation is not None:
