@@ -150,10 +150,12 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(backend, make_ex
 
 def test_five_kills_at_random_points_still_resume_exactly(make_experiment, tmp_path, one_thread):
     """SIGKILL wherever it lands (mid-step, mid-save, mid-evaluation), five times in a row."""
-    experiment = make_experiment(  # 32 steps: room for five starts that each save a checkpoint
+    # 128 steps: room for five starts that each save a checkpoint and then run on for up to 0.1 s
+    # (a few steps here: these steps take ~20 ms, with an evaluation and a save every 2 steps).
+    experiment = make_experiment(
         train_size=64,
         backend="loop",
-        training={"epochs": 4, "eval_every": 2, "save_every": 2, "logging_steps": 2, "keep_checkpoints": 2},
+        training={"epochs": 16, "eval_every": 2, "save_every": 2, "logging_steps": 2, "keep_checkpoints": 2},
     )
     runs = tmp_path / "runs"
     train_straight(experiment)
@@ -172,7 +174,7 @@ def test_five_kills_at_random_points_still_resume_exactly(make_experiment, tmp_p
         # Once this start has saved a checkpoint of its own, kill it a random moment later.
         while process.poll() is None and not [p for p in run.list_checkpoints() if run.checkpoint_step(p) > newest]:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.2))
+        time.sleep(rng.uniform(0, 0.1))
         process.kill()
         process.wait()
         assert not run.model_dir.exists(), "the run finished before it was killed"
