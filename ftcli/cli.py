@@ -121,8 +121,11 @@ def train(
     console.print(f"run [bold]{loaded.run_dir}[/]  backend {loaded.backend}  model {loaded.model}  on {device.type} in {precision}")
     result = run_training(loaded, overwrite, resume=resume, resume_from=resume_from)
     outcome = result.outcome
+    graphs = ""
+    if outcome.extra.get("steps") == "cuda_graphs":
+        graphs = f", replayed as CUDA graphs (captured in {outcome.extra['capture_seconds']:.1f} s)"
     console.print(
-        f"trained {outcome.global_step} steps ({outcome.epoch:.2f} epochs) in {outcome.train_seconds:.1f} s"
+        f"trained {outcome.global_step} steps ({outcome.epoch:.2f} epochs) in {outcome.train_seconds:.1f} s{graphs}"
         + (" (stopped early)" if outcome.stopped_early else "")
     )
     if result.metrics:

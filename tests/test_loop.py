@@ -174,6 +174,7 @@ def test_compile_auto_trains_eagerly_when_the_step_cannot_be_captured(make_exper
     result = invoke("train", str(experiment), "--set", "name=fallback")
     assert result.exit_code == 0, result.output
     assert "training with eager steps: this model's step cannot be captured as a CUDA graph (RuntimeError" in caplog.text
+    assert json.loads((tmp_path / "runs" / "fallback" / "metrics.json").read_text())["train"]["steps"] == "eager"
     # The abandoned attempt leaves nothing behind: the run is the eager run, bit for bit.
     eager = load_file(tmp_path / "runs" / "eager" / "model" / "model.safetensors")
     fallback = load_file(tmp_path / "runs" / "fallback" / "model" / "model.safetensors")

@@ -200,7 +200,9 @@ class LoopBackend:
                 length_buckets(on_device.width), training.max_grad_norm, dtype,
             )
             model.train()
+            capture_started = time.perf_counter()
             graphed.capture()
+            capture_seconds = time.perf_counter() - capture_started
 
         checkpoints = checkpoint.CheckpointWriter(job.run, accelerator, training.keep_checkpoints)
         checkpoints.reserve(model, optimizer, scheduler)
@@ -338,7 +340,8 @@ class LoopBackend:
             best_checkpoint=state.best_checkpoint,
             best_score=state.best_checkpoint_score,
             stopped_early=stopped_early,
-            extra={"real_tokens": int(tokens[0]), "padded_tokens": int(tokens[1])},
+            extra={"real_tokens": int(tokens[0]), "padded_tokens": int(tokens[1])}
+            | ({"steps": "cuda_graphs", "capture_seconds": capture_seconds} if graphed is not None else {"steps": "eager"}),
         )
 
 
