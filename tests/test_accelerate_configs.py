@@ -45,7 +45,7 @@ def test_ddp_config_launches_ftcli_on_two_processes(make_experiment, tmp_path):
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"), "-m", "ftcli", "train", str(experiment)],
         capture_output=True,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},  # gloo, also where there is a GPU
         timeout=300,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]

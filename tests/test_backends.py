@@ -11,29 +11,36 @@ import torch
 from conftest import invoke
 
 import ftcli.backends
-from ftcli.backends import StopSignals
+from ftcli.backends import LossWatch, StopSignals
 from ftcli.rundir import RunDir
 
 
 @pytest.fixture
 def loss_nan_from_step(monkeypatch):
     """Make the training loss nan from the given optimizer step on (one micro-batch per step);
-    evaluation, which runs without gradients, keeps its real loss."""
+    evaluation, which runs without gradients, keeps its real loss. The loss is multiplied by a
+    tensor that turns nan once the step before is observed: a step replayed as a CUDA graph does
+    that multiplication too, where a switch in Python would run only while the graph is captured."""
 
     def from_step(bad_step: int) -> None:
-        cross_entropy = torch.nn.functional.cross_entropy
-        calls = 0
+        cross_entropy, observe = torch.nn.functional.cross_entropy, LossWatch.observe
+        factors: dict[torch.device, torch.Tensor] = {}
 
         def poisoned(*args, **kwargs):
-            nonlocal calls
             loss = cross_entropy(*args, **kwargs)
-            if torch.is_grad_enabled():
-                calls += 1
-                if calls >= bad_step:
-                    return loss * float("nan")
-            return loss
+            if not torch.is_grad_enabled():
+                return loss
+            factor = factors.setdefault(loss.device, torch.ones((), device=loss.device))
+            return loss * factor.clone()  # backward keeps the clone: the factor may turn nan before it runs
+
+        def observe_then_poison(self, loss, optimizer_step):
+            observe(self, loss, optimizer_step)
+            if optimizer_step == bad_step - 1:
+                for factor in factors.values():
+                    factor.fill_(float("nan"))
 
         monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+        monkeypatch.setattr(LossWatch, "observe", observe_then_poison)
 
     return from_step
 

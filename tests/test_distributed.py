@@ -1,4 +1,5 @@
 """Several processes: 2 CPU processes (gloo) with batch 4 each train as one process with batch 8.
+Both runs are on the CPU also where there is a GPU (CUDA_VISIBLE_DEVICES is empty for them).
 
 Both see the same examples at every optimizer step (the same permutation, split between the
 processes) and average the same gradients, so with dropout off every logged number agrees up to
@@ -8,24 +9,28 @@ the order of float sums (all-reduce versus one batch). Only the main process wri
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
-from conftest import invoke, run_cli
+from conftest import run_cli
 
 from ftcli.launch import free_port
 
 
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
+
 def launch_two_processes(backend: str, experiment, *overrides: str) -> subprocess.CompletedProcess:
     if backend == "loop":  # ftcli's own flag, which re-executes itself under accelerate launch
-        return run_cli("train", str(experiment), *overrides, "--num-processes", "2")
+        return run_cli("train", str(experiment), *overrides, "--num-processes", "2", env=CPU_ONLY)
     command = [
         *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2"),
         *("--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"),
         *("-m", "ftcli", "train", str(experiment), *overrides),
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **CPU_ONLY})
 
 
 def assert_close(expected: dict, actual: dict) -> None:
@@ -47,8 +52,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(
         model=str(tiny_model_without_dropout_dir),
         training={"epochs": 2, "eval_every": 4, "save_every": 4},
     )
-    single = invoke("train", str(experiment), "--set", "name=one")
-    assert single.exit_code == 0, single.output
+    single = run_cli("train", str(experiment), "--set", "name=one", env=CPU_ONLY)
+    assert single.returncode == 0, single.stderr[-3000:]
     launched = launch_two_processes(backend, experiment, "--set", "name=two", "--set", "training.batch_size=4")
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stdout.count("run directory:") == 1, "the second process printed too"

@@ -115,7 +115,10 @@ def test_gradient_checkpointing_is_on_in_the_model_to_train(make_experiment, mon
     from ftcli.config import load_config
     from ftcli.train import setup_data, setup_model
 
-    if transformers_names == "gradient_checkpointing only":  # as before transformers renamed it (5.17)
+    renamed = hasattr(PreTrainedModel, "activation_checkpointing_enable")  # transformers after 5.17
+    if transformers_names == "activation_checkpointing" and not renamed:
+        pytest.skip("this transformers has the old names only: the other case runs them")
+    if transformers_names == "gradient_checkpointing only" and renamed:  # simulate the old names
         enable = PreTrainedModel.activation_checkpointing_enable
 
         def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
@@ -126,9 +129,11 @@ def test_gradient_checkpointing_is_on_in_the_model_to_train(make_experiment, mon
     config = load_config(make_experiment(lora=LORA, training={"gradient_checkpointing": True}))
     source, _, prepared = setup_data(config)
     model = setup_model(config, source, prepared.label_names)
-    assert model.base_model.model.is_activation_checkpointing  # the model peft wraps
+    wrapped = model.base_model.model  # the model peft wraps
+    assert wrapped.is_activation_checkpointing if renamed else wrapped.is_gradient_checkpointing
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_adamw_8bit_without_cuda_is_a_clear_error_and_writes_nothing(make_experiment, tmp_path):
     experiment = make_experiment(training={"optimizer": "adamw_8bit"})
     result = invoke("train", str(experiment))

@@ -68,5 +68,6 @@ def test_primary_metric_is_first_builtin_else_loss():
 
 
 def test_evaluate_module_offline_fails_with_builtin_suggestion():
+    pytest.importorskip("evaluate")
     with pytest.raises(FtcliError, match="built-in metrics: accuracy"):
         MetricSuite(["glue/mrpc"], num_labels=2)
