@@ -179,8 +179,10 @@ SHARDING_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": 
 
 def check_launch(backend: str) -> None:
     """Fail before anything is written when the launch asks for sharding that the backend does not do."""
+    if backend != "loop":
+        return
     for variable, name in SHARDING_LAUNCHES.items():
-        if backend == "loop" and os.environ.get(variable, "false").lower() == "true":
+        if os.environ.get(variable, "false").lower() == "true":
             raise FtcliError(
                 f"this launch shards the model with {name}, and the loop backend trains one whole model per process",
                 "set backend: trainer (or pass --backend trainer) to train with FSDP or DeepSpeed",
