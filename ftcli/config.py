@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ftcli.errors import FtcliError
 
-BUILTIN_METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
+BUILTIN_METRICS = ("accuracy", "f1", "precision", "recall", "matthews", "pearson", "spearman")
 SCHEDULERS = (
     "linear",
     "cosine",

@@ -45,15 +45,19 @@ class BuiltinMetric:
         return {self.name: compute_builtin(self.name, predictions, references, self.num_labels)}
 
 
+CLASS_SCORES = {"f1": skm.f1_score, "precision": skm.precision_score, "recall": skm.recall_score}
+
+
 def compute_builtin(name: str, predictions: np.ndarray, references: np.ndarray, num_labels: int = 2) -> float:
-    """GLUE's definitions: binary F1 on the positive class (1); macro F1 beyond two classes."""
+    """GLUE's definitions: F1, precision and recall of the positive class (1) with two labels, their
+    macro averages over the classes beyond two."""
     if len(references) == 0:
         return float("nan")
     if name == "accuracy":
         return float(np.mean(predictions == references))
-    if name == "f1":
+    if name in CLASS_SCORES:
         average = "binary" if num_labels == 2 else "macro"
-        return float(skm.f1_score(references, predictions, average=average, zero_division=0.0))
+        return float(CLASS_SCORES[name](references, predictions, average=average, zero_division=0.0))
     if name == "matthews":
         return float(skm.matthews_corrcoef(references, predictions))
     # Correlations are undefined for constant input; report 0 rather than NaN, as GLUE does.

@@ -24,6 +24,13 @@ def test_binary_f1_by_hand():
     assert compute_builtin("f1", PREDICTIONS, REFERENCES) == pytest.approx(2 * precision * recall / (precision + recall))
 
 
+def test_binary_precision_and_recall_by_hand():
+    # TP=2 (idx 0, 4), FP=2 (idx 1, 5), FN=1 (idx 6), TN=3
+    predictions, references = np.array([1, 1, 0, 0, 1, 1, 0, 0]), np.array([1, 0, 0, 0, 1, 0, 1, 0])
+    assert compute_builtin("precision", predictions, references) == pytest.approx(2 / 4)
+    assert compute_builtin("recall", predictions, references) == pytest.approx(2 / 3)
+
+
 def test_matthews_by_hand():
     tp, tn, fp, fn = 3, 3, 1, 1
     expected = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
@@ -44,10 +51,12 @@ def test_constant_predictions_give_zero_correlation_not_nan():
     assert compute_builtin("matthews", np.zeros(4, dtype=int), np.array([0, 1, 0, 1])) == 0.0
 
 
-def test_multiclass_f1_is_macro():
+def test_multiclass_f1_precision_and_recall_are_macro():
     predictions, references = np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2])
     # class 0: f1 1; class 1: p=1 r=.5 f1=2/3; class 2: p=.5 r=1 f1=2/3
     assert compute_builtin("f1", predictions, references, num_labels=3) == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    assert compute_builtin("precision", predictions, references, num_labels=3) == pytest.approx((1 + 1 + 1 / 2) / 3)
+    assert compute_builtin("recall", predictions, references, num_labels=3) == pytest.approx((1 + 1 / 2 + 1) / 3)
 
 
 def test_suite_accumulates_batch_by_batch_like_one_batch():
