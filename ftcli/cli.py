@@ -148,11 +148,12 @@ def evaluate(
 ) -> None:
     """Score a run's model on a split; print a table and write it as JSON."""
     from ftcli.evaluation import evaluate_run
-    from ftcli.ui import console, metrics_table
+    from ftcli.ui import confusion_table, console, metrics_table
 
-    metrics, written = evaluate_run(run_dir, split, checkpoint, adapter)
-    console.print(metrics_table(f"{run_dir}", {split: metrics}))
-    console.print(f"written to {written}")
+    evaluation = evaluate_run(run_dir, split, checkpoint, adapter)
+    console.print(metrics_table(f"{run_dir}", {split: evaluation.metrics}))
+    console.print(confusion_table(evaluation.confusion))
+    console.print(f"written to {evaluation.written}")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -9,8 +10,9 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from ftcli.config import Config, load_config
 from ftcli.data import prepare
 from ftcli.errors import FtcliError
-from ftcli.inference import evaluate_dataset, pick_device
+from ftcli.inference import iterate_logits, pick_device, score
 from ftcli.lora import is_adapter, load_adapter_model
+from ftcli.metrics import MetricSuite
 from ftcli.modeling import label_names_of, load_model, load_tokenizer, resolve_model_source
 from ftcli.rundir import RunDir, atomic_write_json
 
@@ -51,11 +53,19 @@ def _run_label_names(run: RunDir) -> list[str]:
     return [id2label[index] for index in sorted(id2label)]
 
 
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    confusion: dict[str, list]  # labels, and counts: a row per true label, a column per predicted one
+    written: Path
+
+
 def evaluate_run(
     run_path: str | Path, split: str = "validation", checkpoint: str | Path | None = None, adapter: bool = False
-) -> tuple[dict[str, float], Path]:
-    """Metrics of the run's model on one split, written as eval_<split>.json (in the checkpoint's or
-    the adapter's folder when one is scored); the final model's scores also update metrics.json."""
+) -> Evaluation:
+    """Metrics and confusion matrix of the run's model on one split, written as eval_<split>.json (in
+    the checkpoint's or the adapter's folder when one is scored); the final model's metrics also
+    update metrics.json."""
     run, config, model, tokenizer = load_run_model(run_path, checkpoint, adapter)
     if adapter:
         checkpoint = run.adapter_dir
@@ -70,18 +80,22 @@ def evaluate_run(
             f"the model's labels {label_names_of(model)} differ from the data's {prepared.label_names}",
             "evaluate with the data the run was trained on",
         )
-    metrics = evaluate_dataset(
+    suite = MetricSuite(config.metrics, len(prepared.label_names))
+    batches = iterate_logits(
         model,
         prepared.splits[split],
-        config.metrics,
         config.training.eval_batch_size,
         tokenizer.pad_token_id,
         pick_device(),
         config.training.precision,
     )
+    metrics = score(((logits, batch["labels"]) for _, logits, batch in batches), suite)
+    confusion = {"labels": prepared.label_names, "counts": suite.confusion.tolist()}
     checkpoint_dir = run.require_model(checkpoint) if checkpoint is not None else None
     target = run.eval_file(split, checkpoint_dir)
-    atomic_write_json(target, {"split": split, "model": str(checkpoint_dir or run.model_dir), **metrics})
+    atomic_write_json(
+        target, {"split": split, "model": str(checkpoint_dir or run.model_dir), **metrics, "confusion_matrix": confusion}
+    )
     if checkpoint is None:
         run.update_metrics(split, metrics)
-    return metrics, target
+    return Evaluation(metrics, confusion, target)

@@ -98,13 +98,17 @@ class EvaluateMetric:
 
 
 class MetricSuite:
-    """All configured metrics together: feed label ids batch by batch, then compute once."""
+    """All configured metrics together: feed label ids batch by batch, then compute once. Computing
+    also sets `confusion`, the counts of the examples fed since the previous computation: a row per
+    true label, a column per predicted one."""
 
     def __init__(self, names: list[str], num_labels: int) -> None:
         self.names = names
         self._metrics: list[Metric] = [
             BuiltinMetric(name, num_labels) if name in BUILTIN_METRICS else EvaluateMetric(name) for name in names
         ]
+        self._counts = np.zeros((num_labels, num_labels), dtype=np.int64)
+        self.confusion = self._counts.copy()
 
     @property
     def primary(self) -> str:
@@ -114,11 +118,13 @@ class MetricSuite:
     def add_batch(self, predictions: np.ndarray, references: np.ndarray) -> None:
         for metric in self._metrics:
             metric.add_batch(predictions, references)
+        np.add.at(self._counts, (np.asarray(references).reshape(-1), np.asarray(predictions).reshape(-1)), 1)
 
     def compute(self) -> dict[str, float]:
         results: dict[str, float] = {}
         for metric in self._metrics:
             results |= metric.compute()
+        self.confusion, self._counts = self._counts, np.zeros_like(self._counts)
         return results
 
 

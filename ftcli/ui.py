@@ -50,6 +50,24 @@ def metrics_table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
+# Beyond this many classes the confusion matrix stays in the JSON file: a terminal cannot show it.
+CONFUSION_MAX_LABELS = 12
+
+
+def confusion_table(confusion: dict[str, list]) -> Table | str:
+    """Counts with a row per true label and a column per predicted one."""
+    labels = confusion["labels"]
+    if len(labels) > CONFUSION_MAX_LABELS:
+        return f"confusion matrix: {len(labels)} classes, in the JSON file"
+    table = Table(title="confusion matrix", title_justify="left")
+    table.add_column("true \\ predicted")
+    for label in labels:
+        table.add_column(escape(str(label)), justify="right")
+    for label, row in zip(labels, confusion["counts"]):
+        table.add_row(escape(str(label)), *(str(count) for count in row))
+    return table
+
+
 class TrainingProgress:
     """A rich progress bar over optimizer steps showing loss, learning rate and throughput.
 

@@ -67,8 +67,18 @@ def test_suite_accumulates_batch_by_batch_like_one_batch():
     whole = {name: compute_builtin(name, PREDICTIONS, REFERENCES) for name in ("accuracy", "f1", "matthews")}
     assert batched == pytest.approx(whole)
     assert list(batched) == ["accuracy", "f1", "matthews"]
+    assert suite.confusion.tolist() == [[3, 1], [1, 3]]  # true 0: TN 3, FP 1; true 1: FN 1, TP 3
     suite.add_batch(np.array([1]), np.array([0]))
     assert suite.compute()["accuracy"] == 0.0  # compute() starts afresh
+    assert suite.confusion.tolist() == [[0, 1], [0, 0]]
+
+
+def test_confusion_counts_every_class_pair_beyond_two_labels():
+    suite = MetricSuite(["accuracy"], num_labels=3)
+    suite.add_batch(np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]))
+    suite.add_batch(np.array([0]), np.array([2]))
+    suite.compute()
+    assert suite.confusion.tolist() == [[1, 0, 0], [0, 1, 1], [1, 0, 1]]
 
 
 def test_primary_metric_is_first_builtin_else_loss():

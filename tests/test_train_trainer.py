@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from conftest import invoke
 from safetensors.torch import load_file
@@ -65,6 +66,13 @@ def test_evaluate_and_predict_on_a_trained_run(make_experiment, tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     written = json.loads((run / "eval_validation.json").read_text())
     assert abs(written["accuracy"] - train_metrics["accuracy"]) < 1e-9
+    # The confusion matrix: a row per true label, as many examples as the split, accuracy on its diagonal.
+    confusion = written["confusion_matrix"]
+    counts = confusion["counts"]
+    labels = [json.loads(line)["label"] for line in (tmp_path / "data" / "validation.jsonl").read_text().splitlines()]
+    assert [sum(row) for row in counts] == [labels.count(int(name)) for name in confusion["labels"]]
+    assert sum(counts[i][i] for i in range(len(counts))) / len(labels) == pytest.approx(written["accuracy"])
+    assert "confusion matrix" in evaluated.output
 
     checkpoint = sorted((run / "checkpoints").iterdir())[0]
     assert invoke("evaluate", str(run), "--checkpoint", str(checkpoint)).exit_code == 0
