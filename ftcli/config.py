@@ -11,7 +11,7 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -113,6 +113,11 @@ class TrainingConfig(_Strict):
         "adamw", description="adamw (PyTorch), or adamw_8bit: bitsandbytes' AdamW with 8-bit state (CUDA only)."
     )
     seed: int = Field(42, ge=0, description="Seed for weights of the new head, shuffling and dropout.")
+    class_weights: Literal["balanced"] | list[Annotated[float, Field(gt=0)]] | None = Field(
+        None,
+        description="Weight each training example's loss by its class: balanced (examples / (classes x the class's "
+        "examples), as scikit-learn), or one weight per label in data.label_names order. Evaluation loss stays unweighted.",
+    )
     group_by_length: bool = Field(
         True, description="Batch examples of similar length (shuffled mega-batches, sorted inside): far less padding."
     )

@@ -73,6 +73,7 @@ class GraphedTrainStep:
         buckets: list[int],
         max_grad_norm: float | None,
         autocast_dtype: torch.dtype | None,
+        class_weights: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -81,6 +82,7 @@ class GraphedTrainStep:
         self.buckets = sorted(buckets)
         self.max_grad_norm = max_grad_norm
         self.autocast_dtype = autocast_dtype
+        self.class_weights = class_weights
         self.device = next(model.parameters()).device
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self._gradients = torch.zeros(
@@ -116,7 +118,9 @@ class GraphedTrainStep:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
             logits = torch.func.functional_call(self.model, overrides, args=(), kwargs=features).logits
-        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=LOSS_IGNORE_INDEX)
+        loss_sum = F.cross_entropy(
+            logits.float(), labels, weight=self.class_weights, reduction="sum", ignore_index=LOSS_IGNORE_INDEX
+        )
         (loss_sum / real.sum()).backward()
         self._pack_gradients()
         grad_norm = self._gradients.norm()

@@ -86,6 +86,7 @@ def train(
     with processes.main_process_first():
         source, tokenizer, prepared = setup_data(config)
     MetricSuite(config.metrics, num_labels=len(prepared.label_names))
+    weights = class_weights(config.training.class_weights, prepared)
     set_seed(config.training.seed)
     model = setup_model(config, source, prepared.label_names)
     resuming = resume or resume_from is not None
@@ -111,7 +112,8 @@ def train(
             tracker.start(run, config)
         progress = TrainingProgress(enabled=show_progress and is_main)
         job = TrainJob(
-            config, prepared, model, tokenizer, run, progress, resume_point, is_main, tracker=tracker, on_evaluate=on_evaluate
+            config, prepared, model, tokenizer, run, progress, resume_point, is_main,
+            tracker=tracker, on_evaluate=on_evaluate, class_weights=weights,
         )
         try:
             with job.stop_signals:  # SIGINT and SIGTERM: save and stop at the next optimizer step
@@ -133,6 +135,29 @@ def train(
             job.settle_saves()  # the last checkpoint, written meanwhile, is published
         pushed_to = push.push_run(run, config.push_to_hub) if config.push_to_hub else None
         return TrainResult(run, outcome, metrics, prepared, diagnosis, pushed_to)
+
+
+def class_weights(setting: str | list[float] | None, prepared: Prepared) -> torch.Tensor | None:
+    """The training loss's weight per class (label id order), from training.class_weights."""
+    if setting is None:
+        return None
+    names = prepared.label_names
+    if setting != "balanced":
+        if len(setting) != len(names):
+            raise FtcliError(
+                f"training.class_weights has {len(setting)} weights for {len(names)} labels ({', '.join(names)})",
+                "give one weight per label, in data.label_names order, or use balanced",
+            )
+        return torch.tensor(setting, dtype=torch.float32)
+    counts = prepared.summary["train"].label_counts
+    missing = [name for name in names if not counts[name]]
+    if missing:
+        raise FtcliError(
+            f"training.class_weights: balanced is undefined: label '{missing[0]}' has no training examples",
+            "give training.class_weights as one weight per label",
+        )
+    total = sum(counts.values())
+    return torch.tensor([total / (len(names) * counts[name]) for name in names], dtype=torch.float32)
 
 
 def save_and_score(job: TrainJob, device: torch.device) -> dict[str, dict[str, float]]:

@@ -57,6 +57,8 @@ CASES = [
         config={"training": {"compile": "cuda_graphs", "data_on_device": False}},
     ),
     Case("three-text-fields", "data.text_fields", config={"data": {"text_fields": ["a", "b", "c"]}}),
+    Case("class-weights-count", "has 3 weights for 2 labels", config={"training": {"class_weights": [1, 2, 3]}}),
+    Case("class-weights-negative", "class_weights=-1: input should be greater than 0", config={"training": {"class_weights": [1, -1]}}),
     Case("unsafe-name", "name: use letters", config={"name": "../escape"}),
     Case("unknown-metric", "did you mean 'accuracy'", config={"metrics": ["acuracy"]}),
     Case("duplicate-label-names", "label names must be unique", config={"data": {"label_names": ["a", "a"]}}),

@@ -93,6 +93,8 @@ class TrainJob:
     # Sees each evaluation event (a sweep's pruner); returning True asks the backend to stop
     # after this evaluation, as early stopping does. Single-process runs only.
     on_evaluate: Callable[[dict[str, Any]], bool] | None = None
+    # The training loss's weight per class (training.class_weights), or None: every example counts once.
+    class_weights: torch.Tensor | None = None
     stop_requested: bool = False
     stop_signals: StopSignals = field(default_factory=StopSignals)
     # A backend may return while its last checkpoint is still being written; the recipe calls this

@@ -173,6 +173,7 @@ class LoopBackend:
         else:
             model, optimizer = accelerator.prepare(job.model, optimizer)
         pad_token_id = job.tokenizer.pad_token_id
+        class_weights = job.class_weights.to(accelerator.device) if job.class_weights is not None else None
         eval_loader = None
         if validation is not None:
             eval_loader = accelerator.prepare(evaluation_loader(validation, training.eval_batch_size, pad_token_id))
@@ -197,7 +198,7 @@ class LoopBackend:
         if graphs:
             graphed = GraphedTrainStep(
                 accelerator.unwrap_model(model), optimizer.optimizer, on_device, training.batch_size,
-                length_buckets(on_device.width), training.max_grad_norm, dtype,
+                length_buckets(on_device.width), training.max_grad_norm, dtype, class_weights,
             )
             model.train()
             capture_started = time.perf_counter()
@@ -243,7 +244,8 @@ class LoopBackend:
                             rows = len(labels)
                             real_tokens += batch["attention_mask"].sum()  # a device tensor: no sync
                             padded_tokens += batch["input_ids"].numel()
-                            loss_sum = F.cross_entropy(model(**batch).logits.float(), labels, reduction="sum")
+                            logits = model(**batch).logits.float()
+                            loss_sum = F.cross_entropy(logits, labels, weight=class_weights, reduction="sum")
                             # accelerator.backward divides by grad_accum and DDP averages over processes: undo
                             # both, so the step's gradient is the mean over exactly the examples of the step.
                             accelerator.backward(loss_sum * (training.grad_accum * accelerator.num_processes / step_examples))

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
@@ -58,6 +59,7 @@ class TrainerBackend:
         # leaves it alone across processes; otherwise it does neither, and the gradient comes out
         # grad_accum × processes too large (and so does the logged loss).
         trainer.model_accepts_loss_kwargs = False
+        trainer.class_weights = job.class_weights
 
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
@@ -86,10 +88,20 @@ class _TokenCountingTrainer(Trainer):
     real_tokens: torch.Tensor | int = 0
     padded_tokens = 0
     loss_watch: LossWatch | None = None
+    class_weights: torch.Tensor | None = None
     run: RunDir
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        loss = super().compute_loss(model, inputs, *args, **kwargs)
+    def compute_loss(self, model, inputs, return_outputs=False, *args, **kwargs):
+        if model.training and self.class_weights is not None:
+            # The batch mean of each example's loss times its class's weight, as the loop computes it.
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            weights = self.class_weights.to(labels.device)
+            loss = F.cross_entropy(outputs.logits.float(), labels, weight=weights, reduction="sum") / len(labels)
+            inputs["labels"] = labels
+            loss = (loss, outputs) if return_outputs else loss
+        else:
+            loss = super().compute_loss(model, inputs, return_outputs, *args, **kwargs)
         if model.training:
             mask = inputs["attention_mask"]
             self.real_tokens = mask.sum() + self.real_tokens  # stays on the device: no sync per step
