@@ -267,7 +267,12 @@ def _all_numeric(names: list[str]) -> bool:
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     if getattr(tokenizer, "is_fast", False):
-        digest.update(tokenizer.backend_tokenizer.to_str().encode())
+        state = json.loads(tokenizer.backend_tokenizer.to_str())
+        # Every call sets these (ftcli passes its own): left in, the fingerprint would change with
+        # the last call's max_length, and a saved tokenizer.json keeps whatever was last used.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        digest.update(json.dumps(state, sort_keys=True).encode())
     else:
         digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     return digest.hexdigest()

@@ -7,7 +7,7 @@ from conftest import invoke, sentiment_rows, write_rows
 from transformers import AutoTokenizer
 
 from ftcli.config import DataConfig
-from ftcli.data import collate, length_sorted_batches, prepare
+from ftcli.data import collate, length_sorted_batches, prepare, tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,12 @@ def test_truncation_is_counted(tmp_path, tokenizer):
     summary = prepared.summary["train"]
     assert summary.truncated == 1 and summary.length_max == 52
     assert max(prepared.splits["train"]["length"]) == 16
+
+
+def test_tokenizer_fingerprint_ignores_the_last_calls_truncation_and_padding(tokenizer):
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer(["a b c"], truncation=True, max_length=7, padding="max_length")
+    assert tokenizer_fingerprint(tokenizer) == before
 
 
 def test_second_prepare_is_a_cache_hit_and_changes_invalidate(tmp_path, tokenizer):
