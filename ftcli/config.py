@@ -11,7 +11,7 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -113,7 +113,7 @@ class TrainingConfig(_Strict):
         "adamw", description="adamw (PyTorch), or adamw_8bit: bitsandbytes' AdamW with 8-bit state (CUDA only)."
     )
     seed: int = Field(42, ge=0, description="Seed for weights of the new head, shuffling and dropout.")
-    class_weights: Literal["balanced"] | list[Annotated[float, Field(gt=0)]] | None = Field(
+    class_weights: Literal["balanced"] | list[float] | None = Field(
         None,
         description="Weight each training example's loss by its class: balanced (examples / (classes x the class's "
         "examples), as scikit-learn), or one weight per label in data.label_names order. Evaluation loss stays unweighted.",
@@ -134,6 +134,16 @@ class TrainingConfig(_Strict):
         "where it can work and the training set fits on the GPU, else eager steps, also when the model's step "
         "cannot be captured. none: eager steps.",
     )
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _balanced_or_positive_weights(cls, value: Any) -> Any:
+        if value is None or value == "balanced":
+            return value
+        weights = value if isinstance(value, list) else []
+        if weights and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights):
+            return value
+        raise ValueError(f"{value!r} is neither 'balanced' nor a list of positive weights, one per label")
 
     @field_validator("pad_to_multiple_of")
     @classmethod
