@@ -129,8 +129,9 @@ class RunDir:
 
     # ------------------------------------------------------------ life cycle
     @classmethod
-    def create(cls, path: str | Path, overwrite: bool = False) -> RunDir:
-        """A fresh run directory; an existing one is replaced only with overwrite, and only if it is a run."""
+    def check_can_create(cls, path: str | Path, overwrite: bool = False) -> None:
+        """Raise unless `create` may make a run directory at path (or, with overwrite, replace the run
+        there); touches nothing, so a train command can ask before it spends time tokenizing."""
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
             raise FtcliError(f"run directory {run.path} is a file", "remove it or change name/output_dir")
@@ -146,8 +147,15 @@ class RunDir:
                     f"{run.path} is not an ftcli run directory (no config.yaml), refusing to overwrite it",
                     "change name or output_dir",
                 )
+
+    @classmethod
+    def create(cls, path: str | Path, overwrite: bool = False) -> RunDir:
+        """A fresh run directory; an existing one is replaced only with overwrite, and only if it is a run."""
+        cls.check_can_create(path, overwrite)
+        run = cls(path)
+        if run.path.exists():
             shutil.rmtree(run.path)
-        run.path.mkdir(parents=True, exist_ok=True)
+        run.path.mkdir(parents=True)
         return run
 
     @classmethod

@@ -83,15 +83,20 @@ def train(
     if config.push_to_hub:
         push.check_hub_access()  # before hours of training, not after
     tracker = Tracker(config.report_to)  # before tokenizing: a missing package should fail at once
+    resuming = resume or resume_from is not None
+    if resuming and overwrite:
+        raise FtcliError("--resume continues a run, --overwrite replaces it", "pass one of them")
+    # A run directory in the way is reported before minutes of tokenizing, not after.
+    if is_main and resuming:
+        RunDir.open(config.run_dir)
+    elif is_main:
+        RunDir.check_can_create(config.run_dir, overwrite)
     with processes.main_process_first():
         source, tokenizer, prepared = setup_data(config)
     MetricSuite(config.metrics, num_labels=len(prepared.label_names))
     weights = class_weights(config.training.class_weights, prepared)
     set_seed(config.training.seed)
     model = setup_model(config, source, prepared.label_names)
-    resuming = resume or resume_from is not None
-    if resuming and overwrite:
-        raise FtcliError("--resume continues a run, --overwrite replaces it", "pass one of them")
     if resuming:
         run = RunDir.open(config.run_dir)
     else:

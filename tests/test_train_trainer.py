@@ -47,12 +47,14 @@ def test_train_writes_complete_run_directory_and_learns(make_experiment, tmp_pat
     assert set(load_file(run / "model" / "model.safetensors"))  # loadable safetensors
 
 
-def test_existing_run_directory_is_refused_without_overwrite(make_experiment, tmp_path):
+def test_existing_run_directory_is_refused_without_overwrite(make_experiment, tmp_path, isolated_cache):
     experiment = make_experiment(backend="trainer", training={"max_steps": 2, "eval_every": 2, "save_every": 2})
     assert invoke("train", str(experiment)).exit_code == 0
-    refused = invoke("train", str(experiment))
+    cached = set(isolated_cache.rglob("*"))
+    refused = invoke("train", str(experiment), "--set", "data.max_length=24")  # data that would need tokenizing
     assert refused.exit_code == 2
     assert "already exists" in refused.output and "--overwrite" in refused.output
+    assert set(isolated_cache.rglob("*")) == cached  # refused before tokenizing
     assert invoke("train", str(experiment), "--overwrite").exit_code == 0
 
 
