@@ -266,6 +266,8 @@ def _all_numeric(names: list[str]) -> bool:
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    # Which columns a call returns (token_type_ids or not) and which end truncation cuts.
+    digest.update(json.dumps([list(tokenizer.model_input_names), tokenizer.truncation_side]).encode())
     if getattr(tokenizer, "is_fast", False):
         state = json.loads(tokenizer.backend_tokenizer.to_str())
         # Every call sets these (ftcli passes its own): left in, the fingerprint would change with

@@ -64,6 +64,13 @@ def test_tokenizer_fingerprint_ignores_the_last_calls_truncation_and_padding(tok
     assert tokenizer_fingerprint(tokenizer) == before
 
 
+def test_tokenizer_fingerprint_changes_with_the_columns_and_the_truncated_end(tiny_model_dir):
+    plain = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model_dir))
+    without_types = AutoTokenizer.from_pretrained(tiny_model_dir, model_input_names=["input_ids", "attention_mask"])
+    left = AutoTokenizer.from_pretrained(tiny_model_dir, truncation_side="left")
+    assert len({plain, tokenizer_fingerprint(without_types), tokenizer_fingerprint(left)}) == 3
+
+
 def test_second_prepare_is_a_cache_hit_and_changes_invalidate(tmp_path, tokenizer):
     train = write_rows(tmp_path / "train.jsonl", sentiment_rows(8))
     config = DataConfig(train=str(train), max_length=32)
