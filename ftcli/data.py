@@ -264,6 +264,20 @@ def _all_numeric(names: list[str]) -> bool:
 # ---------------------------------------------------------------- tokenizing and caching
 
 
+# Tokenizers without a length limit report a huge model_max_length instead.
+NO_LENGTH_LIMIT = 10**12
+
+
+def check_max_length(max_length: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Longer examples than the model's position embeddings hold would fail mid-training."""
+    limit = tokenizer.model_max_length
+    if limit < NO_LENGTH_LIMIT and max_length > limit:
+        raise FtcliError(
+            f"data.max_length={max_length} is longer than this model takes ({limit} tokens)",
+            f"set data.max_length to {limit} or less",
+        )
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     # Which columns a call returns (token_type_ids or not) and which end truncation cuts.
@@ -329,6 +343,7 @@ def tokenize_rows(
 
 def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, use_cache: bool = True) -> Prepared:
     """Tokenized splits, from the cache when the fingerprint matches, else built and cached."""
+    check_max_length(data.max_length, tokenizer)
     fingerprint = data_fingerprint(data, tokenizer)
     cache_dir = cache_root() / fingerprint
     if use_cache and (cache_dir / "meta.json").is_file():

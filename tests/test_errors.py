@@ -87,6 +87,7 @@ CASES = [
         config={"data": {"train": "{data}/train.csv"}},
     ),
     Case("parquet-damaged", "not a readable parquet", files={"train.parquet": b"PAR1 not really"}, config={"data": {"train": "{data}/train.parquet"}}),
+    Case("max-length-beyond-model", "data.max_length=1024 is longer than this model takes (512 tokens)", config={"data": {"max_length": 1024}}),
     Case("missing-text-column", "has no column 'review'", config={"data": {"text_fields": ["review"]}}),
     Case("missing-label-column", "has no column 'sentiment'", config={"data": {"label_field": "sentiment"}}),
     Case("null-text", "'text' is missing or null", files={"train.jsonl": GOOD_JSONL + '{"text": null, "label": "positive"}\n'}),
