@@ -134,8 +134,9 @@ def train(
             metrics = save_and_score(job, device)
             run.update_metrics("train", _train_stats(outcome))
             # Read the curves: curves.png and diagnosis.json, accuracy judged against the majority class.
+            # A run shorter than logging_steps, without validation, has none to read.
             run.update_metrics("data", majority_baseline(prepared.summary))
-            diagnosis = analyze_run(run).diagnosis
+            diagnosis = analyze_run(run).diagnosis if run.read_events() else None
         finally:
             job.settle_saves()  # the last checkpoint, written meanwhile, is published
         pushed_to = push.push_run(run, config.push_to_hub) if config.push_to_hub else None

@@ -58,6 +58,16 @@ def test_existing_run_directory_is_refused_without_overwrite(make_experiment, tm
     assert invoke("train", str(experiment), "--overwrite").exit_code == 0
 
 
+@pytest.mark.parametrize("backend", ["loop", "trainer"])
+def test_a_run_too_short_to_log_still_ends_well(backend, make_experiment, tmp_path):
+    experiment = make_experiment(backend=backend, data={"validation": None}, training={"max_steps": 2, "logging_steps": 10})
+    result = invoke("train", str(experiment))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tiny"
+    assert (run / "model" / "model.safetensors").is_file() and not (run / "curves.png").exists()
+    assert json.loads((run / "metrics.json").read_text())["train"]["global_step"] == 2
+
+
 def test_evaluate_and_predict_on_a_trained_run(make_experiment, tmp_path):
     experiment = make_experiment(backend="trainer", pair=True, training={"epochs": 3})
     assert invoke("train", str(experiment)).exit_code == 0
