@@ -201,10 +201,10 @@ def check_columns(splits: dict[str, list[dict[str, Any]]], data: DataConfig, req
         for column in wanted:
             if column not in columns:
                 key = "data.label_field" if column == data.label_field else "data.text_fields"
-                raise FtcliError(
-                    f"split '{split}' has no column '{column}' (columns: {', '.join(columns)})",
-                    f"set {key} to one of its columns",
-                )
+                fix = f"set {key} to one of its columns"
+                if column == data.label_field and split != "train":  # most likely texts to be labelled
+                    fix += f", or leave the unlabelled file out of data.{split} and label it with ftcli predict RUN --input FILE"
+                raise FtcliError(f"split '{split}' has no column '{column}' (columns: {', '.join(columns)})", fix)
         check_texts(rows, data.text_fields, where=f"split '{split}'")
         if require_labels:
             for number, row in enumerate(rows, start=1):

@@ -90,6 +90,7 @@ CASES = [
     Case("max-length-beyond-model", "data.max_length=1024 is longer than this model takes (512 tokens)", config={"data": {"max_length": 1024}}),
     Case("missing-text-column", "has no column 'review'", config={"data": {"text_fields": ["review"]}}),
     Case("missing-label-column", "has no column 'sentiment'", config={"data": {"label_field": "sentiment"}}),
+    Case("unlabelled-validation", "label it with ftcli predict RUN --input FILE", files={"validation.jsonl": '{"text": "fine"}\n'}),
     Case("null-text", "'text' is missing or null", files={"train.jsonl": GOOD_JSONL + '{"text": null, "label": "positive"}\n'}),
     Case("number-text", "'text' is a int, not text", files={"train.jsonl": GOOD_JSONL + '{"text": 7, "label": "positive"}\n'}),
     Case("null-label", "is missing or null", files={"train.jsonl": GOOD_JSONL + '{"text": "fine", "label": null}\n'}),
