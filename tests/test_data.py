@@ -71,7 +71,8 @@ def test_tokenizer_fingerprint_changes_with_the_columns_and_the_truncated_end(ti
     assert len({plain, tokenizer_fingerprint(without_types), tokenizer_fingerprint(left)}) == 3
 
 
-def test_second_prepare_is_a_cache_hit_and_changes_invalidate(tmp_path, tokenizer):
+def test_second_prepare_is_a_cache_hit_and_changes_invalidate(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("FTCLI_CACHE", str(tmp_path / "cache"))  # empty, whatever ran before
     train = write_rows(tmp_path / "train.jsonl", sentiment_rows(8))
     config = DataConfig(train=str(train), max_length=32)
     first = prepare(config, tokenizer)
@@ -83,7 +84,8 @@ def test_second_prepare_is_a_cache_hit_and_changes_invalidate(tmp_path, tokenize
     assert not prepare(config, tokenizer).cache_hit  # the file changed
 
 
-def test_prepare_command_reports_summary_and_cache_hit(make_experiment):
+def test_prepare_command_reports_summary_and_cache_hit(make_experiment, tmp_path, monkeypatch):
+    monkeypatch.setenv("FTCLI_CACHE", str(tmp_path / "cache"))  # empty: other tests tokenize the same data
     experiment = make_experiment(pair=True)
     first = invoke("prepare", str(experiment))
     assert first.exit_code == 0, first.output
