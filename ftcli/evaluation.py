@@ -10,7 +10,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from ftcli.config import Config, load_config
 from ftcli.data import prepare
 from ftcli.errors import FtcliError
-from ftcli.inference import iterate_logits, pick_device, score
+from ftcli.inference import pick_device, score_dataset
 from ftcli.lora import is_adapter, load_adapter_model
 from ftcli.metrics import MetricSuite
 from ftcli.modeling import label_names_of, load_model, load_tokenizer, resolve_model_source
@@ -81,15 +81,15 @@ def evaluate_run(
             "evaluate with the data the run was trained on",
         )
     suite = MetricSuite(config.metrics, len(prepared.label_names))
-    batches = iterate_logits(
+    metrics = score_dataset(
         model,
         prepared.splits[split],
+        suite,
         config.training.eval_batch_size,
         tokenizer.pad_token_id,
         pick_device(),
         config.training.precision,
     )
-    metrics = score(((logits, batch["labels"]) for _, logits, batch in batches), suite)
     confusion = {"labels": prepared.label_names, "counts": suite.confusion.tolist()}
     checkpoint_dir = run.require_model(checkpoint) if checkpoint is not None else None
     target = run.eval_file(split, checkpoint_dir)

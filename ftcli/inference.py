@@ -90,8 +90,22 @@ def evaluate_dataset(
     precision: str = "auto",
 ) -> dict[str, float]:
     """Mean cross-entropy loss and every configured metric over a labeled split."""
+    suite = MetricSuite(metric_names, model.config.num_labels)
+    return score_dataset(model, dataset, suite, batch_size, pad_token_id, device, precision)
+
+
+def score_dataset(
+    model: PreTrainedModel,
+    dataset: Dataset,
+    suite: MetricSuite,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    precision: str = "auto",
+) -> dict[str, float]:
+    """evaluate_dataset with a suite of the caller's, whose confusion matrix is then the split's."""
     batches = iterate_logits(model, dataset, batch_size, pad_token_id, device, precision)
-    return score(((logits, batch["labels"]) for _, logits, batch in batches), MetricSuite(metric_names, model.config.num_labels))
+    return score(((logits, batch["labels"]) for _, logits, batch in batches), suite)
 
 
 def score(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], suite: MetricSuite) -> dict[str, float]:
