@@ -87,8 +87,8 @@ def train(
     if resuming and overwrite:
         raise FtcliError("--resume continues a run, --overwrite replaces it", "pass one of them")
     # A run directory in the way is reported before minutes of tokenizing, not after.
-    if is_main and resuming:
-        RunDir.open(config.run_dir)
+    if resuming:
+        run = RunDir.open(config.run_dir)
     elif is_main:
         RunDir.check_can_create(config.run_dir, overwrite)
     with processes.main_process_first():
@@ -97,9 +97,7 @@ def train(
     weights = class_weights(config.training.class_weights, prepared)
     set_seed(config.training.seed)
     model = setup_model(config, source, prepared.label_names)
-    if resuming:
-        run = RunDir.open(config.run_dir)
-    else:
+    if not resuming:
         run = RunDir.create(config.run_dir, overwrite=overwrite) if is_main else RunDir(config.run_dir)
     # The main process holds the run directory from here until the run is saved and scored.
     with run.lock() if is_main else nullcontext():

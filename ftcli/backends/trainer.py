@@ -59,7 +59,8 @@ class TrainerBackend:
         # leaves it alone across processes; otherwise it does neither, and the gradient comes out
         # grad_accum × processes too large (and so does the logged loss).
         trainer.model_accepts_loss_kwargs = False
-        trainer.class_weights = job.class_weights
+        if job.class_weights is not None:  # moved once, not at every step
+            trainer.class_weights = job.class_weights.to(args.device)
 
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
@@ -96,8 +97,8 @@ class _TokenCountingTrainer(Trainer):
             # The batch mean of each example's loss times its class's weight, as the loop computes it.
             labels = inputs.pop("labels")
             outputs = model(**inputs)
-            weights = self.class_weights.to(labels.device)
-            loss = F.cross_entropy(outputs.logits.float(), labels, weight=weights, reduction="sum") / len(labels)
+            logits = outputs.logits.float()
+            loss = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum") / len(labels)
             inputs["labels"] = labels
             loss = (loss, outputs) if return_outputs else loss
         else:
