@@ -406,7 +406,7 @@ def use_cuda_graphs(training: TrainingConfig, train_set: Dataset, device: torch.
     needs the training set to fit on the GPU, where the graph gathers its batches."""
     if training.compile == "none":
         return False
-    if training.compile == "auto" and not (training.data_on_device is not False and fits_on_device(train_set)):
+    if training.compile == "auto" and (training.data_on_device is False or not fits_on_device(train_set)):
         return False
     single = PartialState().num_processes == 1
     return device.type == "cuda" and single and training.grad_accum == 1 and training.optimizer == "adamw"
