@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.train_speed import LABELS, MRPC, make_model_dir, parse_row
+from bench.train_speed import LABELS, MRPC, key_values, make_model_dir, parse_row, yaml_values
 
 
 def run(config_path: Path, row: str, processes: int, run_dir: Path) -> dict:
@@ -81,7 +81,7 @@ def main() -> None:
                 "label_names": LABELS,
             },
             "training": {"epochs": args.epochs, "batch_size": args.batch_size, "logging_steps": 50}
-            | {key.removeprefix("training."): yaml.safe_load(value) for key, value in (s.split("=", 1) for s in args.set)},
+            | {key.removeprefix("training."): value for key, value in yaml_values(key_values(args.set)).items()},
         }
         config_path = workdir / "scaling.yaml"
         config_path.write_text(yaml.safe_dump(experiment))

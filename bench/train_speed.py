@@ -156,7 +156,7 @@ def run_hf_trainer(
             per_device_train_batch_size=args.batch_size,
             report_to="none",
             disable_tqdm=True,
-            **{key: yaml.safe_load(value) for key, value in settings.items()},
+            **yaml_values(settings),
         )
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
         trainer = Trainer(
@@ -219,7 +219,17 @@ def parse_row(spec: str) -> tuple[str, dict[str, str]]:
     """A row of ftcli: a backend, optionally with training settings of its own,
     `loop:compile=cuda_graphs;batch_size=32` -> ("loop", {"compile": "cuda_graphs", "batch_size": "32"})."""
     backend, _, settings = spec.partition(":")
-    return backend, dict(item.split("=", 1) for item in settings.split(";") if item)
+    return backend, key_values(settings.split(";"))
+
+
+def key_values(items: list[str]) -> dict[str, str]:
+    """KEY=VALUE items as a mapping; empty items are skipped."""
+    return dict(item.split("=", 1) for item in items if item)
+
+
+def yaml_values(settings: dict[str, str]) -> dict:
+    """Each setting's value read as YAML, as `ftcli --set` reads it: "32" -> 32, "true" -> True."""
+    return {key: yaml.safe_load(value) for key, value in settings.items()}
 
 
 def run_ftcli(
@@ -230,7 +240,7 @@ def run_ftcli(
     from ftcli.train import train
 
     backend, settings = parse_row(spec)
-    overrides = dict(item.split("=", 1) for item in args.ftcli_set if item) | settings
+    overrides = key_values(args.ftcli_set) | settings
     config = validate(
         {
             "name": f"bench-{letter}",
@@ -251,7 +261,7 @@ def run_ftcli(
                 "eval_every": "epoch",
                 "save_every": "epoch",
                 "logging_steps": 50,
-                **{key: yaml.safe_load(value) for key, value in overrides.items()},
+                **yaml_values(overrides),
             },
             "metrics": ["accuracy", "f1"],
         }
