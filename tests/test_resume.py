@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,8 +36,8 @@ def experiment_for(make_experiment, backend: str, precision: str = "fp32"):
     )
 
 
-def train_until_killed(experiment, run) -> None:
-    """Start `ftcli train` and kill -9 it as soon as its first checkpoint exists (mid-epoch)."""
+def train_until_killed(experiment, run, after_step: int = 0) -> None:
+    """Start `ftcli train` and kill -9 it as soon as a checkpoint past after_step exists (mid-epoch)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "ftcli", "train", str(experiment), "--set", f"name={run.name}"],
         env={**os.environ, **ENV},
@@ -43,7 +45,7 @@ def train_until_killed(experiment, run) -> None:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
-    while not (run / "checkpoints").is_dir() or not any((run / "checkpoints").glob("checkpoint-*")):
+    while not [path for path in (run / "checkpoints").glob("checkpoint-*") if int(path.name.split("-")[1]) > after_step]:
         assert process.poll() is None, "training ended before a checkpoint appeared"
         assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
         time.sleep(0.01)
@@ -73,13 +75,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize(("backend", "precision"), [("loop", "fp32"), ("trainer", "fp32"), ("loop", "bf16")])
-def test_killed_run_resumes_exactly(backend, precision, make_experiment, tmp_path, one_thread):
+@pytest.mark.parametrize(
+    ("backend", "precision", "after_step"),
+    [("loop", "fp32", 0), ("trainer", "fp32", 0), ("loop", "bf16", 0), ("trainer", "fp32", STEPS_PER_EPOCH)],
+    ids=["loop", "trainer", "loop-bf16", "trainer-second-epoch"],
+)
+def test_killed_run_resumes_exactly(backend, precision, after_step, make_experiment, tmp_path, one_thread):
     experiment = experiment_for(make_experiment, backend, precision)
     runs = tmp_path / "runs"
     train_straight(experiment)
 
-    train_until_killed(experiment, runs / "killed")
+    train_until_killed(experiment, runs / "killed", after_step)
     resumed = invoke("train", str(experiment), "--set", "name=killed", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert_same_weights_as_straight(runs, runs / "killed")
@@ -183,3 +189,35 @@ def test_five_kills_at_random_points_still_resume_exactly(make_experiment, tmp_p
     resumed = invoke("train", str(experiment), "--set", "name=killed", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert_same_weights_as_straight(runs, run.path)
+
+
+@pytest.mark.parametrize("backend", ["trainer", "loop"])
+def test_resume_from_any_checkpoint_is_exact(backend, make_experiment, tmp_path, one_thread):
+    """Warm-up, and evaluation and a save on the same steps, resumed from checkpoints in several
+    epochs: the evaluations, the best checkpoint and the final weights are the uninterrupted run's.
+    (The trainer backend used to draw each epoch's order from torch's global generator, which a
+    resumed run had not restored yet: every resume after the first epoch trained in another order.)"""
+    experiment = make_experiment(
+        train_size=128,
+        pair=True,
+        backend=backend,
+        training={
+            "epochs": None, "max_steps": 80, "warmup_ratio": 0.1, "eval_every": 10, "save_every": 10,
+            "logging_steps": 5, "keep_checkpoints": 10, "learning_rate": 5e-4,
+        },
+    )
+    runs = tmp_path / "runs"
+    train_straight(experiment)
+    for step in (10, 30, 50, 70):  # 16 steps an epoch: in the first, second, fourth and fifth
+        name = f"from-{step}"
+        shutil.copytree(runs / "straight", runs / name)
+        config = runs / name / "config.yaml"
+        config.write_text(config.read_text().replace("name: straight", f"name: {name}"))
+        resumed = invoke("train", str(experiment), "--set", f"name={name}", "--resume-from", f"checkpoint-{step}")
+        assert resumed.exit_code == 0, resumed.output
+        assert (runs / name / "metrics.jsonl").read_text() == (runs / "straight" / "metrics.jsonl").read_text(), step
+        metrics = json.loads((runs / name / "metrics.json").read_text())
+        expected = json.loads((runs / "straight" / "metrics.json").read_text())
+        assert metrics["validation"] == expected["validation"]
+        assert Path(metrics["train"]["best_checkpoint"]).name == Path(expected["train"]["best_checkpoint"]).name
+        assert_same_weights_as_straight(runs, runs / name)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Sampler
 from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
@@ -16,6 +17,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ftcli import checkpoint
 from ftcli.backends import LossWatch, TrainJob, TrainOutcome
@@ -113,6 +115,16 @@ class _TokenCountingTrainer(Trainer):
             self.loss_watch.observe((loss[0] if isinstance(loss, tuple) else loss).mean(), self.state.global_step + 1)
         return loss
 
+    def _get_train_sampler(self, train_dataset=None) -> Sampler:
+        # The training set as ftcli prepared it: Trainer hands over a copy without the length column.
+        grouped = self.args.train_sampling_strategy == "group_by_length"
+        return EpochSeededSampler(
+            len(self.train_dataset),
+            self.args.data_seed,
+            lengths=list(self.train_dataset[self.args.length_column_name]) if grouped else None,
+            group_size=self.args.train_batch_size * self.args.gradient_accumulation_steps,
+        )
+
     def log(self, logs, *args, **kwargs) -> None:
         self.check_loss()
         super().log(logs, *args, **kwargs)
@@ -120,6 +132,30 @@ class _TokenCountingTrainer(Trainer):
     def check_loss(self) -> None:
         if self.loss_watch is not None:
             self.loss_watch.check(self.accelerator, self.run)
+
+
+class EpochSeededSampler(Sampler):
+    """Trainer's training order (shuffled, or grouped by length as HF's LengthGroupedSampler groups
+    it), drawn from a generator seeded by (seed, epoch) alone. Trainer's own samplers draw it from
+    torch's global generator when the epoch starts, which a resumed run has not restored yet at that
+    moment: resumed in a later epoch, it trained that epoch in another order than the uninterrupted
+    run. Trainer calls set_epoch before each epoch, a resumed one too."""
+
+    def __init__(self, size: int, seed: int, lengths: list[int] | None = None, group_size: int = 1) -> None:
+        self.size, self.seed, self.lengths, self.group_size = size, seed, lengths, group_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.lengths is None:
+            return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=generator))
 
 
 def training_arguments(config: Config, output_dir: str, has_validation: bool) -> TrainingArguments:
