@@ -11,6 +11,7 @@ import difflib
 import json
 import re
 from pathlib import Path
+from collections.abc import Hashable
 from typing import Any, Literal, get_args
 
 import yaml
@@ -29,6 +30,8 @@ SCHEDULERS = (
     "inverse_sqrt",
 )
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+# File systems allow 255 bytes a name; this leaves room for the suffixes ftcli adds to run names.
+MAX_NAME_LENGTH = 200
 
 
 class _Strict(BaseModel):
@@ -51,6 +54,12 @@ class DataConfig(_Strict):
     max_length: int = Field(128, ge=2, le=8192, description="Tokens per example; longer ones are truncated.")
     max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N examples of other splits.")
+    quoting: Literal["auto", "quoted", "none"] = Field(
+        "auto",
+        description="csv/tsv quoting. quoted: fields may be wrapped in quotes (as pandas writes them); none: quotes are "
+        "plain text and every line is a row (GLUE's tsv files); auto: quoted when the file reads as well-formed quoted "
+        "fields, else none, and an error when a quote would join lines into one row.",
+    )
 
     @field_validator("train", "validation", "test")
     @classmethod
@@ -65,6 +74,15 @@ class DataConfig(_Strict):
         if names is not None and len(set(names)) != len(names):
             raise ValueError("label names must be unique")
         return names
+
+    @model_validator(mode="after")
+    def _label_is_not_a_text(self) -> DataConfig:
+        if self.label_field in self.text_fields:
+            raise ValueError(
+                f"data.label_field '{self.label_field}' is also one of data.text_fields: name the column that holds "
+                "the labels in data.label_field, and only the texts in data.text_fields"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -237,6 +255,11 @@ class Config(_Strict):
     def _safe_name(cls, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise ValueError("use letters, digits, '.', '_' and '-' only (it names a folder)")
+        if len(name) > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"{len(name)} characters is too long for a folder name; use at most {MAX_NAME_LENGTH} "
+                "(file systems allow 255, and ftcli appends -smoke, -sweep or -trial-N)"
+            )
         return name
 
     @field_validator("metrics")
@@ -350,7 +373,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FtcliError(f"config file {path} does not exist", "check the path")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKey as error:
+        raise FtcliError(f"{path}: {error}", "keep one of them: the second would silently replace the first") from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -362,6 +387,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise FtcliError(f"{path} must hold a mapping of keys, not a {type(raw).__name__}", "see configs/ for examples")
     return raw
+
+
+class DuplicateKey(ValueError):
+    """A mapping in the YAML gives the same key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the
+    last value silently, so a forgotten first `name:` would quietly train something else."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # PyYAML's own error follows: found unhashable key
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise DuplicateKey(f"key '{key}' appears twice in one mapping (lines {lines[key]} and {line})")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -407,6 +455,8 @@ def _describe(problem: dict[str, Any]) -> str:
         return f"{key} is required"
     message = problem["msg"].removeprefix("Value error, ")
     given = problem.get("input")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key} must be a section of keys, not a {type(given).__name__} ({given!r})"
     if kind.startswith(("greater_than", "less_than")) or kind in ("int_parsing", "float_parsing", "bool_parsing"):
         return f"{key}={given!r}: {message.lower()}"
     # Checks across a whole section name their keys themselves.

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -55,14 +57,15 @@ class Prepared:
 # ---------------------------------------------------------------- reading files
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a jsonl, json, csv, tsv or parquet file as dicts; every malformation is an FtcliError."""
+def read_records(path: str | Path, quoting: str = "auto") -> list[dict[str, Any]]:
+    """Rows of a jsonl, json, csv, tsv or parquet file as dicts; every malformation is an FtcliError.
+    quoting: how csv and tsv files quote their fields (data.quoting)."""
     path = require_file(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         rows = _read_parquet(path)
     elif suffix in (".csv", ".tsv"):
-        rows = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
+        rows = _read_delimited(path, "\t" if suffix == ".tsv" else ",", quoting)
     elif suffix in (".jsonl", ".json"):
         rows = _read_json(path)
     else:
@@ -102,7 +105,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
             raise FtcliError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}", "fix the file") from None
         return _check_objects(rows, path)
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(file_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -120,23 +123,74 @@ def _check_objects(rows: Any, path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_delimited(path: Path, delimiter: str) -> list[dict[str, Any]]:
-    reader = csv.reader(_read_text(path).splitlines(), delimiter=delimiter)
-    try:
-        header = next(reader)
-    except StopIteration:
-        return []
-    rows = []
-    for number, values in enumerate(reader, start=2):
-        if not values:
-            continue
-        if len(values) != len(header):
+def _read_delimited(path: Path, delimiter: str, quoting: str) -> list[dict[str, Any]]:
+    """A csv or tsv file as rows, each line one row unless quoting says that quotes may span lines.
+
+    Both kinds exist: pandas and spreadsheets wrap a field holding a quote in quotes (GoEmotions'
+    tsv files), while GLUE's tsv files have no quoting and a sentence may begin with a literal
+    quote. Read as quoted, such a sentence swallows the lines up to the next quote. auto reads
+    quoted when every quote in the file sits in a well-formed quoted field (csv's strict mode),
+    else unquoted; and rather than join lines silently, it stops when a quoted field spans lines.
+    """
+    text = _read_text(path)
+    if quoting == "none":
+        return _rows(path, _unquoted_records(text, delimiter), delimiter)
+    records = _quoted_records(path, text, delimiter, strict=quoting == "auto")
+    if records is None:  # auto: some quote is plain text
+        return _rows(path, _unquoted_records(text, delimiter), delimiter)
+    if quoting == "auto":
+        spanning = next(((start, end) for start, end, _ in records if end > start), None)
+        if spanning:
+            start, end = spanning
             raise FtcliError(
-                f"{path}: line {number} has {len(values)} fields but the header has {len(header)}",
-                "quote fields that contain the delimiter",
+                f"{path}: a quote at line {start} opens a field that runs to line {end}, joining {end - start + 1} "
+                "lines into one row",
+                "set data.quoting: none if quotes in this file are plain text (as in GLUE's tsv files), or "
+                "data.quoting: quoted if its quoted fields hold line breaks",
             )
-        rows.append(dict(zip(header, values)))
-    return rows
+    return _rows(path, records, delimiter)
+
+
+def _quoted_records(path: Path, text: str, delimiter: str, strict: bool) -> list[tuple[int, int, list[str]]] | None:
+    """(first line, last line, fields) of each record read with quoting; None when strict and some
+    quote is not part of a well-formed quoted field."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=strict)
+    records, line = [], 0
+    try:
+        for values in reader:
+            records.append((line + 1, reader.line_num, values))
+            line = reader.line_num
+    except csv.Error as error:
+        if strict:
+            return None
+        raise FtcliError(f"{path}: line {reader.line_num} cannot be read ({error})", "check its quotes") from None
+    return records
+
+
+def _unquoted_records(text: str, delimiter: str) -> list[tuple[int, int, list[str]]]:
+    return [(number, number, line.split(delimiter)) for number, line in enumerate(file_lines(text), start=1)]
+
+
+def file_lines(text: str) -> list[str]:
+    """The lines of a text file, split at line ends only: str.splitlines also splits at characters
+    such as U+2028 that real texts (Reddit comments, say) hold inside a line."""
+    return re.split(r"\r\n|\r|\n", text.removesuffix("\n").removesuffix("\r"))
+
+
+def _rows(path: Path, records: list[tuple[int, int, list[str]]], delimiter: str) -> list[dict[str, Any]]:
+    """Records under the first one's names; blank lines are skipped, a ragged record is an error."""
+    records = [record for record in records if record[2] not in ([], [""])]
+    if not records:
+        return []
+    (_, _, header), *body = records
+    for start, end, values in body:
+        if len(values) != len(header):
+            if end > start:
+                fix = f"its quote runs to line {end}: set data.quoting: none if quotes in this file are plain text"
+            else:
+                fix = "quote fields that contain the delimiter" if delimiter == "," else "a tab inside a text must be quoted"
+            raise FtcliError(f"{path}: line {start} has {len(values)} fields but the header has {len(header)}", fix)
+    return [dict(zip(header, values)) for _, _, values in body]
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
@@ -157,7 +211,7 @@ def load_raw_splits(data: DataConfig) -> tuple[dict[str, list[dict[str, Any]]], 
     if data.hub:
         splits, hub_names = _load_hub(data)
     else:
-        splits, hub_names = {split: read_records(path) for split, path in data.split_files().items()}, None
+        splits, hub_names = {split: read_records(path, data.quoting) for split, path in data.split_files().items()}, None
     limits = {split: data.max_train_samples if split == "train" else data.max_eval_samples for split in splits}
     return {split: rows[: limits[split]] if limits[split] else rows for split, rows in splits.items()}, hub_names
 
@@ -208,11 +262,13 @@ def check_columns(splits: dict[str, list[dict[str, Any]]], data: DataConfig, req
         check_texts(rows, data.text_fields, where=f"split '{split}'")
         if require_labels:
             for number, row in enumerate(rows, start=1):
-                if row.get(data.label_field) is None:
+                label = row.get(data.label_field)
+                if label is None or (isinstance(label, str) and not label.strip()):  # csv has no null but ""
                     raise FtcliError(
                         f"split '{split}' row {number}: label '{data.label_field}' is missing or null",
                         "give every row a label",
                     )
+            check_label_kinds(rows, data.label_field, where=f"split '{split}'")
 
 
 def check_texts(rows: list[dict[str, Any]], text_fields: list[str], where: str) -> None:
@@ -225,40 +281,94 @@ def check_texts(rows: list[dict[str, Any]], text_fields: list[str], where: str) 
 
 
 def resolve_label_names(splits: dict[str, list[dict[str, Any]]], data: DataConfig, hub_names: list[str] | None) -> list[str]:
-    """data.label_names, else the Hub's ClassLabel names, else the training labels sorted."""
+    """data.label_names, else the Hub's ClassLabel names, else the training labels sorted (ids
+    numerically, whether they came as numbers or as text)."""
     if data.label_names:
         return list(data.label_names)
     if hub_names:
         return list(hub_names)
-    values = {row[data.label_field] for row in splits["train"]}
-    if all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in values):
-        return [str(value) for value in sorted(values)]
-    return sorted(str(value) for value in values)
+    labels = [label_value(row[data.label_field]) for row in splits["train"]]
+    if all(isinstance(label, int) for label in labels):
+        return [str(label) for label in sorted(set(labels))]
+    return sorted(set(map(str, labels)))
+
+
+# A label written as a whole number, as JSON or as text ("1", and "1.0" as pandas writes ints beside a gap).
+_INTEGER = re.compile(r"[+-]?\d+(\.0*)?")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def label_value(value: Any) -> int | str | float | list | dict:
+    """A label as ftcli reads it: an id (int) whether written as a number or as text, a class name
+    (str), or something a single-label classifier cannot take: a fractional number, a list."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return int(value) if float(value).is_integer() else float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("true", "false"):  # as a JSON boolean reads
+            return text.lower()
+        if _INTEGER.fullmatch(text):
+            return int(float(text))
+        if _NUMBER.fullmatch(text):
+            return float(text)
+        return value
+    return value
+
+
+def check_label_kinds(rows: list[dict[str, Any]], label_field: str, where: str) -> None:
+    """One clear line for a label column that does not hold one class per example: several labels
+    (lists), scores (fractional numbers), or ids and names mixed."""
+    first_of: dict[str, tuple[int, Any]] = {}
+    for number, row in enumerate(rows, start=1):
+        value = label_value(row[label_field])
+        kind = "id" if isinstance(value, int) else "name" if isinstance(value, str) else "score" if isinstance(value, float) else "many"
+        first_of.setdefault(kind, (number, row[label_field]))
+    if "many" in first_of:
+        number, value = first_of["many"]
+        raise FtcliError(
+            f"{where} row {number}: label {value!r} is a {type(value).__name__}, not one class",
+            "several labels per example (multi-label classification) are not supported yet: give each row one label",
+        )
+    if "score" in first_of:
+        number, value = first_of["score"]
+        raise FtcliError(
+            f"{where} row {number}: label {value!r} is a number with a fraction: a score, not a class",
+            "predicting a score (regression) is not supported yet; classes are names or whole-number ids",
+        )
+    if "id" in first_of and "name" in first_of:
+        (id_row, an_id), (name_row, a_name) = first_of["id"], first_of["name"]
+        raise FtcliError(
+            f"{where}: labels mix numbers and names (row {id_row}: {an_id!r}, row {name_row}: {a_name!r})",
+            "write every label as a name, or every label as an id 0..N-1 with the names in data.label_names",
+        )
 
 
 def encode_labels(rows: list[dict[str, Any]], label_field: str, label_names: list[str], where: str) -> list[int]:
-    """Label ids: names map by position; integers are ids when names were given or inferred."""
+    """Label ids: names map by position; ids (as numbers or as text) are positions unless the names
+    themselves are numbers, in which case ids map by name."""
     index = {name: position for position, name in enumerate(label_names)}
+    numeric_names = _all_numeric(label_names)
     ids = []
     for number, row in enumerate(rows, start=1):
-        value = row[label_field]
-        if isinstance(value, bool):
-            value = str(value).lower()
-        key = str(value)
-        if key in index:
-            ids.append(index[key])
-        elif isinstance(value, (int, np.integer)) and 0 <= value < len(label_names) and not _all_numeric(label_names):
-            ids.append(int(value))
+        value = label_value(row[label_field])
+        if str(value) in index:
+            ids.append(index[str(value)])
+        elif isinstance(value, int) and not numeric_names and 0 <= value < len(label_names):
+            ids.append(value)
         else:
             raise FtcliError(
-                f"{where} row {number}: label {value!r} is not one of data.label_names {label_names}",
+                f"{where} row {number}: label {row[label_field]!r} is not one of data.label_names {label_names}",
                 "fix the label, or list every class in data.label_names",
             )
     return ids
 
 
 def _all_numeric(names: list[str]) -> bool:
-    return all(name.lstrip("-").isdigit() for name in names)
+    return all(_INTEGER.fullmatch(name.strip()) for name in names)
 
 
 # ---------------------------------------------------------------- tokenizing and caching

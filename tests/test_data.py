@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import invoke, sentiment_rows, write_rows
 from transformers import AutoTokenizer
@@ -153,3 +155,139 @@ def test_device_tensors_gather_batches_like_collate(tmp_path, tokenizer):
     assert set(gathered) == set(expected)
     for column in expected:
         assert torch.equal(gathered[column], expected[column]), column
+
+
+# ---------------------------------------------------------------- csv and tsv quoting
+
+# GLUE's tsv files have no quoting: a sentence may start with a literal quote (transformers' own MRPC
+# fixture holds such lines). Read as quoted, row 2's opening quote swallowed row 3.
+GLUE_TSV = (
+    "label\tsentence1\tsentence2\n"
+    '1\t" It is over , " he said .\tHe said it was over .\n'
+    '0\t" Unbalanced quote opens here\tand nothing closes it .\n'
+    "1\tA plain line .\tAnother plain line .\n"
+    '0\tShe called it " a mess " .\tIt was tidy .\n'
+)
+# pandas wraps a text that holds a quote (or a tab) in quotes and doubles the inner ones (GoEmotions' tsv files).
+PANDAS_TSV = 'text\tlabel\n"she said ""hi"" to me"\tpositive\nplain text\tnegative\n"a tab\tinside"\tpositive\n'
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_glue_tsv_keeps_every_line_a_row_with_its_quotes(tmp_path):
+    from ftcli.data import read_records
+
+    rows = read_records(_write(tmp_path / "glue.tsv", GLUE_TSV))
+    assert len(rows) == 4  # one per line: nothing merged
+    assert rows[0]["sentence1"] == '" It is over , " he said .' and rows[1]["sentence2"] == "and nothing closes it ."
+    assert [row["label"] for row in rows] == ["1", "0", "1", "0"]
+
+
+def test_pandas_tsv_is_unquoted(tmp_path):
+    from ftcli.data import read_records
+
+    rows = read_records(_write(tmp_path / "quoted.tsv", PANDAS_TSV))
+    assert [row["text"] for row in rows] == ['she said "hi" to me', "plain text", "a tab\tinside"]
+
+
+def test_a_quote_that_would_join_lines_stops_with_the_fix_and_quoting_chooses(tmp_path):
+    from ftcli.data import read_records
+    from ftcli.errors import FtcliError
+
+    joined = _write(tmp_path / "joined.tsv", 'text\tlabel\n"opens here\tpositive\ncloses here"\tnegative\nplain\tpositive\n')
+    with pytest.raises(FtcliError, match="a quote at line 2 opens a field that runs to line 3.*data.quoting: none"):
+        read_records(joined)
+    assert [row["text"] for row in read_records(joined, quoting="none")] == ['"opens here', 'closes here"', "plain"]
+    multiline = _write(tmp_path / "multiline.csv", 'text,label\n"line one\nline two",positive\nplain,negative\n')
+    with pytest.raises(FtcliError, match="data.quoting: quoted"):
+        read_records(multiline)
+    assert read_records(multiline, quoting="quoted")[0]["text"] == "line one\nline two"
+    with pytest.raises(FtcliError, match="line 2 has 1 fields but the header has 2"):
+        read_records(multiline, quoting="none")
+
+
+def test_glue_tsv_trains_end_to_end(tmp_path, make_experiment):
+    rows = "".join(f"{index % 2}\t\" quoted start {index}\tsecond {index}\n" for index in range(16))
+    train = _write(tmp_path / "train.tsv", "label\tsentence1\tsentence2\n" + rows)
+    experiment = make_experiment(
+        data={"train": train, "validation": train, "text_fields": ["sentence1", "sentence2"]},
+        training={"max_steps": 2, "eval_every": 2, "save_every": 2},
+    )
+    result = invoke("prepare", str(experiment))
+    assert result.exit_code == 0, result.output
+    assert "16" in result.output  # all 16 rows, none merged
+
+
+def test_jsonl_lines_split_only_at_line_ends(tmp_path, tokenizer):
+    # json.dumps(ensure_ascii=False) leaves U+2028 (a line separator) raw inside a string; str.splitlines
+    # would cut the line there and call it invalid JSON.
+    rows = [{"text": "first\u2028still the first", "label": "a"}, {"text": "second", "label": "b"}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    prepared = prepare(DataConfig(train=str(train)), tokenizer)
+    assert len(prepared.splits["train"]) == 2
+
+
+# ---------------------------------------------------------------- labels: ids in every format, wrong kinds
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv", ".parquet"])
+def test_integer_ids_mean_the_same_in_every_format(tmp_path, tokenizer, suffix):
+    rows = [{"text": f"example {index}", "label": index % 11} for index in range(22)]
+    train = write_rows(tmp_path / f"train{suffix}", rows)
+    inferred = prepare(DataConfig(train=str(train)), tokenizer)
+    # Sorted as numbers, whether they arrive as numbers (jsonl, parquet) or as text (csv, tsv).
+    assert inferred.label_names == [str(index) for index in range(11)]
+    assert inferred.splits["train"]["labels"] == [index % 11 for index in range(22)]
+    names = [f"class{index}" for index in range(11)]
+    given = prepare(DataConfig(train=str(train), label_names=names), tokenizer)
+    assert given.splits["train"]["labels"] == [index % 11 for index in range(22)]
+
+
+def test_csv_ids_with_label_names_train(tmp_path, make_experiment):
+    train = write_rows(tmp_path / "pairs.csv", sentiment_rows(32, pair=True))
+    experiment = make_experiment(
+        data={
+            "train": str(train), "validation": str(train), "text_fields": ["sentence1", "sentence2"],
+            "label_names": ["not_equivalent", "equivalent"],
+        },
+        training={"max_steps": 2, "eval_every": 2, "save_every": 2},
+    )
+    result = invoke("train", str(experiment))
+    assert result.exit_code == 0, result.output
+    id2label = json.loads((tmp_path / "runs" / "tiny" / "model" / "config.json").read_text())["id2label"]
+    assert id2label == {"0": "not_equivalent", "1": "equivalent"}
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([0.5, 3.8, 2.0, 1.25], "label 0.5 is a number with a fraction"),
+        (["0.5", "3.8", "2", "1"], "label '0.5' is a number with a fraction"),
+        ([0, 1, "positive", "negative"], "labels mix numbers and names (row 1: 0, row 3: 'positive')"),
+        ([["a", "b"], ["a"], ["b"], []], "label ['a', 'b'] is a list, not one class"),
+        ([{"a": 1}, {"b": 1}, {"a": 1}, {"b": 1}], "is a dict, not one class"),
+    ],
+    ids=["floats", "float-text", "mixed", "lists", "dicts"],
+)
+def test_labels_of_the_wrong_kind_stop_with_one_line(tmp_path, tokenizer, labels, message):
+    from ftcli.errors import FtcliError
+
+    rows = [{"text": f"text {index}", "label": label} for index, label in enumerate(labels)]
+    train = write_rows(tmp_path / "train.jsonl", rows)
+    with pytest.raises(FtcliError) as raised:
+        prepare(DataConfig(train=str(train)), tokenizer)
+    assert message in str(raised.value)
+
+
+def test_whole_number_floats_and_boolean_text_are_ids_and_names(tmp_path, tokenizer):
+    rows = [{"text": "a", "label": 1.0}, {"text": "b", "label": 0.0}]
+    assert prepare(DataConfig(train=str(write_rows(tmp_path / "f.jsonl", rows))), tokenizer).label_names == ["0", "1"]
+    csv_rows = [{"text": "a", "label": "True"}, {"text": "b", "label": "False"}]
+    json_rows = [{"text": "a", "label": True}, {"text": "b", "label": False}]
+    from_csv = prepare(DataConfig(train=str(write_rows(tmp_path / "b.csv", csv_rows))), tokenizer)
+    from_json = prepare(DataConfig(train=str(write_rows(tmp_path / "b.jsonl", json_rows))), tokenizer)
+    assert from_csv.label_names == from_json.label_names == ["false", "true"]
