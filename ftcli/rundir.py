@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -133,6 +134,11 @@ class RunDir:
         """Raise unless `create` may make a run directory at path (or, with overwrite, replace the run
         there); touches nothing, so a train command can ask before it spends time tokenizing."""
         run = cls(path)
+        blocker = next((parent for parent in (run.path, *run.path.parents) if parent.exists()), None)
+        if blocker is not None and blocker != run.path and not blocker.is_dir():
+            raise FtcliError(
+                f"run directory {run.path} cannot be created: {blocker} is a file", "change output_dir to a folder"
+            )
         if run.path.exists() and not run.path.is_dir():
             raise FtcliError(f"run directory {run.path} is a file", "remove it or change name/output_dir")
         if run.path.exists() and any(run.path.iterdir()):
@@ -151,12 +157,35 @@ class RunDir:
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False) -> RunDir:
         """A fresh run directory; an existing one is replaced only with overwrite, and only if it is a run."""
+        with cls.claim(path, overwrite) as run:
+            run.clear()
+        return run
+
+    @classmethod
+    @contextmanager
+    def claim(cls, path: str | Path, overwrite: bool = False) -> Iterator[RunDir]:
+        """Hold the place of a new run: the directory exists (created if absent) and is locked while
+        inside. An old run there (overwrite) is deleted only by `clear`, under the lock, so that two
+        `ftcli train --overwrite` never delete the same run at once. An error before anything is
+        written leaves the place as it was found: an old run intact, a directory made here removed."""
         cls.check_can_create(path, overwrite)
         run = cls(path)
-        if run.path.exists():
-            shutil.rmtree(run.path)
-        run.path.mkdir(parents=True)
-        return run
+        made = not run.path.exists()
+        with _os_errors(run.path, "create"):
+            run.path.mkdir(parents=True, exist_ok=True)
+        try:
+            with run.lock():
+                yield run
+        except BaseException:
+            if made and run.path.is_dir() and not any(run.path.iterdir()):
+                run.path.rmdir()
+            raise
+
+    def clear(self) -> None:
+        """Delete everything in the run directory but its lock: the start of a fresh run."""
+        for entry in self.path.iterdir():
+            if entry != self.lock_file:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
@@ -170,35 +199,15 @@ class RunDir:
         return run
 
     # ------------------------------------------------------------ one writer at a time
-    @contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> RunLock:
         """Hold the run directory while training into it: a second `ftcli train` is refused, not
         interleaved. A lock left by a process that died on this host (kill -9) is taken over."""
-        self._refuse_if_locked()
-        if self.lock_file.exists():
-            log.warning("taking over the lock of %s left by a process that no longer runs", self.path)
-        mine = f"{os.getpid()} {socket.gethostname()}"
-        atomic_write_text(self.lock_file, mine + "\n")
-        try:
-            yield
-        finally:
-            # A process that took over a lock it judged stale (it is not) must not delete its lock.
-            if self.lock_file.is_file() and self.lock_file.read_text().strip() == mine:
-                self.lock_file.unlink()
+        return RunLock(self)
 
     def _refuse_if_locked(self) -> None:
-        try:
-            pid_text, host = self.lock_file.read_text().split()
-        except (OSError, ValueError):
-            return  # no lock, or not one ftcli wrote: nothing holds the run
-        pid = int(pid_text)
-        if host == socket.gethostname() and not _process_alive(pid):
-            return
-        where = "" if host == socket.gethostname() else f" on {host}"
-        raise FtcliError(
-            f"run directory {self.path} is in use by process {pid}{where}",
-            f"wait for it or stop it, or train under another name; delete {self.lock_file} if no such process runs",
-        )
+        holder = _lock_holder(self.lock_file)
+        if holder is not None:
+            raise _in_use(self, *holder)
 
     # ------------------------------------------------------------ contents
     def write_env(self, device: str, precision: str) -> None:
@@ -239,6 +248,120 @@ class RunDir:
             )
             raise FtcliError(f"no model in {path}", hint)
         return path
+
+
+class RunLock:
+    """The lock file holds "pid hostname" of its holder, who also holds an advisory lock (flock) on
+    it: the kernel releases that when the holder dies, even by kill -9, and it makes taking the lock
+    atomic, so that of two processes that find it free at once only one gets it."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self._handle: int | None = None
+        self._mine = f"{os.getpid()} {socket.gethostname()}"
+
+    def __enter__(self) -> RunLock:
+        path = self.run.lock_file
+        while True:
+            with _os_errors(self.run.path, "lock"):
+                handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _parse_holder(_read_handle(handle))
+                os.close(handle)
+                raise _in_use(self.run, *(holder or ("another process", socket.gethostname()))) from None
+            if _same_file(handle, path):
+                break
+            os.close(handle)  # its holder removed it between our open and our lock: open the new one
+        previous = _read_handle(handle)
+        holder = _lock_holder_from(previous)
+        if holder is not None:  # a lock taken without flock: by ftcli before 2026-12, or on another host
+            os.close(handle)
+            raise _in_use(self.run, *holder)
+        if previous.strip():
+            log.warning("taking over the lock of %s left by a process that no longer runs", self.run.path)
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, (self._mine + "\n").encode(), 0)
+        os.fsync(handle)
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._handle is None:
+            return
+        # Removed while still held, so that no one locks a file that is about to vanish.
+        if _read_handle(self._handle).strip() == self._mine:
+            self.run.lock_file.unlink(missing_ok=True)
+        os.close(self._handle)
+        self._handle = None
+
+
+def _read_handle(handle: int) -> str:
+    return os.pread(handle, 4096, 0).decode("utf-8", errors="replace")
+
+
+def _same_file(handle: int, path: Path) -> bool:
+    try:
+        return os.fstat(handle).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _parse_holder(text: str) -> tuple[int, str] | None:
+    try:
+        pid_text, host = text.split()
+        return int(pid_text), host
+    except ValueError:
+        return None  # empty, or not written by ftcli
+
+
+def _lock_holder(lock_file: Path) -> tuple[int, str] | None:
+    """Who holds the run, when someone does: a live process on this host, or one on another host."""
+    try:
+        text = lock_file.read_text()
+    except OSError:
+        return None
+    if not text.strip():
+        return None
+    try:
+        with lock_file.open("rb") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _parse_holder(text) or (0, socket.gethostname())
+    except OSError:
+        return None
+    return _lock_holder_from(text)
+
+
+def _lock_holder_from(text: str) -> tuple[int, str] | None:
+    """The holder a lock file names, unless it is a process that no longer runs on this host."""
+    holder = _parse_holder(text)
+    if holder is None:
+        return None
+    pid, host = holder
+    if host == socket.gethostname() and not _process_alive(pid):
+        return None
+    return holder
+
+
+def _in_use(run: RunDir, pid: int | str, host: str) -> FtcliError:
+    where = "" if host == socket.gethostname() else f" on {host}"
+    return FtcliError(
+        f"run directory {run.path} is in use by process {pid}{where}",
+        f"wait for it or stop it, or train under another name; delete {run.lock_file} if no such process runs",
+    )
+
+
+@contextmanager
+def _os_errors(path: Path, action: str) -> Iterator[None]:
+    """The file system's refusals (permissions, a name too long, a read-only disk) as one line."""
+    try:
+        yield
+    except OSError as error:
+        raise FtcliError(
+            f"cannot {action} run directory {path}: {error.strerror or error}", "change output_dir or name"
+        ) from None
 
 
 def _process_alive(pid: int) -> bool:

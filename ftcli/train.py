@@ -86,26 +86,27 @@ def train(
     resuming = resume or resume_from is not None
     if resuming and overwrite:
         raise FtcliError("--resume continues a run, --overwrite replaces it", "pass one of them")
-    # A run directory in the way is reported before minutes of tokenizing, not after.
-    if resuming:
-        run = RunDir.open(config.run_dir)
-    elif is_main:
-        RunDir.check_can_create(config.run_dir, overwrite)
-    with processes.main_process_first():
-        source, tokenizer, prepared = setup_data(config)
-    MetricSuite(config.metrics, num_labels=len(prepared.label_names))
-    weights = class_weights(config.training.class_weights, prepared)
-    set_seed(config.training.seed)
-    model = setup_model(config, source, prepared.label_names)
-    if not resuming:
-        run = RunDir.create(config.run_dir, overwrite=overwrite) if is_main else RunDir(config.run_dir)
-    # The main process holds the run directory from here until the run is saved and scored.
-    with run.lock() if is_main else nullcontext():
+    # A run directory in the way is reported before minutes of tokenizing, not after. The main
+    # process holds the run directory from here until the run is saved and scored, and deletes an
+    # old run (--overwrite) only once it holds it.
+    run = RunDir.open(config.run_dir) if resuming else RunDir(config.run_dir)
+    if not is_main:
+        holding = nullcontext()
+    else:
+        holding = run.lock() if resuming else RunDir.claim(config.run_dir, overwrite)
+    with holding:
+        with processes.main_process_first():
+            source, tokenizer, prepared = setup_data(config)
+        MetricSuite(config.metrics, num_labels=len(prepared.label_names))
+        weights = class_weights(config.training.class_weights, prepared)
+        set_seed(config.training.seed)
+        model = setup_model(config, source, prepared.label_names)
         if resuming:
             resume_point = reopen(config, run, resume_from, is_main)
         else:
             resume_point = None
             if is_main:
+                run.clear()
                 atomic_write_text(run.config_file, dump_config(config))
                 run.write_env(str(device), resolved_precision(config.training.precision, device))
         processes.wait_for_everyone()

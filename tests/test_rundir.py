@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import invoke
 
+from ftcli import checkpoint
 from ftcli.errors import FtcliError
 from ftcli.rundir import RunDir
 
@@ -63,3 +66,63 @@ def test_train_takes_over_the_lock_of_a_dead_process(finished_run, caplog):
     assert result.exit_code == 0, result.output
     assert any("taking over the lock" in record.getMessage() for record in caplog.records)
     assert not run.lock_file.exists()
+
+
+# `ftcli ARGS...` once its imports are done and the file argv[1] exists: two such processes start
+# their commands at the same moment, whatever their import times.
+START_TOGETHER = """
+import os, sys, time
+from pathlib import Path
+import ftcli.cli, ftcli.train, ftcli.backends.loop, ftcli.backends.trainer
+go = Path(sys.argv[1])
+Path(f"{go}.ready.{os.getpid()}").touch()
+while not go.exists():
+    time.sleep(0.001)
+sys.argv = ["ftcli", *sys.argv[2:]]
+ftcli.cli.main()
+"""
+
+
+def test_two_overwrites_started_together_one_wins_and_its_run_is_intact(make_experiment, tmp_path):
+    """Both used to delete the finished run at once; one then crashed (FileNotFoundError on
+    training_state.json, optimizer.pt or metrics.json). The lock is now taken before anything is
+    deleted: the second is refused, and the first's run is whole."""
+    experiment = make_experiment(training={"epochs": None, "max_steps": 300, "eval_every": 100, "save_every": 100})
+    assert invoke("train", str(experiment)).exit_code == 0
+    go = tmp_path / "go"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", START_TOGETHER, str(go), "train", str(experiment), "--overwrite"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for _ in range(2)
+    ]
+    ready = [tmp_path / f"go.ready.{process.pid}" for process in processes]
+    deadline = time.monotonic() + 120
+    while not all(path.exists() for path in ready):
+        assert time.monotonic() < deadline and all(process.poll() is None for process in processes)
+        time.sleep(0.01)
+    go.touch()  # imports done in both: they reach the run directory within milliseconds of each other
+    results = [(process.wait(timeout=600), process.stderr.read()) for process in processes]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(stderr for code, stderr in results if code == 2)
+    assert "is in use by process" in loser and "Traceback" not in loser, loser
+    run = RunDir(tmp_path / "runs" / "tiny")
+    metrics = json.loads(run.metrics_file.read_text())
+    assert metrics["train"]["global_step"] == 300 and "validation" in metrics
+    assert (run.model_dir / "model.safetensors").is_file() and not run.lock_file.exists()
+    checkpoints = run.list_checkpoints()
+    assert [run.checkpoint_step(path) for path in checkpoints][-2:] == [200, 300]
+    assert all(checkpoint.damage(path) is None for path in checkpoints)
+
+
+def test_a_failed_start_leaves_no_directory_and_an_old_run_untouched(make_experiment, tmp_path):
+    experiment = make_experiment(training={"max_steps": 2, "eval_every": 2, "save_every": 2})
+    bad = invoke("train", str(experiment), "--set", "data.label_field=nope")
+    assert bad.exit_code == 2 and not (tmp_path / "runs" / "tiny").exists()
+    assert invoke("train", str(experiment)).exit_code == 0
+    run = RunDir(tmp_path / "runs" / "tiny")
+    before = {path: path.stat().st_mtime_ns for path in run.path.rglob("*")}
+    again = invoke("train", str(experiment), "--overwrite", "--set", "data.label_field=nope")
+    assert again.exit_code == 2 and "has no column 'nope'" in again.output
+    assert {path: path.stat().st_mtime_ns for path in run.path.rglob("*")} == before
