@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -26,6 +27,17 @@ SetOpt = Annotated[
 ]
 AdapterOpt = Annotated[
     bool, typer.Option("--adapter", help="Use the run's LoRA adapter on the base model instead of model/.")
+]
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+PrecisionOpt = Annotated[
+    Optional[Precision],
+    typer.Option(help="Compute in this precision instead of the run's training.precision (fp32: exact probabilities)."),
 ]
 
 
@@ -145,12 +157,13 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Split to score: validation, test, train.")] = "validation",
     checkpoint: Annotated[Optional[str], typer.Option(help="A checkpoint folder or step instead of model/.")] = None,
     adapter: AdapterOpt = False,
+    precision: PrecisionOpt = None,
 ) -> None:
     """Score a run's model on a split; print a table and write it as JSON."""
     from ftcli.evaluation import evaluate_run
     from ftcli.ui import confusion_table, console, metrics_table
 
-    evaluation = evaluate_run(run_dir, split, checkpoint, adapter)
+    evaluation = evaluate_run(run_dir, split, checkpoint, adapter, precision and precision.value)
     console.print(metrics_table(f"{run_dir}", {split: evaluation.metrics}))
     console.print(confusion_table(evaluation.confusion))
     console.print(f"written to {evaluation.written}")
@@ -166,12 +179,13 @@ def predict(
     text_pair: Annotated[Optional[str], typer.Option("--text-pair", help="The second sentence of a pair.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="A checkpoint folder or step instead of model/.")] = None,
     adapter: AdapterOpt = False,
+    precision: PrecisionOpt = None,
 ) -> None:
     """Predict label names and probabilities for a file or an inline text."""
     from ftcli.predict import predict as run_predict
     from ftcli.ui import error_console
 
-    rows = run_predict(run_dir, input, text, text_pair, checkpoint, output, adapter)
+    rows = run_predict(run_dir, input, text, text_pair, checkpoint, output, adapter, precision and precision.value)
     if output is not None:
         error_console.print(f"{len(rows)} predictions written to {output}")
 

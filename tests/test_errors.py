@@ -4,6 +4,8 @@ and nothing half-written (no run directory, no partial cache)."""
 from __future__ import annotations
 
 import json
+import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -11,6 +13,8 @@ from typing import Callable
 import pytest
 import yaml
 from conftest import invoke, run_cli, sentiment_rows, write_rows
+
+from ftcli.rundir import RunDir
 
 
 @dataclass
@@ -25,9 +29,48 @@ class Case:
     needs_run: bool = False  # train a tiny run first (for evaluate/predict cases)
     config_file: str | None = None  # pass this path instead of the experiment file
     env: dict[str, str] = field(default_factory=dict)  # set while the command runs
+    remove: list[str] = field(default_factory=list)  # paths deleted from the trained run's copy
+    hold_lock: bool = False  # the copy of the trained run is runs/tiny, locked by this process meanwhile
 
 
 GOOD_JSONL = "".join(json.dumps(row) + "\n" for row in sentiment_rows(16))
+
+
+def _tiny_config_json() -> str:
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).to_json_string()
+
+
+def _evil_pickle() -> bytes:
+    """A pytorch_model.bin whose unpickling would call a function (here a harmless print)."""
+    import io
+
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    buffer = io.BytesIO()
+    torch.save({"weight": Payload()}, buffer)
+    return buffer.getvalue()
+
+
+def _list_labels_parquet() -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"text": "a", "label": ["x", "y"]}, {"text": "b", "label": ["y"]}]), buffer)
+    return buffer.getvalue()
+
+
+TINY_CONFIG_JSON = _tiny_config_json()
+LIST_LABELS_PARQUET = _list_labels_parquet()
+EVIL_PICKLE = _evil_pickle()
 
 CASES = [
     # ---- the YAML file itself
@@ -108,13 +151,79 @@ CASES = [
     Case("evaluate-missing-run", "does not exist", command="evaluate", args=["{data}/no-such-run"]),
     Case("evaluate-unknown-split", "split 'test' is not in this run's data", command="evaluate", args=["{run}", "--split", "test"], needs_run=True),
     Case("evaluate-missing-checkpoint", "no model in", command="evaluate", args=["{run}", "--checkpoint", "999"], needs_run=True),
-    Case("predict-no-model", "no model in", command="predict", args=["{run}", "--text", "hi"], needs_run=True),
+    Case("predict-no-model", "no model in", command="predict", args=["{run}", "--text", "hi"], needs_run=True, remove=["model"]),
     Case("predict-missing-columns", "input has no column 'text'", command="predict", args=["{run}", "--input", "{data}/other.jsonl"], files={"other.jsonl": '{"review": "good"}\n'}, needs_run=True),
     Case("predict-pair-given-to-single", "classifies single texts", command="predict", args=["{run}", "--text", "a", "--text-pair", "b"], needs_run=True),
     Case("predict-nothing", "give either --input FILE or --text", command="predict", args=["{run}"], needs_run=True),
     Case("predict-bad-output", "name the output .jsonl or .csv", command="predict", args=["{run}", "--text", "a", "--output", "{data}/out.xlsx"], needs_run=True),
     Case("predict-null-text", "input row 1: 'text' is missing or null", command="predict", args=["{run}", "--input", "{data}/nulls.jsonl"], files={"nulls.jsonl": '{"text": null}\n'}, needs_run=True),
 ]
+
+# ---------------------------------------------------------------- found trying ftcli as new users would (issue 15)
+# and more of the same kind
+NEW_CASES = [
+    # ---- strict YAML
+    Case("yaml-duplicate-key", "key 'name' appears twice in one mapping (lines 1 and 3)", raw_yaml="name: a\ndata: {train: x.jsonl}\nname: b\n"),
+    Case("yaml-duplicate-nested-key", "key 'epochs' appears twice in one mapping (lines 4 and 5)", raw_yaml="name: a\ndata: {train: x.jsonl}\ntraining:\n  epochs: 1\n  epochs: 2\n"),
+    Case("yaml-code-tag", "could not determine a constructor", raw_yaml="name: !!python/object/apply:os.system ['echo pwned']\n"),
+    Case("yaml-unhashable-key", "found unhashable key", raw_yaml="name: a\n? [1, 2]\n: 3\n"),
+    Case("yaml-data-not-mapping", "data must be a section of keys, not a list", raw_yaml="name: a\ndata: [train.jsonl]\n"),
+    # ---- schema
+    Case("label-field-is-a-text-field", "data.label_field 'text' is also one of data.text_fields", config={"data": {"label_field": "text"}}),
+    Case("name-too-long", "too long for a folder name", config={"name": "n" * 250}),
+    Case("name-too-long-override", "too long for a folder name", args=["--set", "name=" + "x" * 230]),
+    Case("bad-quoting", "data.quoting", config={"data": {"quoting": "double"}}),
+    Case("no-metrics", "metrics", config={"metrics": []}),
+    Case("epochs-zero", "training.epochs=0", config={"training": {"epochs": 0, "max_steps": None}}),
+    Case("max-length-one", "data.max_length=1", config={"data": {"max_length": 1}}),
+    Case("no-text-fields", "data.text_fields", config={"data": {"text_fields": []}}),
+    Case("one-label-name", "data.label_names", config={"data": {"label_names": ["only"]}}),
+    Case("warmup-ratio-one", "training.warmup_ratio=1", config={"training": {"warmup_ratio": 1}}),
+    Case("eval-batch-size-zero", "training.eval_batch_size=0", config={"training": {"eval_batch_size": 0}}),
+    Case("max-train-samples-zero", "data.max_train_samples=0", config={"data": {"max_train_samples": 0}}),
+    Case("trust-remote-code-text", "trust_remote_code", config={"trust_remote_code": "sometimes"}),
+    Case("resume-and-overwrite", "--resume continues a run, --overwrite replaces it", args=["--resume", "--overwrite"]),
+    Case("resume-missing-run", "does not exist", args=["--resume"]),
+    # ---- labels of the wrong kind
+    Case("float-labels", "label 3.8 is a number with a fraction", files={"train.jsonl": '{"text": "a", "label": 3.8}\n{"text": "b", "label": 1.2}\n'}),
+    Case("float-labels-csv", "label '3.8' is a number with a fraction", files={"train.csv": "text,label\na,3.8\nb,1.2\n"}, config={"data": {"train": "{data}/train.csv"}}),
+    Case("mixed-labels", "labels mix numbers and names", files={"train.jsonl": '{"text": "a", "label": 1}\n{"text": "b", "label": "positive"}\n{"text": "c", "label": 0}\n'}),
+    Case("list-labels", "is a list, not one class", files={"train.jsonl": '{"text": "a", "label": ["x", "y"]}\n{"text": "b", "label": ["y"]}\n'}),
+    Case("list-labels-parquet", "is a list, not one class", files={"lists.parquet": LIST_LABELS_PARQUET}, config={"data": {"train": "{data}/lists.parquet"}}),
+    Case("dict-labels", "is a dict, not one class", files={"train.jsonl": '{"text": "a", "label": {"x": 1}}\n{"text": "b", "label": {"y": 1}}\n'}),
+    Case("empty-csv-label", "row 2: label 'label' is missing or null", files={"train.csv": "text,label\na,positive\nb,\nc,negative\n"}, config={"data": {"train": "{data}/train.csv"}}),
+    Case("id-beyond-label-names", "label 5 is not one of data.label_names", files={"train.jsonl": '{"text": "a", "label": 0}\n{"text": "b", "label": 5}\n'}, config={"data": {"label_names": ["no", "yes"]}}),
+    Case("validation-labels-other-kind", "split 'validation' row 1: label 'maybe'", files={"train.jsonl": '{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n', "validation.jsonl": '{"text": "a", "label": "maybe"}\n'}),
+    Case("list-text", "'text' is a list, not text", files={"train.jsonl": GOOD_JSONL + '{"text": ["a", "b"], "label": "positive"}\n'}),
+    # ---- files that read wrong
+    Case("tsv-quote-joins-lines", "a quote at line 2 opens a field that runs to line 3", files={"train.tsv": 'text\tlabel\n"opens\tpositive\ncloses"\tnegative\nok\tpositive\n'}, config={"data": {"train": "{data}/train.tsv"}}),
+    Case("tsv-unquoted-ragged", "line 3 has 3 fields but the header has 2", files={"train.tsv": "text\tlabel\ngood\tpositive\nbad\ttab\tnegative\n"}, config={"data": {"train": "{data}/train.tsv", "quoting": "none"}}),
+    Case("csv-header-only", "holds no rows", files={"train.csv": "text,label\n"}, config={"data": {"train": "{data}/train.csv"}}),
+    Case("jsonl-array-line", "must hold JSON objects", files={"train.jsonl": '{"text": "a", "label": 1}\n[1, 2]\n'}),
+    Case("utf16-file", "is not UTF-8", files={"train.jsonl": '{"text": "a", "label": 1}\n'.encode("utf-16")}),
+    # ---- models
+    Case("model-without-weights", "holds no weights", config={"model": "{data}/no-weights"}, files={"no-weights/config.json": TINY_CONFIG_JSON}),
+    Case("model-pickle-refused", "the safe load refused them", config={"model": "{data}/pickled"}, files={"pickled/config.json": TINY_CONFIG_JSON, "pickled/pytorch_model.bin": EVIL_PICKLE}),
+    Case("model-relative-missing", "is not a directory", config={"model": "./no-such-model"}),
+    # ---- run directories
+    Case("output-dir-below-a-file", "cannot be created: ", files={"plain-file": "x"}, config={"output_dir": "{data}/plain-file/runs"}),
+    Case("overwrite-a-run-in-use", "is in use by process", args=["--overwrite"], needs_run=True, hold_lock=True),
+    Case("overwrite-not-a-run", "not an ftcli run directory", args=["--overwrite"], files={"runs/tiny/notes.txt": "mine"}, config={"output_dir": "{data}/runs"}),
+    # ---- evaluate, predict, report, export
+    Case("predict-output-is-a-folder", "outdir.jsonl is a directory (name a file", command="predict", args=["{run}", "--text", "a", "--output", "{data}/outdir.jsonl"], files={"outdir.jsonl/keep": ""}, needs_run=True),
+    Case("predict-output-below-a-file", "is a file", command="predict", args=["{run}", "--text", "a", "--output", "{data}/plain/out.jsonl"], files={"plain": "x"}, needs_run=True),
+    Case("predict-input-is-a-folder", "is a directory", command="predict", args=["{run}", "--input", "{data}"], needs_run=True),
+    Case("predict-input-missing", "does not exist", command="predict", args=["{run}", "--input", "{data}/nope.jsonl"], needs_run=True),
+    Case("predict-input-empty", "holds no rows", command="predict", args=["{run}", "--input", "{data}/empty.csv"], files={"empty.csv": "text\n"}, needs_run=True),
+    Case("predict-input-joined-lines", "opens a field that runs to line 3", command="predict", args=["{run}", "--input", "{data}/in.csv"], files={"in.csv": 'text\n"opens\ncloses"\n'}, needs_run=True),
+    Case("evaluate-adapter-not-lora", "has no adapter/", command="evaluate", args=["{run}", "--adapter"], needs_run=True),
+    Case("evaluate-adapter-and-checkpoint", "--adapter and --checkpoint both choose", command="evaluate", args=["{run}", "--adapter", "--checkpoint", "2"], needs_run=True),
+    Case("report-not-a-run", "not an ftcli run directory", command="report", args=["{data}"]),
+    Case("report-no-events", "has no logged events", command="report", args=["{run}"], needs_run=True, remove=["metrics.jsonl"]),
+    Case("export-unknown-format", "unknown export format 'tflite'", command="export", args=["{run}", "--format", "tflite"], needs_run=True),
+    Case("push-offline", "HF_HUB_OFFLINE", command="push", args=["{run}", "someone/repo"], needs_run=True, env={"HF_HUB_OFFLINE": "1"}),
+]
+CASES += NEW_CASES
 
 
 def _expand(value, data_dir: Path, run_dir: Path):
@@ -155,12 +264,11 @@ def _prepare_case(case: Case, tmp_path: Path, tiny_model_dir: Path, trained_run:
         target.write_bytes(content if isinstance(content, bytes) else content.encode())
     run_dir = tmp_path / "no-run"
     if case.needs_run:
-        import shutil
-
-        run_dir = tmp_path / "run"
+        run_dir = tmp_path / "runs" / "tiny" if case.hold_lock else tmp_path / "run"
         shutil.copytree(trained_run(), run_dir)
-        if case.id == "predict-no-model":
-            shutil.rmtree(run_dir / "model")
+        for name in case.remove:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     experiment = {
         "name": "tiny",
         "output_dir": str(tmp_path / "runs"),
@@ -180,7 +288,7 @@ def _prepare_case(case: Case, tmp_path: Path, tiny_model_dir: Path, trained_run:
     else:
         config_path.write_text(yaml.safe_dump(_expand(experiment, data_dir, run_dir)))
     args = _expand(case.args, data_dir, run_dir)
-    if case.command in ("evaluate", "predict"):
+    if case.command in ("evaluate", "predict", "report", "export", "push"):
         return [case.command, *args]
     return [case.command, case.config_file or str(config_path), *args]
 
@@ -193,7 +301,10 @@ def test_user_error_is_one_clear_line(case: Case, tmp_path, tiny_model_dir, trai
     for name, value in case.env.items():
         monkeypatch.setenv(name, value)
 
-    result = invoke(*argv)
+    tiny_run = tmp_path / "runs" / "tiny"
+    files_before = sorted(tiny_run.rglob("*")) if tiny_run.exists() else None
+    with RunDir(tiny_run).lock() if case.hold_lock else nullcontext():
+        result = invoke(*argv)
 
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()
@@ -201,13 +312,17 @@ def test_user_error_is_one_clear_line(case: Case, tmp_path, tiny_model_dir, trai
     assert case.expect in message, message
     assert "Traceback" not in result.output
     assert len(message.splitlines()) <= 2  # one line (a long one may wrap once in narrow terminals)
-    assert not (tmp_path / "runs" / "tiny").exists() or case.id == "run-dir-is-file"
+    if files_before is None:
+        assert not tiny_run.exists() or case.id == "run-dir-is-file"
+    else:  # a run that was there stays as it was
+        assert sorted(tiny_run.rglob("*")) == files_before
     cache_after = set(isolated_cache.rglob("*")) if isolated_cache.exists() else set()
     assert not [p for p in cache_after - cache_before if p.name.startswith(".")], "partial cache left behind"
 
 
 def test_there_are_at_least_forty_cases():
     assert len(CASES) >= 40
+    assert len(NEW_CASES) >= 40  # found trying ftcli as new users would, and more of the same kind
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
