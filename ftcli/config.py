@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ftcli.formats import FORMATS, SUFFIXES
 from ftcli.errors import FtcliError
 
 BUILTIN_METRICS = ("accuracy", "f1", "precision", "recall", "matthews", "pearson", "spearman")
@@ -29,7 +30,8 @@ SCHEDULERS = (
     "constant_with_warmup",
     "inverse_sqrt",
 )
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+# ftcli.training.backends maps each to its class.
+BACKEND_NAMES = ("loop", "trainer")
 # File systems allow 255 bytes a name; this leaves room for the suffixes ftcli adds to run names.
 MAX_NAME_LENGTH = 200
 
@@ -39,7 +41,7 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    train: str | None = Field(None, description="Training file (jsonl, json, csv, tsv, parquet).")
+    train: str | None = Field(None, description=f"Training file ({FORMATS}).")
     validation: str | None = Field(None, description="Validation file, evaluated during training.")
     test: str | None = Field(None, description="Test file, for `ftcli evaluate --split test`.")
     hub: str | None = Field(None, description="Hub dataset id (e.g. glue) instead of local files.")
@@ -64,8 +66,8 @@ class DataConfig(_Strict):
     @field_validator("train", "validation", "test")
     @classmethod
     def _known_suffix(cls, path: str | None) -> str | None:
-        if path is not None and not path.lower().endswith(DATA_SUFFIXES):
-            raise ValueError(f"unsupported file type '{Path(path).suffix}'; use one of {', '.join(DATA_SUFFIXES)}")
+        if path is not None and not path.lower().endswith(SUFFIXES):
+            raise ValueError(f"unsupported file type '{Path(path).suffix}'; use {FORMATS}")
         return path
 
     @field_validator("label_names")
@@ -225,7 +227,7 @@ class SweepRange(_Strict):
 
 class Config(_Strict):
     name: str = Field(..., description="Run name; the run directory is output_dir/name.")
-    backend: Literal["loop", "trainer"] = Field(
+    backend: Literal[BACKEND_NAMES] = Field(  # type: ignore[valid-type]
         "loop", description="loop (ftcli's own, the faster: CUDA graphs on a GPU) or trainer (HF Trainer)."
     )
     output_dir: str = Field("runs", description="Folder that holds run directories.")

@@ -115,6 +115,10 @@ class MetricSuite:
         """The metric that picks the best model: the first built-in one, else the loss."""
         return primary_metric(self.names)
 
+    @property
+    def greater_is_better(self) -> bool:
+        return self.primary != "loss"
+
     def add_batch(self, predictions: np.ndarray, references: np.ndarray) -> None:
         for metric in self._metrics:
             metric.add_batch(predictions, references)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 
@@ -80,6 +81,16 @@ def load_model(
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """Save as safetensors with tokenizer and label names, into a staging folder renamed into place."""
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -13,9 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from ftcli.reporting.formatting import format_number, format_short, format_value
+
 if TYPE_CHECKING:
-    from ftcli.diagnosis import Diagnosis
-    from ftcli.report import Report, RunReport
+    from ftcli.commands.sweep import SweepResult
+    from ftcli.commands.train import TrainedRun
+    from ftcli.config import Config
+    from ftcli.reporting.diagnosis import Diagnosis
+    from ftcli.reporting.report import Report, RunReport
+    from ftcli.runtime import Runtime
 
 # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 120
@@ -26,14 +31,6 @@ error_console = Console(stderr=True, highlight=False, width=_WIDTH)
 def print_error(message: str) -> None:
     # Escaped: a message may hold brackets that are not markup, e.g. pip install 'ftcli[export]'.
     error_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-
-
-def format_value(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
-    return str(value)
 
 
 def metrics_table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
@@ -68,14 +65,52 @@ def confusion_table(confusion: dict[str, list]) -> Table | str:
     return table
 
 
+def train_header(config: Config, runtime: Runtime) -> str:
+    return (
+        f"run [bold]{escape(str(config.run_dir))}[/]  backend {config.backend}  model {escape(config.model)}"
+        f"  on {runtime.device.type} in {runtime.precision}"
+    )
+
+
+def trained_view(trained: TrainedRun) -> Group:
+    """ftcli train's last lines: how it trained, the kept model's metrics, the diagnosis, where things are."""
+    result, outcome = trained.result, trained.result.outcome
+    graphs = ""
+    if outcome.extra.get("steps") == "cuda_graphs":
+        graphs = f", replayed as CUDA graphs (captured in {outcome.extra['capture_seconds']:.1f} s)"
+    parts: list = [
+        f"trained {outcome.global_step} steps ({outcome.epoch:.2f} epochs) in {outcome.train_seconds:.1f} s{graphs}"
+        + (" (stopped early)" if outcome.stopped_early else "")
+    ]
+    if result.metrics:
+        parts.append(metrics_table("final metrics", result.metrics))
+    if trained.diagnosis:
+        parts += [diagnosis_view(trained.diagnosis), f"curves: {result.run.curves_png}"]
+    if trained.pushed_to:
+        parts.append(f"pushed to the Hub: {trained.pushed_to}")
+    parts.append(f"run directory: {result.run.path}")
+    return Group(*parts)
+
+
+def sweep_table(result: SweepResult) -> Table:
+    """Trials best first (pruned and failed ones after the completed), one column per searched key."""
+    from ftcli.commands.sweep import ranked_rows
+
+    table = Table(title=f"sweep {result.folder}", title_justify="left")
+    columns = list(dict.fromkeys(key for row in result.rows for key in row if key != "run_dir"))
+    for column in columns:
+        table.add_column(column, justify="left" if column == "state" else "right")
+    for row in ranked_rows(result):
+        style = "bold green" if result.best and row["trial"] == result.best["trial"] else None
+        table.add_row(*(escape(format_short(row.get(column))) for column in columns), style=style)
+    return table
+
+
 class TrainingProgress:
-    """A rich progress bar over optimizer steps showing loss, learning rate and throughput.
+    """A rich progress bar over optimizer steps showing loss, learning rate and throughput (the
+    training events of ftcli.training.job.TrainingEvents)."""
 
-    Quiet (no bar, nothing printed) on non-main processes and when disabled.
-    """
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self) -> None:
         self._progress: Progress | None = None
         self._task = None
         self._started = 0.0
@@ -83,9 +118,9 @@ class TrainingProgress:
         self._fields = {"loss": "-", "lr": "-", "speed": "-"}
 
     def start(self, total_steps: int, initial_step: int = 0) -> None:
-        self._started = time.perf_counter()
-        if not self.enabled:
-            return
+        # A sweep starts the same display once per trial.
+        self._started, self._samples = time.perf_counter(), 0
+        self._fields = {"loss": "-", "lr": "-", "speed": "-"}
         self._progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -176,7 +211,7 @@ def diagnosis_view(diagnosis: Diagnosis) -> Group:
 
 def run_table(report: RunReport) -> Table:
     """A run's validation metrics: best, where, last evaluation, and the kept model's."""
-    from ftcli.report import format_number, metric_rows
+    from ftcli.reporting.report import metric_rows
 
     table = Table(title=report.label, title_justify="left", title_style="bold")
     for column in ("metric", "best", "at step", "last eval", "saved model"):
@@ -188,7 +223,7 @@ def run_table(report: RunReport) -> Table:
 
 def report_view(report: Report) -> Group:
     """ftcli report's output: per run a table, the diagnosis and curves.png; then the shared files."""
-    from ftcli.report import run_stats
+    from ftcli.reporting.report import run_stats
 
     parts: list = []
     for run in report.runs:

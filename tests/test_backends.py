@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import invoke
 
-import ftcli.backends
-from ftcli.backends import LossWatch, StopSignals
-from ftcli.rundir import RunDir
+import ftcli.training.stopping
+from ftcli.training.stopping import LossWatch, StopSignals
+from ftcli.runs.rundir import RunDir
 
 
 @pytest.fixture
@@ -81,8 +81,8 @@ def test_several_processes_agree_on_a_signal_every_few_steps_only(monkeypatch):
         device = torch.device("cpu")
 
     agreements = []
-    monkeypatch.setattr(ftcli.backends, "PartialState", TwoProcesses)
-    monkeypatch.setattr(ftcli.backends, "reduce", lambda flag, op: agreements.append(op) or flag)
+    monkeypatch.setattr(ftcli.training.stopping, "PartialState", TwoProcesses)
+    monkeypatch.setattr(ftcli.training.stopping, "reduce", lambda flag, op: agreements.append(op) or flag)
     stop_signals = StopSignals()
     stop_signals.signal_number = signal.SIGTERM  # reached this process only, mid-interval
     steps = range(1, 2 * StopSignals.AGREE_EVERY + 1)

@@ -9,7 +9,7 @@ import pytest
 from conftest import invoke
 
 from ftcli.errors import FtcliError
-from ftcli.train import class_weights
+from ftcli.objective import class_weights
 
 
 def prepared_with(counts: dict[str, int]) -> SimpleNamespace:

@@ -7,7 +7,7 @@ import struct
 
 from test_diagnosis import decaying, events_for
 
-from ftcli.curves import DPI, comparison_figure, png_bytes, run_figure, write_png
+from ftcli.reporting.curves import DPI, comparison_figure, png_bytes, run_figure, write_png
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,8 @@ from conftest import invoke, sentiment_rows, write_rows
 from transformers import AutoTokenizer
 
 from ftcli.config import DataConfig
-from ftcli.data import collate, length_sorted_batches, prepare, tokenizer_fingerprint
+from ftcli.data.batching import collate, length_sorted_batches
+from ftcli.data.prepare import prepare, tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_length_sorted_batches_cover_every_index_once():
 def test_length_grouping_keeps_every_example_and_cuts_padding():
     import numpy as np
 
-    from ftcli.data import length_grouped_order
+    from ftcli.data.batching import length_grouped_order
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 120, size=1000)
@@ -144,7 +145,7 @@ def test_length_grouping_keeps_every_example_and_cuts_padding():
 def test_device_tensors_gather_batches_like_collate(tmp_path, tokenizer):
     import torch
 
-    from ftcli.data import DeviceTensors
+    from ftcli.data.batching import DeviceTensors
 
     train = write_rows(tmp_path / "train.jsonl", sentiment_rows(12, pair=True))
     split = prepare(DataConfig(train=str(train), text_fields=["sentence1", "sentence2"]), tokenizer).splits["train"]
@@ -178,7 +179,7 @@ def _write(path, text):
 
 
 def test_glue_tsv_keeps_every_line_a_row_with_its_quotes(tmp_path):
-    from ftcli.data import read_records
+    from ftcli.formats import read_records
 
     rows = read_records(_write(tmp_path / "glue.tsv", GLUE_TSV))
     assert len(rows) == 4  # one per line: nothing merged
@@ -187,14 +188,14 @@ def test_glue_tsv_keeps_every_line_a_row_with_its_quotes(tmp_path):
 
 
 def test_pandas_tsv_is_unquoted(tmp_path):
-    from ftcli.data import read_records
+    from ftcli.formats import read_records
 
     rows = read_records(_write(tmp_path / "quoted.tsv", PANDAS_TSV))
     assert [row["text"] for row in rows] == ['she said "hi" to me', "plain text", "a tab\tinside"]
 
 
 def test_a_quote_that_would_join_lines_stops_with_the_fix_and_quoting_chooses(tmp_path):
-    from ftcli.data import read_records
+    from ftcli.formats import read_records
     from ftcli.errors import FtcliError
 
     joined = _write(tmp_path / "joined.tsv", 'text\tlabel\n"opens here\tpositive\ncloses here"\tnegative\nplain\tpositive\n')

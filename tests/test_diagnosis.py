@@ -9,8 +9,10 @@ import random
 
 import pytest
 
-from ftcli.data import SplitSummary
-from ftcli.diagnosis import diagnose, majority_baseline, series
+from ftcli.data.prepare import SplitSummary
+from ftcli.data.prepare import majority_baseline
+from ftcli.reporting.diagnosis import diagnose
+from ftcli.reporting.events import series
 
 LOGS_PER_EVAL = 10
 STEPS_PER_LOG = 5

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import invoke, run_cli, sentiment_rows, write_rows
 
-from ftcli.rundir import RunDir
+from ftcli.runs.rundir import RunDir
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from conftest import invoke
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ftcli import export
+from ftcli.commands import export
 
 QUICK = {"max_steps": 4, "eval_every": 2, "save_every": 2}
 

@@ -11,11 +11,13 @@ from conftest import invoke
 from datasets import Dataset
 from safetensors.torch import load_file
 
-import ftcli.backends.loop
-from ftcli.backends.loop import BatchPlan, use_cuda_graphs
+import ftcli.training.loop
+import ftcli.training.loop.setup
+from ftcli.training.loop.plan import BatchPlan
+from ftcli.training.loop.setup import use_cuda_graphs
 from ftcli.config import TrainingConfig
-from ftcli.cuda_graphs import CaptureFailed, GraphedTrainStep
-from ftcli.data import DeviceTensors
+from ftcli.training.loop.graphs import CaptureFailed, GraphedTrainStep
+from ftcli.data.batching import DeviceTensors
 
 
 def test_loop_backend_writes_the_trainer_backends_run_directory_and_learns(make_experiment, tmp_path):
@@ -119,7 +121,7 @@ def test_cuda_graphs_only_where_they_can_work_else_the_same_config_trains_eagerl
     assert not use_cuda_graphs(TrainingConfig(compile="none"), small, gpu)
     # auto leaves a training set that would crowd the GPU, or that the config keeps off it, to eager steps.
     assert not use_cuda_graphs(TrainingConfig(data_on_device=False), small, gpu)
-    monkeypatch.setattr(ftcli.backends.loop, "DEVICE_DATA_LIMIT_BYTES", DeviceTensors.nbytes_for(small))
+    monkeypatch.setattr(ftcli.training.loop.setup, "DEVICE_DATA_LIMIT_BYTES", DeviceTensors.nbytes_for(small))
     assert not use_cuda_graphs(TrainingConfig(), small, gpu)
     assert use_cuda_graphs(TrainingConfig(compile="cuda_graphs"), small, gpu)
 
@@ -163,7 +165,7 @@ def uncapturable_step(monkeypatch):
     def capture(self, warmup_steps: int = 2) -> None:
         raise CaptureFailed("RuntimeError: operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(ftcli.backends.loop, "use_cuda_graphs", lambda training, train_set, device: training.compile != "none")
+    monkeypatch.setattr(ftcli.training.loop, "use_cuda_graphs", lambda training, train_set, device: training.compile != "none")
     monkeypatch.setattr(GraphedTrainStep, "capture", capture)
 
 

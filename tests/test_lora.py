@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification, DistilBertCo
 
 from ftcli.config import TrainingConfig
 from ftcli.lora import head_modules
-from ftcli.optim import create_optimizer, trainer_optimizer
+from ftcli.training.optim import create_optimizer, trainer_optimizer
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 
@@ -113,7 +113,7 @@ def test_gradient_checkpointing_is_on_in_the_model_to_train(make_experiment, mon
     from transformers import PreTrainedModel
 
     from ftcli.config import load_config
-    from ftcli.train import setup_data, setup_model
+    from ftcli.training.recipe import setup_data, setup_model
 
     renamed = hasattr(PreTrainedModel, "activation_checkpointing_enable")  # transformers after 5.17
     if transformers_names == "activation_checkpointing" and not renamed:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import invoke
 
-from ftcli.inference import autocast_dtype, pick_device
+from ftcli.runtime import Runtime, autocast_dtype
 
 CPU = torch.device("cpu")
 
@@ -50,7 +50,7 @@ def test_a_bf16_run_trains_evaluates_and_predicts_in_bf16(backend, make_experime
     experiment = make_experiment(train_size=32, eval_size=16, backend=backend, training={"epochs": 1, "precision": "bf16"})
     result = invoke("train", str(experiment))
     assert result.exit_code == 0, result.output
-    assert f"on {pick_device().type} in bf16" in result.output
+    assert f"on {Runtime.resolve().device.type} in bf16" in result.output
     run = tmp_path / "runs" / "tiny"
     assert json.loads((run / "env.json").read_text())["precision"] == "bf16"
     assert logits_dtypes == {"train": {torch.bfloat16}, "inference": {torch.bfloat16}}

@@ -19,7 +19,7 @@ import torch
 from conftest import invoke
 from safetensors.torch import load_file
 
-from ftcli.rundir import RunDir
+from ftcli.runs.rundir import RunDir
 
 # One intra-op thread here and in the subprocess, hence the same float reductions.
 ENV = {"OMP_NUM_THREADS": "1"}

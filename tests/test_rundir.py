@@ -13,9 +13,9 @@ import time
 import pytest
 from conftest import invoke
 
-from ftcli import checkpoint
+from ftcli.runs import checkpoints as checkpoint
 from ftcli.errors import FtcliError
-from ftcli.rundir import RunDir
+from ftcli.runs.rundir import RunDir
 
 
 def dead_pid() -> int:
@@ -73,7 +73,7 @@ def test_train_takes_over_the_lock_of_a_dead_process(finished_run, caplog):
 START_TOGETHER = """
 import os, sys, time
 from pathlib import Path
-import ftcli.cli, ftcli.train, ftcli.backends.loop, ftcli.backends.trainer
+import ftcli.cli, ftcli.commands.train, ftcli.training.loop, ftcli.training.trainer
 go = Path(sys.argv[1])
 Path(f"{go}.ready.{os.getpid()}").touch()
 while not go.exists():

@@ -12,8 +12,8 @@ from conftest import invoke
 
 from ftcli.config import validate
 from ftcli.errors import FtcliError
-from ftcli.rundir import RunDir
-from ftcli.tracking import TENSORBOARD_DIR, Tracker, tracker_scalars
+from ftcli.runs.rundir import RunDir
+from ftcli.training.tracking import TENSORBOARD_DIR, Tracker, tracker_scalars
 
 TRAIN_EVENT = {"step": 10, "epoch": 0.5, "train_loss": 0.6, "learning_rate": 5e-5, "grad_norm": 1.5}
 EVAL_EVENT = {"step": 20, "epoch": 1.0, "eval_loss": 0.5, "eval_accuracy": 0.75}

@@ -1,0 +1,1 @@
+"""Data: sources (files, the Hub) -> labels -> tokenized, cached splits (prepare) -> batches."""

@@ -1,0 +1,102 @@
+"""Batches: padding, batch orders, and a split kept padded on the device.
+
+One padding routine (pad_rows) serves the collate function of each step and the whole split
+padded once onto the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+MODEL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pad_rows(sequences: list[list[int]], length: int, value: int) -> torch.Tensor:
+    """Sequences as one int64 tensor of `length` columns, padded with `value`."""
+    padded = np.full((len(sequences), length), value, dtype=np.int64)
+    for row, values in enumerate(sequences):
+        padded[row, : len(values)] = values
+    return torch.from_numpy(padded)
+
+
+def collate(
+    features: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Pad a list of tokenized rows to the longest one (rounded up to a multiple when asked)."""
+    longest = max(len(row["input_ids"]) for row in features)
+    if pad_to_multiple_of:
+        longest = round_up(longest, pad_to_multiple_of)
+    batch = {
+        column: pad_rows([row[column] for row in features], longest, pad_token_id if column == "input_ids" else 0)
+        for column in MODEL_COLUMNS
+        if column in features[0]
+    }
+    if "labels" in features[0]:
+        batch["labels"] = torch.tensor([row["labels"] for row in features], dtype=torch.long)
+    return batch
+
+
+def length_sorted_batches(lengths: list[int] | np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Indices in batches of similar length, longest first: little padding, and a too-large
+    batch fails on the first batch rather than the last."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def length_grouped_order(lengths: np.ndarray, order: np.ndarray, batch_size: int, mega_batches: int = 50) -> np.ndarray:
+    """Reorder a shuffled order so that each run of `batch_size` holds examples of similar length.
+
+    The order is cut into mega-batches of `mega_batches` batches, each sorted by length, longest
+    first: batches stay random in content across the epoch (which mega-batch, which neighbours)
+    while carrying little padding, the same trade as HF's group_by_length.
+    """
+    size = batch_size * mega_batches
+    chunks = [order[start : start + size] for start in range(0, len(order), size)]
+    return np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")] for chunk in chunks])
+
+
+class DeviceTensors:
+    """A tokenized split padded once into tensors that live on the device, so a batch is an index
+    gather there, with no collation or host-to-device copy per step. The batch's length comes from
+    host-side lengths: no synchronisation."""
+
+    def __init__(self, dataset: Dataset, pad_token_id: int, device: torch.device, pad_to_multiple_of: int | None = None) -> None:
+        rows = dataset.with_format(None)
+        self.lengths = np.asarray(rows["length"])
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.width = int(self.lengths.max())
+        if pad_to_multiple_of:
+            self.width = round_up(self.width, pad_to_multiple_of)
+        self.tensors = {
+            column: pad_rows(rows[column], self.width, pad_token_id if column == "input_ids" else 0).to(device)
+            for column in MODEL_COLUMNS
+            if column in rows.column_names
+        }
+        self.tensors["labels"] = torch.tensor(rows["labels"], dtype=torch.long, device=device)
+        self.device = device
+
+    @staticmethod
+    def nbytes_for(dataset: Dataset) -> int:
+        lengths = np.asarray(dataset["length"])
+        return int(len(lengths) * lengths.max() * 8 * len(MODEL_COLUMNS))
+
+    def batch_length(self, indices: np.ndarray) -> int:
+        length = int(self.lengths[indices].max())
+        if self.pad_to_multiple_of:
+            length = round_up(length, self.pad_to_multiple_of)
+        return min(length, self.width)
+
+    def batch(self, indices: np.ndarray, length: int | None = None) -> dict[str, torch.Tensor]:
+        length = length or self.batch_length(indices)
+        index = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self.device, non_blocking=True)
+        batch = {column: values.index_select(0, index)[:, :length] for column, values in self.tensors.items() if column != "labels"}
+        batch["labels"] = self.tensors["labels"].index_select(0, index)
+        return batch

@@ -1,0 +1,250 @@
+"""Prepare: read a source's splits, check columns and labels, tokenize once, cache on disk.
+
+The cache key is a fingerprint of the source, the tokenizer and every setting that changes the
+tokens, so a second `prepare` (or `train`) is a cache hit and skips reading and tokenizing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+import numpy as np
+from datasets import Dataset, DatasetDict, load_from_disk
+from transformers import PreTrainedTokenizerBase
+
+from ftcli.config import DataConfig
+from ftcli.data.labels import check_label_kinds, encode_labels, resolve_label_names
+from ftcli.data.sources import HubDataset, LocalFiles, Source
+from ftcli.formats import Rows
+from ftcli.errors import FtcliError
+
+CACHE_FORMAT = 1  # bump when the prepared columns change, to invalidate old caches
+
+
+@dataclass
+class SplitSummary:
+    size: int
+    label_counts: dict[str, int]
+    length_p50: float
+    length_p95: float
+    length_max: int
+    truncated: int
+
+
+@dataclass
+class Prepared:
+    """Tokenized splits (columns: input_ids, [token_type_ids], attention_mask, labels, length)."""
+
+    splits: DatasetDict
+    label_names: list[str]
+    summary: dict[str, SplitSummary]
+    fingerprint: str
+    cache_dir: Path
+    cache_hit: bool = field(default=False)
+
+
+def source_for(data: DataConfig) -> Source:
+    """Where data's examples come from: the Hub, or local files."""
+    if data.hub:
+        return HubDataset(data.hub, data.subset, data.label_field)
+    return LocalFiles(data.split_files(), data.quoting)
+
+
+def load_raw_splits(data: DataConfig) -> tuple[dict[str, Rows], list[str] | None]:
+    """The configured splits as rows, cut to max_train_samples / max_eval_samples, and the
+    label names a Hub dataset declares (None for local files)."""
+    splits, hub_names = source_for(data).splits()
+    limits = {split: data.max_train_samples if split == "train" else data.max_eval_samples for split in splits}
+    return {split: rows[: limits[split]] if limits[split] else rows for split, rows in splits.items()}, hub_names
+
+
+def check_columns(splits: dict[str, Rows], data: DataConfig, require_labels: bool = True) -> None:
+    """Every split has the text columns as strings, and the label column, with no nulls."""
+    if "train" not in splits:
+        raise FtcliError("the dataset has no train split", "set data.train")
+    for split, rows in splits.items():
+        if not rows:
+            raise FtcliError(f"split '{split}' is empty", "check the file or max_*_samples")
+        columns = list(rows[0])
+        wanted = list(data.text_fields) + ([data.label_field] if require_labels else [])
+        for column in wanted:
+            if column not in columns:
+                key = "data.label_field" if column == data.label_field else "data.text_fields"
+                fix = f"set {key} to one of its columns"
+                if column == data.label_field and split != "train":  # most likely texts to be labelled
+                    fix += f", or leave the unlabelled file out of data.{split} and label it with ftcli predict RUN --input FILE"
+                raise FtcliError(f"split '{split}' has no column '{column}' (columns: {', '.join(columns)})", fix)
+        check_texts(rows, data.text_fields, where=f"split '{split}'")
+        if require_labels:
+            for number, row in enumerate(rows, start=1):
+                label = row.get(data.label_field)
+                if label is None or (isinstance(label, str) and not label.strip()):  # csv has no null but ""
+                    raise FtcliError(
+                        f"split '{split}' row {number}: label '{data.label_field}' is missing or null",
+                        "give every row a label",
+                    )
+            check_label_kinds(rows, data.label_field, where=f"split '{split}'")
+
+
+def check_texts(rows: Rows, text_fields: list[str], where: str) -> None:
+    for number, row in enumerate(rows, start=1):
+        for column in text_fields:
+            value = row.get(column)
+            if not isinstance(value, str):
+                problem = "missing or null" if value is None else f"a {type(value).__name__}, not text"
+                raise FtcliError(f"{where} row {number}: '{column}' is {problem}", "every text field must be a string")
+
+
+# Tokenizers without a length limit report a huge model_max_length instead.
+NO_LENGTH_LIMIT = 10**12
+
+
+def check_max_length(max_length: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Longer examples than the model's position embeddings hold would fail mid-training."""
+    limit = tokenizer.model_max_length
+    if limit < NO_LENGTH_LIMIT and max_length > limit:
+        raise FtcliError(
+            f"data.max_length={max_length} is longer than this model takes ({limit} tokens)",
+            f"set data.max_length to {limit} or less",
+        )
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    # Which columns a call returns (token_type_ids or not) and which end truncation cuts.
+    digest.update(json.dumps([list(tokenizer.model_input_names), tokenizer.truncation_side]).encode())
+    if getattr(tokenizer, "is_fast", False):
+        state = json.loads(tokenizer.backend_tokenizer.to_str())
+        # Every call sets these (ftcli passes its own): left in, the fingerprint would change with
+        # the last call's max_length, and a saved tokenizer.json keeps whatever was last used.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        digest.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the source, the tokenizer and every token-changing setting."""
+    digest = hashlib.sha256(f"ftcli-cache-{CACHE_FORMAT}".encode())
+    # The source fingerprints its own files (by content, not path) or Hub id.
+    settings = data.model_dump(mode="json", exclude={"train", "validation", "test"})
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(source_for(data).fingerprint().encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FTCLI_CACHE", Path.home() / ".cache" / "ftcli")) / "prepared"
+
+
+def tokenize_rows(
+    rows: Rows, text_fields: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Dataset:
+    """Tokenize (pairs as pairs) with truncation, in batches, without padding: batches pad later."""
+    columns = {column: [row[column] for row in rows] for column in text_fields}
+    dataset = Dataset.from_dict(columns)
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        texts = [batch[column] for column in text_fields]
+        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+        full = tokenizer(*texts, truncation=False, add_special_tokens=True)["input_ids"]
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        encoded["full_length"] = [len(ids) for ids in full]
+        return dict(encoded)
+
+    return dataset.map(encode, batched=True, batch_size=1000, remove_columns=list(text_fields))
+
+
+def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, use_cache: bool = True) -> Prepared:
+    """Tokenized splits, from the cache when the fingerprint matches, else built and cached."""
+    check_max_length(data.max_length, tokenizer)
+    fingerprint = data_fingerprint(data, tokenizer)
+    cache_dir = cache_root() / fingerprint
+    if use_cache and (cache_dir / "meta.json").is_file():
+        return _load_cached(cache_dir, fingerprint)
+
+    raw, hub_names = load_raw_splits(data)
+    check_columns(raw, data)
+    label_names = resolve_label_names(raw, data, hub_names)
+    splits, summary = {}, {}
+    for split, rows in raw.items():
+        labels = encode_labels(rows, data.label_field, label_names, where=f"split '{split}'")
+        if split == "train" and len(set(labels)) < 2:
+            raise FtcliError(
+                f"the training set has only one class ({label_names[labels[0]]})",
+                "a classifier needs examples of at least two classes",
+            )
+        tokenized = tokenize_rows(rows, data.text_fields, tokenizer, data.max_length).add_column("labels", labels)
+        summary[split] = _summarize(tokenized, label_names)
+        splits[split] = tokenized.remove_columns("full_length")
+    prepared = Prepared(DatasetDict(splits), label_names, summary, fingerprint, cache_dir)
+    if use_cache:
+        _save_cache(prepared)
+    return prepared
+
+
+def _summarize(tokenized: Dataset, label_names: list[str]) -> SplitSummary:
+    full = np.asarray(tokenized["full_length"])
+    lengths = np.asarray(tokenized["length"])
+    counts = Counter(tokenized["labels"])
+    return SplitSummary(
+        size=len(tokenized),
+        label_counts={name: counts.get(index, 0) for index, name in enumerate(label_names)},
+        length_p50=float(np.percentile(full, 50)),
+        length_p95=float(np.percentile(full, 95)),
+        length_max=int(full.max()),
+        truncated=int((full > lengths).sum()),
+    )
+
+
+def _save_cache(prepared: Prepared) -> None:
+    """Write to a temporary folder, then rename: a crash never leaves a half cache behind."""
+    prepared.cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{prepared.fingerprint}-", dir=prepared.cache_dir.parent))
+    try:
+        prepared.splits.save_to_disk(str(staging / "splits"))
+        meta = {
+            "label_names": prepared.label_names,
+            "summary": {split: asdict(summary) for split, summary in prepared.summary.items()},
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            staging.rename(prepared.cache_dir)
+        except OSError:  # another process cached the same fingerprint first: theirs is as good
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _load_cached(cache_dir: Path, fingerprint: str) -> Prepared:
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    splits = load_from_disk(str(cache_dir / "splits"))
+    summary = {split: SplitSummary(**values) for split, values in meta["summary"].items()}
+    return Prepared(splits, meta["label_names"], summary, fingerprint, cache_dir, cache_hit=True)
+
+
+
+
+def majority_baseline(summary: dict[str, SplitSummary]) -> dict[str, Any] | None:
+    """Accuracy of always predicting the training set's most common class, on validation."""
+    if "train" not in summary or "validation" not in summary:
+        return None
+    train_counts = summary["train"].label_counts
+    majority = max(train_counts, key=train_counts.get)
+    validation = summary["validation"]
+    return {
+        "majority_class": majority,
+        "majority_rate": validation.label_counts.get(majority, 0) / max(validation.size, 1),
+        "num_labels": len(train_counts),
+    }

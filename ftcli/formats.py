@@ -1,0 +1,181 @@
+"""File formats: one reader per suffix, each turning a file into rows (dicts).
+
+A new file format is one entry in READERS: config validation, `ftcli predict --input`, the CLI
+help and the README take their lists from it. Every malformation is an FtcliError naming the
+file and the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from ftcli.errors import FtcliError
+
+Rows = list[dict[str, Any]]
+
+
+def read_records(path: str | Path, quoting: str = "auto") -> Rows:
+    """Rows of a data file as dicts, read by its suffix; every malformation is an FtcliError.
+    quoting: how csv and tsv files quote their fields (data.quoting)."""
+    path = require_file(path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise FtcliError(f"unsupported file type '{path.suffix}' ({path})", f"use {FORMATS}")
+    rows = reader(path, quoting)
+    if not rows:
+        raise FtcliError(f"data file {path} holds no rows", "fill it, or remove it from the config")
+    return rows
+
+
+def require_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise FtcliError(f"data file {path} is a directory", "point at a file")
+    if not path.is_file():
+        raise FtcliError(f"data file {path} does not exist", "check the path in data.* or --input")
+    return path
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise FtcliError(
+            f"{path} is not UTF-8 (bad byte at line {line})", "re-save it as UTF-8, e.g. iconv -t UTF-8"
+        ) from None
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise FtcliError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}", "fix the file") from None
+        return _check_objects(rows, path)
+    rows = []
+    for number, line in enumerate(file_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise FtcliError(
+                f"{path}: line {number} is not valid JSON ({error.msg})", "write one JSON object per line"
+            ) from None
+    return _check_objects(rows, path)
+
+
+def _check_objects(rows: Any, path: Path) -> list[dict[str, Any]]:
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise FtcliError(f"{path} must hold JSON objects, one per row", 'e.g. {"text": "...", "label": 0}')
+    return rows
+
+
+def _read_delimited(path: Path, delimiter: str, quoting: str) -> list[dict[str, Any]]:
+    """A csv or tsv file as rows, each line one row unless quoting says that quotes may span lines.
+
+    Both kinds exist: pandas and spreadsheets wrap a field holding a quote in quotes (GoEmotions'
+    tsv files), while GLUE's tsv files have no quoting and a sentence may begin with a literal
+    quote. Read as quoted, such a sentence swallows the lines up to the next quote. auto reads
+    quoted when every quote in the file sits in a well-formed quoted field (csv's strict mode),
+    else unquoted; and rather than join lines silently, it stops when a quoted field spans lines.
+    """
+    text = _read_text(path)
+    if quoting == "none":
+        return _rows(path, _unquoted_records(text, delimiter), delimiter)
+    records = _quoted_records(path, text, delimiter, strict=quoting == "auto")
+    if records is None:  # auto: some quote is plain text
+        return _rows(path, _unquoted_records(text, delimiter), delimiter)
+    if quoting == "auto":
+        spanning = next(((start, end) for start, end, _ in records if end > start), None)
+        if spanning:
+            start, end = spanning
+            raise FtcliError(
+                f"{path}: a quote at line {start} opens a field that runs to line {end}, joining {end - start + 1} "
+                "lines into one row",
+                "set data.quoting: none if quotes in this file are plain text (as in GLUE's tsv files), or "
+                "data.quoting: quoted if its quoted fields hold line breaks",
+            )
+    return _rows(path, records, delimiter)
+
+
+def _quoted_records(path: Path, text: str, delimiter: str, strict: bool) -> list[tuple[int, int, list[str]]] | None:
+    """(first line, last line, fields) of each record read with quoting; None when strict and some
+    quote is not part of a well-formed quoted field."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=strict)
+    records, line = [], 0
+    try:
+        for values in reader:
+            records.append((line + 1, reader.line_num, values))
+            line = reader.line_num
+    except csv.Error as error:
+        if strict:
+            return None
+        raise FtcliError(f"{path}: line {reader.line_num} cannot be read ({error})", "check its quotes") from None
+    return records
+
+
+def _unquoted_records(text: str, delimiter: str) -> list[tuple[int, int, list[str]]]:
+    return [(number, number, line.split(delimiter)) for number, line in enumerate(file_lines(text), start=1)]
+
+
+def file_lines(text: str) -> list[str]:
+    """The lines of a text file, split at line ends only: str.splitlines also splits at characters
+    such as U+2028 that real texts (Reddit comments, say) hold inside a line."""
+    return re.split(r"\r\n|\r|\n", text.removesuffix("\n").removesuffix("\r"))
+
+
+def _rows(path: Path, records: list[tuple[int, int, list[str]]], delimiter: str) -> list[dict[str, Any]]:
+    """Records under the first one's names; blank lines are skipped, a ragged record is an error."""
+    records = [record for record in records if record[2] not in ([], [""])]
+    if not records:
+        return []
+    (_, _, header), *body = records
+    for start, end, values in body:
+        if len(values) != len(header):
+            if end > start:
+                fix = f"its quote runs to line {end}: set data.quoting: none if quotes in this file are plain text"
+            else:
+                fix = "quote fields that contain the delimiter" if delimiter == "," else "a tab inside a text must be quoted"
+            raise FtcliError(f"{path}: line {start} has {len(values)} fields but the header has {len(header)}", fix)
+    return [dict(zip(header, values)) for _, _, values in body]
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow raises several types for a damaged file
+        raise FtcliError(f"{path} is not a readable parquet file ({error})", "re-export it") from None
+
+
+
+
+def _read_csv(path: Path, quoting: str) -> Rows:
+    return _read_delimited(path, ",", quoting)
+
+
+def _read_tsv(path: Path, quoting: str) -> Rows:
+    return _read_delimited(path, "\t", quoting)
+
+
+READERS: dict[str, Callable[[Path, str], Rows]] = {
+    ".jsonl": lambda path, quoting: _read_json(path),
+    ".json": lambda path, quoting: _read_json(path),
+    ".csv": _read_csv,
+    ".tsv": _read_tsv,
+    ".parquet": lambda path, quoting: _read_parquet(path),
+}
+SUFFIXES = tuple(READERS)
+# "jsonl, json, csv, tsv or parquet": for messages, help texts and the README.
+FORMATS = ", ".join(suffix[1:] for suffix in SUFFIXES[:-1]) + f" or {SUFFIXES[-1][1:]}"

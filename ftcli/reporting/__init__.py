@@ -1,0 +1,1 @@
+"""Reading runs: their events (metrics.jsonl) -> diagnosis and curves -> report tables and report.html."""

@@ -1,0 +1,450 @@
+"""Read learning curves the way the HF course does, and say what to do about them.
+
+Verdicts: converged, still improving, overfitting, underfitting, unstable (or inconclusive when
+there are too few points to tell). Each finding carries its evidence as numbers and the course's
+remedies, phrased as the config keys to change. Pure functions over metrics.jsonl events: nothing
+here reads or writes files.
+
+Losses are measured against one scale, the training loss at the start (about ln(classes) for a
+fresh head), so each threshold below means the same thing for every task.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from statistics import median
+from typing import Any, Literal, Mapping
+
+from ftcli.reporting.events import series
+
+Verdict = Literal["unstable", "overfitting", "underfitting", "inconclusive", "still_improving", "converged"]
+# The headline is the first finding in this order: a problem to fix outranks a state to accept.
+SEVERITY: tuple[Verdict, ...] = ("unstable", "overfitting", "underfitting", "inconclusive", "still_improving", "converged")
+
+# Below this many logged training losses (and evaluations) any trend is indistinguishable from noise.
+MIN_TRAIN_POINTS = 5
+# Overfitting needs a best evaluation, something before it and something after it.
+MIN_EVALUATIONS = 3
+# Start and end levels are medians of up to this many logs, so one noisy log does not decide;
+# few enough that an early spike or the first real drop does not leak into the start level.
+LEVEL_POINTS = 3
+# Differences smaller than this share of the starting loss are noise whatever their ratio:
+# validation loss going 0.001 -> 0.002 doubles but means nothing.
+NOISE_FLOOR = 0.02
+# A loss that fell by less than this share of its reference has learned nothing worth the name.
+LEARNED_SHARE = 0.2
+
+# A spike is a log at least SPIKE_RATIO times the median of the SPIKE_WINDOW logs before it, and
+# higher by SPIKE_MIN_RISE of the starting loss, so jitter near zero loss (0.01 -> 0.03) is not one.
+SPIKE_RATIO = 2.0
+SPIKE_WINDOW = 5
+SPIKE_MIN_RISE = 0.25
+# One spike can be one bad batch; two or more are a pattern a learning rate or batch size explains.
+MIN_SPIKES = 2
+# Oscillation: the typical jump between consecutive logs in the second half of training exceeds
+# this share of the starting loss. Averaged over logging_steps, healthy noise stays far below it.
+OSCILLATION_LEVEL = 0.2
+# Divergence: the loss ends this many times above where it started, or gives back more than
+# REBOUND_SHARE of what it had learned.
+DIVERGENCE_RATIO = 1.5
+REBOUND_SHARE = 0.5
+
+# Overfitting: validation loss ends this much above its best (relative) while training loss falls,
+OVERFIT_RISE = 0.1
+# or the validation-minus-training gap widens by this share of the starting loss after
+# validation's best, over at least GAP_EVALUATIONS evaluations (one late one may be noise).
+GAP_WIDENING = 0.15
+GAP_EVALUATIONS = 2
+# Underfitting: best accuracy within this of always predicting the majority class; on small
+# validation sets one or two examples move accuracy by that much.
+NEAR_MAJORITY = 0.03
+# Still improving: the last third of the evaluations (or last quarter of training losses)
+# still gained this share of the starting loss.
+STILL_IMPROVING_GAIN = 0.05
+
+Evidence = dict[str, float | int | str | list[int] | None]
+
+
+@dataclass
+class Finding:
+    verdict: Verdict
+    summary: str
+    evidence: Evidence
+    remedies: list[str]
+
+
+@dataclass
+class Diagnosis:
+    verdict: Verdict
+    findings: list[Finding]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- the diagnosis
+
+
+def diagnose(
+    events: list[dict[str, Any]],
+    baseline: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> Diagnosis:
+    """Every finding that applies, the most severe first.
+
+    baseline: ftcli.data.prepare.majority_baseline() of the run's data (metrics.json "data"), for the accuracy check.
+    config: the resolved config as a mapping, to phrase remedies with the current values.
+    """
+    advice = _Advice(config or {})
+    train_all, evals_all = series(events, "train_loss"), series(events, "eval_loss")
+    train = [(step, value) for step, value in train_all if math.isfinite(value)]
+    evals = [(step, value) for step, value in evals_all if math.isfinite(value)]
+    # The scale every threshold is a share of; a run with no finite training loss falls back on validation.
+    start = _level([value for _, value in train], at_end=False) if train else None
+    if start is None:
+        start = evals[0][1] if evals else 1.0
+    curve = _Curve(train, evals, max(start, 1e-12))
+    non_finite = sorted(step for step, value in train_all + evals_all if not math.isfinite(value))
+    signals: dict[str, Any] = {"non_finite": non_finite} if non_finite else {}
+
+    findings: list[Finding] = []
+    if len(train) < MIN_TRAIN_POINTS and len(evals) < MIN_EVALUATIONS:
+        findings.append(_too_short(len(train), len(evals), advice))
+    else:
+        signals |= _instability(curve)
+        findings += [
+            finding
+            for finding in (
+                _overfitting(curve, events, advice),
+                # Raising the learning rate is the wrong advice for a run that is also unstable.
+                _underfitting(curve, series(events, "eval_accuracy"), baseline or {}, advice, not signals),
+            )
+            if finding is not None
+        ]
+        if not findings and not signals:
+            findings.append(_progress(curve, advice))
+    if signals:
+        findings.append(_unstable(signals, curve, advice))
+    findings.sort(key=lambda finding: SEVERITY.index(finding.verdict))
+    return Diagnosis(findings[0].verdict, findings)
+
+
+@dataclass
+class _Curve:
+    train: list[tuple[int, float]]
+    evals: list[tuple[int, float]]
+    scale: float  # the starting training loss
+
+    @property
+    def train_values(self) -> list[float]:
+        return [value for _, value in self.train]
+
+    @property
+    def eval_values(self) -> list[float]:
+        return [value for _, value in self.evals]
+
+    def train_level_at(self, step: int) -> float | None:
+        """The training loss around a step: median of the last few logs up to it."""
+        before = [value for logged, value in self.train if logged <= step]
+        return _level(before, at_end=True) if before else None
+
+
+def _level(values: list[float], at_end: bool) -> float:
+    count = min(LEVEL_POINTS, len(values))
+    return median(values[-count:] if at_end else values[:count])
+
+
+def _num(value: float | None) -> float | None:
+    """Four significant digits: evidence to read, not to recompute from."""
+    return None if value is None else float(f"{value:.4g}")
+
+
+# ---------------------------------------------------------------- unstable
+
+
+def _instability(curve: _Curve) -> dict[str, Any]:
+    """Spikes, oscillation and divergence of the training loss; an empty dict when healthy."""
+    values, scale = curve.train_values, curve.scale
+    signals: dict[str, Any] = {}
+    spikes = _spikes(curve)
+    if len(spikes) >= MIN_SPIKES:
+        signals["spikes"] = spikes
+    second_half = values[len(values) // 2 :]
+    if len(second_half) >= 4:
+        jump = median(abs(after - before) for before, after in zip(second_half, second_half[1:])) / scale
+        if jump > OSCILLATION_LEVEL:
+            signals["oscillation"] = jump
+    if len(values) >= MIN_TRAIN_POINTS:
+        end = _level(values, at_end=True)
+        lowest = min(median(values[index : index + LEVEL_POINTS]) for index in range(len(values) - LEVEL_POINTS + 1))
+        learned = scale - lowest
+        rebound = learned > LEARNED_SHARE * scale and end - lowest > REBOUND_SHARE * learned
+        if end > DIVERGENCE_RATIO * scale or rebound:
+            signals["divergence"] = (end, lowest)
+    return signals
+
+
+def _spikes(curve: _Curve) -> list[int]:
+    """Steps whose training loss jumped well above the logs just before them."""
+    values, spikes = curve.train_values, []
+    for index in range(1, len(values)):
+        local = median(values[max(0, index - SPIKE_WINDOW) : index])
+        if values[index] > SPIKE_RATIO * local and values[index] - local > SPIKE_MIN_RISE * curve.scale:
+            spikes.append(curve.train[index][0])
+    return spikes
+
+
+def _unstable(signals: dict[str, Any], curve: _Curve, advice: _Advice) -> Finding:
+    evidence: Evidence = {"start_train_loss": _num(curve.scale) if curve.train else None}
+    said: list[str] = []
+    if "non_finite" in signals:
+        evidence |= {"first_non_finite_step": min(signals["non_finite"]), "non_finite_losses": len(signals["non_finite"])}
+        said.append(f"the loss became NaN or infinite at step {min(signals['non_finite'])}")
+    if "spikes" in signals:
+        evidence |= {"spikes": len(signals["spikes"]), "spike_steps": signals["spikes"][:10]}
+        steps = ", ".join(map(str, signals["spikes"][:5]))
+        said.append(f"the training loss spiked {len(signals['spikes'])} times (steps {steps})")
+    if "oscillation" in signals:
+        evidence["typical_jump_share"] = _num(signals["oscillation"])
+        said.append(f"the training loss jumps by {signals['oscillation']:.0%} of its starting value from log to log")
+    if "divergence" in signals:
+        end, lowest = signals["divergence"]
+        evidence |= {"lowest_train_loss": _num(lowest), "final_train_loss": _num(end)}
+        said.append(f"the training loss climbed from its low of {lowest:.3g} back to {end:.3g} (it started at {curve.scale:.3g})")
+    remedies = [advice.lower_learning_rate(), advice.warmup(), advice.clipping(), advice.larger_batch()]
+    if "non_finite" in signals:
+        remedies += [advice.precision(), advice.check_data("an empty or corrupt example can make the loss NaN")]
+    summary = "Unstable training: " + "; ".join(said) + "."
+    return Finding("unstable", summary, evidence, [remedy for remedy in remedies if remedy])
+
+
+# ---------------------------------------------------------------- overfitting
+
+
+def _overfitting(curve: _Curve, events: list[dict[str, Any]], advice: _Advice) -> Finding | None:
+    """Validation loss rising from its best while training loss falls, or a widening gap."""
+    if len(curve.evals) < MIN_EVALUATIONS or not curve.train:
+        return None
+    losses = curve.eval_values
+    best_index = losses.index(min(losses))
+    best_step, best_loss = curve.evals[best_index]
+    last_step, last_loss = curve.evals[-1]
+    train_at_best = curve.train_level_at(best_step)
+    train_end = _level(curve.train_values, at_end=True)
+    if best_index == len(losses) - 1 or train_at_best is None:
+        return None
+
+    rise = last_loss - best_loss
+    rising = rise > OVERFIT_RISE * best_loss and rise > NOISE_FLOOR * curve.scale and train_end < train_at_best
+    widening = (last_loss - train_end) - (best_loss - train_at_best)
+    widened = widening > GAP_WIDENING * curve.scale and len(losses) - 1 - best_index >= GAP_EVALUATIONS
+    if not (rising or widened):
+        return None
+
+    best_epoch = _epoch_at(events, best_step)
+    evidence: Evidence = {
+        "best_eval_step": best_step,
+        "best_eval_epoch": best_epoch,
+        "best_eval_loss": _num(best_loss),
+        "final_eval_loss": _num(last_loss),
+        "eval_loss_rise": _num(rise / best_loss),
+        "train_loss_at_best": _num(train_at_best),
+        "final_train_loss": _num(train_end),
+        "gap_at_best": _num(best_loss - train_at_best),
+        "final_gap": _num(last_loss - train_end),
+    }
+    if rising:
+        what = (
+            f"validation loss was best at step {best_step} ({best_loss:.3g}) and rose {rise / best_loss:.0%} "
+            f"to {last_loss:.3g} by step {last_step}, while training loss fell from {train_at_best:.3g} to {train_end:.3g}"
+        )
+    else:
+        what = (
+            f"validation loss stopped improving at step {best_step} ({best_loss:.3g}) while training loss kept "
+            f"falling: the gap widened from {best_loss - train_at_best:.3g} to {last_loss - train_end:.3g}"
+        )
+    remedies = [
+        advice.early_stopping(best_step),
+        advice.fewer_epochs(best_epoch),
+        advice.weight_decay(),
+        advice.lower_learning_rate(),
+        "more training data, or check that validation comes from the same distribution as training",
+    ]
+    return Finding("overfitting", f"Overfitting: {what}.", evidence, [remedy for remedy in remedies if remedy])
+
+
+def _epoch_at(events: list[dict[str, Any]], step: int) -> float | None:
+    epochs = series(events, "epoch")
+    at = [epoch for logged, epoch in epochs if logged == step]
+    return _num(at[0]) if at else None
+
+
+# ---------------------------------------------------------------- underfitting
+
+
+def _underfitting(
+    curve: _Curve,
+    accuracy: list[tuple[int, float]],
+    baseline: Mapping[str, Any],
+    advice: _Advice,
+    may_raise_learning_rate: bool,
+) -> Finding | None:
+    """Losses that stayed near chance, or accuracy that never beat predicting the majority class."""
+    num_labels = baseline.get("num_labels")
+    # A uniform guess scores ln(classes): "high" is measured against it when the classes are known,
+    # so a model that starts good and stays flat is not called underfit.
+    reference = math.log(num_labels) if num_labels and num_labels > 1 else curve.scale
+    high = (1 - LEARNED_SHARE) * reference
+    train_end = _level(curve.train_values, at_end=True) if curve.train else None
+    best_eval = min(curve.eval_values) if curve.evals else None
+    stuck = (train_end is None or train_end >= high) and (best_eval is None or best_eval >= high)
+    majority = baseline.get("majority_rate")
+    best_accuracy = max((value for _, value in accuracy if math.isfinite(value)), default=None)
+    no_skill = majority is not None and best_accuracy is not None and best_accuracy <= majority + NEAR_MAJORITY
+    if not (stuck or no_skill):
+        return None
+
+    evidence: Evidence = {
+        "start_train_loss": _num(curve.scale),
+        "final_train_loss": _num(train_end),
+        "best_eval_loss": _num(best_eval),
+        "chance_loss": _num(reference) if num_labels else None,
+        "best_accuracy": _num(best_accuracy),
+        "majority_rate": _num(majority),
+    }
+    said = []
+    if stuck:
+        pairs = (("training", train_end), ("best validation", best_eval))
+        losses = ", ".join(f"{name} {value:.3g}" for name, value in pairs if value is not None)
+        against = f"a uniform guess scores {reference:.3g}" if num_labels else f"training started at {curve.scale:.3g}"
+        said.append(f"the losses stayed high ({losses}; {against})")
+    if no_skill:
+        said.append(
+            f"the best accuracy {best_accuracy:.1%} is no better than always predicting "
+            f"'{baseline.get('majority_class')}' ({majority:.1%})"
+        )
+    remedies = [
+        advice.more_epochs(),
+        advice.higher_learning_rate() if stuck and may_raise_learning_rate else None,
+        advice.larger_model(),
+        advice.check_data(
+            "labels must match the texts (data.label_field, data.text_fields); `ftcli prepare` shows the label counts"
+        ),
+    ]
+    summary = "Underfitting: " + "; ".join(said) + "."
+    return Finding("underfitting", summary, evidence, [remedy for remedy in remedies if remedy])
+
+
+# ---------------------------------------------------------------- healthy: still improving or converged
+
+
+def _progress(curve: _Curve, advice: _Advice) -> Finding:
+    """How much the last stretch gained: on validation when evaluated at least twice, else on training."""
+    if len(curve.evals) >= 2:
+        losses = curve.eval_values
+        span = max(1, len(losses) // 3)
+        gain, measured = (losses[-1 - span] - losses[-1]) / curve.scale, "validation"
+    else:
+        values = curve.train_values
+        third_quarter, last_quarter = values[len(values) // 2 : 3 * len(values) // 4], values[3 * len(values) // 4 :]
+        gain, measured = (median(third_quarter) - median(last_quarter)) / curve.scale, "training"
+    evidence: Evidence = {
+        "start_train_loss": _num(curve.scale),
+        "final_train_loss": _num(_level(curve.train_values, at_end=True) if curve.train else None),
+        "final_eval_loss": _num(curve.evals[-1][1]) if curve.evals else None,
+        "best_eval_step": min(curve.evals, key=lambda pair: pair[1])[0] if curve.evals else None,
+        "recent_gain_share": _num(gain),
+    }
+    if gain >= STILL_IMPROVING_GAIN:
+        summary = (
+            f"Still improving: {measured} loss gained {gain:.0%} of the starting loss over the last stretch; "
+            "more training should help."
+        )
+        return Finding("still_improving", summary, evidence, [advice.more_epochs()])
+    summary = f"Converged: {measured} loss has flattened (last stretch gained {max(gain, 0):.1%} of the starting loss)."
+    return Finding("converged", summary, evidence, [])
+
+
+def _too_short(train_points: int, evaluations: int, advice: _Advice) -> Finding:
+    summary = (
+        f"Inconclusive: {train_points} training logs and {evaluations} evaluations are too few to read a trend "
+        f"(need {MIN_TRAIN_POINTS} logs or {MIN_EVALUATIONS} evaluations)."
+    )
+    remedies = [advice.log_more_often(), "train for more steps"]
+    return Finding("inconclusive", summary, {"train_points": train_points, "evaluations": evaluations}, remedies)
+
+
+# ---------------------------------------------------------------- remedies, in config keys
+
+
+class _Advice:
+    """The course's remedies, each naming the key to change and its current value when known."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.model = config.get("model")
+        self.training: Mapping[str, Any] = config.get("training") or {}
+
+    def _now(self, key: str, off: str = "off") -> str:
+        if key not in self.training:
+            return ""
+        value = self.training[key]
+        shown = off if value is None else f"{value:g}" if isinstance(value, float) else value
+        return f" (now {shown})"
+
+    def lower_learning_rate(self) -> str:
+        return f"lower training.learning_rate{self._now('learning_rate')} by 3x to 10x"
+
+    def higher_learning_rate(self) -> str:
+        return f"if the loss barely moved, raise training.learning_rate{self._now('learning_rate')}"
+
+    def warmup(self) -> str | None:
+        if self.training.get("warmup_ratio"):
+            return None
+        return f"warm the learning rate up: training.warmup_ratio: 0.1{self._now('warmup_ratio')}"
+
+    def clipping(self) -> str:
+        if self.training.get("max_grad_norm") is None:
+            return f"clip gradients: training.max_grad_norm: 1.0{self._now('max_grad_norm')}"
+        return f"clip harder: lower training.max_grad_norm{self._now('max_grad_norm')}, e.g. to 0.5"
+
+    def larger_batch(self) -> str:
+        return (
+            f"average over more examples per step: raise training.batch_size{self._now('batch_size')} "
+            f"or training.grad_accum{self._now('grad_accum')}"
+        )
+
+    def precision(self) -> str | None:
+        if self.training.get("precision") != "fp16":
+            return None
+        return "fp16 overflows easily: use training.precision: bf16 (or fp32) (now fp16)"
+
+    def early_stopping(self, best_step: int) -> str:
+        patience = self.training.get("early_stopping_patience")
+        action = f"lower training.early_stopping_patience (now {patience})" if patience else "set training.early_stopping_patience: 2"
+        return f"stop early: {action}; validation loss was best at step {best_step}"
+
+    def fewer_epochs(self, best_epoch: float | None) -> str | None:
+        if best_epoch is None:
+            return None
+        return f"train fewer epochs: validation loss was best at epoch {best_epoch:g}{self._now('epochs')}"
+
+    def weight_decay(self) -> str:
+        target = "e.g. to 0.01" if not self.training.get("weight_decay") else "e.g. double it"
+        return f"regularize: raise training.weight_decay{self._now('weight_decay')}, {target}"
+
+    def more_epochs(self) -> str:
+        return f"train longer: raise training.epochs{self._now('epochs', 'unset')} or training.max_steps{self._now('max_steps', 'unset')}"
+
+    def larger_model(self) -> str:
+        now = f" (now {self.model})" if self.model else ""
+        return f"if longer training plateaus, try a larger model{now}"
+
+    def check_data(self, why: str) -> str:
+        return f"check the data: {why}"
+
+    def log_more_often(self) -> str:
+        return (
+            f"log and evaluate more often: lower training.logging_steps{self._now('logging_steps')}, "
+            f"set training.eval_every to a step count{self._now('eval_every')}"
+        )

@@ -1,0 +1,139 @@
+"""report.html: one self-contained page (images as base64 PNGs, inline styles, no network)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from pathlib import Path
+from typing import Any
+
+from ftcli.fileio import atomic_write_text
+from ftcli.reporting.diagnosis import Finding
+from ftcli.reporting.events import eval_metric_names
+from ftcli.reporting.formatting import format_number
+from ftcli.reporting.report import Report, RunReport, metric_rows, run_stats
+
+REPORT_HTML = "report.html"
+
+
+def write_html(report: Report) -> Path:
+    """report.html in the report's folder, recorded in report.html."""
+    report.html = report.folder / REPORT_HTML
+    atomic_write_text(report.html, render_html(report))
+    return report.html
+
+STYLE = """
+body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 24px; color: #1f2328; }
+h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 18px; margin: 8px 0; } h3 { font-size: 15px; }
+.muted { color: #656d76; font-size: 13px; }
+.runs { display: grid; grid-template-columns: repeat(var(--columns), minmax(520px, 1fr)); gap: 24px; overflow-x: auto; }
+.run { border: 1px solid #d0d7de; border-radius: 8px; padding: 16px; min-width: 0; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+th, td { border-bottom: 1px solid #d0d7de; padding: 4px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+img { width: 100%; height: auto; border: 1px solid #eaeef2; }
+.verdict { display: inline-block; padding: 2px 10px; border-radius: 12px; color: white; font-weight: 600; font-size: 13px; }
+.converged { background: #1a7f37; } .still_improving { background: #0969da; } .inconclusive { background: #656d76; }
+.overfitting, .underfitting { background: #bf8700; } .unstable { background: #cf222e; }
+.finding { margin: 8px 0 12px; } .evidence td, .evidence th { font-family: ui-monospace, Menlo, monospace; }
+pre { background: #f6f8fa; padding: 12px; border-radius: 6px; overflow-x: auto; font-size: 12px; }
+"""
+
+
+def render_html(report: Report) -> str:
+    """One page: a summary (and comparison figure) across runs, then each run side by side."""
+    columns = len(report.runs)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>ftcli report: {_escape(', '.join(run.label for run in report.runs))}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>ftcli report</h1>",
+        f'<p class="muted">{columns} run{"s" if columns > 1 else ""}, generated {time.strftime("%Y-%m-%d %H:%M")}</p>',
+    ]
+    if columns > 1:
+        parts += ["<h2>Summary</h2>", _summary_table(report.runs)]
+    if report.comparison_png:
+        parts.append(_image(report.comparison_png.read_bytes(), "comparison of the runs' curves"))
+    parts.append(f'<div class="runs" style="--columns: {columns}">')
+    parts += [_run_section(run) for run in report.runs]
+    parts += ["</div>", "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def _run_section(run: RunReport) -> str:
+    diagnosis = run.diagnosis
+    stats = "  ·  ".join(f"{key} {value}" for key, value in run_stats(run).items())
+    rows = [
+        [row.name, format_number(row.best), format_number(row.best_step), format_number(row.last), format_number(row.saved)]
+        for row in metric_rows(run)
+    ]
+    return "\n".join(
+        [
+            '<section class="run">',
+            f"<h2>{_escape(run.label)} {_badge(diagnosis.verdict)}</h2>",
+            f'<p class="muted">{_escape(str(run.run.path))}<br>{_escape(stats)}</p>',
+            _table(["metric", "best", "at step", "last eval", "saved model"], rows, css="metrics"),
+            _image(run.run.curves_png.read_bytes(), f"learning curves of {run.label}"),
+            "<h3>Diagnosis</h3>",
+            *(_finding(finding) for finding in diagnosis.findings),
+            "<details><summary>Resolved config</summary>",
+            f'<pre class="config">{_escape(run.config_text)}</pre>',
+            "</details>",
+            "</section>",
+        ]
+    )
+
+
+def _summary_table(runs: list[RunReport]) -> str:
+    metrics = list(dict.fromkeys(name for run in runs for name in eval_metric_names(run.events)))
+    rows = []
+    for run in runs:
+        best = {row.name: row.best for row in metric_rows(run)}
+        stats = run_stats(run)
+        rows.append(
+            [run.label, run.diagnosis.verdict.replace("_", " ")]
+            + [format_number(best.get(name)) for name in metrics]
+            + [stats["steps"], stats.get("wall time", "-")]
+        )
+    header = ["run", "diagnosis", *(f"best {name}" for name in metrics), "steps", "wall time"]
+    return _table(header, rows, css="summary")
+
+
+def _finding(finding: Finding) -> str:
+    evidence = [[key, _evidence_value(value)] for key, value in finding.evidence.items() if value is not None]
+    remedies = "".join(f"<li>{_escape(remedy)}</li>" for remedy in finding.remedies)
+    return "\n".join(
+        [
+            '<div class="finding">',
+            f"<p>{_badge(finding.verdict)} {_escape(finding.summary)}</p>",
+            _table(["evidence", "value"], evidence, css="evidence") if evidence else "",
+            f"<p>What to try:</p><ul>{remedies}</ul>" if remedies else "",
+            "</div>",
+        ]
+    )
+
+
+def _evidence_value(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return format_number(value) if isinstance(value, (int, float)) else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]], css: str) -> str:
+    head = "".join(f"<th>{_escape(cell)}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{_escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _image(png: bytes, alt: str) -> str:
+    return f'<img alt="{_escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def _badge(verdict: str) -> str:
+    return f'<span class="verdict {verdict}">{_escape(verdict.replace("_", " "))}</span>'
+
+
+def _escape(text: str) -> str:
+    return html.escape(str(text), quote=True)

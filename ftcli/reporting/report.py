@@ -1,0 +1,149 @@
+"""`ftcli report`: for each run a metrics table, curves.png and a diagnosis; a comparison figure
+across runs; optionally one self-contained report.html to share (ftcli.reporting.html)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftcli.errors import FtcliError
+from ftcli.fileio import atomic_write_json
+from ftcli.reporting.curves import comparison_figure, run_figure, write_png
+from ftcli.reporting.diagnosis import Diagnosis, diagnose
+from ftcli.reporting.events import best_eval_step, eval_metric_names, finite, series
+from ftcli.runs.rundir import RunDir
+
+COMPARISON_PNG = "comparison.png"
+
+
+@dataclass
+class RunReport:
+    run: RunDir
+    label: str
+    events: list[dict[str, Any]]
+    metrics: dict[str, Any]  # metrics.json
+    config_text: str
+    diagnosis: Diagnosis
+
+
+@dataclass
+class MetricRow:
+    name: str
+    best: float | None
+    best_step: int | None
+    last: float | None
+    saved: float | None  # metrics.json: the kept (best) model, scored after training
+
+
+@dataclass
+class Report:
+    runs: list[RunReport]
+    folder: Path
+    comparison_png: Path | None = None
+    html: Path | None = None
+
+
+# ---------------------------------------------------------------- building
+
+
+def analyze_run(run: RunDir, label: str | None = None) -> RunReport:
+    """Read a run's events, diagnose them, write curves.png and diagnosis.json beside them."""
+    events = run.read_events()
+    if not events:
+        raise FtcliError(
+            f"{run.path} has no logged events (metrics.jsonl is missing or empty)",
+            "train it first; events are logged every training.logging_steps steps",
+        )
+    config_text = run.config_file.read_text(encoding="utf-8")
+    # The raw mapping, not a validated Config: an old run's config need not pass today's checks.
+    config = yaml.safe_load(config_text) or {}
+    metrics = run.read_metrics()
+    diagnosis = diagnose(events, metrics.get("data"), config)
+    report = RunReport(run, label or run.path.name, events, metrics, config_text, diagnosis)
+    title = f"{report.label}: {diagnosis.verdict.replace('_', ' ')}"
+    write_png(run_figure(events, title, best_step=best_eval_step(events)), run.curves_png)
+    atomic_write_json(run.diagnosis_file, diagnosis.to_json())
+    return report
+
+
+def build_report(paths: list[Path], folder: Path | None = None) -> Report:
+    """Analyze every run; with several, draw them together.
+
+    The comparison figure (and report.html, ftcli.reporting.html) go into folder: by default the
+    run directory itself, or the folder that holds all the runs.
+    """
+    runs = [RunDir.open(path) for path in dict.fromkeys(Path(path).resolve() for path in paths)]
+    labels = _labels(runs)
+    report = Report([analyze_run(run, label) for run, label in zip(runs, labels)], folder or _common_folder(runs))
+    if len(report.runs) > 1:
+        report.folder.mkdir(parents=True, exist_ok=True)
+        figure = comparison_figure({run.label: run.events for run in report.runs})
+        report.comparison_png = write_png(figure, report.folder / COMPARISON_PNG)
+    return report
+
+
+def _labels(runs: list[RunDir]) -> list[str]:
+    """Run names, or paths relative to their common folder when two runs share a name."""
+    names = [run.path.name for run in runs]
+    if len(set(names)) == len(names):
+        return names
+    common = _common_folder(runs)
+    return [str(run.path.relative_to(common)) for run in runs]
+
+
+def _common_folder(runs: list[RunDir]) -> Path:
+    if len(runs) == 1:
+        return runs[0].path
+    return Path(os.path.commonpath([run.path for run in runs]))
+
+
+# ---------------------------------------------------------------- table data
+
+
+def metric_rows(report: RunReport) -> list[MetricRow]:
+    """Validation metrics (best, where, last evaluation, kept model), then the training loss."""
+    saved = report.metrics.get("validation") or {}
+    rows = []
+    for name in eval_metric_names(report.events):
+        points = finite(series(report.events, f"eval_{name}"))
+        rows.append(_row(name, points, lower_is_better=name == "loss", saved=saved.get(name)))
+    rows.append(_row("train_loss", finite(series(report.events, "train_loss")), lower_is_better=True, saved=None))
+    return rows
+
+
+def _row(name: str, points: list[tuple[int, float]], lower_is_better: bool, saved: float | None) -> MetricRow:
+    if not points:
+        return MetricRow(name, None, None, None, saved)
+    pick = min if lower_is_better else max
+    best_step, best = pick(points, key=lambda pair: pair[1])
+    return MetricRow(name, best, best_step, points[-1][1], saved)
+
+
+def run_stats(report: RunReport) -> dict[str, str]:
+    """Steps, epochs, wall time and throughput, from metrics.json (or the events of an unfinished run)."""
+    train = report.metrics.get("train") or {}
+    last = report.events[-1]
+    stats = {
+        "steps": str(train.get("global_step", last.get("step", "?"))),
+        "epochs": f"{train.get('epoch', last.get('epoch', 0)):.2f}",
+    }
+    if "train_seconds" in train:
+        stats["wall time"] = _duration(train["train_seconds"])
+    if "train_samples_per_second" in train:
+        stats["throughput"] = f"{train['train_samples_per_second']:,.1f} samples/s"
+    if train.get("stopped_early"):
+        stats["stopped"] = "early"
+    if "train" not in report.metrics:
+        stats["status"] = "unfinished (no metrics.json train section)"
+    return stats
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m {seconds:02d}s"

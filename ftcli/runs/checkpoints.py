@@ -1,0 +1,257 @@
+"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint of the loop backend (ftcli.training.loop.checkpointing writes and reads it):
+
+    checkpoints/checkpoint-<step>/
+      model.safetensors, config.json, tokenizer files   weights, loadable by evaluate and predict
+      optimizer.pt, scheduler.pt [, scaler.pt]          AdamW moments, learning-rate schedule, fp16 scale
+      rng_state_<process>.pt                            python, numpy, torch and CUDA generators
+      training_state.json                               step, epoch, position in it, best score, ...
+      manifest.json                                     size and digest of every other file
+
+Both backends write a checkpoint into checkpoints/.partial/checkpoint-<step>/ and rename it into
+place when it is complete, so a kill while saving leaves the previous checkpoints as they were and
+never a half checkpoint that --resume would pick. The manifest, written last, lets --resume tell a
+checkpoint damaged since (a bad disk, a copy cut short) and fall back to an older one. Everything is
+read back with torch.load(weights_only=True): loading a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from transformers import PreTrainedModel
+
+from ftcli.errors import FtcliError
+from ftcli.fileio import atomic_write_json, file_sha256
+from ftcli.lora import is_adapter, load_adapter_weights
+from ftcli.runs.rundir import RunDir
+
+LOOP_STATE_FILE = "training_state.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # what HF Trainer writes into its checkpoints
+STATE_FILES = {"loop": LOOP_STATE_FILE, "trainer": TRAINER_STATE_FILE}
+MANIFEST_FILE = "manifest.json"
+DIGEST_PIECE = 16 << 20  # bytes hashed apart, in parallel
+
+log = logging.getLogger("ftcli")
+
+
+# ---------------------------------------------------------------- writing whole or not at all
+
+
+def staging_dir(final: Path) -> Path:
+    """Where the checkpoint that will become `final` is written first."""
+    return final.parent / ".partial" / final.name
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Record every file's hash, then make the completely written checkpoint visible under its
+    final name, in one rename."""
+    # The data reaches the disk before the name does.
+    atomic_write_json(staging / MANIFEST_FILE, _file_digests(staging, sync=True))
+    os.replace(staging, final)
+
+
+@contextmanager
+def disk_full_is_a_user_error(run: RunDir, final: Path) -> Iterator[None]:
+    """A full disk (or quota) while saving `final`: drop its staging folder and say which checkpoint
+    to resume from, rather than end in a traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a failed write as a RuntimeError that quotes the OS's message.
+        disk_full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+            os.strerror(code) in str(error) for code in (errno.ENOSPC, errno.EDQUOT)
+        )
+        if not disk_full:
+            raise
+        shutil.rmtree(staging_dir(final), ignore_errors=True)
+        intact = [path.name for path in run.list_checkpoints() if path != final]
+        raise FtcliError(
+            f"no space left on device while saving {final.name}; "
+            + (f"{intact[-1]} is intact" if intact else "no checkpoint was saved before it"),
+            f"free space, then ftcli train {run.path} --resume" if intact else "free space and train again",
+        ) from None
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a published checkpoint, or None when its files are those its manifest lists.
+    Checkpoints written before manifests existed cannot be checked and count as intact."""
+    manifest_file = checkpoint / MANIFEST_FILE
+    if not manifest_file.is_file():
+        return None
+    expected = json.loads(manifest_file.read_text())
+    found = _file_digests(checkpoint)
+    for name, entry in expected.items():
+        if name not in found:
+            return f"{name} is missing"
+        if "sha256" in entry:  # a manifest of ftcli before 2026-11-29: one sha256 of the whole file
+            found[name] = {"size": found[name]["size"], "sha256": file_sha256(checkpoint / name)}
+        if found[name] != entry:
+            return f"{name} differs from when it was saved"
+    return None
+
+
+def _file_digests(folder: Path, sync: bool = False) -> dict[str, dict[str, Any]]:
+    """Size and digest of every file in `folder` (the manifest aside), and with `sync` each file
+    fsynced. A file's digest is the sha256 of the sha256s of its 16 MiB pieces, so that the pieces
+    of one big file (bert-base's 880 MB optimizer state) are hashed in parallel: reading and hashing
+    release the GIL."""
+    paths = [path for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE]
+    sizes = [path.stat().st_size for path in paths]
+    pieces = [(path, offset) for path, size in zip(paths, sizes) for offset in range(0, max(size, 1), DIGEST_PIECE)]
+
+    def piece_digest(piece: tuple[Path, int]) -> bytes:
+        path, offset = piece
+        with path.open("rb") as file:
+            return hashlib.sha256(os.pread(file.fileno(), DIGEST_PIECE, offset)).digest()
+
+    def fsync(path: Path) -> None:
+        with path.open("rb") as file:
+            os.fsync(file.fileno())
+
+    piece_digests: dict[Path, list[bytes]] = {path: [] for path in paths}
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for (path, _), digest in zip(pieces, pool.map(piece_digest, pieces)):
+            piece_digests[path].append(digest)
+        if sync:
+            list(pool.map(fsync, paths))
+    return {
+        str(path.relative_to(folder)): {"size": size, "sha256_of_pieces": hashlib.sha256(b"".join(piece_digests[path])).hexdigest()}
+        for path, size in zip(paths, sizes)
+    }
+
+
+def prune(run: RunDir, keep: int, best: str | Path | None) -> None:
+    """Delete all checkpoints but the newest `keep` and the best one."""
+    checkpoints = run.list_checkpoints()
+    kept = set(checkpoints[-keep:]) | ({Path(best)} if best else set())
+    for path in checkpoints:
+        if path not in kept:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def clear_staging(run: RunDir) -> None:
+    """Delete every half-written save; no save may be in flight."""
+    shutil.rmtree(run.checkpoints / ".partial", ignore_errors=True)
+
+
+# ---------------------------------------------------------------- random number generators
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator that training draws from (dropout, shuffling in user code), as plain data."""
+    numpy_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": numpy_state["state"]["pos"],
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- reading back
+
+
+def load_weights(model: PreTrainedModel, path: Path) -> None:
+    """Load a checkpoint's safetensors weights into a model of the same architecture."""
+    if is_adapter(path):  # a LoRA run's checkpoint: the adapters and the head alone
+        return load_adapter_weights(model, path)
+    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    # save_pretrained leaves out tied weights (they come back with the tie); anything else is a mismatch.
+    missing = set(missing) - set(getattr(model, "all_tied_weights_keys", None) or {})
+    if missing or unexpected:
+        raise FtcliError(
+            f"the weights in {path} do not fit the model (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]})",
+            "resume with the config the run was trained with",
+        )
+
+
+def load_torch_file(path: Path) -> Any:
+    """A checkpoint's optimizer, schedule or RNG file, read without running code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- choosing where to resume
+
+
+def resume_point(run: RunDir, given: str | Path | None, backend: str) -> Path:
+    """The checkpoint to resume from: `given` (a path, or a name or step inside the run), else the
+    newest intact one."""
+    if given is None:
+        checkpoints = run.list_checkpoints()
+        if not checkpoints:
+            raise FtcliError(
+                f"{run.path} has no checkpoint to resume from",
+                "start the run again with --overwrite, or wait for training.save_every steps before stopping it",
+            )
+        for path in reversed(checkpoints):
+            problem = damage(path)
+            if problem is None:
+                break
+            log.warning("%s is damaged (%s); trying the checkpoint before it", path.name, problem)
+        else:
+            raise FtcliError(
+                f"every checkpoint of {run.path} is damaged",
+                "start the run again with --overwrite, or restore the checkpoints from a backup",
+            )
+    else:
+        path = run.find_checkpoint(given)
+    if path.resolve() not in {p.resolve() for p in run.list_checkpoints()}:
+        available = ", ".join(p.name for p in run.list_checkpoints()) or "none"
+        raise FtcliError(f"{given} is not a checkpoint of {run.path}", f"its checkpoints: {available}")
+    if not (path / STATE_FILES[backend]).is_file():
+        raise FtcliError(
+            f"{path} is not a checkpoint of the {backend} backend (no {STATE_FILES[backend]})",
+            "resume with the backend the run was trained with",
+        )
+    if given is not None and (problem := damage(path)):
+        raise FtcliError(f"{path} is damaged ({problem})", "resume from another checkpoint, or with --resume")
+    return path
+
+
+def rewind(run: RunDir, resume_from: Path) -> None:
+    """Forget what the run did after `resume_from`: the resumed run writes those checkpoints and events again."""
+    step = run.checkpoint_step(resume_from)
+    for path in run.list_checkpoints():
+        if run.checkpoint_step(path) > step:
+            shutil.rmtree(path)
+    clear_staging(run)
+    run.drop_events_after(step)

@@ -1,0 +1,63 @@
+"""The loop's evaluation during training: each process scores its share of the validation split."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from ftcli.data.batching import collate, length_sorted_batches
+from ftcli.inference import score
+from ftcli.metrics import MetricSuite
+from ftcli.runtime import attention_kernels
+from ftcli.objective import Objective
+
+
+def private_generator() -> torch.Generator:
+    """A DataLoader draws a seed from this generator each time it starts iterating, and without
+    one from torch's global generator, which dropout uses: a resumed run, starting its loader at
+    another moment, would then continue with other dropout masks."""
+    return torch.Generator().manual_seed(0)
+
+
+def evaluation_loader(dataset: Dataset, batch_size: int, pad_token_id: int) -> DataLoader:
+    """Batches of similar lengths (little padding), longest first, as ftcli.inference evaluates."""
+    order = np.concatenate(length_sorted_batches(dataset["length"], batch_size))
+    return DataLoader(
+        dataset.select(order),
+        batch_size=batch_size,
+        collate_fn=partial(collate, pad_token_id=pad_token_id),
+        generator=private_generator(),
+    )
+
+
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    suite: MetricSuite,
+    objective: Objective,
+    autocast: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean loss and every metric over the validation split, each process scoring its share.
+
+    autocast: a precision to apply here, when Accelerate does not (the CUDA-graph path)."""
+
+    def gathered_batches():
+        for batch in loader:
+            labels = batch.pop("labels")
+            with torch.autocast(accelerator.device.type, dtype=autocast, enabled=autocast is not None):
+                logits = model(**batch).logits.float()
+            # With several processes the last batch is topped up with repeated examples so that
+            # every process has one; gather_for_metrics drops them, so each example counts once.
+            yield accelerator.gather_for_metrics((logits, labels))
+
+    model.eval()
+    with torch.no_grad(), attention_kernels(accelerator.device):  # evaluation brings many shapes
+        metrics = score(gathered_batches(), suite, objective)
+    model.train()
+    return metrics

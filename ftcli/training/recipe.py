@@ -1,0 +1,220 @@
+"""The train recipe, top to bottom: check, hold the run directory, prepare the data and the model,
+train with the configured backend, save and score.
+
+Nothing here draws on the terminal or reads curves: progress goes to the `events` handed in, and
+the command layer reads the run afterwards (ftcli.commands.train).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+
+from ftcli.config import Config, dump_config, load_config
+from ftcli.data.prepare import Prepared, majority_baseline, prepare
+from ftcli.errors import FtcliError
+from ftcli.fileio import atomic_write_text
+from ftcli.inference import evaluate_dataset
+from ftcli.lora import apply_lora, merge_lora
+from ftcli.metrics import MetricSuite
+from ftcli.modeling import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_model_source, save_model
+from ftcli.runs import checkpoints
+from ftcli.runs.rundir import RunDir
+from ftcli.runtime import Runtime
+from ftcli.training.backends import get_backend
+from ftcli.training.job import Backend, NoEvents, TrainingEvents, TrainJob, TrainOutcome
+from ftcli.objective import Objective, build_objective
+from ftcli.training.optim import check_optimizer
+from ftcli.training.tracking import Tracker
+
+log = logging.getLogger("ftcli")
+
+
+@dataclass
+class TrainResult:
+    run: RunDir
+    outcome: TrainOutcome
+    metrics: dict[str, dict[str, float]]  # the kept model's scores, by split
+    prepared: Prepared
+    analysis: Any = field(default=None)  # what `analyze` returned
+
+
+def train(
+    config: Config,
+    overwrite: bool = False,
+    resume: bool = False,
+    resume_from: str | Path | None = None,
+    events: TrainingEvents | None = None,
+    on_evaluate: Callable[[dict[str, Any]], bool] | None = None,
+    analyze: Callable[[RunDir], Any] | None = None,
+    runtime: Runtime | None = None,
+) -> TrainResult:
+    """Train a new run, or with `resume` continue config's run from its newest checkpoint (or
+    `resume_from`). events: where progress goes (nowhere by default). on_evaluate sees every
+    evaluation event and may stop training early by returning True. analyze reads the saved run
+    (its curves, say) while the last checkpoint is still being written."""
+    # Everything that can fail on user input fails here, before the run directory is touched.
+    runtime = runtime or Runtime.resolve(config.training.precision, distributed=True)
+    resuming = resume or resume_from is not None
+    if resuming and overwrite:
+        raise FtcliError("--resume continues a run, --overwrite replaces it", "pass one of them")
+    backend = get_backend(config.backend)
+    backend.check(config)
+    check_optimizer(config.training.optimizer, runtime.device)
+    tracker = Tracker(config.report_to)  # before tokenizing: a missing package should fail at once
+    # A run directory in the way is reported before minutes of tokenizing, not after. The main
+    # process holds it from here until the run is saved and scored, and deletes an old run
+    # (--overwrite) only once it holds it.
+    run = RunDir.open(config.run_dir) if resuming else RunDir(config.run_dir)
+    with hold(run, runtime, resuming, overwrite):
+        tokenizer, prepared, objective, model = setup(config, runtime)
+        resume_point = reopen(config, run, resume_from, runtime) if resuming else start(config, run, runtime)
+        job = TrainJob(
+            config, prepared, model, tokenizer, run, runtime, objective,
+            events=events if events is not None and runtime.is_main else NoEvents(),
+            resume_from=resume_point, tracker=tracker, on_evaluate=on_evaluate,
+        )
+        outcome = run_backend(backend, job)
+        if resume_point is not None:
+            outcome.extra["resumed_from"] = str(resume_point)
+        return finish(job, outcome, analyze)
+
+
+def hold(run: RunDir, runtime: Runtime, resuming: bool, overwrite: bool) -> AbstractContextManager:
+    """The main process's hold on the run directory: its lock, and for a new run its place."""
+    if not runtime.is_main:
+        return nullcontext()
+    return run.lock() if resuming else RunDir.claim(run.path, overwrite)
+
+
+def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Prepared, Objective, PreTrainedModel]:
+    """The tokenizer, the prepared data, the objective and the model to train. With several
+    processes the main one tokenizes into the cache while the others wait, then read the cache."""
+    from accelerate import PartialState
+
+    with PartialState().main_process_first() if runtime.num_processes > 1 else nullcontext():
+        source, tokenizer, prepared = setup_data(config)
+    MetricSuite(config.metrics, num_labels=len(prepared.label_names))  # an unknown metric fails now
+    objective = build_objective(config.training, prepared)  # and class weights that do not fit the labels
+    set_seed(config.training.seed)
+    return tokenizer, prepared, objective, setup_model(config, source, prepared.label_names)
+
+
+def setup_data(config: Config) -> tuple[str, PreTrainedTokenizerBase, Prepared]:
+    """Resolve the model, load its tokenizer and prepare (or fetch from cache) the tokenized splits."""
+    source = resolve_model_source(config.model)
+    if config.trust_remote_code:
+        log.warning("trust_remote_code is on: code shipped with %s will run on this machine", config.model)
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    return source, tokenizer, prepare(config.data, tokenizer)
+
+
+def setup_model(config: Config, source: str, label_names: list[str]) -> PreTrainedModel:
+    """The model to train: pretrained weights and a new head, wrapped in LoRA adapters and
+    recomputing activations when the config says so."""
+    model = load_model(source, label_names, config.trust_remote_code)
+    if config.lora:
+        model = apply_lora(model, config.lora)
+    if config.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def start(config: Config, run: RunDir, runtime: Runtime) -> None:
+    """A fresh run: an old one in its place is deleted, the resolved config and the environment written."""
+    if runtime.is_main:
+        run.clear()
+        atomic_write_text(run.config_file, dump_config(config))
+        run.write_env(str(runtime.device), runtime.precision)
+    _wait_for_everyone(runtime)
+
+
+def reopen(config: Config, run: RunDir, resume_from: str | Path | None, runtime: Runtime) -> Path:
+    """The checkpoint to continue `run` from; the run keeps the config it started with."""
+    # Both through the schema, so that keys added to ftcli since the run started count as their defaults.
+    changed = _changed_keys(load_config(run.config_file).model_dump(mode="json"), config.model_dump(mode="json"))
+    if changed:
+        raise FtcliError(
+            f"the config differs from the one {run.path} was trained with ({', '.join(changed)})",
+            f"resume with the run's own config: ftcli train {run.path} --resume",
+        )
+    resume_point = checkpoints.resume_point(run, resume_from, config.backend)
+    if runtime.is_main:
+        checkpoints.rewind(run, resume_point)
+    _wait_for_everyone(runtime)
+    return resume_point
+
+
+def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in dict.fromkeys([*saved, *current]):
+        before, now = saved.get(key), current.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            changed += _changed_keys(before, now, f"{prefix}{key}.")
+        elif before != now:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def run_backend(backend: Backend, job: TrainJob) -> TrainOutcome:
+    """Train, mirroring each event into the trackers report_to names; SIGINT and SIGTERM save a
+    checkpoint and stop at the next optimizer step."""
+    if job.runtime.is_main:
+        job.tracker.start(job.run, job.config)
+    try:
+        with job.stop_signals:
+            return backend.train(job)
+    finally:
+        job.events.stop()  # a failed run leaves no live progress display behind its error
+        job.tracker.close()  # flushes what was logged, even when training fails
+
+
+def finish(job: TrainJob, outcome: TrainOutcome, analyze: Callable[[RunDir], Any] | None) -> TrainResult:
+    """Save and score the kept model while the last checkpoint is still being written, then wait for it."""
+    run, prepared = job.run, job.prepared
+    try:
+        if not job.runtime.is_main:
+            return TrainResult(run, outcome, {}, prepared)
+        metrics = save_and_score(job, outcome)
+        run.update_metrics("train", outcome.stats())
+        # Accuracy is judged against always predicting the training set's majority class.
+        run.update_metrics("data", majority_baseline(prepared.summary))
+        analysis = analyze(run) if analyze is not None else None
+    finally:
+        outcome.settle_saves()  # the last checkpoint, written meanwhile, is published
+    return TrainResult(run, outcome, metrics, prepared, analysis)
+
+
+def save_and_score(job: TrainJob, outcome: TrainOutcome) -> dict[str, dict[str, float]]:
+    """Save the kept (best) weights into model/, then score them on the validation split. A LoRA
+    run saves its adapters, then the model with the adapters merged in."""
+    config, run, tokenizer = job.config, job.run, job.tokenizer
+    if config.lora:
+        save_model(outcome.model, tokenizer, run.adapter_dir)
+        outcome.model = merge_lora(outcome.model)
+    save_model(outcome.model, tokenizer, run.model_dir)
+    metrics: dict[str, dict[str, float]] = {}
+    if "validation" in job.prepared.splits:
+        metrics["validation"] = evaluate_dataset(
+            outcome.model.to(job.runtime.device),
+            job.prepared.splits["validation"],
+            config.metrics,
+            config.training.eval_batch_size,
+            tokenizer.pad_token_id,
+            job.runtime,
+            job.objective,
+        )
+        run.update_metrics("validation", metrics["validation"])
+    return metrics
+
+
+def _wait_for_everyone(runtime: Runtime) -> None:
+    if runtime.num_processes > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()

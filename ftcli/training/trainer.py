@@ -1,0 +1,310 @@
+"""Backend `trainer`: the config mapped onto HF TrainingArguments and Trainer.
+
+The loss is ftcli's objective (compute_loss), the schedule ftcli's (create_scheduler) and the data
+order a function of (seed, epoch) (EpochSeededSampler); the rest is Trainer's own: its optimizer,
+accumulation, mixed precision, evaluation loop and FSDP/DeepSpeed support.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Sampler
+from transformers import (
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from ftcli.config import Config, TrainingConfig
+from ftcli.metrics import MetricSuite, primary_metric
+from ftcli.runs import checkpoints
+from ftcli.runs.rundir import RunDir
+from ftcli.runtime import Runtime
+from ftcli.training.job import TrainJob, TrainOutcome
+from ftcli.objective import Objective
+from ftcli.training.optim import build_scheduler, trainer_optimizer
+from ftcli.training.stopping import LossWatch
+
+# Trainer's log keys, renamed to the keys both backends write into metrics.jsonl.
+LOG_KEYS = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
+
+
+class TrainerBackend:
+    def check(self, config: Config) -> None:
+        """Nothing to refuse up front: Trainer runs every launch Accelerate has."""
+
+    def train(self, job: TrainJob) -> TrainOutcome:
+        trainer = _trainer(job)
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+        seconds = time.perf_counter() - started
+        state, args = trainer.state, trainer.args
+        if job.stop_signals.signal_number and state.global_step < state.max_steps:
+            raise job.stop_signals.interrupted(job.run, state.global_step)
+        return TrainOutcome(
+            model=trainer.model,
+            global_step=state.global_step,
+            epoch=float(state.epoch or 0.0),
+            train_seconds=seconds,
+            # train_batch_size is per device times the GPUs nn.DataParallel uses when not launched distributed.
+            train_samples=state.global_step * args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            best_checkpoint=state.best_model_checkpoint,
+            best_score=state.best_metric,
+            stopped_early=state.global_step < state.max_steps,
+            extra={"real_tokens": int(trainer.real_tokens), "padded_tokens": trainer.padded_tokens},
+        )
+
+
+def _trainer(job: TrainJob) -> _StagedTrainer:
+    config, runtime = job.config, job.runtime
+    validation = job.prepared.splits.get("validation")
+    args = training_arguments(config, runtime, str(job.run.checkpoints), has_validation=validation is not None)
+    callbacks: list[TrainerCallback] = [_EventCallback(job)]
+    if config.training.early_stopping_patience and validation is not None:
+        callbacks.append(EarlyStoppingCallback(config.training.early_stopping_patience))
+    trainer = _StagedTrainer(
+        run=job.run,
+        training=config.training,
+        objective=job.objective.to(args.device),  # moved once, not at every step
+        model=job.model,
+        args=args,
+        data_collator=DataCollatorWithPadding(
+            job.tokenizer, pad_to_multiple_of=config.training.resolved_pad_multiple(runtime.device.type)
+        ),
+        train_dataset=job.prepared.splits["train"],
+        eval_dataset=validation,
+        processing_class=job.tokenizer,
+        compute_metrics=_batched_metrics(config.metrics, len(job.prepared.label_names), job.objective),
+        callbacks=callbacks,
+    )
+    # ftcli draws its own progress bar and logs events itself.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    # compute_loss returns the batch mean. Told that the model ignores num_items_in_batch, Trainer
+    # divides that mean by grad_accum and leaves it alone across processes; otherwise it does
+    # neither, and the gradient comes out grad_accum × processes too large (and so does the logged loss).
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
+
+
+class _ObjectiveTrainer(Trainer):
+    """Trainer on ftcli's objective and schedule, seeded data order, and counts of real and padded
+    training tokens (for throughput and padding efficiency); it stops at a nan or inf training loss
+    before it logs or saves anything after it."""
+
+    def __init__(self, *args, training: TrainingConfig, objective: Objective, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.training, self.objective = training, objective
+        self.real_tokens: torch.Tensor | int = 0
+        self.padded_tokens = 0
+        self.loss_watch: LossWatch | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The batch mean of the objective's loss: weighted (training.class_weights) in training only."""
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        inputs["labels"] = labels
+        loss_of = self.objective.training_loss_sum if model.training else self.objective.loss_sum
+        loss = loss_of(outputs.logits, labels) / len(labels)
+        if model.training:
+            mask = inputs["attention_mask"]
+            self.real_tokens = mask.sum() + self.real_tokens  # stays on the device: no sync per step
+            self.padded_tokens += mask.numel()
+            if self.loss_watch is None:
+                self.loss_watch = LossWatch(mask.device)
+            self.loss_watch.observe(loss, self.state.global_step + 1)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = build_scheduler(optimizer or self.optimizer, self.training, num_training_steps)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _get_train_sampler(self, train_dataset=None) -> Sampler:
+        # The training set as ftcli prepared it: Trainer hands over a copy without the length column.
+        grouped = self.args.train_sampling_strategy == "group_by_length"
+        return EpochSeededSampler(
+            len(self.train_dataset),
+            self.args.data_seed,
+            lengths=list(self.train_dataset[self.args.length_column_name]) if grouped else None,
+            group_size=self.args.train_batch_size * self.args.gradient_accumulation_steps,
+        )
+
+    def log(self, logs, *args, **kwargs) -> None:
+        self.check_loss()
+        super().log(logs, *args, **kwargs)
+
+    def check_loss(self) -> None:
+        if self.loss_watch is not None:
+            self.loss_watch.check(self.accelerator, self.run)
+
+
+
+class EpochSeededSampler(Sampler):
+    """Trainer's training order (shuffled, or grouped by length as HF's LengthGroupedSampler groups
+    it), drawn from a generator seeded by (seed, epoch) alone. Trainer's own samplers draw it from
+    torch's global generator when the epoch starts, which a resumed run has not restored yet at that
+    moment: resumed in a later epoch, it trained that epoch in another order than the uninterrupted
+    run. Trainer calls set_epoch before each epoch, a resumed one too."""
+
+    def __init__(self, size: int, seed: int, lengths: list[int] | None = None, group_size: int = 1) -> None:
+        self.size, self.seed, self.lengths, self.group_size = size, seed, lengths, group_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.lengths is None:
+            return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(get_length_grouped_indices(self.lengths, self.group_size, generator=generator))
+
+
+def training_arguments(config: Config, runtime: Runtime, output_dir: str, has_validation: bool) -> TrainingArguments:
+    training, device, dtype = config.training, runtime.device, runtime.autocast_dtype
+    primary = primary_metric(config.metrics)
+    schedule = _schedule("eval", training.eval_every) if has_validation else {"eval_strategy": "no"}
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.eval_batch_size,
+        num_train_epochs=training.epochs or 1.0,
+        max_steps=training.max_steps or -1,
+        learning_rate=training.learning_rate,
+        optim=trainer_optimizer(training.optimizer, device),
+        weight_decay=training.weight_decay,
+        lr_scheduler_type=training.scheduler,  # recorded; the schedule itself is build_scheduler's
+        gradient_accumulation_steps=training.grad_accum,
+        max_grad_norm=training.max_grad_norm or 0.0,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device.type == "cpu",
+        logging_strategy="steps",
+        logging_steps=training.logging_steps,
+        logging_nan_inf_filter=False,  # a nan loss shows in the log, not hidden behind the average
+        **schedule,
+        **_schedule("save", training.save_every),
+        save_total_limit=None,  # _StagedTrainer prunes, keeping what the loop backend keeps
+        load_best_model_at_end=has_validation,
+        metric_for_best_model=f"eval_{primary}" if has_validation else None,
+        greater_is_better=primary != "loss",
+        batch_eval_metrics=True,
+        seed=training.seed,
+        data_seed=training.seed,
+        report_to="none",
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience continues on resume
+        disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if training.group_by_length else "random",
+        length_column_name="length",
+        dataloader_num_workers=0,
+    )
+
+
+def _schedule(kind: str, every: str | int) -> dict:
+    if every == "epoch":
+        return {f"{kind}_strategy": "epoch"}
+    return {f"{kind}_strategy": "steps", f"{kind}_steps": every}
+
+
+class _StagedTrainer(_ObjectiveTrainer):
+    """Trainer whose checkpoints appear whole or not at all, and are pruned as the loop backend's.
+
+    Trainer writes checkpoint-<step> in place; here it writes it under the staging folder of
+    ftcli.runs.checkpoints, renamed into place once every process has written its part.
+    """
+
+    def __init__(self, *args, run: RunDir, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.run = run
+        self._staging_root: Path | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging_root) if self._staging_root else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.check_loss()
+        final = self.run.checkpoint_dir(self.state.global_step)
+        staged = checkpoints.staging_dir(final)
+        self._staging_root = staged.parent
+        with checkpoints.disk_full_is_a_user_error(self.run, final):
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_root = None
+            # Trainer recorded a new best checkpoint under its staging name.
+            if self.state.best_model_checkpoint == str(staged):
+                self.state.best_model_checkpoint = str(final)
+                if self.args.should_save:
+                    self.state.save_to_json(str(staged / checkpoints.TRAINER_STATE_FILE))
+            self.accelerator.wait_for_everyone()  # every process has written its RNG state
+            if self.args.should_save:
+                checkpoints.publish(staged, final)
+        if self.args.should_save:
+            checkpoints.prune(self.run, self.training.keep_checkpoints, self.state.best_model_checkpoint)
+            checkpoints.clear_staging(self.run)
+        self.accelerator.wait_for_everyone()  # and finds the checkpoint under its final name
+
+
+def _batched_metrics(names: list[str], num_labels: int, objective: Objective):
+    """compute_metrics for batch_eval_metrics=True: accumulate label ids, compute on the last batch."""
+    suite = MetricSuite(names, num_labels)
+
+    def compute_metrics(prediction, compute_result: bool = True) -> dict[str, float]:
+        logits = torch.as_tensor(prediction.predictions)
+        labels = torch.as_tensor(prediction.label_ids)
+        suite.add_batch(objective.predictions(logits), labels.cpu().numpy())
+        return suite.compute() if compute_result else {}
+
+    return compute_metrics
+
+
+class _EventCallback(TrainerCallback):
+    """Trainer's logs into metrics.jsonl (ftcli's key names) and onto ftcli's progress bar."""
+
+    def __init__(self, job: TrainJob) -> None:
+        self.job = job
+        self.stop_requested = False  # by on_evaluate (a sweep's pruner), at an evaluation's log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.job.events.start(state.max_steps, initial_step=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            self.job.events.step(state.global_step, samples)
+        # A signal: save this step and stop (the loop backend does the same).
+        if state.global_step < state.max_steps and self.job.stop_signals.requested(state.global_step):
+            control.should_save = control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        event = {"step": state.global_step, "epoch": round(float(state.epoch or 0.0), 4)}
+        for key, value in logs.items():
+            if key in LOG_KEYS:
+                event[LOG_KEYS[key]] = float(value)
+            elif key.startswith("eval_") and not key.endswith(("_runtime", "_per_second")):
+                event[key] = float(value)
+        if len(event) > 2:
+            self.stop_requested = self.job.log(event) or self.stop_requested
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.stop_requested:  # e.g. a sweep pruned this trial: end here, as early stopping does
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.job.events.stop()
