@@ -15,8 +15,8 @@ from huggingface_hub import constants
 
 from ftcli import hub
 from ftcli.config import load_config
-from ftcli.push import model_card
-from ftcli.rundir import RunDir
+from ftcli.commands.push import model_card
+from ftcli.runs.rundir import RunDir
 
 QUICK = {"max_steps": 4, "eval_every": 2, "save_every": 2}
 
@@ -63,6 +63,11 @@ def test_model_card_holds_config_metrics_curves_and_usage(make_experiment, tmp_p
     assert front_matter["library_name"] == "transformers" and front_matter["pipeline_tag"] == "text-classification"
     assert "ftcli" in front_matter["tags"] and front_matter["metrics"] == ["accuracy", "f1"]
     assert "base_model" not in front_matter  # a local folder, not a Hub model
+    # A model-index the Hub validates and shows: one result per split and configured metric.
+    results = front_matter["model-index"][0]["results"]
+    validation_scores = run.read_metrics()["validation"]
+    shown = {(result["dataset"]["split"], metric["type"]): metric["value"] for result in results for metric in result["metrics"]}
+    assert shown == {("validation", name): validation_scores[name] for name in ("accuracy", "f1")}
     assert "# tiny-pairs" in card and "2 classes: `0`, `1`" in card
     validation = run.read_metrics()["validation"]
     assert "| split | loss | accuracy | f1 |" in card

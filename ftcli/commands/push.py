@@ -74,7 +74,7 @@ def model_card(run: RunDir, config: Config, repo_id: str) -> str:
     env = json.loads(run.env_file.read_text()) if run.env_file.is_file() else {}
     labels = _label_names(run.model_dir)
     sections = [
-        _front_matter(config),
+        _front_matter(config, metrics, repo_id),
         f"# {repo_id.split('/')[-1]}\n\n"
         f"A text classifier fine-tuned from `{_base_model(config) or config.model}` with ftcli "
         f"({len(labels)} classes: {', '.join(f'`{label}`' for label in labels)}).",
@@ -91,18 +91,35 @@ def model_card(run: RunDir, config: Config, repo_id: str) -> str:
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
-def _front_matter(config: Config) -> str:
-    metadata: dict[str, Any] = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-classification",
-        "tags": ["ftcli", "text-classification"] + (["lora"] if config.lora else []),
-    }
-    if _base_model(config):
-        metadata["base_model"] = _base_model(config)
-    if config.data.hub:
-        metadata["datasets"] = [config.data.hub]
-    metadata["metrics"] = config.metrics
-    return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---"
+def _front_matter(config: Config, metrics: dict[str, Any], repo_id: str) -> str:
+    """The card's metadata, through huggingface_hub's ModelCardData: its model-index (one result
+    per split and metric) is the form the Hub validates and shows on the model's page."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    dataset = config.data.hub or "local"
+    dataset_name = f"{config.data.hub} {config.data.subset or ''}".strip() if config.data.hub else "local files"
+    results = [
+        EvalResult(
+            task_type="text-classification", task_name="Text Classification", dataset_type=dataset,
+            dataset_name=dataset_name, dataset_config=config.data.subset, dataset_split=split,
+            metric_type=name, metric_value=float(value),
+        )
+        for split in SPLIT_ORDER
+        if split != "train" and isinstance(metrics.get(split), dict)
+        for name, value in metrics[split].items()
+        if name in config.metrics
+    ]
+    card = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-classification",
+        tags=["ftcli", "text-classification"] + (["lora"] if config.lora else []),
+        base_model=_base_model(config),
+        datasets=[config.data.hub] if config.data.hub else None,
+        metrics=config.metrics,
+        model_name=repo_id.split("/")[-1],
+        eval_results=results or None,
+    )
+    return "---\n" + card.to_yaml() + "\n---"
 
 
 def _base_model(config: Config) -> str | None:
