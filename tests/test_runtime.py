@@ -1,0 +1,54 @@
+"""The Runtime: the device, the precision as it computes there, and the processes, resolved once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftcli import runtime
+from ftcli.runtime import Runtime
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    def set_to(value: bool) -> None:
+        monkeypatch.setattr(runtime, "native_bf16", lambda device: value)
+
+    return set_to
+
+
+def test_resolve_picks_the_cpu_here_with_one_process():
+    resolved = Runtime.resolve("fp32")
+    assert resolved.device == (torch.device("cuda") if torch.cuda.is_available() else CPU)
+    assert (resolved.process_index, resolved.num_processes, resolved.is_main) == (0, 1, True)
+    launched = Runtime.resolve("fp32", distributed=True)  # no launcher: one process of its own
+    assert (launched.process_index, launched.num_processes, launched.is_main) == (0, 1, True)
+
+
+@pytest.mark.parametrize(
+    ("setting", "native", "expected"),
+    [("auto", True, "bf16"), ("auto", False, "fp32"), ("bf16", False, "bf16"), ("fp32", True, "fp32"), ("fp16", True, "fp32")],
+)
+def test_precision_as_the_cpu_computes_it(monkeypatch, native_bf16, setting, expected, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    native_bf16(native)
+    resolved = Runtime.resolve(setting)
+    assert resolved.precision == expected
+    assert resolved.autocast_dtype == {"bf16": torch.bfloat16, "fp32": None}[expected]
+
+
+def test_autocast_computes_in_the_resolved_dtype_and_fp32_stays_fp32():
+    layer = torch.nn.Linear(4, 2)
+    inputs = torch.randn(3, 4)
+    with Runtime(CPU, torch.bfloat16).autocast():
+        assert layer(inputs).dtype == torch.bfloat16
+    with Runtime(CPU, None).autocast():
+        assert layer(inputs).dtype == torch.float32
+
+
+def test_a_later_process_is_not_the_main_one():
+    assert not Runtime(CPU, None, process_index=1, num_processes=2).is_main
+    with Runtime(CPU, None).attention_kernels():  # nothing to choose on the CPU
+        pass
