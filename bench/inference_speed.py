@@ -83,7 +83,7 @@ def main() -> None:
 
         os.environ["FTCLI_CACHE"] = f"{tmp}/cache"
         data = DataConfig(train=validation, text_fields=["sentence1", "sentence2"], label_names=LABELS, max_length=512)
-        split = prepare(data, tokenizer).splits["train"]
+        split = prepare(data, tokenizer, "single_label").splits["train"]
         examples = len(split)
 
         def trainer_predict(batch_size: int, **settings):

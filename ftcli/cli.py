@@ -145,12 +145,10 @@ def evaluate(
 ) -> None:
     """Score a run's model on a split; print a table and write it as JSON."""
     from ftcli.commands.evaluate import evaluate_run
-    from ftcli.ui import confusion_table, console, metrics_table
+    from ftcli.ui import console, evaluation_view
 
     evaluation = evaluate_run(run_dir, split, checkpoint, adapter, precision and precision.value)
-    console.print(metrics_table(f"{run_dir}", {split: evaluation.metrics}))
-    console.print(confusion_table(evaluation.confusion))
-    console.print(f"written to {evaluation.written}")
+    console.print(evaluation_view(f"{run_dir}", split, evaluation))
 
 
 @app.command()

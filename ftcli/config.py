@@ -17,10 +17,11 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ftcli.formats import FORMATS, SUFFIXES
 from ftcli.errors import FtcliError
+from ftcli.formats import FORMATS, SUFFIXES
+from ftcli.metrics import BUILTIN_METRICS, METRICS, metric_problem
+from ftcli.tasks import DEFAULT_METRICS, LOSSES, MULTI_LABEL, REGRESSION, SINGLE_LABEL, TASKS
 
-BUILTIN_METRICS = ("accuracy", "f1", "precision", "recall", "matthews", "pearson", "spearman")
 SCHEDULERS = (
     "linear",
     "cosine",
@@ -49,10 +50,26 @@ class DataConfig(_Strict):
     text_fields: list[str] = Field(
         ["text"], min_length=1, max_length=2, description="One text column, or two for sentence pairs."
     )
-    label_field: str = Field("label", description="The label column (integers or strings).")
-    label_names: list[str] | None = Field(
-        None, min_length=2, description="Class names in id order; inferred and sorted when absent."
+    label_field: str = Field(
+        "label",
+        description="The label column: class names or ids (single_label); a list of names or ids, or one string "
+        "joined by data.label_separator (multi_label); a number (regression).",
     )
+    label_fields: list[str] | None = Field(
+        None, min_length=2, description="multi_label: several 0/1 columns, one per label (instead of data.label_field)."
+    )
+    label_separator: str = Field(
+        ",", min_length=1, description="multi_label: what joins several labels in one csv/tsv field (or string)."
+    )
+    label_names: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Class (or label) names in id order; inferred when absent: the training labels, sorted.",
+    )
+    label_range: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="regression: [low, high]; every target is checked to lie within."
+    )
+    clip_predictions: bool = Field(False, description="regression: clip predictions to data.label_range.")
     max_length: int = Field(128, ge=2, le=8192, description="Tokens per example; longer ones are truncated.")
     max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N examples of other splits.")
@@ -79,12 +96,25 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _label_is_not_a_text(self) -> DataConfig:
-        if self.label_field in self.text_fields:
-            raise ValueError(
-                f"data.label_field '{self.label_field}' is also one of data.text_fields: name the column that holds "
-                "the labels in data.label_field, and only the texts in data.text_fields"
-            )
+        for key, columns in (("data.label_field", [self.label_field]), ("data.label_fields", self.label_fields or [])):
+            for column in columns:
+                if column in self.text_fields:
+                    raise ValueError(
+                        f"{key} '{column}' is also one of data.text_fields: name the columns that hold the labels "
+                        f"in {key}, and only the texts in data.text_fields"
+                    )
+        if self.label_range is not None and not self.label_range[0] < self.label_range[1]:
+            raise ValueError(f"data.label_range {self.label_range} must be [low, high] with low < high")
+        if self.label_fields and self.label_names:
+            raise ValueError("data.label_fields names the labels already: drop data.label_names")
+        if self.clip_predictions and self.label_range is None:
+            raise ValueError("data.clip_predictions needs data.label_range: [low, high]")
         return self
+
+    @property
+    def label_columns(self) -> list[str]:
+        """The columns that hold labels: label_fields (multi_label's 0/1 columns) or label_field."""
+        return list(self.label_fields or [self.label_field])
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -135,8 +165,14 @@ class TrainingConfig(_Strict):
     seed: int = Field(42, ge=0, description="Seed for weights of the new head, shuffling and dropout.")
     class_weights: Literal["balanced"] | list[float] | None = Field(
         None,
-        description="Weight each training example's loss by its class: balanced (examples / (classes x the class's "
-        "examples), as scikit-learn), or one weight per label in data.label_names order. Evaluation loss stays unweighted.",
+        description="single_label: weight each training example's loss by its class, balanced (examples / (classes "
+        "x the class's examples), as scikit-learn) or one weight per class; multi_label: each label's positive "
+        "weight, balanced (negatives / positives in training) or one per label. Evaluation loss stays unweighted.",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="single_label: cross-entropy label smoothing.")
+    loss: Literal["cross_entropy", "bce", "mse", "huber"] | None = Field(
+        None,
+        description="The training loss; null: the task's own (cross_entropy, bce, mse). regression may take huber.",
     )
     group_by_length: bool = Field(
         True, description="Batch examples of similar length (shuffled mega-batches, sorted inside): far less padding."
@@ -234,9 +270,23 @@ class Config(_Strict):
     model: str = Field("minilm", description="`minilm` (packaged, offline), a Hub id, or a local model directory.")
     trust_remote_code: bool = Field(False, description="Run model code from the Hub; only for models you trust.")
     data: DataConfig
+    task: Literal[TASKS] = Field(  # type: ignore[valid-type]
+        "single_label",
+        description="single_label (one class per example), multi_label (any number of labels each) or regression (a number).",
+    )
     training: TrainingConfig = TrainingConfig()
     metrics: list[str] = Field(
-        ["accuracy", "f1"], min_length=1, description="The first one picks the best model. Built in: " + ", ".join(BUILTIN_METRICS)
+        None,  # filled from the task when left out (DEFAULT_METRICS)
+        min_length=1,
+        description="The first one picks the best model. Default: "
+        + "; ".join(f"{task} {', '.join(names)}" for task, names in DEFAULT_METRICS.items())
+        + ". Built in: "
+        + ", ".join(BUILTIN_METRICS),
+    )
+    thresholds: Literal["tuned"] | float = Field(
+        "tuned",
+        description="multi_label: the probability above which a label is predicted; tuned: per label, maximising "
+        "its F1 on validation after training (0.5 without a validation split).",
     )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         [], description="Also log events to these trackers (each an optional install); metrics.jsonl is always written."
@@ -264,6 +314,15 @@ class Config(_Strict):
             )
         return name
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, raw: Any) -> Any:
+        """Metrics left out (or null) are the task's defaults."""
+        if isinstance(raw, dict) and raw.get("metrics") is None:
+            task = raw.get("task", SINGLE_LABEL)
+            return raw | {"metrics": list(DEFAULT_METRICS.get(task, DEFAULT_METRICS[SINGLE_LABEL]))}
+        return raw
+
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, names: list[str]) -> list[str]:
@@ -274,6 +333,40 @@ class Config(_Strict):
             if close:
                 raise ValueError(f"unknown metric '{name}'; did you mean '{close[0]}'?")
         return names
+
+    @field_validator("thresholds")
+    @classmethod
+    def _probability(cls, value: Any) -> Any:
+        if not isinstance(value, str) and not 0 < value < 1:
+            raise ValueError(f"{value} must be 'tuned' or a probability between 0 and 1")
+        return value
+
+    @model_validator(mode="after")
+    def _fits_the_task(self) -> Config:
+        """Options of one task set under another, each named with the fix."""
+        problems = [problem for name in self.metrics if name in METRICS and (problem := metric_problem(name, self.task))]
+        data, training, task = self.data, self.training, self.task
+        if data.label_fields and task != MULTI_LABEL:
+            problems.append("data.label_fields (one 0/1 column per label) needs task: multi_label")
+        if task == REGRESSION:
+            if data.label_names:
+                problems.append("data.label_names names classes; a regression run predicts one number: drop it")
+            if training.class_weights is not None:
+                problems.append("training.class_weights weighs classes; a regression run has none: drop it")
+        elif data.label_range is not None:
+            problems.append(f"data.label_range is for task: regression, not {task}")
+        if training.label_smoothing and task != SINGLE_LABEL:
+            problems.append(f"training.label_smoothing is for task: single_label, not {task}")
+        if training.loss is not None and training.loss not in LOSSES[task]:
+            problems.append(f"training.loss {training.loss} does not train task {task}; use {' or '.join(LOSSES[task])}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def loss(self) -> str:
+        """The training loss: training.loss, or the task's own."""
+        return self.training.loss or LOSSES[self.task][0]
 
     @field_validator("sweep", mode="before")
     @classmethod

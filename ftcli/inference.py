@@ -42,10 +42,10 @@ def evaluate_dataset(
     batch_size: int,
     pad_token_id: int,
     runtime: Runtime,
-    objective: Objective | None = None,
+    objective: Objective,
 ) -> dict[str, float]:
     """Mean loss and every configured metric over a labeled split."""
-    suite = MetricSuite(metric_names, model.config.num_labels)
+    suite = MetricSuite(metric_names, model.config.num_labels, objective.task)
     return score_dataset(model, dataset, suite, batch_size, pad_token_id, runtime, objective)
 
 
@@ -56,11 +56,12 @@ def score_dataset(
     batch_size: int,
     pad_token_id: int,
     runtime: Runtime,
-    objective: Objective | None = None,
+    objective: Objective,
 ) -> dict[str, float]:
-    """evaluate_dataset with a suite of the caller's, whose confusion matrix is then the split's."""
+    """evaluate_dataset with a suite of the caller's, whose confusion matrix (or per-label table)
+    is then the split's."""
     batches = iterate_logits(model, dataset, batch_size, pad_token_id, runtime)
-    return score(((logits, batch["labels"]) for _, logits, batch in batches), suite, objective or Objective())
+    return score(((logits, batch["labels"]) for _, logits, batch in batches), suite, objective)
 
 
 def score(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], suite: MetricSuite, objective: Objective) -> dict[str, float]:
@@ -70,21 +71,25 @@ def score(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], suite: MetricSui
     for logits, labels in batches:
         loss_sum += float(objective.loss_sum(logits, labels))
         examples += len(labels)
-        suite.add_batch(objective.predictions(logits), labels.cpu().numpy())
+        scores = objective.scores(logits).cpu().numpy() if suite.needs_scores else None
+        suite.add_batch(objective.predictions(logits), labels.cpu().numpy(), scores)
     return {"loss": loss_sum / max(examples, 1)} | suite.compute()
 
 
-def predict_probabilities(
+def predict_scores(
     model: PreTrainedModel,
     dataset: Dataset,
     batch_size: int,
     pad_token_id: int,
     runtime: Runtime,
-    objective: Objective | None = None,
+    objective: Objective,
 ) -> np.ndarray:
-    """Probabilities, one row per example, in the dataset's order."""
-    objective = objective or Objective()
-    probabilities = np.zeros((len(dataset), model.config.num_labels), dtype=np.float32)
+    """The objective's scores (probabilities, or values for regression), one row per example, in
+    the dataset's order."""
+    rows: np.ndarray | None = None
     for indices, logits, _ in iterate_logits(model, dataset, batch_size, pad_token_id, runtime):
-        probabilities[indices] = objective.probabilities(logits).cpu().numpy()
-    return probabilities
+        scores = objective.scores(logits).cpu().numpy()
+        if rows is None:
+            rows = np.zeros((len(dataset), *scores.shape[1:]), dtype=np.float32)
+        rows[indices] = scores
+    return rows

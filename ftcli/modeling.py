@@ -54,8 +54,11 @@ def load_model(
     source: str,
     label_names: list[str] | None = None,
     trust_remote_code: bool = False,
+    problem_type: str | None = None,
 ) -> PreTrainedModel:
-    """A sequence classifier; with label_names, a head of that size (new when the checkpoint has none)."""
+    """A sequence classifier; with label_names, a head of that size (new when the checkpoint has
+    none) for problem_type (transformers' name of the task, which pipeline() reads: softmax,
+    sigmoid per label, or the raw value of regression's one output)."""
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
     if label_names is not None:
         kwargs |= {
@@ -63,6 +66,8 @@ def load_model(
             "id2label": dict(enumerate(label_names)),
             "label2id": {name: index for index, name in enumerate(label_names)},
         }
+    if problem_type is not None:
+        kwargs["problem_type"] = problem_type
     # A pretrained encoder gets a freshly initialised classifier: transformers reports that at
     # length, and warns about it; expected here, so keep the console quiet.
     verbosity = hf_logging.get_verbosity()

@@ -1,58 +1,189 @@
-"""The objective: the loss a model trains on, and what its logits mean.
+"""The objective: the loss a model trains on, and what its outputs mean, for each task.
 
-The one home of the loss. The loop's eager step, its CUDA-graph step, the trainer backend and
+The one home of every loss. The loop's eager step, its CUDA-graph step, the trainer backend and
 evaluation all call it, so a change here changes every path alike. Losses are sums over the
 examples of a batch: the callers divide by the examples of an optimizer step, which is how the
-loop keeps gradient accumulation and several processes exact.
+loop keeps gradient accumulation and several processes exact. `real` marks the rows that are
+examples (the graphed step fills a short last batch with empty slots that add nothing).
+
+    scores(logits)     probabilities (single_label: softmax; multi_label: sigmoid per label) or values
+    decide(scores)     class ids, the labels above their thresholds, or the values themselves
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ftcli.config import TrainingConfig
+from ftcli.config import Config
 from ftcli.data.prepare import Prepared
 from ftcli.errors import FtcliError
+from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+
+THRESHOLDS_FILE = "thresholds.json"  # multi_label: beside the model's weights, read by evaluate, predict and export
 
 
-class Objective:
-    """Single-label classification: softmax cross-entropy, the training loss optionally weighted
-    per class (training.class_weights); evaluation scores the plain loss, so runs with and without
-    weights compare on it."""
+class Objective(Protocol):
+    """What every task's objective does; ftcli's code calls these and nothing task-specific."""
 
-    # A label the loss skips: the CUDA-graph step fills the empty slots of a short last batch with it.
-    IGNORE = -100
-
-    def __init__(self, class_weights: torch.Tensor | None = None) -> None:
-        self.class_weights = class_weights
+    task: str
 
     def to(self, device: torch.device) -> Objective:
-        """The same objective with its weights on `device` (moved once, not at every step)."""
-        if self.class_weights is None:
-            return self
-        return Objective(self.class_weights.to(device))
+        """The same objective with its tensors on `device` (moved once, not at every step)."""
 
-    def training_loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The summed training loss of a batch, weighted per class when asked."""
-        return F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="sum", ignore_index=self.IGNORE)
+    def training_loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """The summed training loss of a batch's real rows (all rows when `real` is None)."""
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The summed evaluation loss of a batch: never weighted."""
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float(), dim=-1)
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities, or predicted values."""
+
+    def decide(self, scores: torch.Tensor) -> np.ndarray:
+        """The predictions, on the host."""
 
     def predictions(self, logits: torch.Tensor) -> np.ndarray:
-        """Predicted class ids, on the host."""
-        return logits.argmax(-1).cpu().numpy()
+        return self.decide(self.scores(logits))
 
 
-def build_objective(training: TrainingConfig, prepared: Prepared) -> Objective:
-    """The objective training.* asks for on this data."""
-    return Objective(class_weights(training.class_weights, prepared))
+class SingleLabelObjective(Objective):
+    """Single-label classification: softmax cross-entropy, the training loss optionally weighted
+    per class (training.class_weights) and smoothed (training.label_smoothing); evaluation scores
+    the plain loss, so runs with and without them compare on it."""
+
+    task = SINGLE_LABEL
+    # A label the loss skips: the rows of a batch that are no examples get it.
+    IGNORE = -100
+
+    def __init__(self, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        self.class_weights = class_weights
+        self.label_smoothing = label_smoothing
+
+    def to(self, device: torch.device) -> SingleLabelObjective:
+        if self.class_weights is None:
+            return self
+        return SingleLabelObjective(self.class_weights.to(device), self.label_smoothing)
+
+    def training_loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        if real is not None:
+            labels = torch.where(real, labels, self.IGNORE)
+        return F.cross_entropy(
+            logits.float(), labels, weight=self.class_weights, reduction="sum", ignore_index=self.IGNORE,
+            label_smoothing=self.label_smoothing,
+        )
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float(), dim=-1)
+
+    def decide(self, scores: torch.Tensor) -> np.ndarray:
+        """Predicted class ids."""
+        return scores.argmax(-1).cpu().numpy()
+
+    def predictions(self, logits: torch.Tensor) -> np.ndarray:
+        return logits.argmax(-1).cpu().numpy()  # the logits' own order, without a softmax's rounding
+
+
+class MultiLabelObjective(Objective):
+    """Multi-label classification: each label yes or no, by a sigmoid and binary cross-entropy
+    (averaged over the labels of an example), positives optionally weighted per label
+    (pos_weight, training.class_weights); a label is predicted when its probability reaches its
+    threshold."""
+
+    task = MULTI_LABEL
+
+    def __init__(self, pos_weight: torch.Tensor | None = None, thresholds: np.ndarray | float = 0.5) -> None:
+        self.pos_weight = pos_weight
+        self.thresholds = thresholds
+
+    def to(self, device: torch.device) -> MultiLabelObjective:
+        if self.pos_weight is None:
+            return self
+        return MultiLabelObjective(self.pos_weight.to(device), self.thresholds)
+
+    def with_thresholds(self, thresholds: np.ndarray | float) -> MultiLabelObjective:
+        return MultiLabelObjective(self.pos_weight, thresholds)
+
+    def training_loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        per_example = F.binary_cross_entropy_with_logits(
+            logits.float(), labels.float(), pos_weight=self.pos_weight, reduction="none"
+        ).mean(-1)
+        return _sum_of_real(per_example, real)
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(-1).sum()
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits.float())
+
+    def decide(self, scores: torch.Tensor) -> np.ndarray:
+        """One 0/1 row per example: the labels whose probability reaches their threshold."""
+        return (scores.cpu().numpy() >= self.thresholds).astype(np.int8)
+
+
+class RegressionObjective(Objective):
+    """Regression: the model's one output is the prediction, trained on the mean squared error
+    (or the Huber loss) to the target; data.clip_predictions keeps predictions in data.label_range."""
+
+    task = REGRESSION
+
+    def __init__(self, loss: str = "mse", clip: tuple[float, float] | None = None) -> None:
+        self.loss, self.clip = loss, clip
+
+    def to(self, device: torch.device) -> RegressionObjective:
+        return self
+
+    def _per_example(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        predicted = logits.float().squeeze(-1)
+        if self.loss == "huber":
+            return F.huber_loss(predicted, labels.float(), reduction="none")
+        return (predicted - labels.float()) ** 2
+
+    def training_loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        return _sum_of_real(self._per_example(logits, labels), real)
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._per_example(logits, labels).sum()
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        values = logits.float().squeeze(-1)
+        return values.clamp(*self.clip) if self.clip else values
+
+    def decide(self, scores: torch.Tensor) -> np.ndarray:
+        return scores.cpu().numpy()
+
+
+def _sum_of_real(per_example: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    return (per_example * real).sum() if real is not None else per_example.sum()
+
+
+def build_objective(config: Config, prepared: Prepared) -> Objective:
+    """The objective config asks for on this data."""
+    training = config.training
+    if config.task == REGRESSION:
+        clip = tuple(config.data.label_range) if config.data.clip_predictions else None
+        return RegressionObjective(config.loss, clip)
+    if config.task == MULTI_LABEL:
+        fixed = config.thresholds if isinstance(config.thresholds, float) else 0.5
+        return MultiLabelObjective(positive_weights(training.class_weights, prepared), fixed)
+    return SingleLabelObjective(class_weights(training.class_weights, prepared), training.label_smoothing)
+
+
+def objective_for_model(config: Config, model_dir: Path) -> Objective:
+    """The objective a saved model predicts with: the run's, with the thresholds saved beside it."""
+    if config.task == REGRESSION:
+        return RegressionObjective(config.loss, tuple(config.data.label_range) if config.data.clip_predictions else None)
+    if config.task == MULTI_LABEL:
+        return MultiLabelObjective(thresholds=load_thresholds(model_dir, config))
+    return SingleLabelObjective()
 
 
 def class_weights(setting: str | list[float] | None, prepared: Prepared) -> torch.Tensor | None:
@@ -61,12 +192,7 @@ def class_weights(setting: str | list[float] | None, prepared: Prepared) -> torc
         return None
     names = prepared.label_names
     if setting != "balanced":
-        if len(setting) != len(names):
-            raise FtcliError(
-                f"training.class_weights has {len(setting)} weights for {len(names)} labels ({', '.join(names)})",
-                "give one weight per label, in data.label_names order, or use balanced",
-            )
-        return torch.tensor(setting, dtype=torch.float32)
+        return torch.tensor(_one_per_label(setting, names), dtype=torch.float32)
     counts = prepared.summary["train"].label_counts
     missing = [name for name in names if not counts[name]]
     if missing:
@@ -76,6 +202,66 @@ def class_weights(setting: str | list[float] | None, prepared: Prepared) -> torc
         )
     total = sum(counts.values())
     return torch.tensor([total / (len(names) * counts[name]) for name in names], dtype=torch.float32)
+
+
+def positive_weights(setting: str | list[float] | None, prepared: Prepared) -> torch.Tensor | None:
+    """multi_label's pos_weight per label: balanced is negatives / positives in training."""
+    if setting is None:
+        return None
+    names = prepared.label_names
+    if setting != "balanced":
+        return torch.tensor(_one_per_label(setting, names), dtype=torch.float32)
+    positives, examples = prepared.summary["train"].label_counts, prepared.summary["train"].size
+    missing = [name for name in names if not positives[name]]
+    if missing:
+        raise FtcliError(
+            f"training.class_weights: balanced is undefined: label '{missing[0]}' has no positive training example",
+            "give training.class_weights as one weight per label, or drop the label",
+        )
+    return torch.tensor([(examples - positives[name]) / positives[name] for name in names], dtype=torch.float32)
+
+
+def _one_per_label(weights: list[float], names: list[str]) -> list[float]:
+    if len(weights) != len(names):
+        raise FtcliError(
+            f"training.class_weights has {len(weights)} weights for {len(names)} labels ({', '.join(names)})",
+            "give one weight per label, in data.label_names order, or use balanced",
+        )
+    return weights
+
+
+def tune_thresholds(scores: np.ndarray, references: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
+    """Per label, the probability threshold that maximises that label's F1 on these examples
+    (the smallest such one on ties); 0.5 for a label without a positive example here."""
+    candidates = np.round(np.arange(0.01, 1.0, 0.01), 2) if candidates is None else candidates
+    references = references.astype(bool)
+    chosen = np.full(scores.shape[1], 0.5)
+    for label in range(scores.shape[1]):
+        truth = references[:, label]
+        if not truth.any():
+            continue
+        predicted = scores[:, label][None, :] >= candidates[:, None]  # candidates x examples
+        true_positives = (predicted & truth).sum(axis=1)
+        f1 = 2 * true_positives / (predicted.sum(axis=1) + truth.sum())
+        chosen[label] = candidates[int(np.argmax(f1))]
+    return chosen
+
+
+def save_thresholds(model_dir: Path, label_names: list[str], thresholds: np.ndarray, how: str) -> None:
+    from ftcli.fileio import atomic_write_json
+
+    atomic_write_json(
+        model_dir / THRESHOLDS_FILE,
+        {"how": how, "thresholds": {name: float(value) for name, value in zip(label_names, thresholds)}},
+    )
+
+
+def load_thresholds(model_dir: Path, config: Config) -> np.ndarray | float:
+    """A model's thresholds: saved beside it after training, else the config's fixed one."""
+    path = model_dir / THRESHOLDS_FILE
+    if path.is_file():
+        return np.asarray(list(json.loads(path.read_text())["thresholds"].values()), dtype=np.float64)
+    return config.thresholds if isinstance(config.thresholds, float) else 0.5
 
 
 def clip_scale(grad_norm: torch.Tensor, max_grad_norm: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ from rich.text import Text
 from ftcli.reporting.formatting import format_number, format_short, format_value
 
 if TYPE_CHECKING:
+    from ftcli.commands.evaluate import Evaluation
     from ftcli.commands.sweep import SweepResult
     from ftcli.commands.train import TrainedRun
     from ftcli.config import Config
@@ -51,17 +52,42 @@ def metrics_table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
 CONFUSION_MAX_LABELS = 12
 
 
-def confusion_table(confusion: dict[str, list]) -> Table | str:
+def evaluation_view(title: str, split: str, evaluation: Evaluation) -> Group:
+    """ftcli evaluate's output: the metrics, then the confusion matrix (single_label) or each
+    label's precision, recall, F1, support and threshold (multi_label), then where it was written."""
+    parts: list = [metrics_table(title, {split: evaluation.metrics})]
+    if evaluation.confusion is not None:
+        parts.append(confusion_table(evaluation.labels, evaluation.confusion))
+    if evaluation.per_label is not None:
+        parts.append(per_label_table(evaluation.labels, evaluation.per_label, evaluation.thresholds))
+    parts.append(f"written to {escape(str(evaluation.written))}")
+    return Group(*parts)
+
+
+def confusion_table(labels: list[str], counts: list[list[int]]) -> Table | str:
     """Counts with a row per true label and a column per predicted one."""
-    labels = confusion["labels"]
     if len(labels) > CONFUSION_MAX_LABELS:
         return f"confusion matrix: {len(labels)} classes, in the JSON file"
     table = Table(title="confusion matrix", title_justify="left")
     table.add_column("true \\ predicted")
     for label in labels:
         table.add_column(escape(str(label)), justify="right")
-    for label, row in zip(labels, confusion["counts"]):
+    for label, row in zip(labels, counts):
         table.add_row(escape(str(label)), *(str(count) for count in row))
+    return table
+
+
+def per_label_table(labels: list[str], scores: dict[str, list[float]], thresholds: list[float] | None) -> Table:
+    """One row per label: precision, recall, F1, support (positives), and its decision threshold."""
+    thresholds = thresholds or [None] * len(labels)
+    tuned = len(set(thresholds)) > 1
+    table = Table(title="per label" + (" (thresholds tuned on validation)" if tuned else ""), title_justify="left")
+    for column in ("label", "precision", "recall", "f1", "support", "threshold"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for index, label in enumerate(labels):
+        values = (scores["precision"][index], scores["recall"][index], scores["f1"][index])
+        threshold = "-" if thresholds[index] is None else f"{thresholds[index]:.2f}"
+        table.add_row(escape(label), *(format_value(value) for value in values), str(int(scores["support"][index])), threshold)
     return table
 
 
@@ -169,22 +195,39 @@ class TrainingProgress:
 
 
 def prepare_summary(prepared) -> Table:
-    """Splits, sizes, label counts, token lengths and truncation of a Prepared dataset."""
+    """Splits, sizes, labels (counts per class; for many labels the most common; for regression
+    the targets' spread), token lengths and truncation of a Prepared dataset."""
     source = "cache hit" if prepared.cache_hit else "tokenized and cached"
     table = Table(title=f"data {prepared.fingerprint} ({source}: {prepared.cache_dir})", title_justify="left")
-    for column in ("split", "examples", *prepared.label_names, "tokens p50", "p95", "max", "truncated"):
-        table.add_column(column, justify="left" if column == "split" else "right")
+    label_columns, label_values = _label_summary(prepared)
+    for column in ("split", "examples", *label_columns, "tokens p50", "p95", "max", "truncated"):
+        table.add_column(escape(column), justify="left" if column == "split" else "right")
     for split, summary in prepared.summary.items():
         table.add_row(
             split,
             str(summary.size),
-            *(str(summary.label_counts.get(name, 0)) for name in prepared.label_names),
+            *label_values(summary),
             f"{summary.length_p50:.0f}",
             f"{summary.length_p95:.0f}",
             str(summary.length_max),
             str(summary.truncated),
         )
     return table
+
+
+def _label_summary(prepared) -> tuple[list[str], Any]:
+    names = prepared.label_names
+    if next(iter(prepared.summary.values())).label_stats is not None:  # regression
+        columns = ["mean", "std", "min", "max"]
+        return [f"{names[0]} {column}" for column in columns], lambda summary: [f"{summary.label_stats[c]:.3g}" for c in columns]
+    if len(names) <= CONFUSION_MAX_LABELS:
+        return list(names), lambda summary: [str(summary.label_counts.get(name, 0)) for name in names]
+
+    def most_common(summary) -> list[str]:
+        name = max(summary.label_counts, key=summary.label_counts.get)
+        return [f"{sum(summary.label_counts.values()) / max(summary.size, 1):.2f}", f"{escape(name)} {summary.label_counts[name]}"]
+
+    return [f"labels/example ({len(names)} labels)", "most common"], most_common
 
 
 VERDICT_STYLES = {

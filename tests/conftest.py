@@ -49,6 +49,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_four_head_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT with four attention heads instead of two: with two, its [CLS] learns one
+    feature of a text and not a second (multi-label's independent labels need both)."""
+    from transformers import BertConfig, BertModel
+
+    target = tmp_path_factory.mktemp("tiny-bert-four-heads")
+    import shutil
+
+    import torch
+
+    shutil.copytree(tiny_model_dir, target, dirs_exist_ok=True)
+    config = BertConfig.from_pretrained(target)
+    config.num_attention_heads = 4
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
 def tiny_model_without_dropout_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny BERT with dropout off: runs that split the same examples differently (accumulation,
     several processes) then compute the same function, and differ only by float rounding."""
@@ -90,6 +109,36 @@ def sentiment_rows(count: int, seed: int = 0, pair: bool = False) -> list[dict]:
             )
         else:
             rows.append({"text": text, "label": ["negative", "positive"][label]})
+    return rows
+
+
+def multi_label_rows(count: int, seed: int = 0) -> list[dict]:
+    """A learnable multi-label task of two independent labels: 'positive' when the text praises
+    (else it pans), 'screen' when it speaks of a film or movie (else of a story, a plot, ...); a
+    quarter of the texts have both labels, a quarter none."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        positive, screen = bool(index & 1), bool(index & 2)
+        noun = rng.choice(["film", "movie"] if screen else ["story", "plot", "script", "ending"])
+        words = POSITIVE if positive else NEGATIVE
+        labels = [name for name, on in (("positive", positive), ("screen", screen)) if on]
+        rows.append({"text": f"the {noun} was {rng.choice(words)} and {rng.choice(words)}", "labels": labels})
+    return rows
+
+
+def regression_rows(count: int, seed: int = 0, pair: bool = False) -> list[dict]:
+    """A learnable regression task: the score is how many positive words the text holds (0 to 3),
+    or for pairs how many the two sentences share."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        score = index % 4
+        words = [rng.choice(POSITIVE) for _ in range(score)] + [rng.choice(NEGATIVE) for _ in range(3 - score)]
+        rng.shuffle(words)
+        text = f"the {rng.choice(NOUNS)} was " + " and ".join(words)
+        row = {"sentence1": text, "sentence2": "a " + " ".join(words[:score] or ["plain"]) + " one"} if pair else {"text": text}
+        rows.append(row | {"score": float(score) + rng.uniform(-0.2, 0.2)})
     return rows
 
 

@@ -84,3 +84,16 @@ def test_readme_config_reference_is_the_schema():
     from ftcli.config import reference_markdown
 
     assert reference_markdown() in (ROOT / "README.md").read_text(), "regenerate the README's config reference"
+
+
+@pytest.mark.parametrize("name", ["mrpc-minilm", "stsb-minilm", "goemotions-minilm"])
+def test_each_offline_config_runs_as_a_smoke_run(name, tmp_path, monkeypatch):
+    """The shipped jobs on the real data in ../shared/data and the packaged MiniLM, shrunk to a few steps."""
+    monkeypatch.chdir(ROOT)  # the configs name their data relative to the project
+    result = invoke("train", f"configs/{name}.yaml", "--smoke", "--set", f"output_dir={tmp_path}")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / f"{name}-smoke"
+    config = load_config(run / "config.yaml")
+    validation = yaml.safe_load((run / "metrics.json").read_text())["validation"]
+    assert list(validation) == ["loss", *config.metrics]
+    assert (run / "model" / "thresholds.json").is_file() == (config.task == "multi_label")

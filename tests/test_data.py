@@ -23,7 +23,7 @@ def tokenizer(tiny_model_dir):
 def test_prepare_reads_every_format(tmp_path, tokenizer, suffix, pair):
     train = write_rows(tmp_path / f"train{suffix}", sentiment_rows(20, pair=pair))
     fields = ["sentence1", "sentence2"] if pair else ["text"]
-    prepared = prepare(DataConfig(train=str(train), text_fields=fields, max_length=32), tokenizer)
+    prepared = prepare(DataConfig(train=str(train), text_fields=fields, max_length=32), tokenizer, "single_label")
     split = prepared.splits["train"]
     assert len(split) == 20
     assert set(split.column_names) >= {"input_ids", "attention_mask", "labels", "length"}
@@ -37,17 +37,17 @@ def test_prepare_reads_every_format(tmp_path, tokenizer, suffix, pair):
 
 def test_labels_inferred_and_sorted_or_taken_from_config(tmp_path, tokenizer):
     train = write_rows(tmp_path / "train.jsonl", sentiment_rows(8))
-    inferred = prepare(DataConfig(train=str(train)), tokenizer)
+    inferred = prepare(DataConfig(train=str(train)), tokenizer, "single_label")
     assert inferred.label_names == ["negative", "positive"]
     assert inferred.splits["train"]["labels"][:2] == [0, 1]  # rows alternate negative, positive
-    given = prepare(DataConfig(train=str(train), label_names=["positive", "negative"]), tokenizer)
+    given = prepare(DataConfig(train=str(train), label_names=["positive", "negative"]), tokenizer, "single_label")
     assert given.splits["train"]["labels"][:2] == [1, 0]
 
 
 def test_integer_labels_with_names_map_by_position(tmp_path, tokenizer):
     train = write_rows(tmp_path / "train.jsonl", sentiment_rows(8, pair=True))
     prepared = prepare(
-        DataConfig(train=str(train), text_fields=["sentence1", "sentence2"], label_names=["no", "yes"]), tokenizer
+        DataConfig(train=str(train), text_fields=["sentence1", "sentence2"], label_names=["no", "yes"]), tokenizer, "single_label"
     )
     assert prepared.label_names == ["no", "yes"] and prepared.splits["train"]["labels"][:2] == [0, 1]
 
@@ -55,7 +55,7 @@ def test_integer_labels_with_names_map_by_position(tmp_path, tokenizer):
 def test_truncation_is_counted(tmp_path, tokenizer):
     rows = [{"text": "word " * 50, "label": "a"}, {"text": "short", "label": "b"}]
     train = write_rows(tmp_path / "train.jsonl", rows)
-    prepared = prepare(DataConfig(train=str(train), max_length=16), tokenizer)
+    prepared = prepare(DataConfig(train=str(train), max_length=16), tokenizer, "single_label")
     summary = prepared.summary["train"]
     assert summary.truncated == 1 and summary.length_max == 52
     assert max(prepared.splits["train"]["length"]) == 16
@@ -78,13 +78,13 @@ def test_second_prepare_is_a_cache_hit_and_changes_invalidate(tmp_path, tokenize
     monkeypatch.setenv("FTCLI_CACHE", str(tmp_path / "cache"))  # empty, whatever ran before
     train = write_rows(tmp_path / "train.jsonl", sentiment_rows(8))
     config = DataConfig(train=str(train), max_length=32)
-    first = prepare(config, tokenizer)
-    second = prepare(config, tokenizer)
+    first = prepare(config, tokenizer, "single_label")
+    second = prepare(config, tokenizer, "single_label")
     assert not first.cache_hit and second.cache_hit and first.fingerprint == second.fingerprint
     assert second.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]
-    assert prepare(config.model_copy(update={"max_length": 16}), tokenizer).fingerprint != first.fingerprint
+    assert prepare(config.model_copy(update={"max_length": 16}), tokenizer, "single_label").fingerprint != first.fingerprint
     write_rows(train, sentiment_rows(8, seed=5))
-    assert not prepare(config, tokenizer).cache_hit  # the file changed
+    assert not prepare(config, tokenizer, "single_label").cache_hit  # the file changed
 
 
 def test_prepare_command_reports_summary_and_cache_hit(make_experiment, tmp_path, monkeypatch):
@@ -101,7 +101,7 @@ def test_sample_limits(tmp_path, tokenizer):
     train = write_rows(tmp_path / "train.jsonl", sentiment_rows(30))
     validation = write_rows(tmp_path / "validation.jsonl", sentiment_rows(30))
     config = DataConfig(train=str(train), validation=str(validation), max_train_samples=10, max_eval_samples=4)
-    prepared = prepare(config, tokenizer)
+    prepared = prepare(config, tokenizer, "single_label")
     assert (len(prepared.splits["train"]), len(prepared.splits["validation"])) == (10, 4)
 
 
@@ -148,7 +148,7 @@ def test_device_tensors_gather_batches_like_collate(tmp_path, tokenizer):
     from ftcli.data.batching import DeviceTensors
 
     train = write_rows(tmp_path / "train.jsonl", sentiment_rows(12, pair=True))
-    split = prepare(DataConfig(train=str(train), text_fields=["sentence1", "sentence2"]), tokenizer).splits["train"]
+    split = prepare(DataConfig(train=str(train), text_fields=["sentence1", "sentence2"]), tokenizer, "single_label").splits["train"]
     on_device = DeviceTensors(split, tokenizer.pad_token_id, torch.device("cpu"))
     indices = [3, 0, 7]
     expected = collate([split[i] for i in indices], tokenizer.pad_token_id)
@@ -228,7 +228,7 @@ def test_jsonl_lines_split_only_at_line_ends(tmp_path, tokenizer):
     rows = [{"text": "first\u2028still the first", "label": "a"}, {"text": "second", "label": "b"}]
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    prepared = prepare(DataConfig(train=str(train)), tokenizer)
+    prepared = prepare(DataConfig(train=str(train)), tokenizer, "single_label")
     assert len(prepared.splits["train"]) == 2
 
 
@@ -239,12 +239,12 @@ def test_jsonl_lines_split_only_at_line_ends(tmp_path, tokenizer):
 def test_integer_ids_mean_the_same_in_every_format(tmp_path, tokenizer, suffix):
     rows = [{"text": f"example {index}", "label": index % 11} for index in range(22)]
     train = write_rows(tmp_path / f"train{suffix}", rows)
-    inferred = prepare(DataConfig(train=str(train)), tokenizer)
+    inferred = prepare(DataConfig(train=str(train)), tokenizer, "single_label")
     # Sorted as numbers, whether they arrive as numbers (jsonl, parquet) or as text (csv, tsv).
     assert inferred.label_names == [str(index) for index in range(11)]
     assert inferred.splits["train"]["labels"] == [index % 11 for index in range(22)]
     names = [f"class{index}" for index in range(11)]
-    given = prepare(DataConfig(train=str(train), label_names=names), tokenizer)
+    given = prepare(DataConfig(train=str(train), label_names=names), tokenizer, "single_label")
     assert given.splits["train"]["labels"] == [index % 11 for index in range(22)]
 
 
@@ -280,15 +280,15 @@ def test_labels_of_the_wrong_kind_stop_with_one_line(tmp_path, tokenizer, labels
     rows = [{"text": f"text {index}", "label": label} for index, label in enumerate(labels)]
     train = write_rows(tmp_path / "train.jsonl", rows)
     with pytest.raises(FtcliError) as raised:
-        prepare(DataConfig(train=str(train)), tokenizer)
+        prepare(DataConfig(train=str(train)), tokenizer, "single_label")
     assert message in str(raised.value)
 
 
 def test_whole_number_floats_and_boolean_text_are_ids_and_names(tmp_path, tokenizer):
     rows = [{"text": "a", "label": 1.0}, {"text": "b", "label": 0.0}]
-    assert prepare(DataConfig(train=str(write_rows(tmp_path / "f.jsonl", rows))), tokenizer).label_names == ["0", "1"]
+    assert prepare(DataConfig(train=str(write_rows(tmp_path / "f.jsonl", rows))), tokenizer, "single_label").label_names == ["0", "1"]
     csv_rows = [{"text": "a", "label": "True"}, {"text": "b", "label": "False"}]
     json_rows = [{"text": "a", "label": True}, {"text": "b", "label": False}]
-    from_csv = prepare(DataConfig(train=str(write_rows(tmp_path / "b.csv", csv_rows))), tokenizer)
-    from_json = prepare(DataConfig(train=str(write_rows(tmp_path / "b.jsonl", json_rows))), tokenizer)
+    from_csv = prepare(DataConfig(train=str(write_rows(tmp_path / "b.csv", csv_rows))), tokenizer, "single_label")
+    from_json = prepare(DataConfig(train=str(write_rows(tmp_path / "b.jsonl", json_rows))), tokenizer, "single_label")
     assert from_csv.label_names == from_json.label_names == ["false", "true"]

@@ -7,10 +7,10 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 
-from ftcli.data.prepare import SplitSummary
-from ftcli.data.prepare import majority_baseline
+from ftcli.data.prepare import SplitSummary, majority_baseline
 from ftcli.reporting.diagnosis import diagnose
 from ftcli.reporting.events import series
 
@@ -226,3 +226,42 @@ def test_evidence_holds_only_numbers():
     for finding in diagnosis.findings:
         for value in finding.evidence.values():
             assert value is None or isinstance(value, (int, float)) or all(isinstance(item, int) for item in value)
+
+
+# ---------------------------------------------------------------- every task's own baseline
+
+
+def test_a_regression_run_underfits_when_its_mse_stays_near_predicting_the_training_mean(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from ftcli.data.prepare import Prepared, baselines
+
+    summary = SplitSummary(4, {}, 5.0, 6.0, 7, 0)
+    prepared = Prepared(
+        DatasetDict({"train": Dataset.from_dict({"labels": [1.0, 2.0, 3.0, 2.0]}), "validation": Dataset.from_dict({"labels": [0.0, 4.0]})}),
+        ["score"], {"train": summary, "validation": summary}, "f", tmp_path,
+    )
+    baseline = baselines(prepared, "regression")
+    assert baseline["chance_loss"] == pytest.approx(((0 - 2) ** 2 + (4 - 2) ** 2) / 2)  # the training mean is 2
+    flat = events_for([4.3] * 20, [4.2, 4.1, 4.1])
+    diagnosis = diagnose(flat, baseline)
+    assert diagnosis.verdict == "underfitting"
+    assert "always predicting the training mean 2 scores 4" in diagnosis.findings[0].summary
+    learned = events_for(decaying(20, start=4.0, floor=0.3), [1.0, 0.5, 0.4])
+    assert diagnose(learned, baseline).verdict != "underfitting"
+
+
+def test_a_multi_label_run_is_measured_against_the_label_priors(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from ftcli.data.prepare import Prepared, baselines
+
+    summary = SplitSummary(4, {"a": 1, "b": 2}, 5.0, 6.0, 7, 0)
+    train = Dataset.from_dict({"labels": [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0]]})
+    prepared = Prepared(DatasetDict({"train": train, "validation": train}), ["a", "b"], {"train": summary, "validation": summary}, "f", tmp_path)
+    baseline = baselines(prepared, "multi_label")
+    priors = np.array([0.25, 0.5])
+    truth = np.asarray(train["labels"])
+    expected = -(truth * np.log(priors) + (1 - truth) * np.log(1 - priors)).mean()
+    assert baseline["chance_loss"] == pytest.approx(expected)
+    assert diagnose(events_for([0.62] * 20, [0.61, 0.6, 0.6]), baseline).verdict == "underfitting"

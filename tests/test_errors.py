@@ -223,7 +223,34 @@ NEW_CASES = [
     Case("export-unknown-format", "unknown export format 'tflite'", command="export", args=["{run}", "--format", "tflite"], needs_run=True),
     Case("push-offline", "HF_HUB_OFFLINE", command="push", args=["{run}", "someone/repo"], needs_run=True, env={"HF_HUB_OFFLINE": "1"}),
 ]
-CASES += NEW_CASES
+# ---- when the data or the options contradict the task (task types)
+SCORES = '{"text": "a", "label": 3.8}\n{"text": "b", "label": 1.2}\n'
+TASK_CASES = [
+    Case("scores-under-single-label", "set task: regression", files={"train.jsonl": SCORES}),
+    Case("lists-under-single-label", "set task: multi_label", files={"train.jsonl": '{"text": "a", "label": ["x", "y"]}\n{"text": "b", "label": ["y"]}\n'}),
+    Case("names-under-regression", "row 1: label 'negative' is not a number, and task regression predicts one", config={"task": "regression"}),
+    Case("lists-under-regression", "set task: multi_label", config={"task": "regression"}, files={"train.jsonl": '{"text": "a", "label": [1, 2]}\n{"text": "b", "label": [2]}\n'}),
+    Case("outside-label-range", "label 3.8 is outside data.label_range [0, 1]", config={"task": "regression", "data": {"label_range": [0, 1]}}, files={"train.jsonl": SCORES}),
+    Case("score-in-multi-label", "label 0.5 in [0.5] is not a label name or id", config={"task": "multi_label"}, files={"train.jsonl": '{"text": "a", "label": [0.5]}\n{"text": "b", "label": []}\n'}),
+    Case("unknown-multi-label-in-validation", "split 'validation' row 1: label 'surprise' is not one of", config={"task": "multi_label"}, files={"train.jsonl": '{"text": "a", "label": ["joy"]}\n{"text": "b", "label": ["fear"]}\n', "validation.jsonl": '{"text": "c", "label": ["surprise"]}\n'}),
+    Case("label-fields-not-zero-one", "column 'toxic' holds 'maybe'", config={"task": "multi_label", "data": {"label_fields": ["toxic", "rude"]}}, files={"train.jsonl": '{"text": "a", "toxic": 1, "rude": 0}\n{"text": "b", "toxic": "maybe", "rude": 1}\n'}),
+    Case("label-fields-under-single-label", "data.label_fields (one 0/1 column per label) needs task: multi_label", config={"data": {"label_fields": ["a", "b"]}}),
+    Case("label-fields-and-names", "data.label_fields names the labels already", config={"task": "multi_label", "data": {"label_fields": ["a", "b"], "label_names": ["x", "y"]}}),
+    Case("pearson-under-single-label", "metric 'pearson' correlates predicted numbers with true ones: under task single_label it would score class ids", config={"metrics": ["accuracy", "pearson"]}),
+    Case("accuracy-under-regression", "metric 'accuracy' is for task single_label, not regression", config={"task": "regression", "metrics": ["accuracy"]}),
+    Case("f1-micro-under-single-label", "metric 'f1_micro' is for task multi_label", config={"metrics": ["f1_micro"]}),
+    Case("class-weights-under-regression", "training.class_weights weighs classes; a regression run has none", config={"task": "regression", "training": {"class_weights": "balanced"}}),
+    Case("label-names-under-regression", "data.label_names names classes; a regression run predicts one number", config={"task": "regression", "data": {"label_names": ["a", "b"]}}),
+    Case("label-range-under-single-label", "data.label_range is for task: regression", config={"data": {"label_range": [0, 5]}}),
+    Case("label-range-backwards", "data.label_range [5.0, 0.0] must be [low, high]", config={"task": "regression", "data": {"label_range": [5, 0]}}),
+    Case("clip-without-range", "data.clip_predictions needs data.label_range", config={"task": "regression", "data": {"clip_predictions": True}}),
+    Case("smoothing-under-multi-label", "training.label_smoothing is for task: single_label, not multi_label", config={"task": "multi_label", "training": {"label_smoothing": 0.1}}),
+    Case("huber-under-single-label", "training.loss huber does not train task single_label; use cross_entropy", config={"training": {"loss": "huber"}}),
+    Case("threshold-not-a-probability", "1.5 must be 'tuned' or a probability between 0 and 1", config={"task": "multi_label", "thresholds": 1.5}),
+    Case("unknown-task", "task: Input should be 'single_label', 'multi_label' or 'regression'", config={"task": "multiclass"}),
+    Case("balanced-pos-weight-without-positives", "label 'fear' has no positive training example", config={"task": "multi_label", "data": {"label_names": ["joy", "fear"]}, "training": {"class_weights": "balanced"}}, files={"train.jsonl": '{"text": "a", "label": ["joy"]}\n{"text": "b", "label": []}\n', "validation.jsonl": '{"text": "c", "label": ["joy"]}\n'}),
+]
+CASES += NEW_CASES + TASK_CASES
 
 
 def _expand(value, data_dir: Path, run_dir: Path):

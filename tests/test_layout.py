@@ -12,9 +12,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ftcli"
 
 # Lowest first. A module may import modules of its own layer or of lower ones, never of higher ones.
 LAYERS = [
-    ("ground", ["errors", "fileio", "runtime", "hub", "extras", "formats"]),
+    ("ground", ["errors", "fileio", "runtime", "hub", "extras", "formats", "tasks", "metrics"]),
     ("schema", ["config"]),
-    ("data and models", ["data", "modeling", "lora", "metrics"]),
+    ("data and models", ["data", "modeling", "lora"]),
     ("objective and run directories", ["objective", "runs"]),
     ("forward passes and reading runs", ["inference", "reporting"]),
     ("training", ["training"]),

@@ -24,7 +24,7 @@ def graphed_and_eager(tmp_path, model_dir, autocast_dtype, adapt=lambda model: m
     update is the gradient itself; AdamW would blow float noise in tiny gradients up to a full step)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = write_rows(tmp_path / "train.jsonl", sentiment_rows(10, pair=True))
-    split = prepare(DataConfig(train=str(rows), text_fields=["sentence1", "sentence2"]), tokenizer).splits["train"]
+    split = prepare(DataConfig(train=str(rows), text_fields=["sentence1", "sentence2"]), tokenizer, "single_label").splits["train"]
     data = DeviceTensors(split, tokenizer.pad_token_id, torch.device("cpu"), pad_to_multiple_of=8)
     torch.manual_seed(0)
     model = adapt(AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2))

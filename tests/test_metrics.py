@@ -90,3 +90,102 @@ def test_evaluate_module_offline_fails_with_builtin_suggestion():
     pytest.importorskip("evaluate")
     with pytest.raises(FtcliError, match="built-in metrics: accuracy"):
         MetricSuite(["glue/mrpc"], num_labels=2)
+
+
+# ---------------------------------------------------------------- multi_label, by hand
+
+# 4 examples x 3 labels
+MULTI_TRUE = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+MULTI_PRED = np.array([[1, 0, 0], [0, 1, 1], [1, 0, 0], [0, 0, 0]])
+
+
+def test_multi_label_metrics_by_hand():
+    # every (example, label) decision: TP 3, FP 1, FN 2, TN 6
+    tp, fp, fn = 3, 1, 2
+    micro_p, micro_r = tp / (tp + fp), tp / (tp + fn)
+    assert compute_builtin("f1_micro", MULTI_PRED, MULTI_TRUE) == pytest.approx(2 * micro_p * micro_r / (micro_p + micro_r))
+    assert compute_builtin("precision_micro", MULTI_PRED, MULTI_TRUE) == pytest.approx(micro_p)
+    assert compute_builtin("recall_micro", MULTI_PRED, MULTI_TRUE) == pytest.approx(micro_r)
+    # per label F1: label 0 (2 TP) 1.0; label 1 (TP 1, FN 1) 2/3; label 2 (FP 1, FN 1) 0
+    assert compute_builtin("f1_macro", MULTI_PRED, MULTI_TRUE) == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert compute_builtin("subset_accuracy", MULTI_PRED, MULTI_TRUE) == pytest.approx(1 / 4)  # only the empty row
+    assert compute_builtin("hamming_loss", MULTI_PRED, MULTI_TRUE) == pytest.approx(3 / 12)
+    # per example F1: 2/3, 2/3, 2/3, and the empty row scores 0 (zero_division=0)
+    assert compute_builtin("f1_samples", MULTI_PRED, MULTI_TRUE) == pytest.approx((2 / 3 + 2 / 3 + 2 / 3 + 0) / 4)
+
+
+def test_multi_label_suite_reports_each_label():
+    suite = MetricSuite(["f1_micro"], num_labels=3, task="multi_label")
+    suite.add_batch(MULTI_PRED[:2], MULTI_TRUE[:2])
+    suite.add_batch(MULTI_PRED[2:], MULTI_TRUE[2:])
+    assert suite.compute()["f1_micro"] == pytest.approx(compute_builtin("f1_micro", MULTI_PRED, MULTI_TRUE))
+    assert suite.per_label["f1"] == pytest.approx([1.0, 2 / 3, 0.0])
+    assert suite.per_label["support"] == [2, 2, 1]
+
+
+# ---------------------------------------------------------------- from probabilities, by hand
+
+PROBS = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.8, 0.2]])
+LABELS = np.array([0, 1, 0, 1])
+
+
+def test_probability_metrics_by_hand():
+    # ROC AUC of class 1 = P(score of a positive > score of a negative): positives (0.6, 0.2), negatives (0.1, 0.7)
+    pairs = [(p, n) for p in (0.6, 0.2) for n in (0.1, 0.7)]
+    auc = sum(1.0 if p > n else 0.0 for p, n in pairs) / len(pairs)
+    assert compute_builtin("roc_auc", None, LABELS, 2, PROBS, "single_label") == pytest.approx(auc)  # 0.5
+    log_loss = -np.mean(np.log([0.9, 0.6, 0.3, 0.2]))
+    assert compute_builtin("log_loss", None, LABELS, 2, PROBS, "single_label") == pytest.approx(log_loss)
+    brier = np.mean([(0.1 - 0) ** 2, (0.6 - 1) ** 2, (0.7 - 0) ** 2, (0.2 - 1) ** 2])  # of class 1, as sklearn
+    assert compute_builtin("brier", None, LABELS, 2, PROBS, "single_label") == pytest.approx(brier)
+    from sklearn.metrics import average_precision_score
+
+    assert compute_builtin("average_precision", None, LABELS, 2, PROBS, "single_label") == pytest.approx(
+        average_precision_score(LABELS, PROBS[:, 1])
+    )
+
+
+def test_a_suite_keeps_probabilities_only_when_a_metric_needs_them():
+    plain = MetricSuite(["accuracy"], num_labels=2)
+    plain.add_batch(PROBS.argmax(1), LABELS)  # no probabilities handed in, none needed
+    assert not plain.needs_scores and plain.compute() == {"accuracy": 0.5}
+    scoring = MetricSuite(["accuracy", "roc_auc"], num_labels=2)
+    assert scoring.needs_scores
+    with pytest.raises(ValueError):
+        scoring.add_batch(PROBS.argmax(1), LABELS)
+
+
+# ---------------------------------------------------------------- regression, by hand
+
+
+def test_regression_metrics_by_hand():
+    predicted, true = np.array([1.0, 2.0, 4.0]), np.array([1.5, 2.0, 3.0])
+    errors = predicted - true  # -0.5, 0, 1
+    assert compute_builtin("mse", predicted, true) == pytest.approx((0.25 + 0 + 1) / 3)
+    assert compute_builtin("rmse", predicted, true) == pytest.approx(math.sqrt((0.25 + 1) / 3))
+    assert compute_builtin("mae", predicted, true) == pytest.approx(1.5 / 3)
+    spread = sum((t - true.mean()) ** 2 for t in true)
+    assert compute_builtin("r2", predicted, true) == pytest.approx(1 - sum(errors**2) / spread)
+    from scipy import stats
+
+    assert compute_builtin("spearman", predicted, true) == pytest.approx(stats.spearmanr(predicted, true)[0])
+
+
+def test_lower_is_better_for_errors_and_losses():
+    from ftcli.metrics import higher_is_better
+
+    assert higher_is_better("f1_macro") and higher_is_better("pearson") and higher_is_better("roc_auc")
+    assert not any(higher_is_better(name) for name in ("loss", "mse", "rmse", "mae", "hamming_loss", "log_loss", "brier"))
+    assert MetricSuite(["mse"], num_labels=1, task="regression").greater_is_better is False
+
+
+def test_tuned_thresholds_maximise_each_labels_f1():
+    from ftcli.objective import tune_thresholds
+
+    scores = np.array([[0.9, 0.2], [0.35, 0.1], [0.3, 0.6], [0.1, 0.05]])
+    truth = np.array([[1, 0], [1, 0], [0, 0], [0, 0]])
+    thresholds = tune_thresholds(scores, truth)
+    # label 0: a threshold in (0.30, 0.35] catches both positives and nothing else; label 1 has no positive
+    assert 0.30 < thresholds[0] <= 0.35 and thresholds[1] == 0.5
+    decided = scores >= thresholds
+    assert compute_builtin("f1_macro", decided[:, :1].astype(int), truth[:, :1]) == 1.0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ftcli.objective import Objective, clip_scale
+from ftcli.objective import SingleLabelObjective, clip_scale
 
 LOGITS = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 LABELS = torch.tensor([0, 1, 0])
@@ -21,14 +21,14 @@ def cross_entropy_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> list[fl
 
 def test_training_loss_is_the_summed_cross_entropy():
     expected = sum(cross_entropy_by_hand(LOGITS, LABELS))
-    assert Objective().training_loss_sum(LOGITS, LABELS).item() == pytest.approx(expected, rel=1e-6)
+    assert SingleLabelObjective().training_loss_sum(LOGITS, LABELS).item() == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx(0.126928 + 0.313262 + 0.693147, abs=1e-5)  # golden, from the formula
 
 
 def test_class_weights_weigh_the_training_loss_only():
     weights = torch.tensor([3.0, 0.5])
     per_example = cross_entropy_by_hand(LOGITS, LABELS)
-    weighted = Objective(weights)
+    weighted = SingleLabelObjective(weights)
     assert weighted.training_loss_sum(LOGITS, LABELS).item() == pytest.approx(
         3.0 * per_example[0] + 0.5 * per_example[1] + 3.0 * per_example[2], rel=1e-6
     )
@@ -37,8 +37,8 @@ def test_class_weights_weigh_the_training_loss_only():
 
 def test_an_ignored_label_adds_no_loss_and_no_gradient():
     logits = LOGITS.clone().requires_grad_()
-    labels = torch.tensor([0, Objective.IGNORE, 0])
-    loss = Objective(torch.tensor([2.0, 1.0])).training_loss_sum(logits, labels)
+    labels = torch.tensor([0, SingleLabelObjective.IGNORE, 0])
+    loss = SingleLabelObjective(torch.tensor([2.0, 1.0])).training_loss_sum(logits, labels)
     per_example = cross_entropy_by_hand(LOGITS, LABELS)
     assert loss.item() == pytest.approx(2.0 * (per_example[0] + per_example[2]), rel=1e-6)
     loss.backward()
@@ -46,22 +46,22 @@ def test_an_ignored_label_adds_no_loss_and_no_gradient():
 
 
 def test_low_precision_logits_are_scored_in_fp32():
-    loss = Objective().training_loss_sum(LOGITS.to(torch.bfloat16), LABELS)
+    loss = SingleLabelObjective().training_loss_sum(LOGITS.to(torch.bfloat16), LABELS)
     assert loss.dtype == torch.float32
 
 
 def test_logits_become_probabilities_and_predictions():
-    objective = Objective()
-    probabilities = objective.probabilities(LOGITS)
+    objective = SingleLabelObjective()
+    probabilities = objective.scores(LOGITS)
     assert torch.allclose(probabilities.sum(-1), torch.ones(3))
     assert probabilities[0, 0].item() == pytest.approx(math.exp(2) / (math.exp(2) + 1), rel=1e-6)
     assert np.array_equal(objective.predictions(LOGITS), [0, 1, 0])
 
 
 def test_moving_to_a_device_keeps_the_weights():
-    moved = Objective(torch.tensor([1.0, 2.0])).to(torch.device("cpu"))
+    moved = SingleLabelObjective(torch.tensor([1.0, 2.0])).to(torch.device("cpu"))
     assert torch.equal(moved.class_weights, torch.tensor([1.0, 2.0]))
-    unweighted = Objective()
+    unweighted = SingleLabelObjective()
     assert unweighted.to(torch.device("cpu")) is unweighted
 
 

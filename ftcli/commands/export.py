@@ -2,8 +2,9 @@
 
     RUN/export/
       model.onnx     inputs input_ids, attention_mask [, token_type_ids]: int64 (batch, sequence); output logits
-      config.json    the model's config, with its label names
+      config.json    the model's config, with its label names and problem_type
       tokenizer files
+      thresholds.json  multi_label: each label's decision threshold
 
 The graph is traced on two examples and checked on a batch of other size and length, so the
 check also proves the dynamic axes. It is written into a staging folder that takes export/'s place
@@ -26,6 +27,7 @@ from ftcli.data.batching import collate
 from ftcli.data.prepare import prepare
 from ftcli.errors import FtcliError
 from ftcli.extras import require
+from ftcli.objective import THRESHOLDS_FILE
 from ftcli.runs.loading import load_run
 
 FORMATS = ("onnx",)
@@ -56,7 +58,7 @@ def export_run(
         require(module, "export", "ftcli export")
     loaded = load_run(run_path)  # on the CPU, where onnxruntime runs here: compare like with like
     run, config, model, tokenizer = loaded.run, loaded.config, loaded.model.eval(), loaded.tokenizer
-    prepared = prepare(config.data, tokenizer)
+    prepared = prepare(config.data, tokenizer, config.task)
     split = next(name for name in ("validation", "test", "train") if name in prepared.splits)
     rows = prepared.splits[split].select(range(min(examples + 2, len(prepared.splits[split])))).to_list()
     if len(rows) < 3:
@@ -79,6 +81,8 @@ def export_run(
             )
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if (loaded.weights / THRESHOLDS_FILE).is_file():  # multi_label: the decisions the model was scored with
+            shutil.copy2(loaded.weights / THRESHOLDS_FILE, staging / THRESHOLDS_FILE)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -9,16 +9,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from ftcli.data.prepare import check_texts, tokenize_rows
 from ftcli.formats import read_records
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_text
-from ftcli.inference import predict_probabilities
+from ftcli.inference import predict_scores
 from ftcli.modeling import label_names_of
+from ftcli.objective import Objective
 from ftcli.runs.loading import load_run
 from ftcli.runtime import Runtime
+from ftcli.tasks import MULTI_LABEL, REGRESSION
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
+
+
+def _flat(row: dict[str, Any], separator: str) -> dict[str, Any]:
+    flat = {key: value for key, value in row.items() if key != "probabilities"}
+    if "predicted_labels" in row:
+        flat["predicted_labels"] = separator.join(row["predicted_labels"])
+    return flat | {f"prob_{name}": p for name, p in row.get("probabilities", {}).items()}
 
 
 def inline_rows(text_fields: list[str], text: str, text_pair: str | None) -> list[dict[str, Any]]:
@@ -62,21 +74,26 @@ def predict(
         )
     check_texts(rows, fields, where="input")
     dataset = tokenize_rows(rows, fields, tokenizer, config.data.max_length)
-    probabilities = predict_probabilities(model, dataset, config.training.eval_batch_size, tokenizer.pad_token_id, runtime)
+    objective = loaded.objective
+    scores = predict_scores(model, dataset, config.training.eval_batch_size, tokenizer.pad_token_id, runtime, objective)
     names = label_names_of(model)
-    results = []
-    for row, probs in zip(rows, probabilities):
-        best = int(probs.argmax())
-        results.append(
-            row
-            | {
-                "predicted_label": names[best],
-                "probability": round(float(probs[best]), 6),
-                "probabilities": {name: round(float(p), 6) for name, p in zip(names, probs)},
-            }
-        )
-    write_predictions(results, output)
+    results = [row | prediction_fields(objective, names, row_scores) for row, row_scores in zip(rows, scores)]
+    write_predictions(results, output, config.data.label_separator)
     return results
+
+
+def prediction_fields(objective: Objective, names: list[str], scores: np.ndarray) -> dict[str, Any]:
+    """What one example's prediction reads as: single_label predicted_label, its probability and
+    every class's; multi_label the predicted_labels (those at or above their thresholds) and every
+    label's probability; regression the predicted number."""
+    if objective.task == REGRESSION:
+        return {"prediction": round(float(scores), 6)}
+    probabilities = {name: round(float(p), 6) for name, p in zip(names, scores)}
+    decided = objective.decide(torch.from_numpy(scores[None, :]))[0]
+    if objective.task == MULTI_LABEL:
+        return {"predicted_labels": [name for name, on in zip(names, decided) if on], "probabilities": probabilities}
+    best = int(decided)
+    return {"predicted_label": names[best], "probability": round(float(scores[best]), 6), "probabilities": probabilities}
 
 
 def check_output(output: Path) -> None:
@@ -90,14 +107,11 @@ def check_output(output: Path) -> None:
         raise FtcliError(f"--output {output} cannot be written: {blocker} is a file", "name a file in a folder")
 
 
-def write_predictions(rows: list[dict[str, Any]], output: Path | None) -> None:
-    """jsonl or csv by the output's extension (csv flattens probabilities to prob_<label>); stdout: jsonl."""
+def write_predictions(rows: list[dict[str, Any]], output: Path | None, separator: str = ",") -> None:
+    """jsonl or csv by the output's extension (csv flattens probabilities to prob_<label> columns and
+    joins predicted_labels with the separator); stdout: jsonl."""
     if output is not None and output.suffix.lower() == ".csv":
-        flat = [
-            {k: v for k, v in row.items() if k != "probabilities"}
-            | {f"prob_{name}": p for name, p in row["probabilities"].items()}
-            for row in rows
-        ]
+        flat = [_flat(row, separator) for row in rows]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(flat[0]))
         writer.writeheader()

@@ -18,6 +18,7 @@ from ftcli.errors import FtcliError
 from ftcli.modeling import PACKAGED_MODELS
 from ftcli.reporting.formatting import format_value
 from ftcli.runs.rundir import RunDir
+from ftcli.tasks import MULTI_LABEL, REGRESSION
 
 AGAIN = "the run directory is unchanged; push it later with: ftcli push RUN_DIR REPO_ID"
 # The Hub model behind each packaged alias, for the card's base_model.
@@ -75,9 +76,7 @@ def model_card(run: RunDir, config: Config, repo_id: str) -> str:
     labels = _label_names(run.model_dir)
     sections = [
         _front_matter(config, metrics, repo_id),
-        f"# {repo_id.split('/')[-1]}\n\n"
-        f"A text classifier fine-tuned from `{_base_model(config) or config.model}` with ftcli "
-        f"({len(labels)} classes: {', '.join(f'`{label}`' for label in labels)}).",
+        f"# {repo_id.split('/')[-1]}\n\n{_what_it_is(config, labels)}",
         _results(metrics),
         _training(config, metrics.get("train", {}), env),
         "## Learning curves\n\n![Learning curves: loss and metrics over optimizer steps](curves.png)"
@@ -89,6 +88,19 @@ def model_card(run: RunDir, config: Config, repo_id: str) -> str:
         + "\n```",
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def _what_it_is(config: Config, labels: list[str]) -> str:
+    base = f"`{_base_model(config) or config.model}`"
+    named = ", ".join(f"`{label}`" for label in labels)
+    if config.task == REGRESSION:
+        return f"A regression model fine-tuned from {base} with ftcli: it predicts `{labels[0]}`, one number per text."
+    if config.task == MULTI_LABEL:
+        return (
+            f"A multi-label classifier fine-tuned from {base} with ftcli: each of {len(labels)} labels ({named}) is "
+            "predicted on its own; thresholds.json holds the probability above which each label is predicted."
+        )
+    return f"A text classifier fine-tuned from {base} with ftcli ({len(labels)} classes: {named})."
 
 
 def _front_matter(config: Config, metrics: dict[str, Any], repo_id: str) -> str:
@@ -182,5 +194,5 @@ def _usage(config: Config, repo_id: str) -> str:
         call = 'classifier("a text to classify")'
     return (
         "## Usage\n\n```python\nfrom transformers import pipeline\n\n"
-        f'classifier = pipeline("text-classification", model="{repo_id}")\n{call}\n```'
+        f'classifier = pipeline("text-classification", model="{repo_id}"{", top_k=None" if config.task == MULTI_LABEL else ""})\n{call}\n```'
     )

@@ -26,7 +26,7 @@ from ftcli.config import Config, dump_config, validate
 from ftcli.errors import FtcliError
 from ftcli.extras import require
 from ftcli.fileio import atomic_write_text
-from ftcli.metrics import primary_metric
+from ftcli.metrics import higher_is_better, primary_metric
 from ftcli.reporting.formatting import format_short, format_value
 from ftcli.training.job import TrainingEvents
 from ftcli.training.recipe import setup_data
@@ -141,7 +141,7 @@ def open_study(optuna: Any, name: str, storage: str, space: dict[str, Any], metr
             study_name=name,
             storage=storage,
             load_if_exists=True,
-            direction="minimize" if metric == "loss" else "maximize",
+            direction="maximize" if higher_is_better(metric) else "minimize",
             pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS),
         )
     except (ValueError, ImportError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
@@ -264,7 +264,7 @@ def best_config_yaml(
 
 def ranked_rows(result: SweepResult) -> list[dict[str, Any]]:
     """The trials best first: completed ones by score, then pruned, then failed ones."""
-    lower_is_better = result.metric == "loss"
+    lower_is_better = not higher_is_better(result.metric)
     return sorted(result.rows, key=lambda row: _rank(row, result.metric, lower_is_better))
 
 

@@ -40,8 +40,14 @@ def collate(
         if column in features[0]
     }
     if "labels" in features[0]:
-        batch["labels"] = torch.tensor([row["labels"] for row in features], dtype=torch.long)
+        batch["labels"] = label_tensor([row["labels"] for row in features])
     return batch
+
+
+def label_tensor(labels: list) -> torch.Tensor:
+    """Class ids as int64; multi-label rows of 0/1 and regression targets as float32."""
+    values = torch.tensor(labels)
+    return values.float() if values.is_floating_point() else values.long()
 
 
 def length_sorted_batches(lengths: list[int] | np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -80,7 +86,7 @@ class DeviceTensors:
             for column in MODEL_COLUMNS
             if column in rows.column_names
         }
-        self.tensors["labels"] = torch.tensor(rows["labels"], dtype=torch.long, device=device)
+        self.tensors["labels"] = label_tensor(rows["labels"]).to(device)
         self.device = device
 
     @staticmethod

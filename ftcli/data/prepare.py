@@ -15,15 +15,17 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
 import numpy as np
 from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 from ftcli.config import DataConfig
-from ftcli.data.labels import check_label_kinds, encode_labels, resolve_label_names
+from ftcli.data.labels import check_labels, encode_labels, is_missing, resolve_label_names
 from ftcli.data.sources import HubDataset, LocalFiles, Source
-from ftcli.formats import Rows
 from ftcli.errors import FtcliError
+from ftcli.formats import Rows
+from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 
 CACHE_FORMAT = 1  # bump when the prepared columns change, to invalidate old caches
 
@@ -31,11 +33,12 @@ CACHE_FORMAT = 1  # bump when the prepared columns change, to invalidate old cac
 @dataclass
 class SplitSummary:
     size: int
-    label_counts: dict[str, int]
+    label_counts: dict[str, int]  # examples of each class (single_label) or with each label (multi_label)
     length_p50: float
     length_p95: float
     length_max: int
     truncated: int
+    label_stats: dict[str, float] | None = None  # regression: mean, std, min, max of the targets
 
 
 @dataclass
@@ -43,7 +46,7 @@ class Prepared:
     """Tokenized splits (columns: input_ids, [token_type_ids], attention_mask, labels, length)."""
 
     splits: DatasetDict
-    label_names: list[str]
+    label_names: list[str]  # classes or labels in id order; regression: the one output's name
     summary: dict[str, SplitSummary]
     fingerprint: str
     cache_dir: Path
@@ -65,32 +68,35 @@ def load_raw_splits(data: DataConfig) -> tuple[dict[str, Rows], list[str] | None
     return {split: rows[: limits[split]] if limits[split] else rows for split, rows in splits.items()}, hub_names
 
 
-def check_columns(splits: dict[str, Rows], data: DataConfig, require_labels: bool = True) -> None:
-    """Every split has the text columns as strings, and the label column, with no nulls."""
+def check_columns(splits: dict[str, Rows], data: DataConfig, task: str) -> None:
+    """Every split has the text columns as strings and the label columns, each row a label that
+    fits the task (multi_label: an example may have none)."""
     if "train" not in splits:
         raise FtcliError("the dataset has no train split", "set data.train")
     for split, rows in splits.items():
         if not rows:
             raise FtcliError(f"split '{split}' is empty", "check the file or max_*_samples")
         columns = list(rows[0])
-        wanted = list(data.text_fields) + ([data.label_field] if require_labels else [])
-        for column in wanted:
+        for column in list(data.text_fields) + data.label_columns:
             if column not in columns:
-                key = "data.label_field" if column == data.label_field else "data.text_fields"
+                key = "data.text_fields" if column in data.text_fields else "data.label_fields" if data.label_fields else "data.label_field"
                 fix = f"set {key} to one of its columns"
                 if column == data.label_field and split != "train":  # most likely texts to be labelled
                     fix += f", or leave the unlabelled file out of data.{split} and label it with ftcli predict RUN --input FILE"
                 raise FtcliError(f"split '{split}' has no column '{column}' (columns: {', '.join(columns)})", fix)
         check_texts(rows, data.text_fields, where=f"split '{split}'")
-        if require_labels:
-            for number, row in enumerate(rows, start=1):
-                label = row.get(data.label_field)
-                if label is None or (isinstance(label, str) and not label.strip()):  # csv has no null but ""
-                    raise FtcliError(
-                        f"split '{split}' row {number}: label '{data.label_field}' is missing or null",
-                        "give every row a label",
-                    )
-            check_label_kinds(rows, data.label_field, where=f"split '{split}'")
+        check_present(rows, data, task, where=f"split '{split}'")
+        check_labels(rows, data, task, where=f"split '{split}'")
+
+
+def check_present(rows: Rows, data: DataConfig, task: str, where: str) -> None:
+    """A label in every row (csv has no null, but an empty field); a multi_label example may have none."""
+    if task == MULTI_LABEL and not data.label_fields:
+        return
+    for number, row in enumerate(rows, start=1):
+        for column in data.label_columns:
+            if is_missing(row.get(column)):
+                raise FtcliError(f"{where} row {number}: label '{column}' is missing or null", "give every row a label")
 
 
 def check_texts(rows: Rows, text_fields: list[str], where: str) -> None:
@@ -132,9 +138,10 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
-    """Hash of the source, the tokenizer and every token-changing setting."""
-    digest = hashlib.sha256(f"ftcli-cache-{CACHE_FORMAT}".encode())
+def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str) -> str:
+    """Hash of the source, the tokenizer, the task (it decides what a label becomes) and every
+    setting that changes the tokens."""
+    digest = hashlib.sha256(f"ftcli-cache-{CACHE_FORMAT}-{task}".encode())
     # The source fingerprints its own files (by content, not path) or Hub id.
     settings = data.model_dump(mode="json", exclude={"train", "validation", "test"})
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -165,27 +172,27 @@ def tokenize_rows(
     return dataset.map(encode, batched=True, batch_size=1000, remove_columns=list(text_fields))
 
 
-def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, use_cache: bool = True) -> Prepared:
-    """Tokenized splits, from the cache when the fingerprint matches, else built and cached."""
+def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str, use_cache: bool = True) -> Prepared:
+    """Tokenized splits for `task`, from the cache when the fingerprint matches, else built and cached."""
     check_max_length(data.max_length, tokenizer)
-    fingerprint = data_fingerprint(data, tokenizer)
+    fingerprint = data_fingerprint(data, tokenizer, task)
     cache_dir = cache_root() / fingerprint
     if use_cache and (cache_dir / "meta.json").is_file():
         return _load_cached(cache_dir, fingerprint)
 
     raw, hub_names = load_raw_splits(data)
-    check_columns(raw, data)
-    label_names = resolve_label_names(raw, data, hub_names)
+    check_columns(raw, data, task)
+    label_names = resolve_label_names(raw, data, task, hub_names)
     splits, summary = {}, {}
     for split, rows in raw.items():
-        labels = encode_labels(rows, data.label_field, label_names, where=f"split '{split}'")
-        if split == "train" and len(set(labels)) < 2:
+        labels = encode_labels(rows, data, task, label_names, where=f"split '{split}'")
+        if split == "train" and task == SINGLE_LABEL and len(set(labels)) < 2:
             raise FtcliError(
                 f"the training set has only one class ({label_names[labels[0]]})",
                 "a classifier needs examples of at least two classes",
             )
         tokenized = tokenize_rows(rows, data.text_fields, tokenizer, data.max_length).add_column("labels", labels)
-        summary[split] = _summarize(tokenized, label_names)
+        summary[split] = _summarize(tokenized, label_names, task)
         splits[split] = tokenized.remove_columns("full_length")
     prepared = Prepared(DatasetDict(splits), label_names, summary, fingerprint, cache_dir)
     if use_cache:
@@ -193,17 +200,26 @@ def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, use_cache: boo
     return prepared
 
 
-def _summarize(tokenized: Dataset, label_names: list[str]) -> SplitSummary:
+def _summarize(tokenized: Dataset, label_names: list[str], task: str) -> SplitSummary:
     full = np.asarray(tokenized["full_length"])
     lengths = np.asarray(tokenized["length"])
-    counts = Counter(tokenized["labels"])
+    labels = np.asarray(tokenized["labels"])
+    counts, stats = {}, None
+    if task == SINGLE_LABEL:
+        found = Counter(labels.tolist())
+        counts = {name: found.get(index, 0) for index, name in enumerate(label_names)}
+    elif task == MULTI_LABEL:
+        counts = {name: int(count) for name, count in zip(label_names, labels.sum(axis=0))}
+    else:
+        stats = {"mean": float(labels.mean()), "std": float(labels.std()), "min": float(labels.min()), "max": float(labels.max())}
     return SplitSummary(
         size=len(tokenized),
-        label_counts={name: counts.get(index, 0) for index, name in enumerate(label_names)},
+        label_counts=counts,
         length_p50=float(np.percentile(full, 50)),
         length_p95=float(np.percentile(full, 95)),
         length_max=int(full.max()),
         truncated=int((full > lengths).sum()),
+        label_stats=stats,
     )
 
 
@@ -234,6 +250,26 @@ def _load_cached(cache_dir: Path, fingerprint: str) -> Prepared:
     return Prepared(splits, meta["label_names"], summary, fingerprint, cache_dir, cache_hit=True)
 
 
+
+
+def baselines(prepared: Prepared, task: str) -> dict[str, Any] | None:
+    """What a model that learned nothing would score on validation, for reading the curves: the
+    loss of the best constant guess (chance_loss), and for single_label the accuracy of always
+    predicting the training set's most common class."""
+    summary = prepared.summary
+    if "train" not in summary or "validation" not in summary:
+        return None
+    train, validation = prepared.splits["train"], prepared.splits["validation"]
+    if task == REGRESSION:
+        mean = float(np.mean(train["labels"]))
+        mse = float(np.mean((np.asarray(validation["labels"]) - mean) ** 2))
+        return {"chance_loss": mse, "chance": f"always predicting the training mean {mean:.3g}"}
+    if task == MULTI_LABEL:
+        priors = np.clip(np.asarray(train["labels"]).mean(axis=0), 1e-6, 1 - 1e-6)
+        truth = np.asarray(validation["labels"])
+        bce = -(truth * np.log(priors) + (1 - truth) * np.log(1 - priors)).mean()
+        return {"chance_loss": float(bce), "chance": "predicting each label's training rate", "num_labels": len(prepared.label_names)}
+    return majority_baseline(summary)
 
 
 def majority_baseline(summary: dict[str, SplitSummary]) -> dict[str, Any] | None:

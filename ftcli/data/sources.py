@@ -77,6 +77,7 @@ def _load_hub(source: HubDataset) -> tuple[dict[str, Rows], list[str] | None]:
     names = None
     for split, dataset in loaded.items():
         feature = dataset.features.get(source.label_field)
+        feature = getattr(feature, "feature", feature)  # a list of ClassLabel (multi-label) names its classes too
         if isinstance(feature, ClassLabel):
             names = feature.names
         rows = dataset.to_list()

@@ -291,10 +291,14 @@ def _underfitting(
     may_raise_learning_rate: bool,
 ) -> Finding | None:
     """Losses that stayed near chance, or accuracy that never beat predicting the majority class."""
+    # "High" is measured against the loss of a model that learned nothing, when the data tells it:
+    # the task's best constant guess (chance_loss: the training mean for regression, the label
+    # priors for multi_label), else ln(classes) of a uniform guess; so a model that starts good
+    # and stays flat is not called underfit.
     num_labels = baseline.get("num_labels")
-    # A uniform guess scores ln(classes): "high" is measured against it when the classes are known,
-    # so a model that starts good and stays flat is not called underfit.
-    reference = math.log(num_labels) if num_labels and num_labels > 1 else curve.scale
+    known = "chance_loss" in baseline or bool(num_labels and num_labels > 1)
+    reference = baseline.get("chance_loss") or (math.log(num_labels) if known else curve.scale)
+    chance = baseline.get("chance", "a uniform guess")
     high = (1 - LEARNED_SHARE) * reference
     train_end = _level(curve.train_values, at_end=True) if curve.train else None
     best_eval = min(curve.eval_values) if curve.evals else None
@@ -309,7 +313,7 @@ def _underfitting(
         "start_train_loss": _num(curve.scale),
         "final_train_loss": _num(train_end),
         "best_eval_loss": _num(best_eval),
-        "chance_loss": _num(reference) if num_labels else None,
+        "chance_loss": _num(reference) if known else None,
         "best_accuracy": _num(best_accuracy),
         "majority_rate": _num(majority),
     }
@@ -317,7 +321,7 @@ def _underfitting(
     if stuck:
         pairs = (("training", train_end), ("best validation", best_eval))
         losses = ", ".join(f"{name} {value:.3g}" for name, value in pairs if value is not None)
-        against = f"a uniform guess scores {reference:.3g}" if num_labels else f"training started at {curve.scale:.3g}"
+        against = f"{chance} scores {reference:.3g}" if known else f"training started at {curve.scale:.3g}"
         said.append(f"the losses stayed high ({losses}; {against})")
     if no_skill:
         said.append(

@@ -12,6 +12,7 @@ import yaml
 
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_json
+from ftcli.metrics import higher_is_better
 from ftcli.reporting.curves import comparison_figure, run_figure, write_png
 from ftcli.reporting.diagnosis import Diagnosis, diagnose
 from ftcli.reporting.events import best_eval_step, eval_metric_names, finite, series
@@ -110,7 +111,7 @@ def metric_rows(report: RunReport) -> list[MetricRow]:
     rows = []
     for name in eval_metric_names(report.events):
         points = finite(series(report.events, f"eval_{name}"))
-        rows.append(_row(name, points, lower_is_better=name == "loss", saved=saved.get(name)))
+        rows.append(_row(name, points, lower_is_better=not higher_is_better(name), saved=saved.get(name)))
     rows.append(_row("train_loss", finite(series(report.events, "train_loss")), lower_is_better=True, saved=None))
     return rows
 

@@ -12,6 +12,7 @@ from ftcli.config import Config, load_config
 from ftcli.errors import FtcliError
 from ftcli.lora import is_adapter, load_adapter_model
 from ftcli.modeling import load_model, load_tokenizer, resolve_model_source
+from ftcli.objective import Objective, objective_for_model
 from ftcli.runs.rundir import RunDir
 
 
@@ -23,6 +24,7 @@ class LoadedRun:
     tokenizer: PreTrainedTokenizerBase
     weights: Path  # the folder the weights came from: model/, a checkpoint, or adapter/
     is_final: bool  # the final model/ (not a checkpoint or the adapter)
+    objective: Objective  # how the model's outputs become predictions (multi_label: with its thresholds)
 
 
 def load_run(
@@ -52,7 +54,9 @@ def load_run(
         model = load_model(str(weights), trust_remote_code=config.trust_remote_code)
     if device is not None:
         model = model.to(device)
-    return LoadedRun(run, config, model, tokenizer, weights, is_final=checkpoint is None)
+    # The thresholds tuned after training sit beside model/ (an adapter's beside the merged model).
+    objective = objective_for_model(config, run.model_dir if adapter else weights)
+    return LoadedRun(run, config, model, tokenizer, weights, checkpoint is None, objective)
 
 
 def _run_label_names(run: RunDir) -> list[str]:

@@ -13,22 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from ftcli.config import Config, dump_config, load_config
-from ftcli.data.prepare import Prepared, majority_baseline, prepare
+from ftcli.data.prepare import Prepared, baselines, prepare
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_text
-from ftcli.inference import evaluate_dataset
+from ftcli.inference import evaluate_dataset, predict_scores
 from ftcli.lora import apply_lora, merge_lora
 from ftcli.metrics import MetricSuite
 from ftcli.modeling import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_model_source, save_model
+from ftcli.objective import MultiLabelObjective, Objective, build_objective, save_thresholds, tune_thresholds
 from ftcli.runs import checkpoints
 from ftcli.runs.rundir import RunDir
 from ftcli.runtime import Runtime
+from ftcli.tasks import PROBLEM_TYPES
 from ftcli.training.backends import get_backend
 from ftcli.training.job import Backend, NoEvents, TrainingEvents, TrainJob, TrainOutcome
-from ftcli.objective import Objective, build_objective
 from ftcli.training.optim import check_optimizer
 from ftcli.training.tracking import Tracker
 
@@ -99,8 +102,8 @@ def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Pr
 
     with PartialState().main_process_first() if runtime.num_processes > 1 else nullcontext():
         source, tokenizer, prepared = setup_data(config)
-    MetricSuite(config.metrics, num_labels=len(prepared.label_names))  # an unknown metric fails now
-    objective = build_objective(config.training, prepared)  # and class weights that do not fit the labels
+    MetricSuite(config.metrics, len(prepared.label_names), config.task)  # an unknown metric fails now
+    objective = build_objective(config, prepared)  # and class weights that do not fit the labels
     set_seed(config.training.seed)
     return tokenizer, prepared, objective, setup_model(config, source, prepared.label_names)
 
@@ -111,13 +114,13 @@ def setup_data(config: Config) -> tuple[str, PreTrainedTokenizerBase, Prepared]:
     if config.trust_remote_code:
         log.warning("trust_remote_code is on: code shipped with %s will run on this machine", config.model)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
-    return source, tokenizer, prepare(config.data, tokenizer)
+    return source, tokenizer, prepare(config.data, tokenizer, config.task)
 
 
 def setup_model(config: Config, source: str, label_names: list[str]) -> PreTrainedModel:
     """The model to train: pretrained weights and a new head, wrapped in LoRA adapters and
     recomputing activations when the config says so."""
-    model = load_model(source, label_names, config.trust_remote_code)
+    model = load_model(source, label_names, config.trust_remote_code, PROBLEM_TYPES[config.task])
     if config.lora:
         model = apply_lora(model, config.lora)
     if config.training.gradient_checkpointing:
@@ -182,8 +185,8 @@ def finish(job: TrainJob, outcome: TrainOutcome, analyze: Callable[[RunDir], Any
             return TrainResult(run, outcome, {}, prepared)
         metrics = save_and_score(job, outcome)
         run.update_metrics("train", outcome.stats())
-        # Accuracy is judged against always predicting the training set's majority class.
-        run.update_metrics("data", majority_baseline(prepared.summary))
+        # The curves are read against what a model that learned nothing would score.
+        run.update_metrics("data", baselines(prepared, job.config.task))
         analysis = analyze(run) if analyze is not None else None
     finally:
         outcome.settle_saves()  # the last checkpoint, written meanwhile, is published
@@ -191,26 +194,41 @@ def finish(job: TrainJob, outcome: TrainOutcome, analyze: Callable[[RunDir], Any
 
 
 def save_and_score(job: TrainJob, outcome: TrainOutcome) -> dict[str, dict[str, float]]:
-    """Save the kept (best) weights into model/, then score them on the validation split. A LoRA
-    run saves its adapters, then the model with the adapters merged in."""
+    """Save the kept (best) weights into model/, decide multi_label's thresholds, then score the
+    model on the validation split. A LoRA run saves its adapters, then the model with the
+    adapters merged in."""
     config, run, tokenizer = job.config, job.run, job.tokenizer
     if config.lora:
         save_model(outcome.model, tokenizer, run.adapter_dir)
         outcome.model = merge_lora(outcome.model)
     save_model(outcome.model, tokenizer, run.model_dir)
+    validation = job.prepared.splits.get("validation")
+    objective = decide_thresholds(job, outcome.model.to(job.runtime.device), validation)
     metrics: dict[str, dict[str, float]] = {}
-    if "validation" in job.prepared.splits:
+    if validation is not None:
         metrics["validation"] = evaluate_dataset(
-            outcome.model.to(job.runtime.device),
-            job.prepared.splits["validation"],
-            config.metrics,
-            config.training.eval_batch_size,
-            tokenizer.pad_token_id,
-            job.runtime,
-            job.objective,
+            outcome.model, validation, config.metrics, config.training.eval_batch_size, tokenizer.pad_token_id,
+            job.runtime, objective,
         )
         run.update_metrics("validation", metrics["validation"])
     return metrics
+
+
+def decide_thresholds(job: TrainJob, model: PreTrainedModel, validation: Dataset | None) -> Objective:
+    """multi_label: each label's threshold tuned on validation (thresholds: tuned) or the fixed one,
+    saved beside the model in thresholds.json, and the objective that predicts with them."""
+    objective, config = job.objective, job.config
+    if not isinstance(objective, MultiLabelObjective):
+        return objective
+    if config.thresholds == "tuned" and validation is not None:
+        scores = predict_scores(
+            model, validation, config.training.eval_batch_size, job.tokenizer.pad_token_id, job.runtime, objective
+        )
+        thresholds, how = tune_thresholds(scores, np.asarray(validation["labels"])), "tuned on validation"
+    else:
+        thresholds, how = np.full(len(job.prepared.label_names), objective.thresholds), "fixed"
+    save_thresholds(job.run.model_dir, job.prepared.label_names, thresholds, how)
+    return objective.with_thresholds(thresholds)
 
 
 def _wait_for_everyone(runtime: Runtime) -> None:

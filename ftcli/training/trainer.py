@@ -24,7 +24,7 @@ from transformers import (
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ftcli.config import Config, TrainingConfig
-from ftcli.metrics import MetricSuite, primary_metric
+from ftcli.metrics import MetricSuite, higher_is_better, primary_metric
 from ftcli.runs import checkpoints
 from ftcli.runs.rundir import RunDir
 from ftcli.runtime import Runtime
@@ -82,7 +82,7 @@ def _trainer(job: TrainJob) -> _StagedTrainer:
         train_dataset=job.prepared.splits["train"],
         eval_dataset=validation,
         processing_class=job.tokenizer,
-        compute_metrics=_batched_metrics(config.metrics, len(job.prepared.label_names), job.objective),
+        compute_metrics=_batched_metrics(config, len(job.prepared.label_names), job.objective),
         callbacks=callbacks,
     )
     # ftcli draws its own progress bar and logs events itself.
@@ -200,7 +200,7 @@ def training_arguments(config: Config, runtime: Runtime, output_dir: str, has_va
         save_total_limit=None,  # _StagedTrainer prunes, keeping what the loop backend keeps
         load_best_model_at_end=has_validation,
         metric_for_best_model=f"eval_{primary}" if has_validation else None,
-        greater_is_better=primary != "loss",
+        greater_is_better=higher_is_better(primary),
         batch_eval_metrics=True,
         seed=training.seed,
         data_seed=training.seed,
@@ -258,14 +258,16 @@ class _StagedTrainer(_ObjectiveTrainer):
         self.accelerator.wait_for_everyone()  # and finds the checkpoint under its final name
 
 
-def _batched_metrics(names: list[str], num_labels: int, objective: Objective):
-    """compute_metrics for batch_eval_metrics=True: accumulate label ids, compute on the last batch."""
-    suite = MetricSuite(names, num_labels)
+def _batched_metrics(config: Config, num_labels: int, objective: Objective):
+    """compute_metrics for batch_eval_metrics=True: accumulate each batch's predictions (and
+    probabilities when a metric needs them), compute on the last batch."""
+    suite = MetricSuite(config.metrics, num_labels, config.task)
 
     def compute_metrics(prediction, compute_result: bool = True) -> dict[str, float]:
         logits = torch.as_tensor(prediction.predictions)
         labels = torch.as_tensor(prediction.label_ids)
-        suite.add_batch(objective.predictions(logits), labels.cpu().numpy())
+        scores = objective.scores(logits).cpu().numpy() if suite.needs_scores else None
+        suite.add_batch(objective.predictions(logits), labels.cpu().numpy(), scores)
         return suite.compute() if compute_result else {}
 
     return compute_metrics

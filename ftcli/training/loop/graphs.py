@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ftcli.data.batching import DeviceTensors
-from ftcli.objective import Objective, clip_scale
+from ftcli.objective import Objective, SingleLabelObjective, clip_scale
 
 
 class CaptureFailed(Exception):
@@ -80,7 +80,7 @@ class GraphedTrainStep:
         self.buckets = sorted(buckets)
         self.max_grad_norm = max_grad_norm
         self.autocast_dtype = autocast_dtype
-        self.objective = objective or Objective()
+        self.objective = objective or SingleLabelObjective()
         self.device = next(model.parameters()).device
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self._gradients = torch.zeros(
@@ -110,14 +110,13 @@ class GraphedTrainStep:
             for name, values in self.data.tensors.items()
             if name != "labels"
         }
-        # Empty slots get the label the loss skips: no loss, no gradient.
-        labels = torch.where(real, self.data.tensors["labels"].index_select(0, rows), Objective.IGNORE)
+        labels = self.data.tensors["labels"].index_select(0, rows)
         overrides = {name: copy for name, (_, copy) in self._copies.items()}
         # The autocast cache would hold casts made during capture: graphs need it off.
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
             logits = torch.func.functional_call(self.model, overrides, args=(), kwargs=features).logits
-        loss_sum = self.objective.training_loss_sum(logits, labels)
+        loss_sum = self.objective.training_loss_sum(logits, labels, real)  # empty slots: no loss, no gradient
         (loss_sum / real.sum()).backward()
         self._pack_gradients()
         grad_norm = self._gradients.norm()
