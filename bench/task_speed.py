@@ -98,7 +98,10 @@ def run_hf_trainer(args: argparse.Namespace, model_dir: str, files: dict[str, st
             per_device_train_batch_size=args.batch_size, report_to="none", disable_tqdm=True, save_strategy="no",
         )
         problem = {"regression": "regression", "multi_label": "multi_label_classification"}[task]
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(names or [0]), problem_type=problem)
+        # dtype: a checkpoint loads in the dtype it is stored in, and the carried MiniLM copy is fp16.
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(names or [0]), problem_type=problem, dtype=torch.float32
+        )
         trainer = Trainer(
             model, training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
             data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
@@ -161,7 +164,11 @@ def run_ftcli(args: argparse.Namespace, spec: str, model_dir: str, files: dict[s
     row.total_seconds = time.perf_counter() - started
     outcome = result.outcome
     row.train_seconds, row.train_samples = outcome.train_seconds, outcome.train_samples
-    row.notes = {"steps": outcome.extra.get("steps"), "saved_model": result.metrics.get("validation")}
+    evaluations = [event for event in result.run.read_events() if "eval_loss" in event]
+    row.notes = {
+        "steps": outcome.extra.get("steps"), "best_checkpoint": outcome.best_checkpoint,
+        "evaluations": [{key: round(value, 4) for key, value in event.items()} for event in evaluations],
+    }
     # The same measurement as row (a): the kept model's raw outputs on validation.
     loaded = load_run(config.run_dir)
     validation = result.prepared.splits["validation"]

@@ -158,7 +158,8 @@ def run_hf_trainer(
             disable_tqdm=True,
             **yaml_values(settings),
         )
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+        # dtype: a checkpoint loads in the dtype it is stored in (a carried MiniLM copy is fp16).
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2, dtype=torch.float32)
         trainer = Trainer(
             model,
             training_args,
