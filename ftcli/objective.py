@@ -13,6 +13,7 @@ examples (the graphed step fills a short last batch with empty slots that add no
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +25,8 @@ from ftcli.config import Config
 from ftcli.data.prepare import Prepared
 from ftcli.errors import FtcliError
 from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+
+log = logging.getLogger("ftcli")
 
 THRESHOLDS_FILE = "thresholds.json"  # multi_label: beside the model's weights, read by evaluate, predict and export
 
@@ -205,7 +208,8 @@ def class_weights(setting: str | list[float] | None, prepared: Prepared) -> torc
 
 
 def positive_weights(setting: str | list[float] | None, prepared: Prepared) -> torch.Tensor | None:
-    """multi_label's pos_weight per label: balanced is negatives / positives in training."""
+    """multi_label's pos_weight per label: balanced is negatives / positives in training; a label
+    without a positive training example (a shortened training set) keeps weight 1."""
     if setting is None:
         return None
     names = prepared.label_names
@@ -214,11 +218,10 @@ def positive_weights(setting: str | list[float] | None, prepared: Prepared) -> t
     positives, examples = prepared.summary["train"].label_counts, prepared.summary["train"].size
     missing = [name for name in names if not positives[name]]
     if missing:
-        raise FtcliError(
-            f"training.class_weights: balanced is undefined: label '{missing[0]}' has no positive training example",
-            "give training.class_weights as one weight per label, or drop the label",
-        )
-    return torch.tensor([(examples - positives[name]) / positives[name] for name in names], dtype=torch.float32)
+        log.warning("class_weights balanced: %s without a positive training example keep weight 1", ", ".join(missing))
+    return torch.tensor(
+        [(examples - positives[name]) / positives[name] if positives[name] else 1.0 for name in names], dtype=torch.float32
+    )
 
 
 def _one_per_label(weights: list[float], names: list[str]) -> list[float]:

@@ -6,7 +6,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import invoke
+from conftest import invoke, write_rows
 
 from ftcli.errors import FtcliError
 from ftcli.objective import class_weights
@@ -59,3 +59,23 @@ def test_a_heavier_class_is_predicted_more(backend, make_experiment, tmp_path):
         counts = json.loads((tmp_path / "runs" / name / "eval_validation.json").read_text())["confusion_matrix"]["counts"]
         predicted_positive[name] = counts[0][1] + counts[1][1]
     assert predicted_positive["pos"] > predicted_positive["neg"]
+
+
+def test_balanced_positive_weights_are_negatives_over_positives_per_label(tmp_path, tiny_model_dir, caplog):
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from ftcli.config import DataConfig
+    from ftcli.data.prepare import prepare
+    from ftcli.objective import positive_weights
+
+    rows = [{"text": f"text {index}", "labels": ["joy"] if index % 4 == 0 else []} for index in range(8)]
+    train = write_rows(tmp_path / "train.jsonl", rows)
+    data = DataConfig(train=str(train), label_field="labels", label_names=["joy", "fear"])
+    prepared = prepare(data, AutoTokenizer.from_pretrained(tiny_model_dir), "multi_label")
+    with caplog.at_level(logging.WARNING, logger="ftcli"):
+        weights = positive_weights("balanced", prepared)
+    assert weights.tolist() == [6 / 2, 1.0]  # joy: 6 negatives, 2 positives; fear: no positive, weight 1
+    assert any("fear without a positive training example" in record.getMessage() for record in caplog.records)
+    assert positive_weights([2.0, 5.0], prepared).tolist() == [2.0, 5.0]

@@ -248,7 +248,6 @@ TASK_CASES = [
     Case("huber-under-single-label", "training.loss huber does not train task single_label; use cross_entropy", config={"training": {"loss": "huber"}}),
     Case("threshold-not-a-probability", "1.5 must be 'tuned' or a probability between 0 and 1", config={"task": "multi_label", "thresholds": 1.5}),
     Case("unknown-task", "task: Input should be 'single_label', 'multi_label' or 'regression'", config={"task": "multiclass"}),
-    Case("balanced-pos-weight-without-positives", "label 'fear' has no positive training example", config={"task": "multi_label", "data": {"label_names": ["joy", "fear"]}, "training": {"class_weights": "balanced"}}, files={"train.jsonl": '{"text": "a", "label": ["joy"]}\n{"text": "b", "label": []}\n', "validation.jsonl": '{"text": "c", "label": ["joy"]}\n'}),
 ]
 CASES += NEW_CASES + TASK_CASES
 
