@@ -288,6 +288,16 @@ class Config(_Strict):
         description="multi_label: the probability above which a label is predicted; tuned: per label, maximising "
         "its F1 on validation after training (0.5 without a validation split).",
     )
+    decision_threshold: Literal["tuned"] | float = Field(
+        0.5,
+        description="single_label with two classes: the probability of the second class above which it is "
+        "predicted; tuned: the one that maximises the first metric on validation after training.",
+    )
+    calibration: Literal["temperature", "none"] = Field(
+        "temperature",
+        description="Classification: after training, fit one temperature on validation that makes the probabilities "
+        "calibrated, folded into the model's last layer (predicted labels unchanged); none: keep them as trained.",
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         [], description="Also log events to these trackers (each an optional install); metrics.jsonl is always written."
     )
@@ -334,7 +344,7 @@ class Config(_Strict):
                 raise ValueError(f"unknown metric '{name}'; did you mean '{close[0]}'?")
         return names
 
-    @field_validator("thresholds")
+    @field_validator("thresholds", "decision_threshold")
     @classmethod
     def _probability(cls, value: Any) -> Any:
         if not isinstance(value, str) and not 0 < value < 1:
@@ -355,6 +365,8 @@ class Config(_Strict):
                 problems.append("training.class_weights weighs classes; a regression run has none: drop it")
         elif data.label_range is not None:
             problems.append(f"data.label_range is for task: regression, not {task}")
+        if self.decision_threshold != 0.5 and task != SINGLE_LABEL:
+            problems.append(f"decision_threshold is for task: single_label with two classes, not {task} (multi_label: thresholds)")
         if training.label_smoothing and task != SINGLE_LABEL:
             problems.append(f"training.label_smoothing is for task: single_label, not {task}")
         if training.loss is not None and training.loss not in LOSSES[task]:

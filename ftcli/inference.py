@@ -76,6 +76,42 @@ def score(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], suite: MetricSui
     return {"loss": loss_sum / max(examples, 1)} | suite.compute()
 
 
+def all_logits(
+    model: PreTrainedModel, dataset: Dataset, batch_size: int, pad_token_id: int, runtime: Runtime
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every example's fp32 logits and label, in the dataset's order, on the host (a split's worth)."""
+    logits = torch.zeros(len(dataset), model.config.num_labels)
+    for indices, batch_logits, _ in iterate_logits(model, dataset, batch_size, pad_token_id, runtime):
+        logits[torch.from_numpy(np.asarray(indices))] = batch_logits.cpu()
+    return logits, _labels(dataset)
+
+
+def score_and_keep(
+    model: PreTrainedModel,
+    dataset: Dataset,
+    suite: MetricSuite,
+    batch_size: int,
+    pad_token_id: int,
+    runtime: Runtime,
+    objective: Objective,
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """score_dataset that also keeps every example's logits (in the dataset's order), for an
+    analysis of the errors: one pass, the same numbers."""
+    logits = torch.zeros(len(dataset), model.config.num_labels)
+
+    def batches():
+        for indices, batch_logits, batch in iterate_logits(model, dataset, batch_size, pad_token_id, runtime):
+            logits[torch.from_numpy(np.asarray(indices))] = batch_logits.cpu()
+            yield batch_logits, batch["labels"]
+
+    return score(batches(), suite, objective), logits, _labels(dataset)
+
+
+def _labels(dataset: Dataset) -> torch.Tensor:
+    labels = torch.tensor(dataset["labels"])
+    return labels.float() if labels.is_floating_point() else labels.long()
+
+
 def predict_scores(
     model: PreTrainedModel,
     dataset: Dataset,

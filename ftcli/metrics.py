@@ -40,6 +40,7 @@ METRICS: dict[str, MetricSpec] = {
     "average_precision": MetricSpec(CLASSIFICATION, needs_scores=True, about="area under the precision-recall curve"),
     "log_loss": MetricSpec(CLASSIFICATION, higher_is_better=False, needs_scores=True, about="cross-entropy of the probabilities"),
     "brier": MetricSpec(CLASSIFICATION, higher_is_better=False, needs_scores=True, about="mean squared error of the probabilities"),
+    "ece": MetricSpec(CLASSIFICATION, higher_is_better=False, needs_scores=True, about="expected calibration error, 15 bins"),
     "f1_micro": MetricSpec((MULTI_LABEL,), about="F1 over every (example, label) decision"),
     "f1_macro": MetricSpec((MULTI_LABEL,), about="mean of the labels' F1"),
     "f1_samples": MetricSpec((MULTI_LABEL,), about="mean of the examples' F1"),
@@ -242,6 +243,8 @@ def _from_probabilities(name: str, scores: np.ndarray, references: np.ndarray, t
     of class 1) and averaged over the classes or labels whose examples hold both outcomes."""
     from sklearn import metrics as skm
 
+    if name == "ece":
+        return expected_calibration_error(reliability(scores, references, task))
     if task == SINGLE_LABEL:
         truth = np.eye(scores.shape[1])[references.astype(int)]
         if scores.shape[1] == 2 and name in ("roc_auc", "average_precision", "brier"):
@@ -261,6 +264,33 @@ def _from_probabilities(name: str, scores: np.ndarray, references: np.ndarray, t
     if not defined:
         return float("nan")
     return float(np.mean([score(truth[:, column], scores[:, column]) for column in defined]))
+
+
+CALIBRATION_BINS = 15
+
+
+def reliability(scores: np.ndarray, references: np.ndarray, task: str, bins: int = CALIBRATION_BINS) -> dict[str, list]:
+    """The reliability diagram's data, in equal-width bins of confidence: each bin's count, mean
+    confidence and how often its predictions were right. single_label: the top class's probability
+    against whether it was the true class; multi_label: every label's probability against its outcome."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if task == SINGLE_LABEL:
+        confidence = scores.max(axis=1)
+        correct = (scores.argmax(axis=1) == np.asarray(references).astype(int)).astype(float)
+    else:
+        confidence, correct = scores.reshape(-1), np.asarray(references, dtype=np.float64).reshape(-1)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    mean = lambda values: np.bincount(which, weights=values, minlength=bins) / np.maximum(count, 1)  # noqa: E731
+    return {"count": count.tolist(), "confidence": mean(confidence).tolist(), "accuracy": mean(correct).tolist()}
+
+
+def expected_calibration_error(bins: dict[str, list]) -> float:
+    """The bins' gaps between confidence and accuracy, weighted by their share of the examples."""
+    count = np.asarray(bins["count"], dtype=np.float64)
+    gaps = np.abs(np.asarray(bins["confidence"]) - np.asarray(bins["accuracy"]))
+    return float((count * gaps).sum() / max(count.sum(), 1))
 
 
 def _regression(name: str, predictions: np.ndarray, references: np.ndarray) -> float:

@@ -115,6 +115,28 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def output_layer(model: torch.nn.Module, num_labels: int) -> torch.nn.Linear:
+    """The Linear layer whose outputs are the logits: the last trained one with num_labels outputs
+    (BERT's classifier, RoBERTa's classifier.out_proj; under LoRA, the head's trained copy)."""
+    layers = [
+        module for module in model.modules()
+        if isinstance(module, torch.nn.Linear) and module.out_features == num_labels and module.weight.requires_grad
+    ]
+    if not layers:
+        raise FtcliError(f"{type(model).__name__} has no output layer of {num_labels} logits to calibrate", "set calibration: none")
+    return layers[-1]
+
+
+def scale_logits(model: torch.nn.Module, num_labels: int, factor: float) -> None:
+    """Make the model's logits `factor` times what they were, in its weights: so that the saved
+    model itself (and pipeline(), ONNX, serving) gives the calibrated probabilities."""
+    layer = output_layer(model, num_labels)
+    with torch.no_grad():
+        layer.weight.mul_(factor)
+        if layer.bias is not None:
+            layer.bias.mul_(factor)
+
+
 def label_names_of(model: PreTrainedModel) -> list[str]:
     id2label = model.config.id2label
     return [id2label[index] for index in sorted(id2label)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -24,11 +25,12 @@ import torch.nn.functional as F
 from ftcli.config import Config
 from ftcli.data.prepare import Prepared
 from ftcli.errors import FtcliError
+from ftcli.runs.rundir import THRESHOLDS_FILE
 from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 
 log = logging.getLogger("ftcli")
 
-THRESHOLDS_FILE = "thresholds.json"  # multi_label: beside the model's weights, read by evaluate, predict and export
+
 
 
 class Objective(Protocol):
@@ -44,6 +46,9 @@ class Objective(Protocol):
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The summed evaluation loss of a batch: never weighted."""
+
+    def losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each example's evaluation loss (error analysis ranks examples by it)."""
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities, or predicted values."""
@@ -64,14 +69,24 @@ class SingleLabelObjective(Objective):
     # A label the loss skips: the rows of a batch that are no examples get it.
     IGNORE = -100
 
-    def __init__(self, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        class_weights: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+        decision_threshold: float | None = None,
+    ) -> None:
         self.class_weights = class_weights
         self.label_smoothing = label_smoothing
+        # Two classes: the second is predicted when its probability reaches this; None: the larger one.
+        self.decision_threshold = decision_threshold
 
     def to(self, device: torch.device) -> SingleLabelObjective:
         if self.class_weights is None:
             return self
-        return SingleLabelObjective(self.class_weights.to(device), self.label_smoothing)
+        return SingleLabelObjective(self.class_weights.to(device), self.label_smoothing, self.decision_threshold)
+
+    def with_decision_threshold(self, threshold: float | None) -> SingleLabelObjective:
+        return SingleLabelObjective(self.class_weights, self.label_smoothing, threshold)
 
     def training_loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         if real is not None:
@@ -84,14 +99,21 @@ class SingleLabelObjective(Objective):
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, reduction="sum")
 
+    def losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=-1)
 
     def decide(self, scores: torch.Tensor) -> np.ndarray:
         """Predicted class ids."""
+        if self.decision_threshold is not None:
+            return (scores[:, 1] >= self.decision_threshold).long().cpu().numpy()
         return scores.argmax(-1).cpu().numpy()
 
     def predictions(self, logits: torch.Tensor) -> np.ndarray:
+        if self.decision_threshold is not None:
+            return self.decide(self.scores(logits))
         return logits.argmax(-1).cpu().numpy()  # the logits' own order, without a softmax's rounding
 
 
@@ -122,7 +144,10 @@ class MultiLabelObjective(Objective):
         return _sum_of_real(per_example, real)
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(-1).sum()
+        return self.losses(logits, labels).sum()
+
+    def losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(-1)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.float())
@@ -156,6 +181,9 @@ class RegressionObjective(Objective):
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._per_example(logits, labels).sum()
 
+    def losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._per_example(logits, labels)
+
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         values = logits.float().squeeze(-1)
         return values.clamp(*self.clip) if self.clip else values
@@ -186,7 +214,8 @@ def objective_for_model(config: Config, model_dir: Path) -> Objective:
         return RegressionObjective(config.loss, tuple(config.data.label_range) if config.data.clip_predictions else None)
     if config.task == MULTI_LABEL:
         return MultiLabelObjective(thresholds=load_thresholds(model_dir, config))
-    return SingleLabelObjective()
+    saved = _saved_thresholds(model_dir)
+    return SingleLabelObjective(decision_threshold=None if saved is None else float(saved[0]))
 
 
 def class_weights(setting: str | list[float] | None, prepared: Prepared) -> torch.Tensor | None:
@@ -250,21 +279,51 @@ def tune_thresholds(scores: np.ndarray, references: np.ndarray, candidates: np.n
     return chosen
 
 
-def save_thresholds(model_dir: Path, label_names: list[str], thresholds: np.ndarray, how: str) -> None:
+def save_thresholds(model_dir: Path, label_names: list[str], thresholds: np.ndarray, how: str, notes: dict | None = None) -> None:
     from ftcli.fileio import atomic_write_json
 
-    atomic_write_json(
-        model_dir / THRESHOLDS_FILE,
-        {"how": how, "thresholds": {name: float(value) for name, value in zip(label_names, thresholds)}},
-    )
+    record = {"how": how, "thresholds": {name: float(value) for name, value in zip(label_names, thresholds)}}
+    atomic_write_json(model_dir / THRESHOLDS_FILE, record | ({"effect": notes} if notes else {}))
 
 
 def load_thresholds(model_dir: Path, config: Config) -> np.ndarray | float:
-    """A model's thresholds: saved beside it after training, else the config's fixed one."""
-    path = model_dir / THRESHOLDS_FILE
-    if path.is_file():
-        return np.asarray(list(json.loads(path.read_text())["thresholds"].values()), dtype=np.float64)
+    """A multi_label model's thresholds: saved beside it after training, else the config's fixed one."""
+    saved = _saved_thresholds(model_dir)
+    if saved is not None:
+        return saved
     return config.thresholds if isinstance(config.thresholds, float) else 0.5
+
+
+def _saved_thresholds(model_dir: Path) -> np.ndarray | None:
+    path = model_dir / THRESHOLDS_FILE
+    if not path.is_file():
+        return None
+    return np.asarray(list(json.loads(path.read_text())["thresholds"].values()), dtype=np.float64)
+
+
+def fit_temperature(objective: Objective, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T that makes softmax(logits / T) (or each label's sigmoid) fit the labels
+    best: the one that minimises the evaluation loss, searched on a log scale within [0.05, 20]
+    (temperature scaling, Guo et al. 2017). Dividing logits by a positive number keeps their
+    order: the predicted classes stay what they were."""
+    from scipy.optimize import minimize_scalar
+
+    logits, labels = logits.float(), labels
+
+    def loss(log_temperature: float) -> float:
+        return float(objective.loss_sum(logits / math.exp(log_temperature), labels)) / max(len(labels), 1)
+
+    found = minimize_scalar(loss, bounds=(math.log(0.05), math.log(20.0)), method="bounded", options={"xatol": 1e-4})
+    return float(math.exp(found.x))
+
+
+def tune_decision_threshold(second_class: np.ndarray, labels: np.ndarray, score) -> float:
+    """The probability of the second class above which to predict it, maximising `score`
+    (predictions, labels -> a number, larger better) over 0.01 .. 0.99; the one nearest 0.5 on ties."""
+    candidates = np.round(np.arange(0.01, 1.0, 0.01), 2)
+    values = np.array([score((second_class >= candidate).astype(int), labels) for candidate in candidates])
+    best = np.flatnonzero(values == values.max())
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 
 
 def clip_scale(grad_norm: torch.Tensor, max_grad_norm: float) -> torch.Tensor:

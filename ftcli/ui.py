@@ -53,15 +53,71 @@ CONFUSION_MAX_LABELS = 12
 
 
 def evaluation_view(title: str, split: str, evaluation: Evaluation) -> Group:
-    """ftcli evaluate's output: the metrics, then the confusion matrix (single_label) or each
-    label's precision, recall, F1, support and threshold (multi_label), then where it was written."""
+    """ftcli evaluate's output, short: the metrics and the decision thresholds; calibration before
+    and after; per class (or label) scores; the most confused pairs, the surest mistakes and the
+    highest-loss examples (or regression's residuals); then where everything was written."""
     parts: list = [metrics_table(title, {split: evaluation.metrics})]
+    if evaluation.task == "single_label" and evaluation.thresholds:
+        parts.append(f"decision threshold {evaluation.thresholds[0]:.2f} on the probability of '{escape(evaluation.labels[1])}'")
+    if evaluation.calibration:
+        parts.append(calibration_table(evaluation.calibration))
+    analysis = evaluation.analysis
     if evaluation.confusion is not None:
-        parts.append(confusion_table(evaluation.labels, evaluation.confusion))
+        parts += [per_class_table(analysis["per_class"]), confusion_table(evaluation.labels, evaluation.confusion)]
     if evaluation.per_label is not None:
         parts.append(per_label_table(evaluation.labels, evaluation.per_label, evaluation.thresholds))
-    parts.append(f"written to {escape(str(evaluation.written))}")
+    if "residuals" in analysis:
+        parts.append(residual_table(analysis["residuals"]))
+    for key, title_text in (("confused_pairs", "most confused"), ("confident_mistakes", "surest mistakes"), ("highest_loss", "highest loss")):
+        if analysis.get(key):
+            parts.append(examples_table(title_text, analysis[key][:SHOWN_EXAMPLES]))
+    parts.append(f"written to {escape(str(evaluation.written))} and {escape(str(evaluation.predictions))}")
     return Group(*parts)
+
+
+SHOWN_EXAMPLES = 5  # of each list; eval_<split>.json and report.html hold them all
+
+
+def calibration_table(calibration: dict[str, Any]) -> Table:
+    table = Table(title=f"calibration (temperature {calibration['temperature']:.3f})", title_justify="left")
+    for column in ("", "ece", "brier", "log_loss"):
+        table.add_column(column, justify="left" if not column else "right")
+    for when in ("before", "after"):
+        table.add_row(when, *(format_value(calibration[when][key]) for key in ("ece", "brier", "log_loss")))
+    return table
+
+
+def per_class_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="per class", title_justify="left")
+    for column in ("label", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for row in rows:
+        table.add_row(escape(row["label"]), *(format_value(row[key]) for key in ("precision", "recall", "f1")), str(row["support"]))
+    return table
+
+
+def residual_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="residuals by true value (prediction - target)", title_justify="left")
+    for column in ("range", "examples", "mean residual", "mae"):
+        table.add_column(column, justify="left" if column == "range" else "right")
+    for row in rows:
+        table.add_row(f"{row['from']:.3g} to {row['to']:.3g}", str(row["count"]), format_value(row["mean_residual"]), format_value(row["mae"]))
+    return table
+
+
+def examples_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    """A few rows of one of the analysis's lists, each column what its entries hold."""
+    table = Table(title=title, title_justify="left")
+    columns = [key for key in rows[0] if key != "index"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("text", "true", "predicted", "label", "kind") else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*(escape(_short_text(row[column])) if isinstance(row[column], str) else format_value(row[column]) for column in columns))
+    return table
+
+
+def _short_text(value: str, limit: int = 70) -> str:
+    return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
 def confusion_table(labels: list[str], counts: list[list[int]]) -> Table | str:

@@ -52,7 +52,11 @@ def test_loop_backend_writes_the_trainer_backends_run_directory_and_learns(make_
     best = metrics["train"]["best_checkpoint"]
     best_weights = load_file(f"{best}/model.safetensors")
     kept = load_file(run / "model" / "model.safetensors")
-    assert all(torch.equal(best_weights[name], kept[name]) for name in kept)
+    # The kept model is the best checkpoint's, its output layer divided by the calibrating temperature.
+    temperature = json.loads((run / "model" / "calibration.json").read_text())["temperature"]
+    body = [name for name in kept if not name.startswith("classifier.")]
+    assert all(torch.equal(best_weights[name], kept[name]) for name in body)
+    assert all(torch.allclose(best_weights[name] / temperature, kept[name]) for name in ("classifier.weight", "classifier.bias"))
 
     # evaluate and predict read a loop run as they read a Trainer run.
     assert invoke("evaluate", str(run)).exit_code == 0

@@ -106,7 +106,7 @@ def test_multi_label_predict_evaluate_and_pipeline_agree(trained, tmp_path):
     record = json.loads((run / "eval_validation.json").read_text())
     assert record["per_label"]["labels"] == ["positive", "screen"]
     assert record["per_label"]["thresholds"] == [thresholds["positive"], thresholds["screen"]]
-    assert rows[0]["predicted_labels"] == ["positive", "screen"] and rows[1]["predicted_labels"] == []
+    assert "positive" in rows[0]["predicted_labels"] and "positive" not in rows[1]["predicted_labels"]
     assert sum(record["per_label"]["support"]) == 32  # each label positive in half the validation texts
     assert "per label" in evaluated.output and "support" in evaluated.output
 

@@ -1,34 +1,52 @@
-"""The evaluate command: score a run's final model (or one checkpoint, or its LoRA adapter) on a labeled split."""
+"""The evaluate command: score a run's final model (or one checkpoint, or its LoRA adapter) on a
+labeled split, and say where it goes wrong.
+
+    RUN/eval_<split>.json         metrics, the confusion matrix or each label's scores, the
+                                  thresholds, calibration before and after, the error analysis
+    RUN/predictions_<split>.jsonl each example: its texts, gold label(s) or value, prediction,
+                                  probabilities, loss and whether it was right
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from ftcli.data.prepare import prepare
+from ftcli.config import Config
+from ftcli.data.prepare import load_raw_splits, prepare
 from ftcli.errors import FtcliError
-from ftcli.fileio import atomic_write_json
-from ftcli.inference import score_dataset
-from ftcli.metrics import MetricSuite
+from ftcli.fileio import atomic_write_json, atomic_write_text
+from ftcli.inference import score_and_keep
+from ftcli.metrics import MetricSuite, compute_builtin, expected_calibration_error, reliability
 from ftcli.modeling import label_names_of
-from ftcli.runs.loading import load_run
 from ftcli.objective import MultiLabelObjective, Objective
+from ftcli.reporting.errors import error_analysis
+from ftcli.runs.loading import LoadedRun, load_run
+from ftcli.runs.rundir import CALIBRATION_FILE
 from ftcli.runtime import Runtime
-from ftcli.tasks import MULTI_LABEL, SINGLE_LABEL
+from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+
 
 
 @dataclass
 class Evaluation:
+    split: str
     task: str
     metrics: dict[str, float]
     labels: list[str]
     confusion: list[list[int]] | None  # single_label: a row per true class, a column per predicted one
     per_label: dict[str, list[float]] | None  # multi_label: precision, recall, f1, support per label
-    thresholds: list[float] | None  # multi_label: each label's decision threshold
+    thresholds: list[float] | None  # multi_label: each label's; two classes: the second class's, when set
+    calibration: dict[str, Any] | None  # the split's ECE, Brier and log loss before and after calibration
+    analysis: dict[str, Any]  # reporting.errors.error_analysis, each listed example with its text
     written: Path
+    predictions: Path
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 def evaluate_run(
@@ -38,53 +56,120 @@ def evaluate_run(
     adapter: bool = False,
     precision: str | None = None,
 ) -> Evaluation:
-    """Metrics of the run's model on one split, with the confusion matrix (single_label) or each
-    label's scores and threshold (multi_label), written as eval_<split>.json (in the checkpoint's
-    or the adapter's folder when one is scored); the final model's metrics also update
-    metrics.json. precision: the run's training.precision unless given."""
+    """Metrics of the run's model on one split with what evaluate shows beside them, written as
+    eval_<split>.json and predictions_<split>.jsonl (in the checkpoint's or the adapter's folder
+    when one is scored); the final model's metrics also update metrics.json. precision: the run's
+    training.precision unless given."""
     loaded = load_run(run_path, checkpoint, adapter)
-    run, config, model, tokenizer = loaded.run, loaded.config, loaded.model, loaded.tokenizer
+    run, config, tokenizer = loaded.run, loaded.config, loaded.tokenizer
     runtime = Runtime.resolve(precision or config.training.precision)
     prepared = prepare(config.data, tokenizer, config.task)
-    if split not in prepared.splits:
-        raise FtcliError(
-            f"split '{split}' is not in this run's data (available: {', '.join(prepared.splits)})",
-            f"add data.{split} to {run.config_file}" if split in ("validation", "test") else "pick one of those",
-        )
-    if prepared.label_names != label_names_of(model):
-        raise FtcliError(
-            f"the model's labels {label_names_of(model)} differ from the data's {prepared.label_names}",
-            "evaluate with the data the run was trained on",
-        )
+    _check(loaded, prepared.splits, prepared.label_names, split)
     suite = MetricSuite(config.metrics, len(prepared.label_names), config.task)
-    metrics = score_dataset(
-        model.to(runtime.device), prepared.splits[split], suite, config.training.eval_batch_size,
+    metrics, logits, labels = score_and_keep(
+        loaded.model.to(runtime.device), prepared.splits[split], suite, config.training.eval_batch_size,
         tokenizer.pad_token_id, runtime, loaded.objective,
     )
+    folder = None if loaded.is_final else loaded.weights
     evaluation = Evaluation(
-        config.task, metrics, prepared.label_names,
+        split, config.task, metrics, prepared.label_names,
         confusion=suite.confusion.tolist() if config.task == SINGLE_LABEL else None,
         per_label=suite.per_label if config.task == MULTI_LABEL else None,
         thresholds=_thresholds(loaded.objective, len(prepared.label_names)),
-        written=run.eval_file(split, None if loaded.is_final else loaded.weights),
+        calibration=_calibration(loaded, logits, labels),
+        analysis={},
+        written=run.eval_file(split, folder),
+        predictions=(folder or run.path) / f"predictions_{split}.jsonl",
     )
-    atomic_write_json(evaluation.written, _record(evaluation, split, loaded.weights))
+    rows = load_raw_splits(config.data)[0][split]
+    _analyse(evaluation, loaded.objective, logits, labels, rows, config)
+    atomic_write_json(evaluation.written, _record(evaluation, loaded.weights))
     if loaded.is_final:
         run.update_metrics(split, metrics)
     return evaluation
 
 
+def _check(loaded: LoadedRun, splits, label_names: list[str], split: str) -> None:
+    if split not in splits:
+        raise FtcliError(
+            f"split '{split}' is not in this run's data (available: {', '.join(splits)})",
+            f"add data.{split} to {loaded.run.config_file}" if split in ("validation", "test") else "pick one of those",
+        )
+    if loaded.config.task != REGRESSION and label_names != label_names_of(loaded.model):
+        raise FtcliError(
+            f"the model's labels {label_names_of(loaded.model)} differ from the data's {label_names}",
+            "evaluate with the data the run was trained on",
+        )
+
+
 def _thresholds(objective: Objective, num_labels: int) -> list[float] | None:
-    if not isinstance(objective, MultiLabelObjective):
+    if isinstance(objective, MultiLabelObjective):
+        return np.broadcast_to(np.asarray(objective.thresholds, dtype=float), (num_labels,)).tolist()
+    threshold = getattr(objective, "decision_threshold", None)
+    return None if threshold is None else [float(threshold)]
+
+
+def _calibration(loaded: LoadedRun, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any] | None:
+    """When the model was calibrated: this split's ECE, Brier score and log loss with the
+    calibrated probabilities and with those before (the logits times the temperature)."""
+    path = loaded.weights / CALIBRATION_FILE
+    if not path.is_file() or loaded.config.task == REGRESSION:
         return None
-    return np.broadcast_to(np.asarray(objective.thresholds, dtype=float), (num_labels,)).tolist()
+    temperature = json.loads(path.read_text())["temperature"]
+    record: dict[str, Any] = {"temperature": temperature}
+    for when, scaled in (("before", logits * temperature), ("after", logits)):
+        scores = loaded.objective.scores(scaled).numpy()
+        truth = labels.numpy()
+        record[when] = {
+            "ece": expected_calibration_error(reliability(scores, truth, loaded.config.task)),
+            "brier": compute_builtin("brier", None, truth, scores.shape[1], scores, loaded.config.task),
+            "log_loss": compute_builtin("log_loss", None, truth, scores.shape[1], scores, loaded.config.task),
+        }
+    return record
 
 
-def _record(evaluation: Evaluation, split: str, weights: Path) -> dict[str, Any]:
+def _analyse(evaluation: Evaluation, objective: Objective, logits: torch.Tensor, labels: torch.Tensor, rows: list[dict], config: Config) -> None:
+    """The error analysis (its examples named with their first text) and predictions_<split>.jsonl."""
+    scores, decisions = objective.scores(logits).numpy(), objective.predictions(logits)
+    losses, truth = objective.losses(logits, labels).numpy(), labels.numpy()
+    evaluation.analysis = error_analysis(config.task, evaluation.labels, scores, decisions, truth, losses)
+    first_text = config.data.text_fields[0]
+    for listed in evaluation.analysis.values():
+        for entry in listed:
+            if "index" in entry:
+                entry["text"] = rows[entry["index"]][first_text]
+    lines = [
+        json.dumps(example_record(config, evaluation.labels, row, scores[index], decisions[index], truth[index], float(losses[index])), ensure_ascii=False)
+        for index, row in enumerate(rows)
+    ]
+    atomic_write_text(evaluation.predictions, "\n".join(lines) + "\n")
+
+
+def example_record(config: Config, names: list[str], row: dict, scores, decision, truth, loss: float) -> dict[str, Any]:
+    """One line of predictions_<split>.jsonl."""
+    record: dict[str, Any] = {field_name: row[field_name] for field_name in config.data.text_fields}
+    if config.task == REGRESSION:
+        return record | {"gold": float(truth), "prediction": float(decision), "error": float(decision - truth), "loss": loss}
+    probabilities = {name: round(float(p), 6) for name, p in zip(names, scores)}
+    if config.task == MULTI_LABEL:
+        gold = [name for name, on in zip(names, truth) if on]
+        predicted = [name for name, on in zip(names, decision) if on]
+        return record | {"gold": gold, "prediction": predicted, "probabilities": probabilities, "loss": loss, "correct": gold == predicted}
+    gold, predicted = names[int(truth)], names[int(decision)]
+    return record | {"gold": gold, "prediction": predicted, "probabilities": probabilities, "loss": loss, "correct": gold == predicted}
+
+
+def _record(evaluation: Evaluation, weights: Path) -> dict[str, Any]:
     """eval_<split>.json: the metrics, and what evaluate shows beside them."""
-    record: dict[str, Any] = {"split": split, "model": str(weights), **evaluation.metrics}
+    record: dict[str, Any] = {"split": evaluation.split, "model": str(weights), **evaluation.metrics}
     if evaluation.confusion is not None:
         record["confusion_matrix"] = {"labels": evaluation.labels, "counts": evaluation.confusion}
     if evaluation.per_label is not None:
         record["per_label"] = {"labels": evaluation.labels, **evaluation.per_label, "thresholds": evaluation.thresholds}
+    if evaluation.task == SINGLE_LABEL and evaluation.thresholds:
+        record["decision_threshold"] = evaluation.thresholds[0]
+    if evaluation.calibration is not None:
+        record["calibration"] = evaluation.calibration
+    record["errors"] = evaluation.analysis
+    record["predictions"] = str(evaluation.predictions)
     return record

@@ -27,8 +27,8 @@ from ftcli.data.batching import collate
 from ftcli.data.prepare import prepare
 from ftcli.errors import FtcliError
 from ftcli.extras import require
-from ftcli.objective import THRESHOLDS_FILE
 from ftcli.runs.loading import load_run
+from ftcli.runs.rundir import CALIBRATION_FILE, THRESHOLDS_FILE
 
 FORMATS = ("onnx",)
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the order of the graph's inputs, as in optimum
@@ -81,8 +81,9 @@ def export_run(
             )
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if (loaded.weights / THRESHOLDS_FILE).is_file():  # multi_label: the decisions the model was scored with
-            shutil.copy2(loaded.weights / THRESHOLDS_FILE, staging / THRESHOLDS_FILE)
+        for decided in (THRESHOLDS_FILE, CALIBRATION_FILE):  # the decisions the model is scored with
+            if (loaded.weights / decided).is_file():
+                shutil.copy2(loaded.weights / decided, staging / decided)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

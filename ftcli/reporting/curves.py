@@ -156,3 +156,66 @@ def _epoch_axis(axes: Axes, per_epoch: float | None) -> None:
     if per_epoch:
         top = axes.secondary_xaxis("top", functions=(lambda step: step / per_epoch, lambda epoch: epoch * per_epoch))
         top.set_xlabel("epoch")
+
+
+# ---------------------------------------------------------------- error analysis and calibration
+
+
+def reliability_figure(calibration: dict[str, Any]) -> Figure:
+    """The reliability diagram: in each confidence bin, how often the model was right, before and
+    after calibration; on the diagonal a model is as sure as it is right."""
+    figure = Figure(figsize=(6, 5), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for when, color in (("before", "tab:red"), ("after", "tab:blue")):
+        bins = calibration[when]["reliability"]
+        shown = [(c, a) for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"]) if n]
+        if shown:
+            axes.plot(*zip(*shown), marker="o", color=color, label=f"{when} (ECE {calibration[when]['ece']:.3f})")
+    axes.set_title(f"Reliability on validation (temperature {calibration['temperature']:.2f})")
+    axes.set_xlabel("confidence")
+    axes.set_ylabel("share right")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", fontsize=8)
+    return figure
+
+
+def confusion_figure(labels: list[str], counts: list[list[int]]) -> Figure:
+    """The confusion matrix as a heat map, each row (true class) scaled to its own examples."""
+    import numpy as np
+
+    matrix = np.asarray(counts, dtype=float)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = min(2 + 0.5 * len(labels), 14)
+    figure = Figure(figsize=(size, size), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    axes.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 4 else 0)
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    if len(labels) <= 12:
+        for row in range(len(labels)):
+            for column in range(len(labels)):
+                axes.text(column, row, int(matrix[row, column]), ha="center", va="center",
+                          color="white" if shares[row, column] > 0.5 else "black", fontsize=8)
+    axes.set_title("Confusion matrix (shares of each true class)")
+    return figure
+
+
+def scores_figure(rows: list[dict[str, Any]], title: str) -> Figure:
+    """Each class's (or label's) F1 as a bar, lowest first: where the model is weakest."""
+    ordered = sorted(rows, key=lambda row: row["f1"])
+    figure = Figure(figsize=(7, max(2.5, 0.28 * len(ordered) + 1)), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.barh([row["label"] for row in ordered], [row["f1"] for row in ordered], color="tab:blue")
+    axes.set_xlim(0, 1)
+    axes.set_xlabel("F1")
+    axes.set_title(title)
+    axes.grid(alpha=0.3, axis="x")
+    return figure

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.fileio import atomic_write_text
+from ftcli.reporting.curves import confusion_figure, png_bytes, scores_figure
 from ftcli.reporting.diagnosis import Finding
 from ftcli.reporting.events import eval_metric_names
 from ftcli.reporting.formatting import format_number
@@ -78,12 +79,63 @@ def _run_section(run: RunReport) -> str:
             _image(run.run.curves_png.read_bytes(), f"learning curves of {run.label}"),
             "<h3>Diagnosis</h3>",
             *(_finding(finding) for finding in diagnosis.findings),
+            _calibration_section(run),
+            *(_evaluation_section(split, record) for split, record in run.evaluations.items()),
             "<details><summary>Resolved config</summary>",
             f'<pre class="config">{_escape(run.config_text)}</pre>',
             "</details>",
             "</section>",
         ]
     )
+
+
+def _calibration_section(run: RunReport) -> str:
+    if run.calibration is None:
+        return ""
+    rows = [[when, *(format_number(run.calibration[when][key]) for key in ("ece", "brier", "log_loss"))] for when in ("before", "after")]
+    return "\n".join([
+        f"<h3>Calibration (temperature {run.calibration['temperature']:.3f}, fitted on validation)</h3>",
+        _table(["", "ece", "brier", "log_loss"], rows, css="metrics"),
+        _image(run.run.calibration_png.read_bytes(), "reliability diagram before and after calibration"),
+    ])
+
+
+def _evaluation_section(split: str, record: dict[str, Any]) -> str:
+    """What ftcli evaluate found on a split: per class or label, the confusion matrix, the
+    residuals, and every listed example (the surest mistakes, the highest losses)."""
+    errors = record.get("errors", {})
+    parts = [f"<h3>Errors on {_escape(split)}</h3>"]
+    if "decision_threshold" in record:
+        parts.append(f'<p class="muted">decision threshold {record["decision_threshold"]:.2f}</p>')
+    per_class = errors.get("per_class") or _per_label_rows(record.get("per_label"))
+    if per_class:
+        parts.append(_table(["label", "precision", "recall", "f1", "support"], [
+            [row["label"], *(format_number(row[key]) for key in ("precision", "recall", "f1")), str(row["support"])] for row in per_class
+        ], css="metrics"))
+        parts.append(_image(png_bytes(scores_figure(per_class, f"F1 per {'class' if errors.get('per_class') else 'label'} on {split}")), "F1 per class"))
+    if "confusion_matrix" in record:
+        matrix = record["confusion_matrix"]
+        parts.append(_image(png_bytes(confusion_figure(matrix["labels"], matrix["counts"])), "confusion matrix"))
+    for key, title in (("residuals", "Residuals by true value"), ("confused_pairs", "Most confused"), ("confident_mistakes", "Surest mistakes"), ("highest_loss", "Highest loss")):
+        if errors.get(key):
+            header = [column for column in errors[key][0] if column != "index"]
+            rows = [[_cell(entry[column]) for column in header] for entry in errors[key]]
+            parts += [f"<h4>{title}</h4>", _table(header, rows, css="examples")]
+    return "\n".join(parts)
+
+
+def _per_label_rows(per_label: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not per_label:
+        return []
+    return [
+        {"label": label, "precision": per_label["precision"][index], "recall": per_label["recall"][index],
+         "f1": per_label["f1"][index], "support": int(per_label["support"][index])}
+        for index, label in enumerate(per_label["labels"])
+    ]
+
+
+def _cell(value: Any) -> str:
+    return format_number(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def _summary_table(runs: list[RunReport]) -> str:

@@ -3,8 +3,9 @@ across runs; optionally one self-contained report.html to share (ftcli.reporting
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,10 @@ import yaml
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_json
 from ftcli.metrics import higher_is_better
-from ftcli.reporting.curves import comparison_figure, run_figure, write_png
+from ftcli.reporting.curves import comparison_figure, reliability_figure, run_figure, write_png
 from ftcli.reporting.diagnosis import Diagnosis, diagnose
 from ftcli.reporting.events import best_eval_step, eval_metric_names, finite, series
-from ftcli.runs.rundir import RunDir
+from ftcli.runs.rundir import CALIBRATION_FILE, RunDir
 
 COMPARISON_PNG = "comparison.png"
 
@@ -29,6 +30,8 @@ class RunReport:
     metrics: dict[str, Any]  # metrics.json
     config_text: str
     diagnosis: Diagnosis
+    calibration: dict[str, Any] | None = None  # model/calibration.json
+    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> eval_<split>.json
 
 
 @dataclass
@@ -68,6 +71,11 @@ def analyze_run(run: RunDir, label: str | None = None) -> RunReport:
     title = f"{report.label}: {diagnosis.verdict.replace('_', ' ')}"
     write_png(run_figure(events, title, best_step=best_eval_step(events)), run.curves_png)
     atomic_write_json(run.diagnosis_file, diagnosis.to_json())
+    calibration_file = run.model_dir / CALIBRATION_FILE
+    if calibration_file.is_file():
+        report.calibration = json.loads(calibration_file.read_text())
+        write_png(reliability_figure(report.calibration), run.calibration_png)
+    report.evaluations = {json.loads(path.read_text())["split"]: json.loads(path.read_text()) for path in run.eval_files()}
     return report
 
 

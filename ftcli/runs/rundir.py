@@ -28,6 +28,12 @@ from typing import Any, Iterator
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_json, atomic_write_text
 
+# Beside a model's weights (model/, a checkpoint, export/), read by evaluate, predict, export and
+# serving: the decision thresholds (multi_label's per label, a two-class run's when set) and the
+# calibrating temperature.
+THRESHOLDS_FILE = "thresholds.json"
+CALIBRATION_FILE = "calibration.json"
+
 SECRET_PATTERN = re.compile(r"(token|secret|password|passwd|api[_-]?key)", re.IGNORECASE)
 
 log = logging.getLogger("ftcli")
@@ -81,6 +87,14 @@ class RunDir:
     @property
     def diagnosis_file(self) -> Path:
         return self.path / "diagnosis.json"
+
+    @property
+    def calibration_png(self) -> Path:
+        return self.path / "calibration.png"
+
+    def eval_files(self) -> list[Path]:
+        """The eval_<split>.json files ftcli evaluate wrote for the final model."""
+        return sorted(self.path.glob("eval_*.json"))
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"checkpoint-{step}"

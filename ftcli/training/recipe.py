@@ -13,24 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from ftcli.config import Config, dump_config, load_config
 from ftcli.data.prepare import Prepared, baselines, prepare
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_text
-from ftcli.inference import evaluate_dataset, predict_scores
+from ftcli.inference import evaluate_dataset
 from ftcli.lora import apply_lora, merge_lora
 from ftcli.metrics import MetricSuite
 from ftcli.modeling import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_model_source, save_model
-from ftcli.objective import MultiLabelObjective, Objective, build_objective, save_thresholds, tune_thresholds
+from ftcli.objective import Objective, build_objective
 from ftcli.runs import checkpoints
 from ftcli.runs.rundir import RunDir
 from ftcli.runtime import Runtime
 from ftcli.tasks import PROBLEM_TYPES
 from ftcli.training.backends import get_backend
+from ftcli.training.finalize import decide
 from ftcli.training.job import Backend, NoEvents, TrainingEvents, TrainJob, TrainOutcome
 from ftcli.training.optim import check_optimizer
 from ftcli.training.tracking import Tracker
@@ -194,41 +193,27 @@ def finish(job: TrainJob, outcome: TrainOutcome, analyze: Callable[[RunDir], Any
 
 
 def save_and_score(job: TrainJob, outcome: TrainOutcome) -> dict[str, dict[str, float]]:
-    """Save the kept (best) weights into model/, decide multi_label's thresholds, then score the
+    """Decide on validation what is decided after training (the calibrating temperature, the
+    thresholds), save the kept (best) weights into model/ with those decisions, then score the
     model on the validation split. A LoRA run saves its adapters, then the model with the
     adapters merged in."""
-    config, run, tokenizer = job.config, job.run, job.tokenizer
-    if config.lora:
-        save_model(outcome.model, tokenizer, run.adapter_dir)
-        outcome.model = merge_lora(outcome.model)
-    save_model(outcome.model, tokenizer, run.model_dir)
+    config, run, tokenizer, runtime = job.config, job.run, job.tokenizer, job.runtime
     validation = job.prepared.splits.get("validation")
-    objective = decide_thresholds(job, outcome.model.to(job.runtime.device), validation)
+    model = outcome.model.to(runtime.device)
+    decisions = decide(config, model, validation, tokenizer.pad_token_id, runtime, job.objective, job.prepared.label_names)
+    if config.lora:
+        save_model(model, tokenizer, run.adapter_dir)
+        model = merge_lora(model)
+    save_model(model, tokenizer, run.model_dir)
+    decisions.save(run.model_dir)
     metrics: dict[str, dict[str, float]] = {}
     if validation is not None:
         metrics["validation"] = evaluate_dataset(
-            outcome.model, validation, config.metrics, config.training.eval_batch_size, tokenizer.pad_token_id,
-            job.runtime, objective,
+            model, validation, config.metrics, config.training.eval_batch_size, tokenizer.pad_token_id, runtime,
+            decisions.objective,
         )
         run.update_metrics("validation", metrics["validation"])
     return metrics
-
-
-def decide_thresholds(job: TrainJob, model: PreTrainedModel, validation: Dataset | None) -> Objective:
-    """multi_label: each label's threshold tuned on validation (thresholds: tuned) or the fixed one,
-    saved beside the model in thresholds.json, and the objective that predicts with them."""
-    objective, config = job.objective, job.config
-    if not isinstance(objective, MultiLabelObjective):
-        return objective
-    if config.thresholds == "tuned" and validation is not None:
-        scores = predict_scores(
-            model, validation, config.training.eval_batch_size, job.tokenizer.pad_token_id, job.runtime, objective
-        )
-        thresholds, how = tune_thresholds(scores, np.asarray(validation["labels"])), "tuned on validation"
-    else:
-        thresholds, how = np.full(len(job.prepared.label_names), objective.thresholds), "fixed"
-    save_thresholds(job.run.model_dir, job.prepared.label_names, thresholds, how)
-    return objective.with_thresholds(thresholds)
 
 
 def _wait_for_everyone(runtime: Runtime) -> None:

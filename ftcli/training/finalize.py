@@ -1,0 +1,124 @@
+"""What is decided after training, on validation, before the model is saved: a temperature that
+calibrates its probabilities (folded into the model's last layer), and the decision thresholds
+(multi_label's per label, a two-class run's tuned one). Each is written beside the model, so that
+evaluate, predict, export and serving decide alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel
+
+from ftcli.config import Config
+from ftcli.fileio import atomic_write_json
+from ftcli.inference import all_logits
+from ftcli.metrics import compute_builtin, expected_calibration_error, primary_metric, reliability
+from ftcli.modeling import scale_logits
+from ftcli.objective import (
+    MultiLabelObjective,
+    Objective,
+    fit_temperature,
+    save_thresholds,
+    tune_decision_threshold,
+    tune_thresholds,
+)
+from ftcli.runs.rundir import CALIBRATION_FILE
+from ftcli.runtime import Runtime
+from ftcli.tasks import MULTI_LABEL, REGRESSION
+
+
+
+@dataclass
+class Decisions:
+    objective: Objective  # predicts with the thresholds decided
+    label_names: list[str]
+    calibration: dict[str, Any] | None = None  # calibration.json: the temperature, the scores before and after
+    thresholds: np.ndarray | None = None
+    how: str = "fixed"
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, model_dir: Path) -> None:
+        if self.calibration is not None:
+            atomic_write_json(model_dir / CALIBRATION_FILE, self.calibration)
+        if self.thresholds is not None:
+            # Two classes: the threshold is the second class's.
+            names = self.label_names[1:] if len(self.thresholds) == 1 else self.label_names
+            save_thresholds(model_dir, names, self.thresholds, self.how, self.notes)
+
+
+def decide(
+    config: Config, model: PreTrainedModel, validation: Dataset | None, pad_token_id: int, runtime: Runtime,
+    objective: Objective, label_names: list[str],
+) -> Decisions:
+    """Calibrate (in place: the model's last layer takes the temperature) and pick the thresholds."""
+    decisions = Decisions(objective, label_names)
+    calibrating = config.calibration == "temperature" and config.task != REGRESSION
+    tuning = (config.task == MULTI_LABEL and config.thresholds == "tuned") or config.decision_threshold == "tuned"
+    if validation is None or not (calibrating or tuning):
+        return _fixed(config, decisions, label_names)
+    logits, labels = all_logits(model, validation, config.training.eval_batch_size, pad_token_id, runtime)
+    if calibrating:
+        temperature = fit_temperature(objective, logits, labels)
+        decisions.calibration = _calibration_record(objective, logits, labels, temperature)
+        scale_logits(model, len(label_names), 1 / temperature)
+        logits = logits / temperature
+    return _thresholds(config, decisions, logits, labels)
+
+
+def _fixed(config: Config, decisions: Decisions, label_names: list[str]) -> Decisions:
+    """No validation to tune on: the configured thresholds (0.5 for a tuned one)."""
+    objective = decisions.objective
+    if isinstance(objective, MultiLabelObjective):
+        decisions.thresholds = np.full(len(label_names), objective.thresholds)
+    elif isinstance(config.decision_threshold, float) and config.decision_threshold != 0.5:
+        decisions.objective = objective.with_decision_threshold(config.decision_threshold)
+        decisions.thresholds = np.array([config.decision_threshold])
+    return decisions
+
+
+def _thresholds(config: Config, decisions: Decisions, logits: torch.Tensor, labels: torch.Tensor) -> Decisions:
+    objective = decisions.objective
+    scores, truth = objective.scores(logits).numpy(), labels.numpy()
+    if isinstance(objective, MultiLabelObjective):
+        if config.thresholds == "tuned":
+            decisions.thresholds, decisions.how = tune_thresholds(scores, truth), "tuned on validation"
+        else:
+            decisions.thresholds = np.full(scores.shape[1], objective.thresholds)
+        decisions.objective = objective.with_thresholds(decisions.thresholds)
+        return decisions
+    if config.decision_threshold == "tuned":
+        metric = primary_metric(config.metrics)
+        if metric in ("loss", "roc_auc", "average_precision", "log_loss", "brier", "ece"):
+            return decisions  # a metric of the probabilities: no threshold changes it
+        threshold = tune_decision_threshold(scores[:, 1], truth, lambda p, t: compute_builtin(metric, p, t))
+        decisions.notes = {
+            "metric": metric,
+            "at_0.5": compute_builtin(metric, (scores[:, 1] >= 0.5).astype(int), truth),
+            "at_tuned": compute_builtin(metric, (scores[:, 1] >= threshold).astype(int), truth),
+        }
+        decisions.thresholds, decisions.how = np.array([threshold]), f"tuned on validation for {metric}"
+    elif isinstance(config.decision_threshold, float) and config.decision_threshold != 0.5:
+        decisions.thresholds = np.array([config.decision_threshold])
+    if decisions.thresholds is not None:
+        decisions.objective = objective.with_decision_threshold(float(decisions.thresholds[0]))
+    return decisions
+
+
+def _calibration_record(objective: Objective, logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, Any]:
+    """calibration.json: the temperature, and on validation the calibration before and after."""
+    record: dict[str, Any] = {"method": "temperature", "temperature": temperature, "fitted_on": "validation"}
+    for when, scaled in (("before", logits), ("after", logits / temperature)):
+        scores = objective.scores(scaled).numpy()
+        bins = reliability(scores, labels.numpy(), objective.task)
+        record[when] = {
+            "ece": expected_calibration_error(bins),
+            "brier": compute_builtin("brier", None, labels.numpy(), scores.shape[-1], scores, objective.task),
+            "log_loss": compute_builtin("log_loss", None, labels.numpy(), scores.shape[-1], scores, objective.task),
+            "reliability": bins,
+        }
+    return record
