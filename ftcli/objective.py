@@ -12,10 +12,8 @@ examples (the graphed step fills a short last batch with empty slots that add no
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -25,7 +23,6 @@ import torch.nn.functional as F
 from ftcli.config import Config
 from ftcli.data.prepare import Prepared
 from ftcli.errors import FtcliError
-from ftcli.runs.rundir import THRESHOLDS_FILE
 from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 
 log = logging.getLogger("ftcli")
@@ -208,16 +205,6 @@ def build_objective(config: Config, prepared: Prepared) -> Objective:
     return SingleLabelObjective(class_weights(training.class_weights, prepared), training.label_smoothing)
 
 
-def objective_for_model(config: Config, model_dir: Path) -> Objective:
-    """The objective a saved model predicts with: the run's, with the thresholds saved beside it."""
-    if config.task == REGRESSION:
-        return RegressionObjective(config.loss, tuple(config.data.label_range) if config.data.clip_predictions else None)
-    if config.task == MULTI_LABEL:
-        return MultiLabelObjective(thresholds=load_thresholds(model_dir, config))
-    saved = _saved_thresholds(model_dir)
-    return SingleLabelObjective(decision_threshold=None if saved is None else float(saved[0]))
-
-
 def class_weights(setting: str | list[float] | None, prepared: Prepared) -> torch.Tensor | None:
     """The training loss's weight per class (label id order), from training.class_weights."""
     if setting is None:
@@ -277,28 +264,6 @@ def tune_thresholds(scores: np.ndarray, references: np.ndarray, candidates: np.n
         f1 = 2 * true_positives / (predicted.sum(axis=1) + truth.sum())
         chosen[label] = candidates[int(np.argmax(f1))]
     return chosen
-
-
-def save_thresholds(model_dir: Path, label_names: list[str], thresholds: np.ndarray, how: str, notes: dict | None = None) -> None:
-    from ftcli.fileio import atomic_write_json
-
-    record = {"how": how, "thresholds": {name: float(value) for name, value in zip(label_names, thresholds)}}
-    atomic_write_json(model_dir / THRESHOLDS_FILE, record | ({"effect": notes} if notes else {}))
-
-
-def load_thresholds(model_dir: Path, config: Config) -> np.ndarray | float:
-    """A multi_label model's thresholds: saved beside it after training, else the config's fixed one."""
-    saved = _saved_thresholds(model_dir)
-    if saved is not None:
-        return saved
-    return config.thresholds if isinstance(config.thresholds, float) else 0.5
-
-
-def _saved_thresholds(model_dir: Path) -> np.ndarray | None:
-    path = model_dir / THRESHOLDS_FILE
-    if not path.is_file():
-        return None
-    return np.asarray(list(json.loads(path.read_text())["thresholds"].values()), dtype=np.float64)
 
 
 def fit_temperature(objective: Objective, logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -23,11 +23,10 @@ from ftcli.objective import (
     MultiLabelObjective,
     Objective,
     fit_temperature,
-    save_thresholds,
     tune_decision_threshold,
     tune_thresholds,
 )
-from ftcli.runs.rundir import CALIBRATION_FILE
+from ftcli.runs.rundir import CALIBRATION_FILE, THRESHOLDS_FILE
 from ftcli.runtime import Runtime
 from ftcli.tasks import MULTI_LABEL, REGRESSION
 
@@ -122,3 +121,11 @@ def _calibration_record(objective: Objective, logits: torch.Tensor, labels: torc
             "reliability": bins,
         }
     return record
+
+
+def save_thresholds(model_dir: Path, label_names: list[str], thresholds: np.ndarray, how: str, notes: dict | None = None) -> None:
+    """thresholds.json: each label's threshold by name, how it was chosen, and what tuning gained."""
+    record = {"how": how, "thresholds": {name: float(value) for name, value in zip(label_names, thresholds)}}
+    atomic_write_json(model_dir / THRESHOLDS_FILE, record | ({"effect": notes} if notes else {}))
+
+
