@@ -216,6 +216,22 @@ def sweep(
 
 @app.command()
 @user_errors
+def audit(
+    config: ConfigArg,
+    folds: Annotated[int, typer.Option("--folds", min=2, max=100, help="Cross-validation folds of the training split.")] = 5,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Retrain every fold instead of keeping finished ones.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Cross-validate on the training split (one run per fold, resumable) and rank the training labels that are probably wrong."""
+    from ftcli.commands.audit import run_audit
+    from ftcli.ui import TrainingProgress, audit_view, console
+
+    result = run_audit(_load(config, set_), folds, overwrite, events=TrainingProgress(), say=console.print)
+    console.print(audit_view(result))
+
+
+@app.command()
+@user_errors
 def push(
     run_dir: RunArg,
     repo_id: Annotated[str, typer.Argument(help="The Hub repository, user/name (created if absent).")],

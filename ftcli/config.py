@@ -41,6 +41,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class FoldConfig(_Strict):
+    """One fold of a K-fold cross-validation of the training split (written by `ftcli audit`)."""
+
+    folds: int = Field(
+        ge=2,
+        le=100,
+        description="Cross-validation, as `ftcli audit` writes it: the training split is cut into this many folds "
+        "(stratified by class for single_label); the run trains on all but fold `index` and validates on it "
+        "(data.validation is then unused).",
+    )
+    index: int = Field(ge=0, description="The fold held out as validation, 0..folds-1.")
+    seed: int = Field(0, description="Shuffles the examples before they are cut into folds.")
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> FoldConfig:
+        if self.index >= self.folds:
+            raise ValueError(f"data.fold.index={self.index} must be below data.fold.folds={self.folds}")
+        return self
+
+
 class DataConfig(_Strict):
     train: str | None = Field(None, description=f"Training file ({FORMATS}).")
     validation: str | None = Field(None, description="Validation file, evaluated during training.")
@@ -70,8 +90,16 @@ class DataConfig(_Strict):
         None, min_length=2, max_length=2, description="regression: [low, high]; every target is checked to lie within."
     )
     clip_predictions: bool = Field(False, description="regression: clip predictions to data.label_range.")
-    max_length: int = Field(128, ge=2, le=8192, description="Tokens per example; longer ones are truncated.")
+    max_length: int = Field(128, ge=2, le=8192, description="Tokens per example; longer ones are truncated (or windowed).")
+    long_text: Literal["truncate", "window"] = Field(
+        "truncate",
+        description="A text longer than max_length: truncate it, or split it into overlapping windows that each "
+        "train with its document's label and whose predictions are averaged back into one per document (pairs: "
+        "the first text is windowed, the second kept whole).",
+    )
+    stride: int = Field(32, ge=0, description="long_text window: tokens each window shares with the one before.")
     max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training examples.")
+    fold: FoldConfig | None = Field(None, description="Cross-validation: one fold of the training split held out.")
     max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N examples of other splits.")
     quoting: Literal["auto", "quoted", "none"] = Field(
         "auto",
@@ -105,6 +133,11 @@ class DataConfig(_Strict):
                     )
         if self.label_range is not None and not self.label_range[0] < self.label_range[1]:
             raise ValueError(f"data.label_range {self.label_range} must be [low, high] with low < high")
+        if self.long_text == "window" and self.stride >= self.max_length // 2:
+            raise ValueError(
+                f"data.stride={self.stride} must be below half of data.max_length={self.max_length}, or the windows "
+                "barely advance"
+            )
         if self.label_fields and self.label_names:
             raise ValueError("data.label_fields names the labels already: drop data.label_names")
         if self.clip_predictions and self.label_range is None:

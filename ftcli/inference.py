@@ -29,10 +29,21 @@ def iterate_logits(
         for indices in length_sorted_batches(dataset["length"], batch_size):
             batch = collate([rows[i] for i in indices], pad_token_id)
             batch = {key: value.to(runtime.device, non_blocking=True) for key, value in batch.items()}
-            inputs = {key: value for key, value in batch.items() if key != "labels"}
+            inputs = {key: value for key, value in batch.items() if key not in ("labels", "doc")}
             with runtime.autocast():
                 logits = model(**inputs).logits
             yield indices, logits.float(), batch
+
+
+DOCUMENT_CHUNK = 1024  # documents scored at a time, once their windows are put together
+
+
+def documents_of(dataset: Dataset) -> tuple[torch.Tensor, int] | None:
+    """A windowed split's document of each row (long_text: window), and how many documents; else None."""
+    if "doc" not in dataset.column_names:
+        return None
+    documents = torch.tensor(dataset["doc"])
+    return documents, int(documents.max()) + 1 if len(documents) else 0
 
 
 def evaluate_dataset(
@@ -59,7 +70,9 @@ def score_dataset(
     objective: Objective,
 ) -> dict[str, float]:
     """evaluate_dataset with a suite of the caller's, whose confusion matrix (or per-label table)
-    is then the split's."""
+    is then the split's. A windowed split is scored per document, never per window."""
+    if documents_of(dataset) is not None:
+        return score_and_keep(model, dataset, suite, batch_size, pad_token_id, runtime, objective)[0]
     batches = iterate_logits(model, dataset, batch_size, pad_token_id, runtime)
     return score(((logits, batch["labels"]) for _, logits, batch in batches), suite, objective)
 
@@ -76,14 +89,31 @@ def score(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], suite: MetricSui
     return {"loss": loss_sum / max(examples, 1)} | suite.compute()
 
 
-def all_logits(
+def document_logits(
+    model: PreTrainedModel, dataset: Dataset, batch_size: int, pad_token_id: int, runtime: Runtime, objective: Objective
+) -> torch.Tensor:
+    """Every example's fp32 logits, in the dataset's order, on the host (a split's worth); a
+    windowed split's per document, its windows put together by the objective."""
+    logits, documents = row_logits(model, dataset, batch_size, pad_token_id, runtime), documents_of(dataset)
+    return logits if documents is None else objective.aggregate(logits, *documents)
+
+
+def row_logits(
     model: PreTrainedModel, dataset: Dataset, batch_size: int, pad_token_id: int, runtime: Runtime
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every example's fp32 logits and label, in the dataset's order, on the host (a split's worth)."""
+) -> torch.Tensor:
+    """Every row's fp32 logits (a window's, for windows), in the dataset's order, on the host."""
     logits = torch.zeros(len(dataset), model.config.num_labels)
     for indices, batch_logits, _ in iterate_logits(model, dataset, batch_size, pad_token_id, runtime):
         logits[torch.from_numpy(np.asarray(indices))] = batch_logits.cpu()
-    return logits, _labels(dataset)
+    return logits
+
+
+def document_labels(dataset: Dataset, objective: Objective) -> torch.Tensor:
+    """Every example's label (a windowed split's per document), in the dataset's order."""
+    labels = torch.tensor(dataset["labels"])
+    labels = labels.float() if labels.is_floating_point() else labels.long()
+    documents = documents_of(dataset)
+    return labels if documents is None else objective.aggregate_labels(labels, *documents)
 
 
 def score_and_keep(
@@ -96,7 +126,12 @@ def score_and_keep(
     objective: Objective,
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """score_dataset that also keeps every example's logits (in the dataset's order), for an
-    analysis of the errors: one pass, the same numbers."""
+    analysis of the errors: one pass, the same numbers. A windowed split is scored per document."""
+    if documents_of(dataset) is not None:
+        logits = document_logits(model, dataset, batch_size, pad_token_id, runtime, objective)
+        labels = document_labels(dataset, objective)
+        chunks = ((logits[start : start + DOCUMENT_CHUNK], labels[start : start + DOCUMENT_CHUNK]) for start in range(0, len(logits), DOCUMENT_CHUNK))
+        return score(chunks, suite, objective), logits, labels
     logits = torch.zeros(len(dataset), model.config.num_labels)
 
     def batches():
@@ -104,12 +139,24 @@ def score_and_keep(
             logits[torch.from_numpy(np.asarray(indices))] = batch_logits.cpu()
             yield batch_logits, batch["labels"]
 
-    return score(batches(), suite, objective), logits, _labels(dataset)
+    return score(batches(), suite, objective), logits, document_labels(dataset, objective)
 
 
-def _labels(dataset: Dataset) -> torch.Tensor:
-    labels = torch.tensor(dataset["labels"])
-    return labels.float() if labels.is_floating_point() else labels.long()
+def by_document(batches: Iterable[tuple], objective: Objective) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) batches as they come; batches of windows, (logits, labels, documents),
+    all gathered first and put together per document (a document's windows may sit in any batch)."""
+    windows: list[tuple[torch.Tensor, ...]] = []
+    for batch in batches:
+        if len(batch) == 2:
+            yield batch
+        else:
+            windows.append(tuple(part.cpu() for part in batch))
+    if windows:
+        logits, labels, documents = (torch.cat(parts) for parts in zip(*windows))
+        count = int(documents.max()) + 1
+        merged, merged_labels = objective.aggregate(logits, documents, count), objective.aggregate_labels(labels, documents, count)
+        for start in range(0, count, DOCUMENT_CHUNK):
+            yield merged[start : start + DOCUMENT_CHUNK], merged_labels[start : start + DOCUMENT_CHUNK]
 
 
 def predict_scores(
@@ -120,12 +167,7 @@ def predict_scores(
     runtime: Runtime,
     objective: Objective,
 ) -> np.ndarray:
-    """The objective's scores (probabilities, or values for regression), one row per example, in
-    the dataset's order."""
-    rows: np.ndarray | None = None
-    for indices, logits, _ in iterate_logits(model, dataset, batch_size, pad_token_id, runtime):
-        scores = objective.scores(logits).cpu().numpy()
-        if rows is None:
-            rows = np.zeros((len(dataset), *scores.shape[1:]), dtype=np.float32)
-        rows[indices] = scores
-    return rows
+    """The objective's scores (probabilities, or values for regression), one row per example (per
+    document of a windowed split), in the dataset's order."""
+    logits = document_logits(model, dataset, batch_size, pad_token_id, runtime, objective)
+    return objective.scores(logits).numpy()

@@ -56,6 +56,24 @@ class Objective(Protocol):
     def predictions(self, logits: torch.Tensor) -> np.ndarray:
         return self.decide(self.scores(logits))
 
+    def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
+        """One row of logits per document from its windows' (long_text: window): the logits of the
+        windows' mean probabilities (mean of sigmoids' max for multi_label; the mean value for
+        regression), so that every other method scores documents as it scores examples."""
+
+    def aggregate_labels(self, labels: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
+        """Each document's label, from its windows' (which all carry it)."""
+        first = torch.full((count,), len(documents), dtype=torch.long).scatter_reduce_(
+            0, documents, torch.arange(len(documents)), "amin"
+        )
+        return labels[first]
+
+
+def _mean_by(values: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
+    totals = torch.zeros((count, *values.shape[1:]), dtype=values.dtype).index_add_(0, documents, values)
+    windows = torch.zeros(count, dtype=values.dtype).index_add_(0, documents, torch.ones(len(documents), dtype=values.dtype))
+    return totals / windows.clamp(min=1).reshape(-1, *([1] * (values.dim() - 1)))
+
 
 class SingleLabelObjective(Objective):
     """Single-label classification: softmax cross-entropy, the training loss optionally weighted
@@ -113,6 +131,9 @@ class SingleLabelObjective(Objective):
             return self.decide(self.scores(logits))
         return logits.argmax(-1).cpu().numpy()  # the logits' own order, without a softmax's rounding
 
+    def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
+        return _mean_by(self.scores(logits), documents, count).clamp(min=1e-12).log()
+
 
 class MultiLabelObjective(Objective):
     """Multi-label classification: each label yes or no, by a sigmoid and binary cross-entropy
@@ -153,6 +174,13 @@ class MultiLabelObjective(Objective):
         """One 0/1 row per example: the labels whose probability reaches their threshold."""
         return (scores.cpu().numpy() >= self.thresholds).astype(np.int8)
 
+    def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
+        """A label is in a document when some window has it: the highest of the windows' probabilities."""
+        scores = self.scores(logits)
+        where = documents[:, None].expand(-1, scores.shape[1])
+        highest = torch.zeros(count, scores.shape[1]).scatter_reduce_(0, where, scores, "amax", include_self=False)
+        return torch.logit(highest.clamp(1e-7, 1 - 1e-7))
+
 
 class RegressionObjective(Objective):
     """Regression: the model's one output is the prediction, trained on the mean squared error
@@ -187,6 +215,9 @@ class RegressionObjective(Objective):
 
     def decide(self, scores: torch.Tensor) -> np.ndarray:
         return scores.cpu().numpy()
+
+    def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
+        return _mean_by(logits.float(), documents, count)
 
 
 def _sum_of_real(per_example: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
@@ -266,17 +297,24 @@ def tune_thresholds(scores: np.ndarray, references: np.ndarray, candidates: np.n
     return chosen
 
 
-def fit_temperature(objective: Objective, logits: torch.Tensor, labels: torch.Tensor) -> float:
+def fit_temperature(
+    objective: Objective, logits: torch.Tensor, labels: torch.Tensor, documents: tuple[torch.Tensor, int] | None = None
+) -> float:
     """The temperature T that makes softmax(logits / T) (or each label's sigmoid) fit the labels
     best: the one that minimises the evaluation loss, searched on a log scale within [0.05, 20]
     (temperature scaling, Guo et al. 2017). Dividing logits by a positive number keeps their
-    order: the predicted classes stay what they were."""
+    order: the predicted classes stay what they were. documents: windows' (documents, count), whose
+    per-document scores (objective.aggregate) the temperature is fitted to; labels are then the
+    documents'."""
     from scipy.optimize import minimize_scalar
 
-    logits, labels = logits.float(), labels
+    logits = logits.float()
 
     def loss(log_temperature: float) -> float:
-        return float(objective.loss_sum(logits / math.exp(log_temperature), labels)) / max(len(labels), 1)
+        scaled = logits / math.exp(log_temperature)
+        if documents is not None:
+            scaled = objective.aggregate(scaled, *documents)
+        return float(objective.loss_sum(scaled, labels)) / max(len(labels), 1)
 
     found = minimize_scalar(loss, bounds=(math.log(0.05), math.log(20.0)), method="bounded", options={"xatol": 1e-4})
     return float(math.exp(found.x))

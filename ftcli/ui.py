@@ -15,6 +15,7 @@ from rich.text import Text
 from ftcli.reporting.formatting import format_number, format_short, format_value
 
 if TYPE_CHECKING:
+    from ftcli.commands.audit import AuditResult
     from ftcli.commands.evaluate import Evaluation
     from ftcli.commands.sweep import SweepResult
     from ftcli.commands.train import TrainedRun
@@ -188,6 +189,30 @@ def sweep_table(result: SweepResult) -> Table:
     return table
 
 
+AUDIT_ISSUES_PRINTED = 10  # the terminal shows the likeliest; label_issues.csv and report.html have more
+
+
+def audit_view(result: AuditResult) -> Group:
+    """The cross-validated metrics, the likeliest label issues and where the files are."""
+    metrics = Table(title=f"cross-validation: {len(result.folds)} folds of {result.examples} training examples", title_justify="left")
+    for column in ("metric", "mean", "std", "per fold"):
+        metrics.add_column(column, justify="left" if column == "metric" else "right")
+    for name, values in result.metrics.items():
+        metrics.add_row(name, format_number(values["mean"]), format_number(values["std"]), " ".join(format_number(v) for v in values["folds"]))
+    issues = Table(title=f"label issues: {len(result.issues)} probably wrong, the likeliest first", title_justify="left")
+    shown = result.issues[:AUDIT_ISSUES_PRINTED]
+    named = ("index", "fold", "given", "suggested", "quality")
+    texts = [key for key in (shown[0] if shown else {}) if key not in named]
+    columns = ["index", *texts, "given", "suggested", "quality"]
+    for column in columns:
+        issues.add_column(column, justify="left" if column in texts else "right", overflow="fold")
+    for issue in shown:
+        issues.add_row(*(escape(issue[column] if isinstance(issue[column], str) else format_short(issue[column])) for column in columns))
+    trained = f"{result.trained} fold{'s' if result.trained != 1 else ''} trained now, {len(result.folds) - result.trained} kept"
+    files = f"{result.folder}: label_issues.csv, out_of_fold.jsonl, cross_validation.json, report.html ({trained})"
+    return Group(metrics, issues, Text(files))
+
+
 class TrainingProgress:
     """A rich progress bar over optimizer steps showing loss, learning rate and throughput (the
     training events of ftcli.training.job.TrainingEvents)."""
@@ -256,9 +281,12 @@ def prepare_summary(prepared) -> Table:
     source = "cache hit" if prepared.cache_hit else "tokenized and cached"
     table = Table(title=f"data {prepared.fingerprint} ({source}: {prepared.cache_dir})", title_justify="left")
     label_columns, label_values = _label_summary(prepared)
-    for column in ("split", "examples", *label_columns, "tokens p50", "p95", "max", "truncated"):
+    windowed = any(summary.windows is not None for summary in prepared.summary.values())
+    last = ("split into windows", "windows") if windowed else ("truncated",)
+    for column in ("split", "examples", *label_columns, "tokens p50", "p95", "max", *last):
         table.add_column(escape(column), justify="left" if column == "split" else "right")
     for split, summary in prepared.summary.items():
+        ends = (str(summary.windowed), str(summary.windows)) if windowed else (str(summary.truncated),)
         table.add_row(
             split,
             str(summary.size),
@@ -266,7 +294,7 @@ def prepare_summary(prepared) -> Table:
             f"{summary.length_p50:.0f}",
             f"{summary.length_p95:.0f}",
             str(summary.length_max),
-            str(summary.truncated),
+            *ends,
         )
     return table
 

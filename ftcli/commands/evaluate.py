@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ftcli.config import Config
-from ftcli.data.prepare import load_raw_splits, prepare
+from ftcli.data.prepare import prepare, split_rows
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_json, atomic_write_text
 from ftcli.inference import score_and_keep
@@ -47,6 +47,7 @@ class Evaluation:
     written: Path
     predictions: Path
     notes: dict[str, Any] = field(default_factory=dict)
+    scores: np.ndarray | None = None  # each example's probabilities (regression: its predicted value)
 
 
 def evaluate_run(
@@ -81,7 +82,7 @@ def evaluate_run(
         written=run.eval_file(split, folder),
         predictions=(folder or run.path) / f"predictions_{split}.jsonl",
     )
-    rows = load_raw_splits(config.data)[0][split]
+    rows = split_rows(config.data, prepared, split)
     _analyse(evaluation, loaded.objective, logits, labels, rows, config)
     atomic_write_json(evaluation.written, _record(evaluation, loaded.weights))
     if loaded.is_final:
@@ -131,6 +132,7 @@ def _calibration(loaded: LoadedRun, logits: torch.Tensor, labels: torch.Tensor) 
 def _analyse(evaluation: Evaluation, objective: Objective, logits: torch.Tensor, labels: torch.Tensor, rows: list[dict], config: Config) -> None:
     """The error analysis (its examples named with their first text) and predictions_<split>.jsonl."""
     scores, decisions = objective.scores(logits).numpy(), objective.predictions(logits)
+    evaluation.scores = scores
     losses, truth = objective.losses(logits, labels).numpy(), labels.numpy()
     evaluation.analysis = error_analysis(config.task, evaluation.labels, scores, decisions, truth, losses)
     first_text = config.data.text_fields[0]

@@ -73,7 +73,7 @@ def predict(
             f"the model reads {', '.join(fields)}",
         )
     check_texts(rows, fields, where="input")
-    dataset = tokenize_rows(rows, fields, tokenizer, config.data.max_length)
+    dataset = tokenize_rows(rows, config.data, tokenizer)
     objective = loaded.objective
     scores = predict_scores(model, dataset, config.training.eval_batch_size, tokenizer.pad_token_id, runtime, objective)
     names = label_names_of(model)

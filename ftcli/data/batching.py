@@ -30,7 +30,8 @@ def pad_rows(sequences: list[list[int]], length: int, value: int) -> torch.Tenso
 def collate(
     features: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Pad a list of tokenized rows to the longest one (rounded up to a multiple when asked)."""
+    """Pad a list of tokenized rows to the longest one (rounded up to a multiple when asked); labels
+    and (for windows) document indices come along as their own tensors."""
     longest = max(len(row["input_ids"]) for row in features)
     if pad_to_multiple_of:
         longest = round_up(longest, pad_to_multiple_of)
@@ -41,6 +42,8 @@ def collate(
     }
     if "labels" in features[0]:
         batch["labels"] = label_tensor([row["labels"] for row in features])
+    if "doc" in features[0]:  # long_text window: which document each window is of
+        batch["doc"] = torch.tensor([row["doc"] for row in features], dtype=torch.long)
     return batch
 
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 from ftcli.config import DataConfig
+from ftcli.data.folds import hold_out
 from ftcli.data.labels import check_labels, encode_labels, is_missing, resolve_label_names
 from ftcli.data.sources import HubDataset, LocalFiles, Source
 from ftcli.errors import FtcliError
@@ -32,13 +33,15 @@ CACHE_FORMAT = 1  # bump when the prepared columns change, to invalidate old cac
 
 @dataclass
 class SplitSummary:
-    size: int
+    size: int  # examples (documents)
     label_counts: dict[str, int]  # examples of each class (single_label) or with each label (multi_label)
     length_p50: float
     length_p95: float
     length_max: int
     truncated: int
     label_stats: dict[str, float] | None = None  # regression: mean, std, min, max of the targets
+    windows: int | None = None  # long_text window: the rows the examples became
+    windowed: int = 0  # long_text window: examples split into more than one window
 
 
 @dataclass
@@ -51,6 +54,8 @@ class Prepared:
     fingerprint: str
     cache_dir: Path
     cache_hit: bool = field(default=False)
+    # data.fold: the training documents (indices into the training split) train and validation hold
+    origin: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def source_for(data: DataConfig) -> Source:
@@ -143,7 +148,7 @@ def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase, task:
     setting that changes the tokens."""
     digest = hashlib.sha256(f"ftcli-cache-{CACHE_FORMAT}-{task}".encode())
     # The source fingerprints its own files (by content, not path) or Hub id.
-    settings = data.model_dump(mode="json", exclude={"train", "validation", "test"})
+    settings = data.model_dump(mode="json", exclude={"train", "validation", "test", "fold"})  # a fold is cut from the cached splits
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(source_for(data).fingerprint().encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
@@ -154,22 +159,50 @@ def cache_root() -> Path:
     return Path(os.environ.get("FTCLI_CACHE", Path.home() / ".cache" / "ftcli")) / "prepared"
 
 
-def tokenize_rows(
-    rows: Rows, text_fields: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> Dataset:
-    """Tokenize (pairs as pairs) with truncation, in batches, without padding: batches pad later."""
-    columns = {column: [row[column] for row in rows] for column in text_fields}
-    dataset = Dataset.from_dict(columns)
+def tokenize_rows(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """Tokenize (pairs as pairs) in batches, without padding: batches pad later. A text longer
+    than data.max_length is truncated, or with data.long_text: window split into windows that
+    share data.stride tokens, each a row whose `doc` column is its example's index."""
+    columns = {column: [row[column] for row in rows] for column in data.text_fields}
+    window = data.long_text == "window"
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        texts = [batch[column] for column in text_fields]
-        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
-        full = tokenizer(*texts, truncation=False, add_special_tokens=True)["input_ids"]
-        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
-        encoded["full_length"] = [len(ids) for ids in full]
-        return dict(encoded)
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        texts = [batch[column] for column in data.text_fields]
+        full = [len(ids) for ids in tokenizer(*texts, truncation=False, add_special_tokens=True)["input_ids"]]
+        if not window:
+            encoded = tokenizer(*texts, truncation=True, max_length=data.max_length)
+            return dict(encoded) | {"length": [len(ids) for ids in encoded["input_ids"]], "full_length": full}
+        _check_room(texts, indices, data, tokenizer)
+        encoded = tokenizer(
+            *texts, truncation="only_first" if len(texts) == 2 else True, max_length=data.max_length,
+            stride=data.stride, return_overflowing_tokens=True,
+        )
+        origin = encoded.pop("overflow_to_sample_mapping")
+        return dict(encoded) | {
+            "length": [len(ids) for ids in encoded["input_ids"]],
+            "full_length": [full[source] for source in origin],
+            "doc": [indices[source] for source in origin],
+        }
 
-    return dataset.map(encode, batched=True, batch_size=1000, remove_columns=list(text_fields))
+    return Dataset.from_dict(columns).map(
+        encode, batched=True, batch_size=1000, with_indices=True, remove_columns=list(data.text_fields)
+    )
+
+
+def _check_room(texts: list[list[str]], indices: list[int], data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A window holds the special tokens and (pairs) the whole second text: what is left of
+    max_length for the first text must be more than the stride, or windows cannot advance."""
+    room = [data.max_length - tokenizer.num_special_tokens_to_add(pair=len(texts) == 2)] * len(indices)
+    if len(texts) == 2:
+        room = [left - len(ids) for left, ids in zip(room, tokenizer(texts[1], add_special_tokens=False)["input_ids"])]
+    tightest = int(np.argmin(room))
+    if room[tightest] <= data.stride:
+        raise FtcliError(
+            f"row {indices[tightest] + 1}: a window of data.max_length={data.max_length} tokens leaves "
+            f"{max(room[tightest], 0)} for the windowed text, not more than data.stride={data.stride}"
+            + (" (the second text is kept whole)" if len(texts) == 2 else ""),
+            "raise data.max_length or lower data.stride",
+        )
 
 
 def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str, use_cache: bool = True) -> Prepared:
@@ -178,8 +211,15 @@ def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str, use
     fingerprint = data_fingerprint(data, tokenizer, task)
     cache_dir = cache_root() / fingerprint
     if use_cache and (cache_dir / "meta.json").is_file():
-        return _load_cached(cache_dir, fingerprint)
+        prepared = _load_cached(cache_dir, fingerprint)
+    else:
+        prepared = _build(data, tokenizer, task, fingerprint, cache_dir)
+        if use_cache:
+            _save_cache(prepared)
+    return _hold_out_fold(prepared, data, task) if data.fold is not None else prepared
 
+
+def _build(data: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str, fingerprint: str, cache_dir: Path) -> Prepared:
     raw, hub_names = load_raw_splits(data)
     check_columns(raw, data, task)
     label_names = resolve_label_names(raw, data, task, hub_names)
@@ -191,18 +231,44 @@ def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str, use
                 f"the training set has only one class ({label_names[labels[0]]})",
                 "a classifier needs examples of at least two classes",
             )
-        tokenized = tokenize_rows(rows, data.text_fields, tokenizer, data.max_length).add_column("labels", labels)
+        tokenized = tokenize_rows(rows, data, tokenizer)
+        tokenized = tokenized.add_column("labels", [labels[doc] for doc in tokenized["doc"]] if "doc" in tokenized.column_names else labels)
         summary[split] = _summarize(tokenized, label_names, task)
         splits[split] = tokenized.remove_columns("full_length")
-    prepared = Prepared(DatasetDict(splits), label_names, summary, fingerprint, cache_dir)
-    if use_cache:
-        _save_cache(prepared)
-    return prepared
+    return Prepared(DatasetDict(splits), label_names, summary, fingerprint, cache_dir)
+
+
+def _hold_out_fold(prepared: Prepared, data: DataConfig, task: str) -> Prepared:
+    """data.fold: training less the fold as train, the fold as validation."""
+    splits, origin = hold_out(prepared.splits, task, data.fold)
+    summary = dict(prepared.summary)
+    for split in origin:
+        # The cache keeps no untruncated lengths: a fold counts the examples cut at max_length.
+        lengths = splits[split].add_column("full_length", splits[split]["length"])
+        summary[split] = _summarize(lengths, prepared.label_names, task)
+        if data.long_text == "truncate":
+            summary[split].truncated = int((np.asarray(lengths["length"]) >= data.max_length).sum())
+    return replace(prepared, splits=splits, summary=summary, origin=origin)
+
+
+def split_rows(data: DataConfig, prepared: Prepared, split: str) -> Rows:
+    """A split's rows as read from its source, in the prepared split's document order (a fold's
+    rows come from the training split)."""
+    raw = load_raw_splits(data)[0]
+    if split in prepared.origin:
+        return [raw["train"][int(index)] for index in prepared.origin[split]]
+    return raw[split]
 
 
 def _summarize(tokenized: Dataset, label_names: list[str], task: str) -> SplitSummary:
+    windows, windowed = None, 0
+    if "doc" in tokenized.column_names:  # one row per window: summarise the documents
+        docs = np.asarray(tokenized["doc"])
+        windows, windowed = len(docs), int((np.bincount(docs) > 1).sum())
+        first = np.unique(docs, return_index=True)[1]
+        tokenized = tokenized.select(first)
     full = np.asarray(tokenized["full_length"])
-    lengths = np.asarray(tokenized["length"])
+    lengths = np.asarray(tokenized["length"]) if windows is None else full  # windows cut nothing
     labels = np.asarray(tokenized["labels"])
     counts, stats = {}, None
     if task == SINGLE_LABEL:
@@ -220,6 +286,8 @@ def _summarize(tokenized: Dataset, label_names: list[str], task: str) -> SplitSu
         length_max=int(full.max()),
         truncated=int((full > lengths).sum()),
         label_stats=stats,
+        windows=windows,
+        windowed=windowed,
     )
 
 

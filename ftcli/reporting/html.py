@@ -13,7 +13,7 @@ from ftcli.reporting.curves import confusion_figure, png_bytes, scores_figure
 from ftcli.reporting.diagnosis import Finding
 from ftcli.reporting.events import eval_metric_names
 from ftcli.reporting.formatting import format_number
-from ftcli.reporting.report import Report, RunReport, metric_rows, run_stats
+from ftcli.reporting.report import Report, RunReport, build_report, metric_rows, run_stats
 
 REPORT_HTML = "report.html"
 
@@ -55,6 +55,8 @@ def render_html(report: Report) -> str:
     ]
     if columns > 1:
         parts += ["<h2>Summary</h2>", _summary_table(report.runs)]
+    if report.audit is not None:
+        parts.append(_audit_section(report.audit))
     if report.comparison_png:
         parts.append(_image(report.comparison_png.read_bytes(), "comparison of the runs' curves"))
     parts.append(f'<div class="runs" style="--columns: {columns}">')
@@ -87,6 +89,34 @@ def _run_section(run: RunReport) -> str:
             "</section>",
         ]
     )
+
+
+def write_audit_html(runs: list[Path], folder: Path, audit: dict[str, Any]) -> Path:
+    """The audit's report.html: its folds side by side under the cross-validated metrics and the label issues."""
+    report = build_report(runs, folder=folder)
+    report.audit = audit
+    return write_html(report)
+
+
+AUDIT_ISSUES_SHOWN = 200  # the page lists the likeliest; label_issues.csv has them all
+
+
+def _audit_section(audit: dict[str, Any]) -> str:
+    metrics = [
+        [name, format_number(values["mean"]), format_number(values["std"]), ", ".join(format_number(v) for v in values["folds"])]
+        for name, values in audit["metrics"].items()
+    ]
+    issues = audit["label_issues"]
+    columns = [key for key in issues[0] if key != "quality"] + ["quality"] if issues else []
+    rows = [[format_number(issue[key]) if key == "quality" else str(issue[key]) for key in columns] for issue in issues[:AUDIT_ISSUES_SHOWN]]
+    return "\n".join([
+        f"<h2>Cross-validation: {audit['folds']} folds of {audit['examples']} training examples</h2>",
+        _table(["metric", "mean", "std", "per fold"], metrics, css="metrics"),
+        f"<h2>Label issues: {len(issues)} training examples whose labels are probably wrong</h2>",
+        '<p class="muted">Out-of-fold probabilities read by cleanlab (confident learning), the likeliest first; '
+        f"the first {min(len(issues), AUDIT_ISSUES_SHOWN)} of label_issues.csv.</p>",
+        _table(columns, rows, css="issues") if issues else "<p>None found.</p>",
+    ])
 
 
 def _calibration_section(run: RunReport) -> str:

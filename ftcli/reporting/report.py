@@ -49,6 +49,7 @@ class Report:
     folder: Path
     comparison_png: Path | None = None
     html: Path | None = None
+    audit: dict[str, Any] | None = None  # ftcli audit: cross_validation.json, and label_issues under "label_issues"
 
 
 # ---------------------------------------------------------------- building

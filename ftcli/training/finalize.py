@@ -5,6 +5,8 @@ evaluate, predict, export and serving decide alike."""
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from transformers import PreTrainedModel
 
 from ftcli.config import Config
 from ftcli.fileio import atomic_write_json
-from ftcli.inference import all_logits
+from ftcli.inference import document_labels, documents_of, row_logits
 from ftcli.metrics import compute_builtin, expected_calibration_error, primary_metric, reliability
 from ftcli.modeling import scale_logits
 from ftcli.objective import (
@@ -30,6 +32,7 @@ from ftcli.runs.rundir import CALIBRATION_FILE, THRESHOLDS_FILE
 from ftcli.runtime import Runtime
 from ftcli.tasks import MULTI_LABEL, REGRESSION
 
+log = logging.getLogger("ftcli")
 
 
 @dataclass
@@ -60,13 +63,46 @@ def decide(
     tuning = (config.task == MULTI_LABEL and config.thresholds == "tuned") or config.decision_threshold == "tuned"
     if validation is None or not (calibrating or tuning):
         return _fixed(config, decisions, label_names)
-    logits, labels = all_logits(model, validation, config.training.eval_batch_size, pad_token_id, runtime)
+    rows = row_logits(model, validation, config.training.eval_batch_size, pad_token_id, runtime)
+    labels, documents = document_labels(validation, objective), documents_of(validation)
+    per_example = _per_example(objective, documents)
     if calibrating:
-        temperature = fit_temperature(objective, logits, labels)
-        decisions.calibration = _calibration_record(objective, logits, labels, temperature)
-        scale_logits(model, len(label_names), 1 / temperature)
-        logits = logits / temperature
-    return _thresholds(config, decisions, logits, labels)
+        temperature = _temperature(objective, rows, labels, documents)
+        if temperature is not None:
+            decisions.calibration = _calibration_record(
+                objective, per_example(rows), per_example(rows / temperature), labels, temperature
+            )
+            scale_logits(model, len(label_names), 1 / temperature)
+            rows = rows / temperature
+    return _thresholds(config, decisions, per_example(rows), labels)
+
+
+def _per_example(objective: Objective, documents: tuple[torch.Tensor, int] | None):
+    """Rows' logits as the examples' (windows put together into their documents')."""
+    return (lambda rows: rows) if documents is None else (lambda rows: objective.aggregate(rows, *documents))
+
+
+TEMPERATURE_STEPS = 20  # windows: tries between the best temperature and none
+
+
+def _temperature(
+    objective: Objective, rows: torch.Tensor, labels: torch.Tensor, documents: tuple[torch.Tensor, int] | None
+) -> float | None:
+    """The fitted temperature. Windows' averaged probabilities are not scale-free, so a temperature
+    can flip a document's prediction: then the one nearest the best (on a log scale, towards 1)
+    that flips none, or None when only 1 does."""
+    best = fit_temperature(objective, rows, labels, documents)
+    if documents is None:
+        return best
+    per_example = _per_example(objective, documents)
+    reference = objective.predictions(per_example(rows))
+    for temperature in np.exp(np.linspace(math.log(best), 0.0, TEMPERATURE_STEPS + 1))[:-1]:
+        if np.array_equal(objective.predictions(per_example(rows / float(temperature))), reference):
+            if temperature != best:
+                log.warning(f"calibration: temperature {temperature:.3f}, not the best fit {best:.3f}, which would change predictions")
+            return float(temperature)
+    log.warning("calibration skipped: any temperature would change a document's prediction (its windows' probabilities are averaged)")
+    return None
 
 
 def _fixed(config: Config, decisions: Decisions, label_names: list[str]) -> Decisions:
@@ -108,10 +144,12 @@ def _thresholds(config: Config, decisions: Decisions, logits: torch.Tensor, labe
     return decisions
 
 
-def _calibration_record(objective: Objective, logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, Any]:
+def _calibration_record(
+    objective: Objective, before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> dict[str, Any]:
     """calibration.json: the temperature, and on validation the calibration before and after."""
     record: dict[str, Any] = {"method": "temperature", "temperature": temperature, "fitted_on": "validation"}
-    for when, scaled in (("before", logits), ("after", logits / temperature)):
+    for when, scaled in (("before", before), ("after", after)):
         scores = objective.scores(scaled).numpy()
         bins = reliability(scores, labels.numpy(), objective.task)
         record[when] = {

@@ -23,10 +23,10 @@ from transformers import (
 )
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from ftcli.config import Config, TrainingConfig
+from ftcli.config import Config
+from ftcli.inference import evaluate_dataset
 from ftcli.metrics import MetricSuite, higher_is_better, primary_metric
 from ftcli.runs import checkpoints
-from ftcli.runs.rundir import RunDir
 from ftcli.runtime import Runtime
 from ftcli.training.job import TrainJob, TrainOutcome
 from ftcli.objective import Objective
@@ -71,8 +71,7 @@ def _trainer(job: TrainJob) -> _StagedTrainer:
     if config.training.early_stopping_patience and validation is not None:
         callbacks.append(EarlyStoppingCallback(config.training.early_stopping_patience))
     trainer = _StagedTrainer(
-        run=job.run,
-        training=config.training,
+        job=job,
         objective=job.objective.to(args.device),  # moved once, not at every step
         model=job.model,
         args=args,
@@ -100,9 +99,9 @@ class _ObjectiveTrainer(Trainer):
     training tokens (for throughput and padding efficiency); it stops at a nan or inf training loss
     before it logs or saves anything after it."""
 
-    def __init__(self, *args, training: TrainingConfig, objective: Objective, **kwargs) -> None:
+    def __init__(self, *args, job: TrainJob, objective: Objective, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.training, self.objective = training, objective
+        self.job, self.training, self.objective = job, job.config.training, objective
         self.real_tokens: torch.Tensor | int = 0
         self.padded_tokens = 0
         self.loss_watch: LossWatch | None = None
@@ -122,6 +121,22 @@ class _ObjectiveTrainer(Trainer):
                 self.loss_watch = LossWatch(mask.device)
             self.loss_watch.observe(loss, self.state.global_step + 1)
         return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer's evaluation, except for windows (long_text: window): Trainer would score each
+        window, ftcli's evaluation scores each document."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if "doc" not in dataset.column_names:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        job = self.job
+        metrics = evaluate_dataset(
+            self.model, dataset, job.config.metrics, self.training.eval_batch_size, job.tokenizer.pad_token_id,
+            job.runtime, self.objective,
+        )
+        output = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
+        self.log(output)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output)
+        return output
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
@@ -226,9 +241,9 @@ class _StagedTrainer(_ObjectiveTrainer):
     ftcli.runs.checkpoints, renamed into place once every process has written its part.
     """
 
-    def __init__(self, *args, run: RunDir, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.run = run
+        self.run = self.job.run
         self._staging_root: Path | None = None
 
     def _get_output_dir(self, trial) -> str:

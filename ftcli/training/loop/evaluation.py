@@ -11,7 +11,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from ftcli.data.batching import collate, length_sorted_batches
-from ftcli.inference import score
+from ftcli.inference import by_document, score
 from ftcli.metrics import MetricSuite
 from ftcli.runtime import attention_kernels
 from ftcli.objective import Objective
@@ -49,15 +49,15 @@ def evaluate(
 
     def gathered_batches():
         for batch in loader:
-            labels = batch.pop("labels")
+            labels, documents = batch.pop("labels"), batch.pop("doc", None)
             with torch.autocast(accelerator.device.type, dtype=autocast, enabled=autocast is not None):
                 logits = model(**batch).logits.float()
             # With several processes the last batch is topped up with repeated examples so that
             # every process has one; gather_for_metrics drops them, so each example counts once.
-            yield accelerator.gather_for_metrics((logits, labels))
+            yield accelerator.gather_for_metrics((logits, labels) if documents is None else (logits, labels, documents))
 
     model.eval()
     with torch.no_grad(), attention_kernels(accelerator.device):  # evaluation brings many shapes
-        metrics = score(gathered_batches(), suite, objective)
+        metrics = score(by_document(gathered_batches(), objective), suite, objective)
     model.train()
     return metrics

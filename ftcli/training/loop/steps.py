@@ -62,6 +62,7 @@ class EagerStep:
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
             labels = batch.pop("labels")
+            batch.pop("doc", None)  # long_text window: each window trains with its document's label
             self.real_tokens += batch["attention_mask"].sum()  # a device tensor: no sync
             self.padded_tokens += batch["input_ids"].numel()
             loss_sum = self.objective.training_loss_sum(self.model(**batch).logits, labels)
