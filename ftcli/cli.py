@@ -249,16 +249,59 @@ def push(
 def export(
     run_dir: RunArg,
     format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+    quantize: Annotated[
+        Optional[str], typer.Option("--quantize", help="Also write an int8 model (dynamic quantization): int8.")
+    ] = None,
+    max_drop: Annotated[
+        float, typer.Option("--max-drop", help="Keep the int8 model only if the first metric drops by at most this (absolute).")
+    ] = 0.005,
 ) -> None:
     """Export a run's model (ONNX into RUN/export/) and check its logits against PyTorch."""
     from ftcli.commands.export import export_run
-    from ftcli.ui import console
+    from ftcli.ui import console, error_console
 
-    result = export_run(run_dir, format)
+    result = export_run(run_dir, format, quantize=quantize, max_drop=max_drop)
     console.print(
         f"exported {result.onnx_file}: on {result.examples} {result.split} examples its logits differ from "
         f"PyTorch's by at most {result.max_difference:.2e} (tolerance {result.atol:g})"
     )
+    if result.quantized is not None:
+        check = result.quantized
+        line = (
+            f"{check.metric} on {check.split}: fp32 {check.fp32:.4f}, int8 {check.int8:.4f} "
+            f"(a drop of {check.drop:.4f}; at most {check.max_drop:g} allowed)"
+        )
+        if check.kept:
+            console.print(f"kept {check.file} ({check.int8_bytes / 2**20:.1f} MiB, fp32 {check.fp32_bytes / 2**20:.1f} MiB): {line}")
+        else:
+            error_console.print(f"warning: int8 model not kept, only fp32 written: {line}", markup=False)
+    console.print(f"report: {result.folder / 'report.json'}")
+
+
+@app.command()
+@user_errors
+def serve(
+    run_dir: RunArg,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    engine: Annotated[str, typer.Option(help="torch (the run's model/) or onnx (RUN/export/, from ftcli export).")] = "torch",
+    quantized: Annotated[bool, typer.Option("--quantized", help="With --engine onnx: serve export/model.int8.onnx.")] = False,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most inputs per forward pass.")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest an input waits for others to join its batch.")] = 5.0,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes, each with the model (the cores are divided).")] = 1,
+    max_queue: Annotated[
+        Optional[int], typer.Option(min=1, help="Most inputs waiting; beyond, 503 with Retry-After (default 16 batches).")
+    ] = None,
+    max_inputs: Annotated[int, typer.Option(min=1, help="Most inputs per request (413 beyond).")] = 256,
+    max_chars: Annotated[int, typer.Option(min=1, help="Most characters per text (413 beyond).")] = 20_000,
+) -> None:
+    """Serve a run's model over HTTP: /v1/predict, TEI's /predict, /health, /v1/info, /metrics. FTCLI_API_KEY set: Bearer auth."""
+    from ftcli.commands.serve import ServeOptions, serve_run
+    from ftcli.ui import console
+
+    options = ServeOptions(str(run_dir), engine, quantized, max_batch, max_wait_ms, max_queue, workers, max_inputs, max_chars)
+    serve_run(options, host, port, say=console.print)
+    console.print("stopped: every request in flight was answered")
 
 
 def main() -> None:

@@ -70,3 +70,30 @@ def test_export_without_its_packages_or_with_another_format_is_a_clear_error(tra
     assert missing.exit_code == 2
     assert "needs the onnxruntime package" in missing.output and "pip install 'ftcli[export]'" in missing.output
     assert not (trained_run / "export").exists()
+
+
+def test_int8_export_is_kept_within_the_drop_with_both_metrics_in_the_report(trained_run):
+    result = invoke("export", str(trained_run), "--quantize", "int8", "--max-drop", "0.5")
+    assert result.exit_code == 0, result.output
+    folder = trained_run / "export"
+    assert (folder / "model.int8.onnx").is_file() and (folder / "model.onnx").is_file()
+    report = json.loads((folder / "report.json").read_text())
+    check = report["quantization"]
+    assert check["kept"] is True and check["file"] == "model.int8.onnx" and check["metric"] == "accuracy"
+    assert 0 <= check["fp32"] <= 1 and 0 <= check["int8"] <= 1 and check["drop"] == pytest.approx(check["fp32"] - check["int8"])
+    assert report["sizes"]["model.int8.onnx"] < report["sizes"]["model.onnx"]
+    assert report["parity"]["passed"] and report["parity"]["max_difference"] <= 1e-4
+    assert "kept" in result.output and f"fp32 {check['fp32']:.4f}" in result.output
+
+
+def test_int8_export_beyond_the_drop_keeps_only_fp32_and_names_both_numbers(trained_run):
+    result = invoke("export", str(trained_run), "--quantize", "int8", "--max-drop", "-1")
+    assert result.exit_code == 0, result.output
+    folder = trained_run / "export"
+    assert (folder / "model.onnx").is_file() and not (folder / "model.int8.onnx").exists()
+    check = json.loads((folder / "report.json").read_text())["quantization"]
+    assert check["kept"] is False and check["file"] is None
+    assert "int8 model not kept" in result.output
+    assert f"fp32 {check['fp32']:.4f}" in result.output and f"int8 {check['int8']:.4f}" in result.output
+    unknown = invoke("export", str(trained_run), "--quantize", "int4")
+    assert unknown.exit_code == 2 and "unknown quantization 'int4'" in unknown.output

@@ -18,7 +18,7 @@ LAYERS = [
     ("objective and run directories", ["objective", "runs"]),
     ("forward passes and reading runs", ["inference", "reporting"]),
     ("training", ["training"]),
-    ("commands", ["commands"]),
+    ("commands", ["commands", "serving"]),
     ("terminal", ["ui", "launch"]),
     ("command line", ["cli", "__main__"]),
 ]

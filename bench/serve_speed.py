@@ -1,0 +1,213 @@
+"""Serving speed side by side: the FastAPI handler users write around transformers.pipeline vs
+ftcli serve (torch engine, and ONNX int8), on the same model and MRPC validation pairs, in one run.
+
+    python -m bench.serve_speed                      # trains a short MiniLM MRPC run first
+    python -m bench.serve_speed --run runs/mrpc-minilm --seconds 10 --clients 1,8,32
+
+Rows, each a server process started one after another on this machine and driven over loopback
+by --clients concurrent clients (asyncio + httpx, one pair per request, each client sending its
+next request when its last is answered) for --seconds each, after a 1 s warm-up:
+  (a) baseline      FastAPI, a sync `def` route calling pipeline("text-classification") once per
+                    request, as its tutorials write it (fp32, the default threads)
+  (b) ftcli torch   ftcli serve RUN: dynamic micro-batching, the run's precision
+  (c) ftcli int8    ftcli serve RUN --engine onnx --quantized (ftcli export --quantize int8)
+Reported per row: requests/s, p50/p95/p99 latency, errors (non-200 answers and failed requests),
+and the throughput ratio to (a) at the same number of clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+
+from bench.train_speed import MRPC
+
+ROOT = Path(__file__).resolve().parents[1]
+WARM_UP_SECONDS = 1.0
+
+
+class Pair(BaseModel):
+    text: str
+    text_pair: str
+
+
+def baseline_app(model_dir: str):
+    """What a user writes: one pipeline call per request, in FastAPI's thread pool."""
+    from fastapi import FastAPI
+    from transformers import pipeline
+
+    classifier = pipeline("text-classification", model=model_dir, device="cpu")
+    app = FastAPI()
+
+    @app.post("/predict")
+    def predict(pair: Pair) -> dict:
+        return classifier({"text": pair.text, "text_pair": pair.text_pair})
+
+    return app
+
+
+def train_run(workdir: Path, steps: int) -> Path:
+    """A short MiniLM MRPC run: serving speed does not depend on how long it trained."""
+    command = [
+        sys.executable, "-m", "ftcli", "train", str(ROOT / "configs" / "mrpc-minilm.yaml"), "--set", "name=serve-bench",
+        "--set", f"output_dir={workdir}", "--set", f"training.max_steps={steps}", "--set", f"training.eval_every={steps}",
+        "--set", f"training.save_every={steps}", "--set", "data.test=null",
+    ]
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return workdir / "serve-bench"
+
+
+def export_int8(run: Path) -> dict:
+    """ftcli export --quantize int8 with the default gate; when int8 is not kept, again with no
+    gate so that row (c) can still be measured (the report says so)."""
+    base = [sys.executable, "-m", "ftcli", "export", str(run), "--quantize", "int8"]
+    subprocess.run(base, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    report = json.loads((run / "export" / "report.json").read_text())["quantization"]
+    if not report["kept"]:
+        subprocess.run(base + ["--max-drop", "1"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        report["kept_for_bench_only"] = True
+    return report
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(kind: str, run: Path, port: int) -> subprocess.Popen:
+    if kind == "baseline":
+        command = [sys.executable, "-m", "bench.serve_speed", "--baseline-server", str(run / "model"), "--port", str(port)]
+    else:
+        extra = ["--engine", "onnx", "--quantized"] if kind == "ftcli int8" else []
+        command = [sys.executable, "-m", "ftcli", "serve", str(run), "--port", str(port), *extra]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def wait_ready(client, url: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if (await client.post(url, json=_body(url, PAIRS[0]))).status_code == 200:
+                return
+        except Exception:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} never answered")
+
+
+def _body(url: str, pair: tuple[str, str]) -> dict:
+    text = {"text": pair[0], "text_pair": pair[1]}
+    return {"inputs": text} if url.endswith("/v1/predict") else text
+
+
+async def drive(url: str, clients: int, seconds: float) -> dict:
+    """clients concurrent closed-loop clients for `seconds` (after a warm-up): latencies and errors."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        await wait_ready(client, url)
+        latencies: list[float] = []
+        errors = 0
+        start = time.perf_counter()
+        measure_from, stop_at = start + WARM_UP_SECONDS, start + WARM_UP_SECONDS + seconds
+
+        async def one_client(index: int) -> None:
+            nonlocal errors
+            position = index * 7
+            while (now := time.perf_counter()) < stop_at:
+                pair = PAIRS[position % len(PAIRS)]
+                position += 1
+                try:
+                    ok = (await client.post(url, json=_body(url, pair))).status_code == 200
+                except Exception:
+                    ok = False
+                done = time.perf_counter()
+                if now < measure_from:
+                    continue
+                if ok:
+                    latencies.append(done - now)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(one_client(index) for index in range(clients)))
+    values = np.asarray(latencies) * 1000
+    return {
+        "clients": clients, "requests": len(latencies), "requests_per_second": len(latencies) / seconds, "errors": errors,
+        **{f"p{q}_ms": float(np.percentile(values, q)) if len(values) else float("nan") for q in (50, 95, 99)},
+    }
+
+
+def measure(kind: str, run: Path, levels: list[int], seconds: float) -> list[dict]:
+    port = free_port()
+    server = start_server(kind, run, port)
+    route = "/predict" if kind == "baseline" else "/v1/predict"
+    try:
+        return [{"server": kind} | asyncio.run(drive(f"http://127.0.0.1:{port}{route}", clients, seconds)) for clients in levels]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def print_table(rows: list[dict]) -> None:
+    baseline = {row["clients"]: row["requests_per_second"] for row in rows if row["server"] == "baseline"}
+    print(f"{'server':<14}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}{'vs (a)':>8}")
+    for row in rows:
+        ratio = row["requests_per_second"] / baseline[row["clients"]] if baseline.get(row["clients"]) else float("nan")
+        print(
+            f"{row['server']:<14}{row['clients']:>8}{row['requests_per_second']:>9.1f}{row['p50_ms']:>9.1f}"
+            f"{row['p95_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['errors']:>8}{ratio:>7.2f}x"
+        )
+
+
+def load_pairs(data_dir: Path) -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in (data_dir / "validation.jsonl").read_text().splitlines() if line.strip()]
+    return [(row["sentence1"], row["sentence2"]) for row in rows]
+
+
+PAIRS: list[tuple[str, str]] = []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=None, help="A trained MRPC run (default: train a short one)")
+    parser.add_argument("--data-dir", type=Path, default=MRPC)
+    parser.add_argument("--seconds", type=float, default=10.0, help="Measured seconds per row and client count")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--out", type=Path, default=None, help="Also write the rows as JSON")
+    parser.add_argument("--baseline-server", default=None, help=argparse.SUPPRESS)  # internal: run row (a)'s server
+    parser.add_argument("--port", type=int, default=8000, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_server:
+        import uvicorn
+
+        uvicorn.run(baseline_app(args.baseline_server), host="127.0.0.1", port=args.port, log_level="warning")
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    PAIRS.extend(load_pairs(args.data_dir))
+    levels = [int(value) for value in args.clients.split(",")]
+    with tempfile.TemporaryDirectory() as workdir:
+        run = args.run or train_run(Path(workdir), args.train_steps)
+        quantization = export_int8(run)
+        print(f"int8 export: {json.dumps(quantization)}")
+        rows = [row for kind in ("baseline", "ftcli torch", "ftcli int8") for row in measure(kind, run, levels, args.seconds)]
+    print_table(rows)
+    if args.out:
+        args.out.write_text(json.dumps({"quantization": quantization, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The serve command: a run's model behind an HTTP endpoint (ftcli.serving), on uvicorn.
+
+Everything that can be a user mistake (the run, the engine's files, the port) is checked before
+the server listens, as one line and exit 2. The model is then warmed up while /health answers
+503. SIGTERM (or Ctrl-C) stops taking connections, answers the requests in flight, stops the
+batcher and returns: exit 0. With --workers N, N processes each load the model (each with the
+cores divided among them) behind one port; each keeps its own /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from ftcli.errors import FtcliError
+from ftcli.extras import require
+
+API_KEY_ENV = "FTCLI_API_KEY"
+OPTIONS_ENV = "FTCLI_SERVE_OPTIONS"  # how --workers processes learn the options
+GRACEFUL_SHUTDOWN_SECONDS = 30  # the longest SIGTERM waits for requests in flight
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    run_path: str
+    engine: str = "torch"
+    quantized: bool = False
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    max_queue: int | None = None  # inputs waiting; None: 16 batches' worth
+    workers: int = 1
+    max_inputs: int = 256
+    max_chars: int = 20_000
+
+
+def build_app(options: ServeOptions):
+    """The FastAPI app for these options: the model loaded (not yet warmed up) behind its batcher."""
+    from ftcli.serving.app import create_app
+    from ftcli.serving.batcher import Batcher
+    from ftcli.serving.engines import cpu_threads
+    from ftcli.serving.metrics import ServingMetrics
+    from ftcli.serving.requests import Limits
+    from ftcli.serving.served import load_served
+
+    served = load_served(options.run_path, options.engine, options.quantized, cpu_threads(options.workers))
+    metrics = ServingMetrics(options.max_batch)
+    batcher = Batcher(
+        served.engine, served.tokenizer.pad_token_id, served.config.data.max_length, options.max_batch,
+        options.max_wait_ms, options.max_queue or 16 * options.max_batch, metrics,
+    )
+    limits = Limits(max_inputs=options.max_inputs, max_chars=options.max_chars)
+    return create_app(served, batcher, metrics, limits, os.environ.get(API_KEY_ENV) or None)
+
+
+def app_from_environment():
+    """uvicorn's factory in each --workers process: the options the command put in the environment."""
+    return build_app(ServeOptions(**json.loads(os.environ[OPTIONS_ENV])))
+
+
+def serve_run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, say: Callable[[str], None] = print) -> None:
+    """Serve until SIGTERM or Ctrl-C, then drain and return."""
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        require(module, "serve", "ftcli serve")
+    import uvicorn
+
+    _check(options)
+    listener = _bind(host, port)
+    _log_to_terminal()
+    config = dict(log_level="info", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+    key = "with an API key" if os.environ.get(API_KEY_ENV) else f"without an API key (set {API_KEY_ENV} to require one)"
+    if options.workers == 1:
+        app = build_app(options)
+        say(f"serving {options.run_path} ({options.engine}) on http://{host}:{port} {key}")
+        server = uvicorn.Server(uvicorn.Config(app, **config))
+        with _exit_cleanly_on_signals():
+            server.run(sockets=[listener])
+        return
+    load_check = build_app(options)  # the model loads once here, so its mistakes end as one line
+    del load_check
+    listener.close()
+    os.environ[OPTIONS_ENV] = json.dumps(asdict(options))
+    say(f"serving {options.run_path} ({options.engine}, {options.workers} workers) on http://{host}:{port} {key}")
+    with _exit_cleanly_on_signals():
+        uvicorn.run("ftcli.commands.serve:app_from_environment", factory=True, host=host, port=port, workers=options.workers, **config)
+
+
+def _check(options: ServeOptions) -> None:
+    if not Path(options.run_path).is_dir():
+        raise FtcliError(f"run directory {options.run_path} does not exist", "pass a folder written by ftcli train")
+    if options.max_queue is not None and options.max_queue < options.max_batch:
+        raise FtcliError(
+            f"--max-queue {options.max_queue} is smaller than --max-batch {options.max_batch}",
+            "let the queue hold at least one batch",
+        )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a busy port is a user error at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise FtcliError(f"cannot listen on {host}:{port}: {error.strerror}", "pick another --port or --host") from None
+    listener.listen(2048)
+    listener.set_inheritable(True)
+    return listener
+
+
+def _log_to_terminal() -> None:
+    """ftcli.serve's lines (ready, failures) beside uvicorn's; never a request's headers or the key."""
+    logger = logging.getLogger("ftcli.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class _exit_cleanly_on_signals:
+    """uvicorn drains on SIGTERM and SIGINT, then raises the signal again with the handler it found;
+    with Python's defaults that would kill the process (or raise KeyboardInterrupt) after a clean
+    drain. Handlers that do nothing make the drained server return, and the command exit 0."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> None:
+        self.previous = {number: signal.signal(number, lambda *_: None) for number in self.SIGNALS}
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)

@@ -1,0 +1,9 @@
+"""Serving a trained run over HTTP (`ftcli serve`): the engines that compute logits, the dynamic
+micro-batcher that gathers concurrent requests into one forward pass, the FastAPI app with its
+limits and errors, and its Prometheus metrics.
+
+    engines   torch (the run's model/) or onnx (RUN/export/model.onnx or model.int8.onnx)
+    batcher   a bounded asyncio queue, gathered for max_wait_ms or max_batch rows, run in one thread
+    app       routes (/v1/predict, TEI's /predict, /health, /v1/info, /metrics), auth and limits
+    metrics   requests, errors, latency and batch sizes on one prometheus-client registry
+"""

@@ -1,0 +1,88 @@
+"""What computes a padded batch's logits for the server: the run's PyTorch model, or its ONNX
+export through onnxruntime. Both take int64 token tensors (input_ids, attention_mask and, where
+the model has them, token_type_ids) and give fp32 logits on the host, so the batcher and the
+routes never know which one runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from ftcli.errors import FtcliError
+from ftcli.extras import require
+from ftcli.runs.rundir import RunDir
+from ftcli.runtime import Runtime
+
+ENGINES = ("torch", "onnx")
+ONNX_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"  # as ftcli export writes them
+
+
+class Engine(Protocol):
+    name: str
+    device: torch.device
+    file: str  # what it computes with: model/ or an ONNX file
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """fp32 logits of one padded batch, one row per example, on the host."""
+
+
+def cpu_threads(workers: int) -> int:
+    """Threads of each server process's engine: the cores divided among the worker processes, so
+    that processes do not oversubscribe the cores (the batcher runs one forward pass at a time
+    per process, and a batch's matrix products are what use the threads)."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+class TorchEngine:
+    """The run's model in inference mode, in the run's precision (bf16 autocast on a GPU and on
+    CPUs that compute bf16 natively)."""
+
+    name = "torch"
+
+    def __init__(self, model: PreTrainedModel, runtime: Runtime, file: str, threads: int) -> None:
+        if runtime.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.runtime, self.device, self.file = runtime, runtime.device, file
+        self.model = model.to(runtime.device).eval()
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        inputs = {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
+        with torch.inference_mode(), self.runtime.attention_kernels(), self.runtime.autocast():
+            return self.model(**inputs).logits.float().cpu().numpy()
+
+
+class OnnxEngine:
+    """An ONNX export on onnxruntime: CUDA where onnxruntime-gpu and a GPU are there, else the CPU."""
+
+    name = "onnx"
+
+    def __init__(self, onnx_file: Path, threads: int) -> None:
+        onnxruntime = require("onnxruntime", "export", "ftcli serve --engine onnx")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1  # one batch at a time: the batcher never runs two at once
+        available = onnxruntime.get_available_providers()
+        providers = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available and torch.cuda.is_available() else []
+        self.session = onnxruntime.InferenceSession(str(onnx_file), options, providers=providers + ["CPUExecutionProvider"])
+        self.inputs = [node.name for node in self.session.get_inputs()]
+        self.device = torch.device("cuda" if providers else "cpu")
+        self.file = str(onnx_file)
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        feed = {name: batch[name].numpy() for name in self.inputs}
+        return np.asarray(self.session.run(["logits"], feed)[0], dtype=np.float32)
+
+
+def onnx_file_of(run: RunDir, quantized: bool) -> Path:
+    """The export to serve; missing, a user error that says which export command writes it."""
+    path = run.export_dir / (INT8_FILE if quantized else ONNX_FILE)
+    if not path.is_file():
+        command = f"ftcli export {run.path} --format onnx" + (" --quantize int8" if quantized else "")
+        reason = " (an int8 model is kept only when its metric holds; see export/report.json)" if quantized else ""
+        raise FtcliError(f"{path} does not exist{reason}", f"run `{command}` first, or serve with --engine torch")
+    return path

@@ -1,0 +1,149 @@
+"""The model a server answers with: a run's tokenizer, objective and label names beside an engine,
+and the two translations around a forward pass: texts to token rows, logits to answers.
+
+Token rows are made exactly as `ftcli predict` makes them (data.prepare.tokenize_rows: truncation
+to data.max_length, or with long_text: window overlapping windows), and an answer holds exactly the
+fields `ftcli predict` gives (commands.predict.prediction_fields), so a server and the command agree.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+import ftcli
+from ftcli.commands.predict import prediction_fields
+from ftcli.config import Config
+from ftcli.data.batching import MODEL_COLUMNS
+from ftcli.data.prepare import tokenize_rows
+from ftcli.errors import FtcliError
+from ftcli.modeling import label_names_of
+from ftcli.objective import MultiLabelObjective, Objective
+from ftcli.runs.loading import load_run
+from ftcli.runtime import Runtime
+from ftcli.serving.batcher import Row
+from ftcli.serving.engines import ENGINES, Engine, OnnxEngine, TorchEngine, onnx_file_of
+from ftcli.tasks import REGRESSION
+
+Texts = tuple[str, ...]  # one input: a text, or a sentence pair
+
+
+class TooLong(Exception):
+    """An input longer than data.max_length tokens, where the client asked not to truncate."""
+
+    def __init__(self, index: int, tokens: int) -> None:
+        super().__init__(index, tokens)
+        self.index, self.tokens = index, tokens
+
+
+@dataclass
+class ServedModel:
+    run_name: str
+    config: Config
+    tokenizer: PreTrainedTokenizerBase
+    objective: Objective
+    label_names: list[str]
+    engine: Engine
+    precision: str
+
+    @property
+    def text_fields(self) -> list[str]:
+        return list(self.config.data.text_fields)
+
+    @property
+    def windowed(self) -> bool:
+        return self.config.data.long_text == "window"
+
+    def encode(self, inputs: list[Texts], truncate: bool = True) -> list[list[Row]]:
+        """Each input's token rows (one, or a windowed input's windows). truncate=False: TooLong
+        for the first input longer than data.max_length."""
+        columns = [list(texts) for texts in zip(*inputs)]
+        max_length = self.config.data.max_length
+        if not truncate and not self.windowed:  # windows read a long text whole
+            full = self.tokenizer(*columns, truncation=False)["input_ids"]
+            longest = max(range(len(full)), key=lambda index: len(full[index]))
+            if len(full[longest]) > max_length:
+                raise TooLong(longest, len(full[longest]))
+        if self.windowed:
+            return self._windows(inputs)
+        encoded = self.tokenizer(*columns, truncation=True, max_length=max_length)  # as tokenize_rows does
+        names = [name for name in MODEL_COLUMNS if name in encoded]
+        return [[{name: encoded[name][index] for name in names}] for index in range(len(inputs))]
+
+    def _windows(self, inputs: list[Texts]) -> list[list[Row]]:
+        rows = [dict(zip(self.text_fields, texts)) for texts in inputs]
+        dataset = tokenize_rows(rows, self.config.data, self.tokenizer)
+        names = [name for name in MODEL_COLUMNS if name in dataset.column_names]
+        windows: list[list[Row]] = [[] for _ in inputs]
+        for window in dataset.to_list():
+            windows[window["doc"]].append({name: window[name] for name in names})
+        return windows
+
+    def logits_of(self, row_logits: np.ndarray) -> torch.Tensor:
+        """One input's logits (1, labels) from its rows': a windowed input's put together as
+        ftcli predict puts a document's windows together."""
+        logits = torch.from_numpy(np.ascontiguousarray(row_logits))
+        if self.windowed:
+            return self.objective.aggregate(logits, torch.zeros(len(logits), dtype=torch.long), 1)
+        return logits
+
+    def prediction(self, row_logits: np.ndarray) -> dict[str, Any]:
+        """What ftcli predict gives for this input."""
+        scores = self.objective.scores(self.logits_of(row_logits)).numpy()
+        return prediction_fields(self.objective, self.label_names, scores[0])
+
+    def label_scores(self, row_logits: np.ndarray, raw_scores: bool) -> list[dict[str, Any]]:
+        """text-embeddings-inference's answer: every label with its score (probability, or the
+        logit with raw_scores; regression its value), highest first."""
+        logits = self.logits_of(row_logits)
+        values = logits[0] if raw_scores else self.objective.scores(logits)[0]
+        values = values.reshape(-1).tolist()
+        pairs = [{"label": name, "score": float(value)} for name, value in zip(self.label_names, values)]
+        return sorted(pairs, key=lambda pair: -pair["score"])
+
+    def info(self, batcher_settings: dict[str, Any]) -> dict[str, Any]:
+        """GET /v1/info: what is served, how, and with which versions."""
+        thresholds: list[float] | None = None
+        if isinstance(self.objective, MultiLabelObjective):
+            thresholds = np.broadcast_to(np.asarray(self.objective.thresholds, float), (len(self.label_names),)).tolist()
+        elif getattr(self.objective, "decision_threshold", None) is not None:
+            thresholds = [float(self.objective.decision_threshold)]
+        versions = {"ftcli": ftcli.__version__, "torch": torch.__version__}
+        for package in ("transformers", "onnxruntime", "fastapi", "uvicorn"):
+            try:
+                versions[package] = importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        return {
+            "run": self.run_name, "model": self.engine.file, "task": self.config.task,
+            "labels": self.label_names, "thresholds": None if self.config.task == REGRESSION else thresholds,
+            "text_fields": self.text_fields, "max_length": self.config.data.max_length,
+            "long_text": self.config.data.long_text, "engine": self.engine.name,
+            "device": str(self.engine.device), "precision": self.precision, **batcher_settings, "versions": versions,
+        }
+
+
+def load_served(run_path: str | Path, engine: str = "torch", quantized: bool = False, threads: int = 1) -> ServedModel:
+    """The run's model behind the chosen engine, checked before the server starts listening."""
+    if engine not in ENGINES:
+        raise FtcliError(f"unknown engine '{engine}'", f"use one of: {', '.join(ENGINES)}")
+    if quantized and engine != "onnx":
+        raise FtcliError("--quantized serves the int8 ONNX export", "add --engine onnx")
+    loaded = load_run(run_path)
+    names = label_names_of(loaded.model)
+    if engine == "onnx":
+        served: Engine = OnnxEngine(onnx_file_of(loaded.run, quantized), threads)
+        precision = "int8" if quantized else "fp32"
+    else:
+        runtime = Runtime.resolve(loaded.config.training.precision)
+        served = TorchEngine(loaded.model, runtime, str(loaded.weights), threads)
+        precision = runtime.precision
+    return ServedModel(
+        loaded.run.path.name, loaded.config, loaded.tokenizer, loaded.objective, names, served, precision
+    )
