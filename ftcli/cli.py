@@ -114,9 +114,20 @@ def train(
     resume_from: Annotated[
         Optional[str], typer.Option("--resume-from", help="Continue the run from this checkpoint (path, name or step).")
     ] = None,
+    resume_auto: Annotated[
+        bool, typer.Option("--resume-auto", help="Continue the run if it has a checkpoint, else start it (job scripts).")
+    ] = False,
     num_processes: Annotated[
-        int, typer.Option("--num-processes", min=1, help="Train on N processes (re-runs itself under accelerate launch).")
-    ] = 1,
+        Optional[int],
+        typer.Option("--num-processes", min=1, help="Train on N processes per machine (re-runs itself under accelerate launch)."),
+    ] = None,
+    accelerate_config: Annotated[
+        Optional[Path], typer.Option("--accelerate-config", help="An accelerate config file for the launch.")
+    ] = None,
+    num_machines: Annotated[Optional[int], typer.Option("--num-machines", min=1, help="Machines training together.")] = None,
+    machine_rank: Annotated[Optional[int], typer.Option("--machine-rank", min=0, help="This machine's rank (0: the main one).")] = None,
+    main_process_ip: Annotated[Optional[str], typer.Option("--main-process-ip", help="Address of machine rank 0.")] = None,
+    main_process_port: Annotated[Optional[int], typer.Option("--main-process-port", help="Port on machine rank 0.")] = None,
 ) -> None:
     """Fine-tune: prepare if needed, train, evaluate on validation, write the run directory."""
     from ftcli import launch
@@ -124,13 +135,15 @@ def train(
     from ftcli.runtime import Runtime
     from ftcli.ui import TrainingProgress, console, train_header, trained_view
 
-    if num_processes > 1:
-        launch.relaunch(num_processes, sys.argv[1:])
+    machines = launch.Machines(accelerate_config, num_machines, machine_rank, main_process_ip, main_process_port)
+    if machines.wanted(num_processes):
+        launch.relaunch(num_processes, sys.argv[1:], machines)
     console.quiet = not launch.is_main_process()
     loaded = _load(config, set_, backend, smoke)
     runtime = Runtime.resolve(loaded.training.precision, distributed=True)
     console.print(train_header(loaded, runtime))
-    trained = train_run(loaded, overwrite, resume, resume_from, events=TrainingProgress(), runtime=runtime)
+    how = "auto" if resume_auto else resume
+    trained = train_run(loaded, overwrite, how, resume_from, events=TrainingProgress(), runtime=runtime)
     console.print(trained_view(trained))
 
 
@@ -199,15 +212,24 @@ def sweep(
     config: ConfigArg,
     trials: Annotated[int, typer.Option("--trials", min=1, help="Finished trials the study should hold in all.")],
     storage: Annotated[
-        Optional[str], typer.Option(help="Optuna storage URL (default: sqlite in output_dir/<name>-sweep/).")
+        Optional[str],
+        typer.Option(help="Optuna storage URL: sqlite:///PATH (default: in output_dir/<name>-sweep/) or postgresql://... shared by workers."),
     ] = None,
     set_: SetOpt = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes on this machine sharing the study.")] = 1,
+    retry_failed: Annotated[
+        int, typer.Option("--retry-failed", min=0, help="Ask a dead worker's trial again up to K times, its run resumed.")
+    ] = 0,
+    heartbeat: Annotated[
+        int, typer.Option("--heartbeat", min=1, help="Seconds between a worker's heartbeats; silent for twice this, it is taken for dead.")
+    ] = 60,
 ) -> None:
     """Search the config's sweep: space with Optuna, one run per trial; continue the study when run again."""
-    from ftcli.commands.sweep import run_sweep
+    from ftcli.commands.sweep import Workers, run_sweep
     from ftcli.ui import TrainingProgress, console, sweep_table
 
-    result = run_sweep(_load(config, set_), trials, storage, events=TrainingProgress(), say=console.print)
+    sharing = Workers(workers, retry_failed, heartbeat)
+    result = run_sweep(_load(config, set_), trials, storage, events=TrainingProgress(), say=console.print, workers=sharing)
     console.print(sweep_table(result))
     console.print(f"trials: {result.folder / 'trials.csv'}  ({result.trials_run} run now, {len(result.rows)} in the study)")
     if result.best_config:

@@ -183,7 +183,18 @@ class TrainingConfig(_Strict):
         "AVX-512 BF16 or AMX), else fp32. fp16 needs a GPU (fp32 on the CPU).",
     )
     eval_every: Literal["epoch"] | int = Field("epoch", description="Evaluate each epoch, or every N optimizer steps.")
-    save_every: Literal["epoch"] | int = Field("epoch", description="Checkpoint each epoch, or every N optimizer steps.")
+    save_every: Literal["epoch"] | int = Field(
+        "epoch",
+        description="Checkpoint each epoch, or every N optimizer steps. N need not be a multiple of eval_every: "
+        "checkpoints between evaluations are resume points, and then every evaluation is checkpointed too, so "
+        "that the best model is always an evaluated checkpoint.",
+    )
+    save_every_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Also checkpoint once this many minutes of training have passed since the last checkpoint "
+        "(preemptible machines); null: only by save_every.",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; the best one is never deleted.")
     logging_steps: int = Field(10, ge=1, description="Log train loss and learning rate every N optimizer steps.")
     early_stopping_patience: int | None = Field(
@@ -241,6 +252,13 @@ class TrainingConfig(_Strict):
             raise ValueError(f"{value} must be 'auto', null or >= 1")
         return value
 
+    @property
+    def saves_at_evaluations(self) -> bool:
+        """Whether every evaluation is checkpointed too: when save_every steps do not fall on every
+        evaluation, the best model must still be a checkpoint that was scored. A multiple (or both
+        'epoch') keeps the checkpoints of save_every alone, as before."""
+        return isinstance(self.eval_every, int) and isinstance(self.save_every, int) and bool(self.save_every % self.eval_every)
+
     def resolved_pad_multiple(self, device_type: str) -> int | None:
         if self.pad_to_multiple_of == "auto":
             return 8 if device_type == "cuda" else None
@@ -259,11 +277,6 @@ class TrainingConfig(_Strict):
             raise ValueError("set training.epochs or training.max_steps")
         if isinstance(self.eval_every, int) != isinstance(self.save_every, int):
             raise ValueError("eval_every and save_every must both be 'epoch' or both step counts")
-        if isinstance(self.eval_every, int) and self.save_every % self.eval_every:
-            raise ValueError(
-                f"save_every={self.save_every} must be a multiple of eval_every={self.eval_every} "
-                "so that every checkpoint has a score"
-            )
         if self.compile == "cuda_graphs" and self.data_on_device is False:
             raise ValueError("compile=cuda_graphs reads its batches from the training set on the GPU: drop data_on_device: false")
         return self

@@ -4,6 +4,7 @@ Both runs are on the CPU also where there is a GPU (CUDA_VISIBLE_DEVICES is empt
 Both see the same examples at every optimizer step (the same permutation, split between the
 processes) and average the same gradients, so with dropout off every logged number agrees up to
 the order of float sums (all-reduce versus one batch). Only the main process writes and prints.
+Two machines (two launches on 127.0.0.1, one process each) train exactly as two processes of one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import run_cli
+from safetensors.torch import load_file
 
 from ftcli.launch import free_port
 
@@ -70,4 +73,54 @@ def test_two_processes_train_as_one_with_the_same_global_batch(
     assert_close(metrics_one["validation"], metrics_two["validation"])
     for key in ("global_step", "epoch", "train_samples"):
         assert metrics_two["train"][key] == metrics_one["train"][key], key
+    assert [p.name for p in (two / "checkpoints").iterdir()] == [p.name for p in (one / "checkpoints").iterdir()]
+
+
+def launch_as_two_machines(experiment, *overrides: str) -> list[subprocess.CompletedProcess]:
+    """Two "machines" on 127.0.0.1: the same command twice, machine ranks 0 and 1, one process each."""
+    port = str(free_port())
+    launches = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "ftcli", "train", str(experiment), *overrides, "--num-processes", "1"),
+                *("--num-machines", "2", "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1"),
+                *("--main-process-port", port),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **CPU_ONLY},
+        )
+        for rank in (0, 1)
+    ]
+    finished = []
+    for process in launches:
+        stdout, stderr = process.communicate(timeout=600)
+        finished.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return finished
+
+
+def test_two_machines_train_as_two_processes_of_one(make_experiment, tiny_model_without_dropout_dir, tmp_path):
+    experiment = make_experiment(
+        train_size=64,
+        model=str(tiny_model_without_dropout_dir),
+        training={"epochs": 2, "eval_every": 4, "save_every": 4, "batch_size": 4},
+    )
+    one_machine = launch_two_processes("loop", experiment, "--set", "name=one-machine")
+    assert one_machine.returncode == 0, one_machine.stderr[-3000:]
+    main, other = launch_as_two_machines(experiment, "--set", "name=two-machines")
+    assert main.returncode == 0, main.stderr[-3000:]
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert main.stdout.count("run directory:") == 1 and "run directory:" not in other.stdout  # only rank 0 prints
+
+    one, two = tmp_path / "runs" / "one-machine", tmp_path / "runs" / "two-machines"
+    # The same ranks, the same all-reduces: the same numbers, bit for bit.
+    assert (two / "metrics.jsonl").read_text() == (one / "metrics.jsonl").read_text()
+    metrics_one, metrics_two = (json.loads((run / "metrics.json").read_text()) for run in (one, two))
+    assert metrics_two["validation"] == metrics_one["validation"]
+    for key in ("global_step", "epoch", "train_samples", "best_score"):
+        assert metrics_two["train"][key] == metrics_one["train"][key], key
+    weights_one, weights_two = (load_file(run / "model" / "model.safetensors") for run in (one, two))
+    assert weights_one.keys() == weights_two.keys()
+    assert all(torch.equal(weights_one[name], weights_two[name]) for name in weights_one)
     assert [p.name for p in (two / "checkpoints").iterdir()] == [p.name for p in (one / "checkpoints").iterdir()]

@@ -90,9 +90,9 @@ CASES = [
     Case("bad-scheduler", "training.scheduler", config={"training": {"scheduler": "linaer"}}),
     Case("eval-every-zero", "neither 'epoch' nor a step count", config={"training": {"eval_every": 0}}),
     Case(
-        "save-not-multiple",
-        "multiple of eval_every",
-        config={"training": {"eval_every": 4, "save_every": 6}},
+        "save-epoch-eval-steps",
+        "must both be 'epoch' or both step counts",
+        config={"training": {"eval_every": 4, "save_every": "epoch"}},
     ),
     Case(
         "graphs-without-device-data",

@@ -5,6 +5,13 @@ evaluation is reported to Optuna, whose median pruner stops a trial that trails 
 at the same step; the pruned run ends as an early-stopped one, complete. The study lives in a
 SQLite file beside the trials, so the same command run again continues it up to --trials in all.
 
+Several workers share one study in a database server (--storage postgresql://...): the same
+command on several machines, or --workers N on one. Each worker asks the study for the next
+trial, so each trial runs once, and sends Optuna a heartbeat while it trains; a worker silent for
+two heartbeats (killed, its machine taken away) has its trial marked failed by whichever worker
+asks next, and with --retry-failed K the trial is asked again with the same values and its run
+resumed from its last checkpoint. Pruning compares trials across workers: the study holds them all.
+
     output_dir/<name>-sweep/
       study.db              the Optuna study (unless --storage names another)
       <name>-trial-<n>/     one run directory per trial
@@ -17,9 +24,15 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import os
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ftcli.commands.train import train_run
 from ftcli.config import Config, dump_config, validate
@@ -33,6 +46,8 @@ from ftcli.training.recipe import setup_data
 
 # Trials that finish before the pruner compares anything: the median of fewer says little.
 PRUNER_STARTUP_TRIALS = 3
+# How often a worker waiting for other workers' last trials looks at the study again.
+POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -56,10 +71,21 @@ class _Search:
     metric: str
     events: TrainingEvents | None
     say: Callable[[str], None]
+    trials: int  # finished trials the study should hold in all
+    worker: int = 0  # which of --workers this is
 
     @property
     def space(self) -> dict[str, Any]:
         return self.base["sweep"]
+
+
+@dataclass(frozen=True)
+class Workers:
+    """How trials are shared out: --workers, --retry-failed and --heartbeat of ftcli sweep."""
+
+    count: int = 1  # worker processes this command starts (1: it works itself)
+    retry_failed: int = 0  # times a trial whose worker died is asked again, its run resumed
+    heartbeat_seconds: int = 60  # a worker silent for twice this long is taken for dead
 
 
 def run_sweep(
@@ -68,9 +94,11 @@ def run_sweep(
     storage: str | None = None,
     events: TrainingEvents | None = None,
     say: Callable[[str], None] = lambda line: None,
+    workers: Workers = Workers(),
 ) -> SweepResult:
     """Run trials until the study holds `trials` finished (complete or pruned) ones; write the
-    summary and best.yaml. events: each trial's progress; say: a line per trial, as it starts and ends."""
+    summary and best.yaml from the study. events: each trial's progress; say: a line per trial, as
+    it starts and ends. workers: how many processes share the trials, and how dead ones are retried."""
     optuna = require("optuna", "sweep", "ftcli sweep")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # ftcli prints a line per trial itself
 
@@ -91,20 +119,23 @@ def run_sweep(
     if storage is None:
         folder.mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{folder / 'study.db'}"
+    storage = database_url(storage)
     metric = primary_metric(config.metrics)
-    study = open_study(optuna, config.name, storage, space, metric)
-    study.sampler = optuna.samplers.TPESampler(seed=config.training.seed + len(study.trials))  # a resumed study draws new values
+    study = open_study(optuna, config.name, storage, space, metric, workers)
+    # Only one worker here, on a store of one machine: a trial still running was interrupted.
+    if workers.count == 1 and storage.startswith("sqlite"):
+        fail_interrupted(optuna, study, workers)
 
-    # Trials, one after another, until enough have finished.
-    search = _Search(optuna, study, base, folder, metric, events, say)
-    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    trials_run = 0
-    while len(study.get_trials(deepcopy=False, states=finished_states)) < trials:
-        run_trial(search)
-        trials_run += 1
+    search = _Search(optuna, study, base, folder, metric, events, say, trials)
+    if workers.count > 1:
+        trials_run = spawn_workers(config, storage, search, workers)
+    else:
+        trials_run = work(search, config.training.seed)
 
-    # Summary: trials.csv, and the best trial's values as a config to train.
-    rows = [_row(trial, metric) for trial in study.trials]
+    # Summary, from the study (every worker's trials): trials.csv, and the best trial's values as a config to train.
+    study = optuna.load_study(study_name=config.name, storage=storage)
+    finished = [trial for trial in study.trials if not trial.user_attrs.get("surplus")]
+    rows = [_row(trial, metric) for trial in finished]
     atomic_write_text(folder / "trials.csv", _csv(rows))
     result = SweepResult(folder, metric, rows, trials_run)
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -114,6 +145,38 @@ def run_sweep(
         result.best_config = folder / "best.yaml"
         atomic_write_text(result.best_config, best_config_yaml(base, best.params, result.best, metric, len(completed)))
     return result
+
+
+def database_url(storage: str) -> str:
+    """SQLAlchemy's URL for the storage: postgresql:// (and postgres://) is read with psycopg 3,
+    the driver of the postgres extra; SQLAlchemy's bare postgresql:// means psycopg2."""
+    for scheme in ("postgresql://", "postgres://"):
+        if storage.startswith(scheme):
+            require("psycopg", "postgres", "ftcli sweep --storage postgresql://...")
+            return "postgresql+psycopg://" + storage[len(scheme):]
+    return storage
+
+
+def work(search: _Search, seed: int, worker: int = 0) -> int:
+    """One worker: trials until the study holds enough finished ones, counting those that other
+    workers are running. Returns how many trials this worker ran."""
+    optuna, study = search.optuna, search.study
+    states = optuna.trial.TrialState
+    # Seeded anew from the study's size, so that a resumed study draws new values; each worker of
+    # one command apart from the others.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials) + 1000 * worker)
+    trials_run = 0
+    while True:
+        with _ask_and_tell_with_heartbeats(optuna):
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial failed (and asked again, with retries)
+        counts = {state: len(study.get_trials(deepcopy=False, states=(state,))) for state in states}
+        finished = counts[states.COMPLETE] + counts[states.PRUNED]
+        if finished >= search.trials:
+            return trials_run
+        if counts[states.WAITING] == 0 and finished + counts[states.RUNNING] >= search.trials:
+            time.sleep(POLL_SECONDS)  # the last trials are another worker's: wait, in case that worker dies
+            continue
+        trials_run += run_trial(search)
 
 
 def check_space(base: dict[str, Any], space: dict[str, Any]) -> None:
@@ -132,14 +195,15 @@ def check_space(base: dict[str, Any], space: dict[str, Any]) -> None:
         raise FtcliError("; ".join(dict.fromkeys(problems)), "change the values in the sweep: section")
 
 
-def open_study(optuna: Any, name: str, storage: str, space: dict[str, Any], metric: str) -> Any:
-    """The study named after the experiment: created, or loaded to continue when the storage has it."""
+def open_study(optuna: Any, name: str, storage: str, space: dict[str, Any], metric: str, workers: Workers = Workers()) -> Any:
+    """The study named after the experiment: created, or loaded to continue when the storage has it.
+    Its storage records each running trial's heartbeat."""
     from sqlalchemy.exc import SQLAlchemyError  # optuna's storage layer
 
     try:
         study = optuna.create_study(
             study_name=name,
-            storage=storage,
+            storage=_rdb_storage(optuna, storage, workers),
             load_if_exists=True,
             direction="maximize" if higher_is_better(metric) else "minimize",
             pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS),
@@ -147,7 +211,7 @@ def open_study(optuna: Any, name: str, storage: str, space: dict[str, Any], metr
     except (ValueError, ImportError, SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
         raise FtcliError(
             f"cannot open the study in {storage}: {str(error).splitlines()[0]}",
-            "give --storage sqlite:///PATH, with a folder that exists",
+            "give --storage sqlite:///PATH with a folder that exists, or postgresql://USER@HOST:PORT/DATABASE of a running server",
         ) from None
     # Values of another search space would mislead the sampler and the summary alike.
     searched = {"space": space, "metric": metric}
@@ -159,30 +223,70 @@ def open_study(optuna: Any, name: str, storage: str, space: dict[str, Any], metr
             f"the study '{name}' in {storage} searched another space or metric",
             "restore that sweep: section, or start a new study: another name, or another --storage",
         )
-    # A sweep runs one trial at a time: a trial still running when it starts was interrupted.
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return study
 
 
-def run_trial(search: _Search) -> None:
-    """Train one trial's run; tell the study its validation score, or that it was pruned, or that it failed."""
+def _rdb_storage(optuna: Any, url: str, workers: Workers) -> Any:
+    """Optuna's database storage with heartbeats, and a retry of a dead worker's trial up to
+    workers.retry_failed times (the callback was renamed in Optuna 4.9)."""
+    renamed = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=workers.heartbeat_seconds,
+        grace_period=2 * workers.heartbeat_seconds,
+        **{"heartbeat_stale_trial_callback" if renamed else "failed_trial_callback": _retry(optuna, workers)},
+    )
+
+
+def _retry(optuna: Any, workers: Workers) -> Callable[[Any, Any], None] | None:
+    """Optuna's callback that asks a failed trial again with its values, or None without retries."""
+    if not workers.retry_failed:
+        return None
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    return retry(max_retry=workers.retry_failed)
+
+
+def fail_interrupted(optuna: Any, study: Any, workers: Workers) -> None:
+    """Mark the trials still running as failed, and ask them again when retries are on: with one
+    worker on SQLite nothing else can be running them, so they were interrupted (Ctrl-C, a kill)."""
+    retry = _retry(optuna, workers)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        if retry is not None:
+            retry(study, study.get_trials(deepcopy=False)[trial.number])
+
+
+def run_trial(search: _Search) -> int:
+    """Train one trial's run; tell the study its validation score, or that it was pruned, or that it
+    failed. A trial asked again after its worker died resumes that worker's run from its last
+    checkpoint. Returns 1, or 0 when the trial was not needed after all (other workers asked for
+    the last ones at the same moment)."""
     optuna, study, metric = search.optuna, search.study, search.metric
-    trial = study.ask()
+    with _ask_and_tell_with_heartbeats(optuna):
+        trial = study.ask()
+    if surplus(search, trial):
+        trial.set_user_attr("surplus", True)  # left out of the summary: it never trained
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return 0
     values = {key: _suggest(trial, key, values) for key, values in search.space.items()}
-    name = f"{search.base['name']}-trial-{trial.number}"
+    retried = trial.user_attrs.get("run_dir")  # a retry inherits the failed trial's attributes
+    name = Path(retried).name if retried else f"{search.base['name']}-trial-{trial.number}"
     raw = copy.deepcopy(search.base) | {"name": name, "output_dir": str(search.folder), "sweep": None, "push_to_hub": None}
     for key, value in values.items():
         _assign(raw, key, value)
     config = validate(raw, source=name)
     trial.set_user_attr("run_dir", str(config.run_dir))
-    search.say(f"trial {trial.number}  " + "  ".join(f"{key}={format_short(value)}" for key, value in values.items()))
+    trial.set_user_attr("worker", search.worker)
+    again = f" (again: resuming {name})" if retried else ""
+    search.say(f"trial {trial.number}{again}  " + "  ".join(f"{key}={format_short(value)}" for key, value in values.items()))
     pruning = _Pruning(trial, f"eval_{metric}")
-    try:
-        result = train_run(config, overwrite=True, events=search.events, on_evaluate=pruning).result
-    except BaseException:  # an interrupt too: the study must not keep the trial as running
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        raise
+    with heartbeat(optuna, study, trial):
+        try:
+            how = {"resume": "auto"} if retried else {"overwrite": True}
+            result = train_run(config, events=search.events, on_evaluate=pruning, **how).result
+        except BaseException:  # an interrupt too: the study must not keep the trial as running
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
     score = result.metrics["validation"][metric]
     if pruning.pruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -191,6 +295,110 @@ def run_trial(search: _Search) -> None:
         study.tell(trial, score)
         outcome = f"{metric} {format_value(score)}"
     search.say(f"trial {trial.number} {outcome}  ({config.run_dir})")
+    return 1
+
+
+def surplus(search: _Search, trial: Any) -> bool:
+    """Whether the trials numbered before this one (finished, running or waiting) are enough
+    already: two workers that looked at the study at once may both have asked for the last one.
+    Trial numbers are handed out in order, so exactly the later of them finds itself surplus."""
+    if trial.user_attrs.get("run_dir"):
+        return False  # a retry always runs: its trial failed
+    states = search.optuna.trial.TrialState
+    alive = (states.COMPLETE, states.PRUNED, states.RUNNING, states.WAITING)
+    before = [other for other in search.study.get_trials(deepcopy=False, states=alive) if other.number < trial.number]
+    return len(before) >= search.trials
+
+
+@contextmanager
+def _ask_and_tell_with_heartbeats(optuna: Any) -> Iterator[None]:
+    """Without Optuna's warnings that heartbeats are meant for Study.optimize and that
+    fail_stale_trials is experimental: ftcli sends the heartbeats itself (heartbeat below)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+@contextmanager
+def heartbeat(optuna: Any, study: Any, trial: Any) -> Iterator[None]:
+    """Tell the storage that this trial's worker lives, every heartbeat interval while it trains,
+    as Optuna's own optimize loop does."""
+    storage = study._storage
+    interval = storage.get_heartbeat_interval()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial._trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"ftcli-heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---------------------------------------------------------------- several workers on one machine
+
+
+def spawn_workers(config: Config, storage: str, search: _Search, workers: Workers) -> int:
+    """Start workers.count processes that share the study, wait for them; how many trials they ran.
+    Each takes one GPU where there are enough, and says each trial's line prefixed by its number."""
+    import multiprocessing
+
+    import torch
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state shared with this one
+    gpus = torch.cuda.device_count()
+    counts = context.Queue()
+    processes = [
+        context.Process(
+            target=_worker_main,
+            args=(config, storage, search.trials, workers, index, str(index) if gpus >= workers.count else None, counts),
+            name=f"ftcli-sweep-worker-{index}",
+        )
+        for index in range(workers.count)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [process.name for process in processes if process.exitcode != 0]
+    trials_run = sum(counts.get() for _ in range(workers.count - len(failed)))
+    states = search.optuna.trial.TrialState
+    finished = search.study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
+    if failed and len(finished) < search.trials:
+        raise FtcliError(
+            f"{len(failed)} of {workers.count} sweep workers failed ({', '.join(failed)}); their messages are above",
+            "fix the cause and run the same command again: the study continues",
+        )
+    if failed:  # and the others finished the study, retrying what the dead ones left
+        search.say(f"{len(failed)} of {workers.count} workers died ({', '.join(failed)}); the others finished the study")
+    return trials_run
+
+
+def _worker_main(config: Config, storage: str, trials: int, workers: Workers, index: int, gpu: str | None, counts: Any) -> None:
+    """A worker process started by --workers: quiet progress, one line per trial."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything initialises CUDA
+    optuna = require("optuna", "sweep", "ftcli sweep")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = config.model_dump(mode="json")
+    metric = primary_metric(config.metrics)
+    study = open_study(optuna, config.name, storage, base["sweep"], metric, workers)
+    folder = Path(config.output_dir) / f"{config.name}-sweep"
+    search = _Search(optuna, study, base, folder, metric, None, lambda line: _say(f"worker {index}: {line}"), trials, index)
+    counts.put(work(search, config.training.seed, worker=index))
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class _Pruning:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from ftcli.commands.push import check_hub_access, push_run
 from ftcli.config import Config
@@ -27,7 +27,7 @@ class TrainedRun:
 def train_run(
     config: Config,
     overwrite: bool = False,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = False,
     resume_from: str | Path | None = None,
     events: TrainingEvents | None = None,
     on_evaluate: Callable[[dict[str, Any]], bool] | None = None,

@@ -8,10 +8,10 @@ the command layer reads the run afterwards (ftcli.commands.train).
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Literal
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
@@ -49,7 +49,7 @@ class TrainResult:
 def train(
     config: Config,
     overwrite: bool = False,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = False,
     resume_from: str | Path | None = None,
     events: TrainingEvents | None = None,
     on_evaluate: Callable[[dict[str, Any]], bool] | None = None,
@@ -57,11 +57,14 @@ def train(
     runtime: Runtime | None = None,
 ) -> TrainResult:
     """Train a new run, or with `resume` continue config's run from its newest checkpoint (or
-    `resume_from`). events: where progress goes (nowhere by default). on_evaluate sees every
+    `resume_from`); resume="auto" continues the run when it has a checkpoint and starts it (afresh)
+    otherwise. events: where progress goes (nowhere by default). on_evaluate sees every
     evaluation event and may stop training early by returning True. analyze reads the saved run
     (its curves, say) while the last checkpoint is still being written."""
     # Everything that can fail on user input fails here, before the run directory is touched.
     runtime = runtime or Runtime.resolve(config.training.precision, distributed=True)
+    if resume == "auto":
+        resume, overwrite = auto_resume(config, overwrite, resume_from)
     resuming = resume or resume_from is not None
     if resuming and overwrite:
         raise FtcliError("--resume continues a run, --overwrite replaces it", "pass one of them")
@@ -87,6 +90,19 @@ def train(
         return finish(job, outcome, analyze)
 
 
+def auto_resume(config: Config, overwrite: bool, resume_from: str | Path | None) -> tuple[bool, bool]:
+    """--resume-auto as (resume, overwrite): continue a run that has a checkpoint, else start it, over
+    what an earlier attempt left before its first checkpoint. So a preemptible job's script is the
+    same command every time. Every process asks before any writes (the main process deletes nothing
+    before the others have passed setup's barrier), so all find the same answer."""
+    if overwrite or resume_from is not None:
+        raise FtcliError("--resume-auto decides itself whether to continue or start the run", "leave out --overwrite and --resume-from")
+    run = RunDir(config.run_dir)
+    # A folder that is not a run is refused by the overwrite, as --overwrite refuses it.
+    has_checkpoint = run.config_file.is_file() and bool(run.list_checkpoints())
+    return has_checkpoint, not has_checkpoint
+
+
 def hold(run: RunDir, runtime: Runtime, resuming: bool, overwrite: bool) -> AbstractContextManager:
     """The main process's hold on the run directory: its lock, and for a new run its place."""
     if not runtime.is_main:
@@ -96,15 +112,28 @@ def hold(run: RunDir, runtime: Runtime, resuming: bool, overwrite: bool) -> Abst
 
 def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Prepared, Objective, PreTrainedModel]:
     """The tokenizer, the prepared data, the objective and the model to train. With several
-    processes the main one tokenizes into the cache while the others wait, then read the cache."""
-    from accelerate import PartialState
-
-    with PartialState().main_process_first() if runtime.num_processes > 1 else nullcontext():
+    processes the main ones tokenize into the cache while the others wait, then read the cache."""
+    with tokenize_in_turn(runtime):
         source, tokenizer, prepared = setup_data(config)
     MetricSuite(config.metrics, len(prepared.label_names), config.task)  # an unknown metric fails now
     objective = build_objective(config, prepared)  # and class weights that do not fit the labels
     set_seed(config.training.seed)
     return tokenizer, prepared, objective, setup_model(config, source, prepared.label_names)
+
+
+@contextmanager
+def tokenize_in_turn(runtime: Runtime) -> Iterator[None]:
+    """With several processes: the global main process tokenizes first; then each machine's main
+    process (a cache hit where the cache is on storage every machine shares, one tokenization per
+    machine where it is local); then the rest, who find their machine's cache. Never once per rank."""
+    if runtime.num_processes == 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    processes = PartialState()
+    with processes.main_process_first(), processes.local_main_process_first():
+        yield
 
 
 def setup_data(config: Config) -> tuple[str, PreTrainedTokenizerBase, Prepared]:

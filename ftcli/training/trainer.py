@@ -7,6 +7,7 @@ accumulation, mixed precision, evaluation loop and FSDP/DeepSpeed support.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from transformers import (
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ftcli.config import Config
+from ftcli.fileio import atomic_write_json
 from ftcli.inference import evaluate_dataset
 from ftcli.metrics import MetricSuite, higher_is_better, primary_metric
 from ftcli.runs import checkpoints
@@ -32,6 +34,7 @@ from ftcli.training.job import TrainJob, TrainOutcome
 from ftcli.objective import Objective
 from ftcli.training.optim import build_scheduler, trainer_optimizer
 from ftcli.training.stopping import LossWatch
+from ftcli.training.timed_saves import SaveTimer
 
 # Trainer's log keys, renamed to the keys both backends write into metrics.jsonl.
 LOG_KEYS = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
@@ -84,6 +87,7 @@ def _trainer(job: TrainJob) -> _StagedTrainer:
         compute_metrics=_batched_metrics(config, len(job.prepared.label_names), job.objective),
         callbacks=callbacks,
     )
+    trainer.add_callback(_ExtraSaves(trainer, _extra_save_every(config, validation is not None)))
     # ftcli draws its own progress bar and logs events itself.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -211,7 +215,9 @@ def training_arguments(config: Config, runtime: Runtime, output_dir: str, has_va
         logging_steps=training.logging_steps,
         logging_nan_inf_filter=False,  # a nan loss shows in the log, not hidden behind the average
         **schedule,
-        **_schedule("save", training.save_every),
+        # Every evaluation is saved when save_every does not fall on each (a scored best model);
+        # Trainer then saves at eval_every steps, and _ExtraSaves adds the save_every ones.
+        **_schedule("save", training.eval_every if _extra_save_every(config, has_validation) else training.save_every),
         save_total_limit=None,  # _StagedTrainer prunes, keeping what the loop backend keeps
         load_best_model_at_end=has_validation,
         metric_for_best_model=f"eval_{primary}" if has_validation else None,
@@ -245,6 +251,7 @@ class _StagedTrainer(_ObjectiveTrainer):
         super().__init__(*args, **kwargs)
         self.run = self.job.run
         self._staging_root: Path | None = None
+        self.save_timer = SaveTimer(self.training.save_every_minutes)
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging_root) if self._staging_root else super()._get_output_dir(trial)
@@ -264,13 +271,58 @@ class _StagedTrainer(_ObjectiveTrainer):
                 self.state.best_model_checkpoint = str(final)
                 if self.args.should_save:
                     self.state.save_to_json(str(staged / checkpoints.TRAINER_STATE_FILE))
+            self._save_log_window(staged)
             self.accelerator.wait_for_everyone()  # every process has written its RNG state
             if self.args.should_save:
                 checkpoints.publish(staged, final)
         if self.args.should_save:
+            # The best is only ever an evaluated checkpoint: Trainer moves it at evaluations alone.
             checkpoints.prune(self.run, self.training.keep_checkpoints, self.state.best_model_checkpoint)
             checkpoints.clear_staging(self.run)
         self.accelerator.wait_for_everyone()  # and finds the checkpoint under its final name
+        self.save_timer.restart()
+
+    # Trainer's training loss since its last log, which its checkpoints leave out: a run resumed
+    # from a checkpoint between two logs would log the mean over the steps after the checkpoint only.
+    LOG_WINDOW = "log_window_{process}.json"
+
+    def _save_log_window(self, staged: Path) -> None:
+        window = {"loss_sum": float(self._tr_loss), "last_logged_step": self._globalstep_last_logged}
+        atomic_write_json(staged / self.LOG_WINDOW.format(process=self.args.process_index), window)
+
+    def restore_log_window(self, checkpoint: Path) -> None:
+        """Continue the logging window the checkpoint was saved in (Trainer sets it to zero at the start)."""
+        saved = checkpoint / self.LOG_WINDOW.format(process=self.args.process_index)
+        if saved.is_file():  # absent in checkpoints of ftcli before 2026-12
+            window = json.loads(saved.read_text())
+            self._tr_loss = torch.tensor(window["loss_sum"], device=self.args.device)
+            self._globalstep_last_logged = window["last_logged_step"]
+
+
+def _extra_save_every(config: Config, has_validation: bool) -> int | None:
+    """The save_every steps that Trainer's own save schedule (at every evaluation) leaves out, or None."""
+    training = config.training
+    return training.save_every if has_validation and training.saves_at_evaluations else None  # type: ignore[return-value]
+
+
+class _ExtraSaves(TrainerCallback):
+    """Saves beyond Trainer's schedule: training.save_every_minutes, and the save_every steps between
+    evaluations when Trainer saves at each evaluation. Trainer evaluates before it saves in a step,
+    so a save asked for here at an evaluated step still records that step's score. A resumed run
+    continues the logging window its checkpoint was saved in."""
+
+    def __init__(self, trainer: _StagedTrainer, save_every: int | None) -> None:
+        self.trainer, self.timer, self.save_every = trainer, trainer.save_timer, save_every
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.timer.restart()  # minutes of training, not of setting up
+        if self.trainer.job.resume_from is not None:
+            self.trainer.restore_log_window(self.trainer.job.resume_from)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        timed = self.timer.due(state.global_step)  # every process, every step: it may broadcast
+        if timed or (self.save_every is not None and state.global_step % self.save_every == 0):
+            control.should_save = True
 
 
 def _batched_metrics(config: Config, num_labels: int, objective: Objective):

@@ -85,6 +85,7 @@ def train_steps(loop: Loop) -> None:
     state, plan = loop.state, loop.plan
     loop.job.events.start(loop.total_steps, initial_step=state.optimizer_step)
     loop.started = time.perf_counter()
+    loop.save_timer.restart()  # save_every_minutes counts minutes of training, not of setting up
     loop.model.train()
     if state.optimizer_step >= loop.total_steps:  # resumed at the end: nothing left
         return

@@ -21,9 +21,13 @@ def after_step(loop: Loop, step_examples: int, batches_in_epoch: int) -> bool:
     epoch = round(state.epoch + state.batches_done / batches_in_epoch, 4)
     finished = state.optimizer_step >= loop.total_steps
     interrupted = not finished and job.stop_signals.requested(state.optimizer_step)  # SIGINT, SIGTERM: save and stop
+    timed = loop.save_timer.due(state.optimizer_step)  # first: with several processes, all take part in it
     log_due = state.optimizer_step % training.logging_steps == 0
     eval_due = loop.eval_loader is not None and (due(training.eval_every, state.optimizer_step, epoch_ended) or finished)
-    save_due = due(training.save_every, state.optimizer_step, epoch_ended) or finished or interrupted
+    # Checkpoints between evaluations are resume points; when they do not fall on every evaluation,
+    # each evaluation is saved too, so that the best model is a checkpoint that was scored.
+    scored_save = eval_due and training.saves_at_evaluations
+    save_due = due(training.save_every, state.optimizer_step, epoch_ended) or finished or interrupted or timed or scored_save
     # A nan loss stops training before it is logged, evaluated or saved (a stop after evaluating
     # saves too, but then eval_due was true).
     if log_due or eval_due or save_due:
@@ -69,7 +73,9 @@ def evaluate_and_decide(loop: Loop, epoch: float) -> float:
 
 
 def save_checkpoint(loop: Loop, score: float | None) -> None:
-    """Start writing a checkpoint in the background; the best one and the newest ones are kept."""
+    """Start writing a checkpoint in the background; the newest ones and the best evaluated one are
+    kept. Only an evaluated checkpoint (with a score) can become the best: one saved between
+    evaluations is a resume point."""
     state = loop.state
     target = loop.job.run.checkpoint_dir(state.optimizer_step)
     if score is not None and improves(score, state.best_checkpoint_score, loop.suite.greater_is_better):
@@ -79,6 +85,7 @@ def save_checkpoint(loop: Loop, score: float | None) -> None:
     loop.checkpoints.save(
         target, loop.model, loop.job.tokenizer, loop.optimizer, loop.scheduler, asdict(state), state.best_checkpoint
     )
+    loop.save_timer.restart()
 
 
 def due(every: str | int, optimizer_step: int, epoch_ended: bool) -> bool:

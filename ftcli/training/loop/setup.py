@@ -28,6 +28,7 @@ from ftcli.training.loop.steps import EagerStep, GraphedStep
 from ftcli.objective import Objective
 from ftcli.training.optim import build_scheduler, create_optimizer, parameter_groups
 from ftcli.training.stopping import LossWatch
+from ftcli.training.timed_saves import SaveTimer
 
 DEVICE_DATA_LIMIT_BYTES = 1 << 30  # MRPC padded is ~10 MB; a split this large leaves the GPU to the model
 
@@ -56,6 +57,7 @@ class Loop:
     window: torch.Tensor
     loss_watch: LossWatch
     capture_seconds: float | None = None  # graphed runs: how long capturing the graphs took
+    save_timer: SaveTimer = field(default_factory=lambda: SaveTimer(None))  # training.save_every_minutes
     started: float = field(default_factory=time.perf_counter)
     stopped_early: bool = False
 
@@ -105,6 +107,7 @@ def build_loop(job: TrainJob, graphs: bool) -> Loop:
     return Loop(
         job, accelerator, model, optimizer, scheduler, objective, plan, total_steps, state, step, checkpoints,
         eval_loader, suite, window, LossWatch(accelerator.device), capture_seconds,
+        save_timer=SaveTimer(training.save_every_minutes),
     )
 
 
