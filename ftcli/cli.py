@@ -60,18 +60,33 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+# What quiets the libraries' chatter and progress bars (ftcli reports what matters itself), read
+# by each library when it is first imported: setting them costs nothing, importing the libraries
+# to call their switches would cost seconds on commands that never use them.
+QUIET_LIBRARIES = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' bars follow the Hub's
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
+
+
 @app.callback()
 def _quiet_libraries() -> None:
-    """Quiet the libraries' chatter and progress bars; ftcli reports what matters itself."""
-    from datasets.utils import logging as datasets_logging
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as transformers_logging
+    """Quiet the libraries' chatter and progress bars; one imported already (the CLI called
+    in-process) is switched directly."""
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
 
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    datasets_logging.set_verbosity_error()
-    datasets_logging.disable_progress_bar()
-    disable_progress_bars()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        from datasets.utils import logging as datasets_logging
+
+        datasets_logging.set_verbosity_error()
+        datasets_logging.disable_progress_bar()
 
 
 def _load(config: Path, overrides: list[str] | None, backend: str | None = None, smoke: bool = False):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import invoke
 
+from ftcli import runtime
 from ftcli.runtime import Runtime, autocast_dtype
 
 CPU = torch.device("cpu")
@@ -21,7 +22,37 @@ CPU = torch.device("cpu")
 def test_auto_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch, avx512_bf16, amx, expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(runtime, "cpu_bf16_gain", lambda: 1.6)
     assert autocast_dtype("auto", CPU) is expected
+
+
+def test_auto_measures_bf16_once_per_machine_and_keeps_fp32_where_it_gains_little(monkeypatch, tmp_path):
+    monkeypatch.setenv("FTCLI_CACHE", str(tmp_path))  # nothing measured yet
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    measured = []
+    gains = iter([1.1])
+    monkeypatch.setattr(runtime, "measure_bf16_gain", lambda: measured.append(1) or next(gains))
+    dtype, reason = runtime.resolve_precision("auto", CPU)
+    assert dtype is None and "1.10x" in reason and "fp32" in reason
+    assert runtime.resolve_precision("auto", CPU) == (dtype, reason) and len(measured) == 1  # cached
+    cache = json.loads((tmp_path / runtime.PRECISION_CACHE).read_text())
+    assert list(cache.values()) == [1.1] and "threads" in next(iter(cache))
+    assert runtime.BF16_MIN_GAIN > 1.1
+
+
+def test_the_measurement_times_both_precisions():
+    gain = runtime.measure_bf16_gain(repeats=1)
+    assert 0.05 < gain < 20  # a ratio of two real timings
+
+
+def test_env_json_says_why_auto_chose(monkeypatch, make_experiment, tmp_path):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_bf16_gain", lambda: 2.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    experiment = make_experiment(training={"precision": "auto", "epochs": 1})
+    assert invoke("train", str(experiment)).exit_code == 0
+    env = json.loads((tmp_path / "runs" / "tiny" / "env.json").read_text())
+    assert env["precision"] == "bf16" and "2.00x" in env["precision_reason"]
 
 
 def test_an_explicit_precision_is_kept_on_the_cpu_except_fp16():

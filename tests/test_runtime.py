@@ -15,6 +15,7 @@ CPU = torch.device("cpu")
 def native_bf16(monkeypatch):
     def set_to(value: bool) -> None:
         monkeypatch.setattr(runtime, "native_bf16", lambda device: value)
+        monkeypatch.setattr(runtime, "cpu_bf16_gain", lambda: 1.6)  # measured faster: see test_precision
 
     return set_to
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from ftcli.commands.push import check_hub_access, push_run
 from ftcli.config import Config
-from ftcli.reporting.diagnosis import Diagnosis
-from ftcli.reporting.report import analyze_run
 from ftcli.runs.rundir import RunDir
 from ftcli.runtime import Runtime
 from ftcli.training.job import TrainingEvents
 from ftcli.training.recipe import TrainResult, train
+
+if TYPE_CHECKING:
+    from ftcli.reporting.diagnosis import Diagnosis
 
 
 @dataclass
@@ -45,4 +46,6 @@ def train_run(
 def read_curves(run: RunDir) -> Diagnosis | None:
     """curves.png and diagnosis.json, from the run's events; a run shorter than logging_steps,
     without validation, has none to read."""
+    from ftcli.reporting.report import analyze_run  # matplotlib: imported once there are curves to draw
+
     return analyze_run(run).diagnosis if run.read_events() else None

@@ -204,8 +204,11 @@ class RunDir:
             raise _in_use(self, *holder)
 
     # ------------------------------------------------------------ contents
-    def write_env(self, device: str, precision: str) -> None:
-        atomic_write_json(self.env_file, environment(device, precision))
+    def write_env(self, device: str, precision: str, precision_reason: str = "") -> None:
+        record = environment(device, precision)
+        if precision_reason:
+            record["precision_reason"] = precision_reason
+        atomic_write_json(self.env_file, record)
 
     def log_event(self, event: dict[str, Any]) -> None:
         """Append one logging or evaluation event to metrics.jsonl (flushed, so a crash keeps it)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import get_scheduler
 
 from ftcli.config import TrainingConfig
 from ftcli.errors import FtcliError
@@ -70,6 +69,9 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """training.scheduler over total_steps optimizer steps, after warming up for the first
     training.warmup_ratio of them (rounded up, as HF Trainer rounds its warmup_ratio)."""
+    # Imported here: transformers' schedules module imports Trainer's utilities (and peft, when installed).
+    from transformers import get_scheduler
+
     return get_scheduler(
         training.scheduler,
         optimizer,

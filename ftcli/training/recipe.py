@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from accelerate.utils import set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ftcli.config import Config, dump_config, load_config
 from ftcli.data.prepare import Prepared, baselines, prepare
@@ -161,7 +162,7 @@ def start(config: Config, run: RunDir, runtime: Runtime) -> None:
     if runtime.is_main:
         run.clear()
         atomic_write_text(run.config_file, dump_config(config))
-        run.write_env(str(runtime.device), runtime.precision)
+        run.write_env(str(runtime.device), runtime.precision, runtime.precision_reason)
     _wait_for_everyone(runtime)
 
 

@@ -1,0 +1,61 @@
+"""Start-up guards: each command imports only what it uses. A fresh interpreter imports a
+command's modules (or runs the command itself) and fails if a heavy module it does not need is
+loaded: seconds on a laptop for every `ftcli config` or `ftcli predict`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+# Never needed to read a config, draw a report or answer --help.
+FRAMEWORKS = {"torch", "transformers", "datasets", "accelerate", "sklearn", "scipy", "pandas"}
+# Optional extras and heavy libraries that only some commands use.
+EXTRAS = {"peft", "optuna", "onnx", "onnxruntime", "tensorboard", "wandb", "mlflow", "evaluate", "cleanlab", "fastapi", "uvicorn"}
+
+
+def imported_by(*modules: str) -> set[str]:
+    """The top-level packages loaded in a fresh interpreter after importing these modules."""
+    code = "import sys\n" + "".join(f"import {module}\n" for module in modules)
+    code += "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    return set(done.stdout.split())
+
+
+def imported_running(*args: str) -> set[str]:
+    """The top-level packages a real `ftcli ARGS` process imports (python -X importtime)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "ftcli", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line.split("|")[-1] for line in done.stderr.splitlines() if line.startswith("import time:")]
+    return {line.strip().split(".")[0] for line in lines[1:]}
+
+
+def test_help_and_config_import_no_framework(make_experiment):
+    experiment = make_experiment()
+    for args in (["--help"], ["config", str(experiment)]):
+        loaded = imported_running(*args)
+        assert "ftcli" in loaded
+        assert not loaded & (FRAMEWORKS | EXTRAS | {"matplotlib"}), (args, loaded & (FRAMEWORKS | EXTRAS | {"matplotlib"}))
+
+
+def test_report_imports_no_framework():
+    loaded = imported_by("ftcli.cli", "ftcli.reporting.report", "ftcli.reporting.html")
+    assert "matplotlib" in loaded  # it draws the curves
+    assert not loaded & (FRAMEWORKS | EXTRAS)
+
+
+@pytest.mark.parametrize(
+    "modules, allowed",
+    [
+        (("ftcli.commands.predict",), set()),
+        (("ftcli.commands.evaluate",), set()),
+        (("ftcli.commands.export",), set()),
+        (("ftcli.commands.train", "ftcli.training.loop"), set()),
+    ],
+    ids=["predict", "evaluate", "export", "train"],
+)
+def test_commands_import_only_what_they_use(modules, allowed):
+    unused = (EXTRAS | {"matplotlib", "sklearn"}) - allowed
+    loaded = imported_by("ftcli.cli", *modules)
+    assert not loaded & unused, loaded & unused
