@@ -296,3 +296,20 @@ def test_serve_without_its_packages_names_the_extra(runs, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     result = invoke("serve", str(runs["pair"]))
     assert result.exit_code == 2 and "pip install 'ftcli[serve]'" in result.output
+
+
+def test_the_listener_sends_small_responses_at_once():
+    """TCP_NODELAY on the listening socket, which accepted connections inherit: without it each
+    response's last small segment waits for the client's delayed ACK (40 ms a request, measured)."""
+    from ftcli.commands.serve import _bind
+
+    listener = _bind("127.0.0.1", 0)
+    try:
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        accepted.close()
+        client.close()
+    finally:
+        listener.close()
