@@ -40,9 +40,11 @@ def test_auto_measures_bf16_once_per_machine_and_keeps_fp32_where_it_gains_littl
     assert runtime.BF16_MIN_GAIN > 1.1
 
 
-def test_the_measurement_times_both_precisions():
+def test_the_measurement_times_both_precisions_and_leaves_the_rng_alone():
+    before = torch.random.get_rng_state()
     gain = runtime.measure_bf16_gain(repeats=1)
     assert 0.05 < gain < 20  # a ratio of two real timings
+    assert torch.equal(torch.random.get_rng_state(), before)  # a run's seeded draws come out the same
 
 
 def test_env_json_says_why_auto_chose(monkeypatch, make_experiment, tmp_path):
