@@ -9,19 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from ftcli.data.prepare import check_texts, tokenize_rows
 from ftcli.formats import read_records
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_text
-from ftcli.inference import predict_scores
+from ftcli.inference import predict_scores, prediction_fields
 from ftcli.modeling import label_names_of
-from ftcli.objective import Objective
 from ftcli.runs.loading import load_run
 from ftcli.runtime import Runtime
-from ftcli.tasks import MULTI_LABEL, REGRESSION
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
 
@@ -80,20 +75,6 @@ def predict(
     results = [row | prediction_fields(objective, names, row_scores) for row, row_scores in zip(rows, scores)]
     write_predictions(results, output, config.data.label_separator)
     return results
-
-
-def prediction_fields(objective: Objective, names: list[str], scores: np.ndarray) -> dict[str, Any]:
-    """What one example's prediction reads as: single_label predicted_label, its probability and
-    every class's; multi_label the predicted_labels (those at or above their thresholds) and every
-    label's probability; regression the predicted number."""
-    if objective.task == REGRESSION:
-        return {"prediction": round(float(scores), 6)}
-    probabilities = {name: round(float(p), 6) for name, p in zip(names, scores)}
-    decided = objective.decide(torch.from_numpy(scores[None, :]))[0]
-    if objective.task == MULTI_LABEL:
-        return {"predicted_labels": [name for name, on in zip(names, decided) if on], "probabilities": probabilities}
-    best = int(decided)
-    return {"predicted_label": names[best], "probability": round(float(scores[best]), 6), "probabilities": probabilities}
 
 
 def check_output(output: Path) -> None:
