@@ -1,4 +1,4 @@
-"""Files written whole or not at all, and their digests: the two things every layer that writes does."""
+"""Files written whole or not at all, their digests, and where ftcli keeps its caches."""
 
 from __future__ import annotations
 
@@ -36,3 +36,9 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_home() -> Path:
+    """Where ftcli caches what it computed once (tokenized splits, the CPU's bf16 gain):
+    $FTCLI_CACHE, else ~/.cache/ftcli."""
+    return Path(os.environ.get("FTCLI_CACHE", Path.home() / ".cache" / "ftcli"))

@@ -4,7 +4,6 @@ and handed down, so that every layer agrees on them."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -12,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ftcli.fileio import atomic_write_json, cache_home
 
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
 
@@ -89,7 +90,7 @@ def cpu_bf16_gain() -> float:
     """How much faster a transformer layer's training step runs under bf16 autocast than in fp32
     on this CPU: measured once per CPU model, torch version and thread count, then cached."""
     key = f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
-    path = Path(os.environ.get("FTCLI_CACHE", Path.home() / ".cache" / "ftcli")) / PRECISION_CACHE
+    path = cache_home() / PRECISION_CACHE
     try:
         measured = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -97,8 +98,7 @@ def cpu_bf16_gain() -> float:
     if key not in measured:
         measured[key] = round(measure_bf16_gain(), 3)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(measured, indent=2))
+            atomic_write_json(path, measured)  # two processes measuring at once never leave half a file
         except OSError:
             pass  # a read-only home measures again next time
     return float(measured[key])

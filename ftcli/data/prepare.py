@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -25,6 +24,7 @@ from ftcli.data.folds import hold_out
 from ftcli.data.labels import check_labels, encode_labels, is_missing, resolve_label_names
 from ftcli.data.sources import HubDataset, LocalFiles, Source
 from ftcli.errors import FtcliError
+from ftcli.fileio import cache_home
 from ftcli.formats import Rows
 from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 
@@ -156,7 +156,7 @@ def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase, task:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FTCLI_CACHE", Path.home() / ".cache" / "ftcli")) / "prepared"
+    return cache_home() / "prepared"
 
 
 def tokenize_rows(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
