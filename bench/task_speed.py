@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from bench.train_speed import _sync, make_model_dir, parse_row, peak_memory, yaml_values
+from bench.train_speed import _sync, make_model_dir, parse_row, peak_memory, timed_train, yaml_values
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -140,9 +140,8 @@ def task_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[str
 
 
 def run_ftcli(args: argparse.Namespace, spec: str, model_dir: str, files: dict[str, str], workdir: Path, letter: str) -> TaskRow:
-    from ftcli.commands.train import train_run
     from ftcli.config import validate
-    from ftcli.inference import iterate_logits
+    from ftcli.inference import row_logits
     from ftcli.runs.loading import load_run
     from ftcli.runtime import Runtime
 
@@ -155,15 +154,9 @@ def run_ftcli(args: argparse.Namespace, spec: str, model_dir: str, files: dict[s
         "training": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": 5e-5, "eval_every": "epoch",
                      "save_every": "epoch", "logging_steps": 50, **yaml_values(settings)},
     })
-    os.environ["FTCLI_CACHE"] = str(workdir / f"cache-{letter}")  # tokenization is part of the job
     row = TaskRow(f"({letter}) ftcli-{spec}")
-    started = time.perf_counter()
-    with peak_memory(args.device, row):
-        result = train_run(config).result
-        _sync(args.device)
-    row.total_seconds = time.perf_counter() - started
+    result = timed_train(config, args.device, workdir / f"cache-{letter}", row)
     outcome = result.outcome
-    row.train_seconds, row.train_samples = outcome.train_seconds, outcome.train_samples
     evaluations = [event for event in result.run.read_events() if "eval_loss" in event]
     row.notes = {
         "steps": outcome.extra.get("steps"), "best_checkpoint": outcome.best_checkpoint,
@@ -172,10 +165,8 @@ def run_ftcli(args: argparse.Namespace, spec: str, model_dir: str, files: dict[s
     # The same measurement as row (a): the kept model's raw outputs on validation.
     loaded = load_run(config.run_dir)
     validation = result.prepared.splits["validation"]
-    outputs = np.zeros((len(validation), loaded.model.config.num_labels), dtype=np.float32)
     runtime = Runtime.resolve(config.training.precision)
-    for indices, logits, _ in iterate_logits(loaded.model.to(runtime.device), validation, 64, loaded.tokenizer.pad_token_id, runtime):
-        outputs[indices] = logits.cpu().numpy()
+    outputs = row_logits(loaded.model.to(runtime.device), validation, 64, loaded.tokenizer.pad_token_id, runtime).numpy()
     row.metrics = task_metrics(task, outputs, np.asarray(validation["labels"]))
     return row
 

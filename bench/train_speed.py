@@ -26,6 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -238,7 +239,6 @@ def run_ftcli(
 ) -> Row:
     """spec: a backend, optionally with training overrides: `loop:compile=cuda_graphs;batch_size=32`."""
     from ftcli.config import validate
-    from ftcli.commands.train import train_run
 
     backend, settings = parse_row(spec)
     overrides = key_values(args.ftcli_set) | settings
@@ -267,22 +267,32 @@ def run_ftcli(
             "metrics": ["accuracy", "f1"],
         }
     )
-    os.environ["FTCLI_CACHE"] = str(workdir / f"cache-{letter}")  # tokenization is part of the job
     row = Row(f"({letter}) ftcli-{spec}")
-    started = time.perf_counter()
-    with peak_memory(args.device, row):
-        result = train_run(config).result
-        _sync(args.device)
-    row.total_seconds = time.perf_counter() - started
+    result = timed_train(config, args.device, workdir / f"cache-{letter}", row)
     outcome = result.outcome
-    row.train_seconds = outcome.train_seconds
-    row.train_samples = outcome.train_samples
     row.real_tokens = int(outcome.extra.get("real_tokens", 0))
     row.padded_tokens = int(outcome.extra.get("padded_tokens", 0))
     row.accuracy = result.metrics["validation"]["accuracy"]
     row.f1 = result.metrics["validation"]["f1"]
     row.notes = {key: value for key, value in outcome.extra.items() if key not in ("real_tokens", "padded_tokens")}
     return row
+
+
+def timed_train(config: Any, device: str, cache: Path, row: Any) -> Any:
+    """ftcli train's work (commands.train.train_run) on config, as one row's whole job: its
+    total, training seconds and samples and peak memory go into row (a Row, or task_speed's
+    TaskRow); the TrainResult comes back.
+    The tokenization cache is a fresh one of the row's own: tokenizing is part of the job."""
+    from ftcli.commands.train import train_run
+
+    os.environ["FTCLI_CACHE"] = str(cache)
+    started = time.perf_counter()
+    with peak_memory(device, row):
+        result = train_run(config).result
+        _sync(device)
+    row.total_seconds = time.perf_counter() - started
+    row.train_seconds, row.train_samples = result.outcome.train_seconds, result.outcome.train_samples
+    return result
 
 
 def _sync(device: str) -> None:
