@@ -29,8 +29,8 @@ import numpy as np
 from ftcli.commands.evaluate import evaluate_run
 from ftcli.commands.train import train_run
 from ftcli.config import Config, FoldConfig, dump_config, load_config, validate
-from ftcli.data.folds import document_ids, fold_of_documents
-from ftcli.data.prepare import Prepared, load_raw_splits
+from ftcli.data.folds import fold_of_documents, labels_by_document
+from ftcli.data.prepare import load_raw_splits
 from ftcli.errors import FtcliError
 from ftcli.extras import require
 from ftcli.fileio import atomic_write_json, atomic_write_text
@@ -80,10 +80,10 @@ def run_audit(
         out_of_fold[assignment == index] = evaluation.scores
         fold_metrics.append(evaluation.metrics)
         runs.append(fold_config.run_dir)
-    labels = _document_labels(prepared, config.task)
+    labels = labels_by_document(prepared.splits["train"])
     issues = _label_issues(cleanlab, config.task, labels, out_of_fold, prepared.label_names)
     result = AuditResult(folder, runs, trained, _summary(fold_metrics), issues, len(assignment))
-    _write(result, config, prepared, assignment, labels, out_of_fold)
+    _write(result, config, assignment, labels, out_of_fold)
     return result
 
 
@@ -116,12 +116,6 @@ def _state(run: RunDir, config: Config) -> str:
     if run.model_dir.is_dir() and "train" in run.read_metrics():
         return "complete"
     return "resume" if run.list_checkpoints() else "new"
-
-
-def _document_labels(prepared: Prepared, task: str) -> np.ndarray:
-    train = prepared.splits["train"]
-    first_rows = np.unique(document_ids(train), return_index=True)[1]
-    return np.asarray(train.select(first_rows)["labels"])
 
 
 def _label_issues(cleanlab: Any, task: str, labels: np.ndarray, scores: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
@@ -173,7 +167,7 @@ def _summary(fold_metrics: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
-def _write(result: AuditResult, config: Config, prepared: Prepared, assignment: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> None:
+def _write(result: AuditResult, config: Config, assignment: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> None:
     """cross_validation.json, out_of_fold.jsonl and label_issues.csv, each with the examples' texts."""
     from ftcli.reporting.html import write_audit_html
 

@@ -25,19 +25,24 @@ def document_ids(split: Dataset) -> np.ndarray:
     return np.asarray(split["doc"]) if "doc" in split.column_names else np.arange(len(split))
 
 
+def labels_by_document(split: Dataset) -> np.ndarray:
+    """Each document's label, in document order: its first row's (a long text's windows all carry it)."""
+    first_rows = np.unique(document_ids(split), return_index=True)[1]
+    return np.asarray(split.select(first_rows)["labels"])
+
+
 def fold_of_documents(train: Dataset, task: str, fold: FoldConfig) -> np.ndarray:
     """The fold (0..folds-1) of every training document: shuffled by fold.seed, and for
     single_label stratified, so that each fold has the classes in the training split's proportions."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    first_rows = np.unique(document_ids(train), return_index=True)[1]
-    count = len(first_rows)
+    labels = labels_by_document(train)
+    count = len(labels)
     if count < fold.folds:
         raise FtcliError(
             f"{fold.folds} folds need at least {fold.folds} training examples, and there are {count}",
             "use fewer folds, or more training data",
         )
-    labels = np.asarray(train.select(first_rows)["labels"])
     assignment = np.empty(count, dtype=np.int64)
     if task == SINGLE_LABEL:
         classes, sizes = np.unique(labels, return_counts=True)
