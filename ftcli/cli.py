@@ -158,7 +158,7 @@ def train(
     runtime = Runtime.resolve(loaded.training.precision, distributed=True)
     console.print(train_header(loaded, runtime))
     how = "auto" if resume_auto else resume
-    trained = train_run(loaded, overwrite, how, resume_from, events=TrainingProgress(), runtime=runtime)
+    trained = train_run(loaded, overwrite, how, resume_from, events=TrainingProgress(show_result=True), runtime=runtime)
     console.print(trained_view(trained))
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ftcli.reporting.diagnosis import Diagnosis
     from ftcli.reporting.report import Report, RunReport
     from ftcli.runtime import Runtime
+    from ftcli.training.job import TrainOutcome
 
 # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 120
@@ -155,9 +156,8 @@ def train_header(config: Config, runtime: Runtime) -> str:
     )
 
 
-def trained_view(trained: TrainedRun) -> Group:
-    """ftcli train's last lines: how it trained, the kept model's metrics, the diagnosis, where things are."""
-    result, outcome = trained.result, trained.result.outcome
+def result_view(outcome: TrainOutcome, metrics: dict[str, dict[str, float]]) -> Group:
+    """How the run trained and the kept model's metrics: shown as soon as it is scored."""
     graphs = ""
     if outcome.extra.get("steps") == "cuda_graphs":
         graphs = f", replayed as CUDA graphs (captured in {outcome.extra['capture_seconds']:.1f} s)"
@@ -165,8 +165,15 @@ def trained_view(trained: TrainedRun) -> Group:
         f"trained {outcome.global_step} steps ({outcome.epoch:.2f} epochs) in {outcome.train_seconds:.1f} s{graphs}"
         + (" (stopped early)" if outcome.stopped_early else "")
     ]
-    if result.metrics:
-        parts.append(metrics_table("final metrics", result.metrics))
+    if metrics:
+        parts.append(metrics_table("final metrics", metrics))
+    return Group(*parts)
+
+
+def trained_view(trained: TrainedRun) -> Group:
+    """ftcli train's last lines, after the result (result_view): the diagnosis and where things are."""
+    result = trained.result
+    parts: list = []
     if trained.diagnosis:
         parts += [diagnosis_view(trained.diagnosis), f"curves: {result.run.curves_png}"]
     if trained.pushed_to:
@@ -215,9 +222,11 @@ def audit_view(result: AuditResult) -> Group:
 
 class TrainingProgress:
     """A rich progress bar over optimizer steps showing loss, learning rate and throughput (the
-    training events of ftcli.training.job.TrainingEvents)."""
+    training events of ftcli.training.job.TrainingEvents); with show_result, the trained model's
+    metrics once it is scored (ftcli train; a sweep's or an audit's trials say a line each instead)."""
 
-    def __init__(self) -> None:
+    def __init__(self, show_result: bool = False) -> None:
+        self.show_result = show_result
         self._progress: Progress | None = None
         self._task = None
         self._started = 0.0
@@ -273,6 +282,10 @@ class TrainingProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+    def scored(self, outcome: TrainOutcome, metrics: dict[str, dict[str, float]]) -> None:
+        if self.show_result:
+            console.print(result_view(outcome, metrics))
 
 
 def prepare_summary(prepared) -> Table:

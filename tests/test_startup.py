@@ -59,3 +59,31 @@ def test_commands_import_only_what_they_use(modules, allowed):
     unused = (EXTRAS | {"matplotlib", "sklearn"}) - allowed
     loaded = imported_by("ftcli.cli", *modules)
     assert not loaded & unused, loaded & unused
+
+
+def test_train_shows_the_result_before_it_reads_the_curves(make_experiment, monkeypatch):
+    """The metrics a user waits for are printed first; curves.png and the diagnosis come after."""
+    from conftest import invoke
+
+    from ftcli import ui
+    from ftcli.commands import train as train_command
+
+    happened = []
+    read_curves, result_view = train_command.read_curves, ui.result_view
+
+    def curves_read_after_result(run):
+        happened.append(("curves", run.curves_png.exists()))
+        return read_curves(run)
+
+    def result_shown(outcome, metrics):
+        happened.append(("result", sorted(metrics)))
+        return result_view(outcome, metrics)
+
+    monkeypatch.setattr(train_command, "read_curves", curves_read_after_result)
+    monkeypatch.setattr(ui, "result_view", result_shown)
+    result = invoke("train", str(make_experiment()))
+    assert result.exit_code == 0, result.output
+    assert happened == [("result", ["validation"]), ("curves", False)]
+    output = result.output
+    assert output.index("final metrics") < output.index("curves:") < output.index("run directory:")
+

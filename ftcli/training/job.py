@@ -35,6 +35,9 @@ class TrainingEvents(Protocol):
 
     def stop(self) -> None: ...
 
+    def scored(self, outcome: TrainOutcome, metrics: dict[str, dict[str, float]]) -> None:
+        """The kept model is saved and scored: its result, shown before the curves are read."""
+
 
 class NoEvents:
     """Nobody watching: benchmarks, sweeps' quiet trials, other processes than the main one."""
@@ -49,6 +52,9 @@ class NoEvents:
         pass
 
     def stop(self) -> None:
+        pass
+
+    def scored(self, outcome: TrainOutcome, metrics: dict[str, dict[str, float]]) -> None:
         pass
 
 

@@ -59,7 +59,7 @@ def train(
 ) -> TrainResult:
     """Train a new run, or with `resume` continue config's run from its newest checkpoint (or
     `resume_from`); resume="auto" continues the run when it has a checkpoint and starts it (afresh)
-    otherwise. events: where progress goes (nowhere by default). on_evaluate sees every
+    otherwise. events: where progress and the result go (nowhere by default). on_evaluate sees every
     evaluation event and may stop training early by returning True. analyze reads the saved run
     (its curves, say) while the last checkpoint is still being written."""
     # Everything that can fail on user input fails here, before the run directory is touched.
@@ -216,6 +216,7 @@ def finish(job: TrainJob, outcome: TrainOutcome, analyze: Callable[[RunDir], Any
         run.update_metrics("train", outcome.stats())
         # The curves are read against what a model that learned nothing would score.
         run.update_metrics("data", baselines(prepared, job.config.task))
+        job.events.scored(outcome, metrics)  # the result is shown before the curves are drawn
         analysis = analyze(run) if analyze is not None else None
     finally:
         outcome.settle_saves()  # the last checkpoint, written meanwhile, is published
