@@ -87,3 +87,36 @@ def test_train_shows_the_result_before_it_reads_the_curves(make_experiment, monk
     output = result.output
     assert output.index("final metrics") < output.index("curves:") < output.index("run directory:")
 
+
+def test_the_model_loads_while_the_splits_are_tokenized(make_experiment, monkeypatch, tmp_path):
+    """setup starts loading the model once the label names are known, before tokenizing ends; the
+    model is the one a sequential setup builds."""
+    import threading
+
+    import torch
+
+    from ftcli.config import load_config
+    from ftcli.data import prepare as prepare_module
+    from ftcli.runtime import Runtime
+    from ftcli.training import recipe
+
+    monkeypatch.setenv("FTCLI_CACHE", str(tmp_path / "cold-cache"))  # tokenized now, not read from a cache
+    config = load_config(make_experiment())
+    loading, overlapped = threading.Event(), []
+    setup_model, tokenize_rows = recipe.setup_model, prepare_module.tokenize_rows
+
+    def model_loading(*args):
+        loading.set()
+        return setup_model(*args)
+
+    def tokenize_once_the_model_is_loading(*args):
+        overlapped.append(loading.wait(timeout=20))
+        return tokenize_rows(*args)
+
+    monkeypatch.setattr(recipe, "setup_model", model_loading)
+    monkeypatch.setattr(prepare_module, "tokenize_rows", tokenize_once_the_model_is_loading)
+    _, prepared, _, model = recipe.setup(config, Runtime.resolve("fp32"))
+    assert overlapped and all(overlapped) and loading.is_set()
+    torch.manual_seed(config.training.seed)
+    expected = setup_model(config, recipe.resolve_model_source(config.model), prepared.label_names)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))

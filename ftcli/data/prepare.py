@@ -13,7 +13,7 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from datasets import Dataset, DatasetDict, load_from_disk
@@ -205,24 +205,38 @@ def _check_room(texts: list[list[str]], indices: list[int], data: DataConfig, to
         )
 
 
-def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str, use_cache: bool = True) -> Prepared:
-    """Tokenized splits for `task`, from the cache when the fingerprint matches, else built and cached."""
+def prepare(
+    data: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    use_cache: bool = True,
+    on_labels: Callable[[list[str]], None] | None = None,
+) -> Prepared:
+    """Tokenized splits for `task`, from the cache when the fingerprint matches, else built and
+    cached. on_labels hears the label names as soon as they are known, before the splits are
+    tokenized (so the model can load meanwhile)."""
     check_max_length(data.max_length, tokenizer)
     fingerprint = data_fingerprint(data, tokenizer, task)
     cache_dir = cache_root() / fingerprint
+    on_labels = on_labels or (lambda names: None)
     if use_cache and (cache_dir / "meta.json").is_file():
         prepared = _load_cached(cache_dir, fingerprint)
+        on_labels(prepared.label_names)
     else:
-        prepared = _build(data, tokenizer, task, fingerprint, cache_dir)
+        prepared = _build(data, tokenizer, task, fingerprint, cache_dir, on_labels)
         if use_cache:
             _save_cache(prepared)
     return _hold_out_fold(prepared, data, task) if data.fold is not None else prepared
 
 
-def _build(data: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str, fingerprint: str, cache_dir: Path) -> Prepared:
+def _build(
+    data: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str, fingerprint: str, cache_dir: Path,
+    on_labels: Callable[[list[str]], None],
+) -> Prepared:
     raw, hub_names = load_raw_splits(data)
     check_columns(raw, data, task)
     label_names = resolve_label_names(raw, data, task, hub_names)
+    on_labels(label_names)
     splits, summary = {}, {}
     for split, rows in raw.items():
         labels = encode_labels(rows, data, task, label_names, where=f"split '{split}'")

@@ -8,6 +8,7 @@ the command layer reads the run afterwards (ftcli.commands.train).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,14 +113,28 @@ def hold(run: RunDir, runtime: Runtime, resuming: bool, overwrite: bool) -> Abst
 
 
 def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Prepared, Objective, PreTrainedModel]:
-    """The tokenizer, the prepared data, the objective and the model to train. With several
-    processes the main ones tokenize into the cache while the others wait, then read the cache."""
-    with tokenize_in_turn(runtime):
-        source, tokenizer, prepared = setup_data(config)
-    MetricSuite(config.metrics, len(prepared.label_names), config.task)  # an unknown metric fails now
-    objective = build_objective(config, prepared)  # and class weights that do not fit the labels
+    """The tokenizer, the prepared data, the objective and the model to train. The model loads in
+    a thread while the splits are tokenized: it needs only the label names, known before
+    tokenizing starts. With several processes the main ones tokenize into the
+    cache while the others wait, then read the cache."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftcli-model") as loader:
+        loading: list[Future[PreTrainedModel]] = []
+
+        def load_meanwhile(source: str, label_names: list[str]) -> None:
+            loading.append(loader.submit(seeded_model, config, source, label_names))
+
+        with tokenize_in_turn(runtime):
+            _, tokenizer, prepared = setup_data(config, on_labels=load_meanwhile)
+        MetricSuite(config.metrics, len(prepared.label_names), config.task)  # an unknown metric fails now
+        objective = build_objective(config, prepared)  # and class weights that do not fit the labels
+        return tokenizer, prepared, objective, loading[0].result()
+
+
+def seeded_model(config: Config, source: str, label_names: list[str]) -> PreTrainedModel:
+    """setup_model after the seed is set, which the new head's initialisation draws from. Nothing
+    else draws from torch's generator while it runs: tokenizing does not."""
     set_seed(config.training.seed)
-    return tokenizer, prepared, objective, setup_model(config, source, prepared.label_names)
+    return setup_model(config, source, label_names)
 
 
 @contextmanager
@@ -137,13 +152,17 @@ def tokenize_in_turn(runtime: Runtime) -> Iterator[None]:
         yield
 
 
-def setup_data(config: Config) -> tuple[str, PreTrainedTokenizerBase, Prepared]:
-    """Resolve the model, load its tokenizer and prepare (or fetch from cache) the tokenized splits."""
+def setup_data(
+    config: Config, on_labels: Callable[[str, list[str]], None] | None = None
+) -> tuple[str, PreTrainedTokenizerBase, Prepared]:
+    """Resolve the model, load its tokenizer and prepare (or fetch from cache) the tokenized
+    splits; on_labels hears the model's source and the label names before the splits are tokenized."""
     source = resolve_model_source(config.model)
     if config.trust_remote_code:
         log.warning("trust_remote_code is on: code shipped with %s will run on this machine", config.model)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
-    return source, tokenizer, prepare(config.data, tokenizer, config.task)
+    heard = None if on_labels is None else lambda label_names: on_labels(source, label_names)
+    return source, tokenizer, prepare(config.data, tokenizer, config.task, on_labels=heard)
 
 
 def setup_model(config: Config, source: str, label_names: list[str]) -> PreTrainedModel:
