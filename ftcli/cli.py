@@ -192,12 +192,15 @@ def predict(
     checkpoint: Annotated[Optional[str], typer.Option(help="A checkpoint folder or step instead of model/.")] = None,
     adapter: AdapterOpt = False,
     precision: PrecisionOpt = None,
+    engine: Annotated[
+        str, typer.Option(help="auto (the ONNX export from ftcli export when current, else torch), torch or onnx.")
+    ] = "auto",
 ) -> None:
     """Predict label names and probabilities for a file or an inline text."""
     from ftcli.commands.predict import predict as run_predict
     from ftcli.ui import error_console
 
-    rows = run_predict(run_dir, input, text, text_pair, checkpoint, output, adapter, precision and precision.value)
+    rows = run_predict(run_dir, input, text, text_pair, checkpoint, output, adapter, precision and precision.value, engine)
     if output is not None:
         error_console.print(f"{len(rows)} predictions written to {output}")
 

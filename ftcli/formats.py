@@ -32,6 +32,16 @@ def read_records(path: str | Path, quoting: str = "auto") -> Rows:
     return rows
 
 
+def check_texts(rows: Rows, text_fields: list[str], where: str) -> None:
+    """Every row's text fields are strings: a missing, null or numeric text is an error naming the row."""
+    for number, row in enumerate(rows, start=1):
+        for column in text_fields:
+            value = row.get(column)
+            if not isinstance(value, str):
+                problem = "missing or null" if value is None else f"a {type(value).__name__}, not text"
+                raise FtcliError(f"{where} row {number}: '{column}' is {problem}", "every text field must be a string")
+
+
 def require_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():

@@ -1,5 +1,5 @@
-"""Forward passes without training: scoring a split (loss and metrics), probabilities, and what
-one example's prediction reads as (ftcli predict's and the server's fields).
+"""Forward passes without training: scoring a split (loss and metrics), and probabilities (what
+they decide and read as: decisions.py).
 
 Batches are sorted by length so they carry little padding, and metrics accumulate batch by batch:
 only predictions and labels are kept, never the logits of a whole split.
@@ -8,18 +8,17 @@ only predictions and labels are kept, never the logits of a whole split.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel
 
-from ftcli.data.batching import collate, length_sorted_batches
+from ftcli.data.batching import collate
+from ftcli.data.padding import length_sorted_batches
 from ftcli.metrics import MetricSuite
 from ftcli.runtime import Runtime
 from ftcli.objective import Objective
-from ftcli.tasks import MULTI_LABEL, REGRESSION
 
 
 def iterate_logits(
@@ -174,17 +173,3 @@ def predict_scores(
     document of a windowed split), in the dataset's order."""
     logits = document_logits(model, dataset, batch_size, pad_token_id, runtime, objective)
     return objective.scores(logits).numpy()
-
-
-def prediction_fields(objective: Objective, names: list[str], scores: np.ndarray) -> dict[str, Any]:
-    """What one example's prediction reads as: single_label predicted_label, its probability and
-    every class's; multi_label the predicted_labels (those at or above their thresholds) and every
-    label's probability; regression the predicted number."""
-    if objective.task == REGRESSION:
-        return {"prediction": round(float(scores), 6)}
-    probabilities = {name: round(float(p), 6) for name, p in zip(names, scores)}
-    decided = objective.decide(torch.from_numpy(scores[None, :]))[0]
-    if objective.task == MULTI_LABEL:
-        return {"predicted_labels": [name for name, on in zip(names, decided) if on], "probabilities": probabilities}
-    best = int(decided)
-    return {"predicted_label": names[best], "probability": round(float(scores[best]), 6), "probabilities": probabilities}

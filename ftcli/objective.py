@@ -7,27 +7,29 @@ loop keeps gradient accumulation and several processes exact. `real` marks the r
 examples (the graphed step fills a short last batch with empty slots that add nothing).
 
     scores(logits)     probabilities (single_label: softmax; multi_label: sigmoid per label) or values
-    decide(scores)     class ids, the labels above their thresholds, or the values themselves
+    decide(scores)     class ids, the labels above their thresholds, or the values themselves, by
+                       the rules of decisions.py (on the host, from tensors or numpy arrays)
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ftcli.config import Config
-from ftcli.data.prepare import Prepared
+from ftcli.decisions import decide_multi_label, decide_single_label
 from ftcli.errors import FtcliError
 from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 
+if TYPE_CHECKING:
+    from ftcli.data.prepare import Prepared  # only annotations: the module imports datasets and transformers
+
 log = logging.getLogger("ftcli")
-
-
 
 
 class Objective(Protocol):
@@ -50,7 +52,7 @@ class Objective(Protocol):
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities, or predicted values."""
 
-    def decide(self, scores: torch.Tensor) -> np.ndarray:
+    def decide(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
         """The predictions, on the host."""
 
     def predictions(self, logits: torch.Tensor) -> np.ndarray:
@@ -67,6 +69,10 @@ class Objective(Protocol):
             0, documents, torch.arange(len(documents)), "amin"
         )
         return labels[first]
+
+
+def _on_host(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    return values if isinstance(values, np.ndarray) else values.cpu().numpy()
 
 
 def _mean_by(values: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
@@ -120,16 +126,14 @@ class SingleLabelObjective(Objective):
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=-1)
 
-    def decide(self, scores: torch.Tensor) -> np.ndarray:
+    def decide(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
         """Predicted class ids."""
-        if self.decision_threshold is not None:
-            return (scores[:, 1] >= self.decision_threshold).long().cpu().numpy()
-        return scores.argmax(-1).cpu().numpy()
+        return decide_single_label(_on_host(scores), self.decision_threshold)
 
     def predictions(self, logits: torch.Tensor) -> np.ndarray:
         if self.decision_threshold is not None:
             return self.decide(self.scores(logits))
-        return logits.argmax(-1).cpu().numpy()  # the logits' own order, without a softmax's rounding
+        return decide_single_label(_on_host(logits.float()))  # the logits' own order, without a softmax's rounding
 
     def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
         return _mean_by(self.scores(logits), documents, count).clamp(min=1e-12).log()
@@ -170,9 +174,9 @@ class MultiLabelObjective(Objective):
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.float())
 
-    def decide(self, scores: torch.Tensor) -> np.ndarray:
+    def decide(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
         """One 0/1 row per example: the labels whose probability reaches their threshold."""
-        return (scores.cpu().numpy() >= self.thresholds).astype(np.int8)
+        return decide_multi_label(_on_host(scores), self.thresholds)
 
     def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
         """A label is in a document when some window has it: the highest of the windows' probabilities."""
@@ -213,8 +217,8 @@ class RegressionObjective(Objective):
         values = logits.float().squeeze(-1)
         return values.clamp(*self.clip) if self.clip else values
 
-    def decide(self, scores: torch.Tensor) -> np.ndarray:
-        return scores.cpu().numpy()
+    def decide(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
+        return _on_host(scores)
 
     def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
         return _mean_by(logits.float(), documents, count)

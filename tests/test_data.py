@@ -9,7 +9,8 @@ from conftest import invoke, sentiment_rows, write_rows
 from transformers import AutoTokenizer
 
 from ftcli.config import DataConfig
-from ftcli.data.batching import collate, length_sorted_batches
+from ftcli.data.batching import collate
+from ftcli.data.padding import length_sorted_batches
 from ftcli.data.prepare import prepare, tokenizer_fingerprint
 
 

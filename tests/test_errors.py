@@ -157,6 +157,9 @@ CASES = [
     Case("predict-nothing", "give either --input FILE or --text", command="predict", args=["{run}"], needs_run=True),
     Case("predict-bad-output", "name the output .jsonl or .csv", command="predict", args=["{run}", "--text", "a", "--output", "{data}/out.xlsx"], needs_run=True),
     Case("predict-null-text", "input row 1: 'text' is missing or null", command="predict", args=["{run}", "--input", "{data}/nulls.jsonl"], files={"nulls.jsonl": '{"text": null}\n'}, needs_run=True),
+    Case("predict-unknown-engine", "unknown engine 'tensorrt' (use one of: auto, torch, onnx)", command="predict", args=["{run}", "--text", "a", "--engine", "tensorrt"], needs_run=True),
+    Case("predict-onnx-without-export", "has no ONNX export", command="predict", args=["{run}", "--text", "a", "--engine", "onnx"], needs_run=True),
+    Case("predict-onnx-with-a-checkpoint", "--checkpoint needs --engine torch", command="predict", args=["{run}", "--text", "a", "--engine", "onnx", "--checkpoint", "2"], needs_run=True),
 ]
 
 # ---------------------------------------------------------------- found trying ftcli as new users would (issue 15)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ftcli.objective import SingleLabelObjective, clip_scale
+from ftcli.decisions import Decider, prediction_fields
+from ftcli.objective import MultiLabelObjective, RegressionObjective, SingleLabelObjective, clip_scale
 
 LOGITS = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 LABELS = torch.tensor([0, 1, 0])
@@ -56,6 +57,43 @@ def test_logits_become_probabilities_and_predictions():
     assert torch.allclose(probabilities.sum(-1), torch.ones(3))
     assert probabilities[0, 0].item() == pytest.approx(math.exp(2) / (math.exp(2) + 1), rel=1e-6)
     assert np.array_equal(objective.predictions(LOGITS), [0, 1, 0])
+
+
+def test_the_numpy_decisions_are_the_objectives_bit_for_bit():
+    """One rule, on tensors and on numpy arrays alike: ties go to the first class, and a score at
+    a threshold's float32 value reaches it (0.7 rounds down in float32), whatever the threshold's type."""
+    logits = torch.randn(400, 2, generator=torch.Generator().manual_seed(0))
+    logits[:4] = 1.0  # ties
+    scores = torch.softmax(logits, -1)
+    scores[4] = torch.tensor([0.3, 0.7])
+    for threshold in (None, 0.3, 0.7, np.float64(0.7)):
+        objective, decider = SingleLabelObjective(decision_threshold=threshold), Decider("single_label", decision_threshold=threshold)
+        before = scores.argmax(-1).numpy() if threshold is None else (scores[:, 1] >= threshold).long().numpy()  # the rule as it was
+        for decided in (objective.decide(scores), objective.decide(scores.numpy()), decider.decide(scores.numpy())):
+            assert decided.dtype == before.dtype and np.array_equal(decided, before)
+    assert np.array_equal(SingleLabelObjective().predictions(logits.to(torch.bfloat16)), logits.to(torch.bfloat16).argmax(-1).numpy())
+    thresholds = np.array([0.7, 0.3])
+    multi = torch.sigmoid(logits)
+    multi[4] = torch.tensor([0.7, 0.3])
+    before = (multi.numpy() >= thresholds).astype(np.int8)
+    for decided in (MultiLabelObjective(thresholds=thresholds).decide(multi), Decider("multi_label", thresholds=thresholds).decide(multi.numpy())):
+        assert decided.dtype == before.dtype and np.array_equal(decided, before)
+
+
+@pytest.mark.parametrize("task", ["single_label", "multi_label", "regression"])
+def test_numpy_scores_and_fields_match_the_objectives(task):
+    logits = torch.randn(64, 1 if task == "regression" else 3, generator=torch.Generator().manual_seed(1)) * 4
+    objective = {
+        "single_label": SingleLabelObjective(), "multi_label": MultiLabelObjective(thresholds=0.4),
+        "regression": RegressionObjective(clip=(-1.0, 1.0)),
+    }[task]
+    decider = Decider(task, thresholds=0.4, clip=(-1.0, 1.0))
+    expected, scores = objective.scores(logits).numpy(), decider.scores(logits.numpy())
+    assert scores.dtype == np.float32 and np.allclose(scores, expected, rtol=1e-6, atol=1e-7)
+    if task == "regression":
+        assert scores.min() == -1.0 and scores.max() == 1.0  # clipped to the range
+    names = ["a", "b", "c"][: logits.shape[1]]
+    assert [prediction_fields(decider, names, row) for row in expected] == [prediction_fields(objective, names, row) for row in expected]
 
 
 def test_moving_to_a_device_keeps_the_weights():

@@ -61,6 +61,19 @@ def test_commands_import_only_what_they_use(modules, allowed):
     assert not loaded & unused, loaded & unused
 
 
+def test_predict_with_a_current_export_imports_no_framework(make_experiment, tmp_path):
+    """The ONNX path: onnxruntime and tokenizers, never torch or transformers (seconds to import)."""
+    from conftest import invoke
+
+    assert invoke("train", str(make_experiment(training={"max_steps": 2, "eval_every": 2, "save_every": 2}))).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    assert invoke("export", str(run)).exit_code == 0
+    loaded = imported_running("predict", str(run), "--text", "a lovely film")
+    assert {"onnxruntime", "tokenizers"} <= loaded
+    unused = FRAMEWORKS | (EXTRAS - {"onnxruntime"}) | {"matplotlib"}
+    assert not loaded & unused, loaded & unused
+
+
 def test_train_shows_the_result_before_it_reads_the_curves(make_experiment, monkeypatch):
     """The metrics a user waits for are printed first; curves.png and the diagnosis come after."""
     from conftest import invoke

@@ -6,7 +6,9 @@
       tokenizer files
       thresholds.json  multi_label: each label's decision threshold
       model.int8.onnx  with --quantize int8, when its metric holds (below)
-      report.json    the parity check, the files' sizes and, with --quantize, both models' metric
+      report.json    the parity check, the files' sizes, the weights of model/ it was exported from
+                     (size and mtime: ftcli predict uses the export only while they are current)
+                     and, with --quantize, both models' metric
 
 With --quantize int8, onnxruntime's dynamic quantization (int8 weights, activations quantized on
 the fly) of the fp32 graph is scored beside it on the validation split (else test) with the run's
@@ -32,7 +34,8 @@ from transformers import PreTrainedModel
 
 from datasets import Dataset
 
-from ftcli.data.batching import collate, length_sorted_batches
+from ftcli.data.batching import collate
+from ftcli.data.padding import length_sorted_batches
 from ftcli.data.prepare import prepare
 from ftcli.errors import FtcliError
 from ftcli.extras import require
@@ -40,13 +43,11 @@ from ftcli.fileio import atomic_write_json
 from ftcli.inference import by_document, score
 from ftcli.metrics import MetricSuite, higher_is_better, primary_metric
 from ftcli.runs.loading import LoadedRun, load_run
-from ftcli.runs.rundir import CALIBRATION_FILE, THRESHOLDS_FILE
+from ftcli.runs.rundir import CALIBRATION_FILE, EXPORT_REPORT_FILE, INT8_FILE, ONNX_FILE, THRESHOLDS_FILE, RunDir
 
 FORMATS = ("onnx",)
 QUANTIZATIONS = ("int8",)
 MAX_DROP = 0.005  # the largest absolute drop of the first metric an int8 model may cost
-INT8_FILE = "model.int8.onnx"
-REPORT_FILE = "report.json"
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the order of the graph's inputs, as in optimum
 PARITY_EXAMPLES = 8
 PARITY_ATOL = 1e-4  # fp32 kernels of two runtimes differ in summation order, by about 1e-6
@@ -93,6 +94,7 @@ def export_run(
         raise FtcliError(f"unknown quantization '{quantize}'", f"use one of: {', '.join(QUANTIZATIONS)}")
     for module in ("onnx", "onnxruntime", "onnxscript"):
         require(module, "export", "ftcli export")
+    weights = RunDir.open(run_path).weights_stamp()  # before loading: weights changed meanwhile make the export stale
     loaded = load_run(run_path)  # on the CPU, where onnxruntime runs here: compare like with like
     run, config, tokenizer = loaded.run, loaded.config, loaded.tokenizer
     prepared = prepare(config.data, tokenizer, config.task)
@@ -108,12 +110,12 @@ def export_run(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        difference = _export_checked(loaded, rows, staging / "model.onnx", atol)
+        difference = _export_checked(loaded, rows, staging / ONNX_FILE, atol)
         check = None
         if quantize:
-            check = quantize_checked(staging / "model.onnx", prepared.splits[scored], scored, loaded, max_drop)
-        result = ExportResult(run.export_dir, run.export_dir / "model.onnx", difference, len(rows) - 2, split, atol, check)
-        atomic_write_json(staging / REPORT_FILE, _report(result, staging))
+            check = quantize_checked(staging / ONNX_FILE, prepared.splits[scored], scored, loaded, max_drop)
+        result = ExportResult(run.export_dir, run.export_dir / ONNX_FILE, difference, len(rows) - 2, split, atol, check)
+        atomic_write_json(staging / EXPORT_REPORT_FILE, _report(result, staging, weights))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -187,11 +189,13 @@ def onnx_metric(onnx_file: Path, dataset: Dataset, loaded: LoadedRun, metric: st
     return float(score(by_document(batches(), objective), suite, objective)[metric])
 
 
-def _report(result: ExportResult, staging: Path) -> dict:
-    """report.json: the parity check, every model file's size and the quantization's verdict."""
+def _report(result: ExportResult, staging: Path, weights: dict | None) -> dict:
+    """report.json: the parity check, every model file's size, the weights exported and the
+    quantization's verdict."""
     check = result.quantized
     return {
         "format": "onnx",
+        "weights": weights,
         "parity": {
             "split": result.split, "examples": result.examples, "max_difference": result.max_difference,
             "atol": result.atol, "passed": True,

@@ -1,4 +1,10 @@
-"""The predict command: label names and class probabilities for rows from a file or the command line."""
+"""The predict command: label names and class probabilities for rows from a file or the command line.
+
+Two engines compute them: the run's ONNX export on onnxruntime (onnx_predict: no torch, so a
+process starts in a fraction of the time) and PyTorch on model/, a checkpoint or the adapter, in
+any precision. auto takes the export when it is current and nothing asks for torch (--checkpoint,
+--adapter, a precision other than fp32). Both give the same fields (decisions.prediction_fields).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ftcli.data.prepare import check_texts, tokenize_rows
-from ftcli.formats import read_records
+from ftcli.config import Config, load_config
+from ftcli.decisions import prediction_fields
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_text
-from ftcli.inference import predict_scores, prediction_fields
-from ftcli.modeling import label_names_of
-from ftcli.runs.loading import load_run
-from ftcli.runtime import Runtime
+from ftcli.formats import Rows, check_texts, read_records
+from ftcli.onnx_predict import export_problem, predict_with_export
+from ftcli.runs.rundir import RunDir
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
+ENGINES = ("auto", "torch", "onnx")
 
 
 def _flat(row: dict[str, Any], separator: str) -> dict[str, Any]:
@@ -48,17 +54,31 @@ def predict(
     output: Path | None = None,
     adapter: bool = False,
     precision: str | None = None,
+    engine: str = "auto",
 ) -> list[dict[str, Any]]:
     """Every row gets predicted_label, its probability and all class probabilities. precision: the
-    run's training.precision unless given (fp32 for probabilities to the last digit)."""
+    run's training.precision unless given (fp32 for probabilities to the last digit); engine:
+    auto, torch or onnx (above)."""
     if (input_file is None) == (text is None):
         raise FtcliError("give either --input FILE or --text", "e.g. ftcli predict RUN --text 'great movie'")
+    if engine not in ENGINES:
+        raise FtcliError(f"unknown engine '{engine}'", f"use one of: {', '.join(ENGINES)}")
     if output is not None:
         check_output(output)
-    loaded = load_run(run_path, checkpoint, adapter)
-    config, tokenizer = loaded.config, loaded.tokenizer
-    runtime = Runtime.resolve(precision or config.training.precision)
-    model = loaded.model.to(runtime.device)
+    run = RunDir.open(run_path)
+    config = load_config(run.config_file)
+    rows = input_rows(config, input_file, text, text_pair)
+    if uses_export(run, config, engine, checkpoint, adapter, precision):
+        fields = predict_with_export(run, config, rows)
+    else:
+        fields = _predict_with_torch(run, rows, checkpoint, adapter, precision)
+    results = [row | row_fields for row, row_fields in zip(rows, fields)]
+    write_predictions(results, output, config.data.label_separator)
+    return results
+
+
+def input_rows(config: Config, input_file: Path | None, text: str | None, text_pair: str | None) -> Rows:
+    """The rows to predict, from --input or --text, each with the run's text columns as strings."""
     fields = config.data.text_fields
     rows = read_records(input_file, config.data.quoting) if input_file is not None else inline_rows(fields, text or "", text_pair)
     missing = [column for column in fields if column not in rows[0]]
@@ -68,13 +88,55 @@ def predict(
             f"the model reads {', '.join(fields)}",
         )
     check_texts(rows, fields, where="input")
+    return rows
+
+
+def uses_export(
+    run: RunDir, config: Config, engine: str, checkpoint: str | None, adapter: bool, precision: str | None
+) -> bool:
+    """Whether the ONNX export predicts: with engine onnx it must (else an error that says why not),
+    with auto when it is current and no option asks for what only torch computes."""
+    if engine == "torch":
+        return False
+    needs_torch = _torch_only_option(checkpoint, adapter, precision)
+    if engine == "auto":
+        return needs_torch is None and export_problem(run, config) is None
+    if needs_torch is not None:
+        raise FtcliError(f"{needs_torch} needs --engine torch: the ONNX export is model/ in fp32", "drop it, or use --engine torch")
+    problem = export_problem(run, config)
+    if problem is not None:
+        raise problem
+    return True
+
+
+def _torch_only_option(checkpoint: str | None, adapter: bool, precision: str | None) -> str | None:
+    """The option given that only the torch engine computes (the export is model/'s weights in fp32)."""
+    if checkpoint is not None:
+        return "--checkpoint"
+    if adapter:
+        return "--adapter"
+    return f"--precision {precision}" if precision not in (None, "fp32") else None
+
+
+def _predict_with_torch(
+    run: RunDir, rows: Rows, checkpoint: str | None, adapter: bool, precision: str | None
+) -> list[dict[str, Any]]:
+    """Each row's prediction fields from the PyTorch model, in the rows' order."""
+    # Imported here: torch and transformers take seconds to import, and the ONNX path uses neither.
+    from ftcli.data.prepare import tokenize_rows
+    from ftcli.inference import predict_scores
+    from ftcli.modeling import label_names_of
+    from ftcli.runs.loading import load_run
+    from ftcli.runtime import Runtime
+
+    loaded = load_run(run.path, checkpoint, adapter)
+    config, tokenizer, objective = loaded.config, loaded.tokenizer, loaded.objective
+    runtime = Runtime.resolve(precision or config.training.precision)
+    model = loaded.model.to(runtime.device)
     dataset = tokenize_rows(rows, config.data, tokenizer)
-    objective = loaded.objective
     scores = predict_scores(model, dataset, config.training.eval_batch_size, tokenizer.pad_token_id, runtime, objective)
     names = label_names_of(model)
-    results = [row | prediction_fields(objective, names, row_scores) for row, row_scores in zip(rows, scores)]
-    write_predictions(results, output, config.data.label_separator)
-    return results
+    return [prediction_fields(objective, names, row_scores) for row_scores in scores]
 
 
 def check_output(output: Path) -> None:

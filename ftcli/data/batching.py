@@ -1,7 +1,7 @@
 """Batches: padding, batch orders, and a split kept padded on the device.
 
-One padding routine (pad_rows) serves the collate function of each step and the whole split
-padded once onto the GPU.
+One padding routine (pad_rows, on padding.pad_array) serves the collate function of each step and
+the whole split padded once onto the GPU.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from ftcli.data.padding import pad_array
+
 MODEL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
 
 
@@ -21,10 +23,7 @@ def round_up(value: int, multiple: int) -> int:
 
 def pad_rows(sequences: list[list[int]], length: int, value: int) -> torch.Tensor:
     """Sequences as one int64 tensor of `length` columns, padded with `value`."""
-    padded = np.full((len(sequences), length), value, dtype=np.int64)
-    for row, values in enumerate(sequences):
-        padded[row, : len(values)] = values
-    return torch.from_numpy(padded)
+    return torch.from_numpy(pad_array(sequences, length, value))
 
 
 def collate(
@@ -51,13 +50,6 @@ def label_tensor(labels: list) -> torch.Tensor:
     """Class ids as int64; multi-label rows of 0/1 and regression targets as float32."""
     values = torch.tensor(labels)
     return values.float() if values.is_floating_point() else values.long()
-
-
-def length_sorted_batches(lengths: list[int] | np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Indices in batches of similar length, longest first: little padding, and a too-large
-    batch fails on the first batch rather than the last."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def length_grouped_order(lengths: np.ndarray, order: np.ndarray, batch_size: int, mega_batches: int = 50) -> np.ndarray:

@@ -25,7 +25,7 @@ from ftcli.data.labels import check_labels, encode_labels, is_missing, resolve_l
 from ftcli.data.sources import HubDataset, LocalFiles, Source
 from ftcli.errors import FtcliError
 from ftcli.fileio import cache_home
-from ftcli.formats import Rows
+from ftcli.formats import Rows, check_texts
 from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 
 CACHE_FORMAT = 1  # bump when the prepared columns change, to invalidate old caches
@@ -102,15 +102,6 @@ def check_present(rows: Rows, data: DataConfig, task: str, where: str) -> None:
         for column in data.label_columns:
             if is_missing(row.get(column)):
                 raise FtcliError(f"{where} row {number}: label '{column}' is missing or null", "give every row a label")
-
-
-def check_texts(rows: Rows, text_fields: list[str], where: str) -> None:
-    for number, row in enumerate(rows, start=1):
-        for column in text_fields:
-            value = row.get(column)
-            if not isinstance(value, str):
-                problem = "missing or null" if value is None else f"a {type(value).__name__}, not text"
-                raise FtcliError(f"{where} row {number}: '{column}' is {problem}", "every text field must be a string")
 
 
 # Tokenizers without a length limit report a huge model_max_length instead.

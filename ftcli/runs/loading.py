@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 import torch
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ftcli.config import Config, load_config
+from ftcli.decisions import decider_for
 from ftcli.errors import FtcliError
 from ftcli.lora import is_adapter, load_adapter_model
 from ftcli.modeling import load_model, load_tokenizer, resolve_model_source
 from ftcli.objective import MultiLabelObjective, Objective, RegressionObjective, SingleLabelObjective
-from ftcli.runs.rundir import THRESHOLDS_FILE, RunDir
+from ftcli.runs.rundir import RunDir
 from ftcli.tasks import MULTI_LABEL, REGRESSION
 
 
@@ -76,26 +74,9 @@ def _run_label_names(run: RunDir) -> list[str]:
 
 def objective_for_model(config: Config, model_dir: Path) -> Objective:
     """The objective a saved model predicts with: the run's, with the thresholds saved beside it."""
+    decider = decider_for(config, model_dir)
     if config.task == REGRESSION:
-        return RegressionObjective(config.loss, tuple(config.data.label_range) if config.data.clip_predictions else None)
+        return RegressionObjective(config.loss, decider.clip)
     if config.task == MULTI_LABEL:
-        return MultiLabelObjective(thresholds=_thresholds_of(model_dir, config))
-    saved = _saved_thresholds(model_dir)
-    return SingleLabelObjective(decision_threshold=None if saved is None else float(saved[0]))
-
-
-def _thresholds_of(model_dir: Path, config: Config) -> np.ndarray | float:
-    """A multi_label model's thresholds: saved beside it after training, else the config's fixed one."""
-    saved = _saved_thresholds(model_dir)
-    if saved is not None:
-        return saved
-    return config.thresholds if isinstance(config.thresholds, float) else 0.5
-
-
-def _saved_thresholds(model_dir: Path) -> np.ndarray | None:
-    path = model_dir / THRESHOLDS_FILE
-    if not path.is_file():
-        return None
-    return np.asarray(list(json.loads(path.read_text())["thresholds"].values()), dtype=np.float64)
-
-
+        return MultiLabelObjective(thresholds=decider.thresholds)
+    return SingleLabelObjective(decision_threshold=decider.decision_threshold)

@@ -33,6 +33,10 @@ from ftcli.fileio import atomic_write_json, atomic_write_text
 # calibrating temperature.
 THRESHOLDS_FILE = "thresholds.json"
 CALIBRATION_FILE = "calibration.json"
+WEIGHTS_FILE = "model.safetensors"  # as save_pretrained writes a model's weights
+# In export/, as ftcli export writes it: the fp32 graph, the int8 one (kept when its metric holds),
+# and the report (the parity check, and the weights of model/ it was exported from).
+ONNX_FILE, INT8_FILE, EXPORT_REPORT_FILE = "model.onnx", "model.int8.onnx", "report.json"
 
 SECRET_PATTERN = re.compile(r"(token|secret|password|passwd|api[_-]?key)", re.IGNORECASE)
 
@@ -233,6 +237,15 @@ class RunDir:
         metrics = self.read_metrics()
         metrics[split] = values
         atomic_write_json(self.metrics_file, metrics)
+
+    def weights_stamp(self) -> dict[str, Any] | None:
+        """model/'s weights file, its size and modification time (None without one): what an export
+        records, so that prediction later knows whether the export is still of these weights."""
+        path = self.model_dir / WEIGHTS_FILE
+        if not path.is_file():
+            return None
+        stat = path.stat()
+        return {"file": WEIGHTS_FILE, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
     def require_model(self, checkpoint: str | Path | None = None) -> Path:
         """The model folder to load: the final model, or a given checkpoint (path or step)."""

@@ -15,11 +15,11 @@ from transformers import PreTrainedModel
 
 from ftcli.errors import FtcliError
 from ftcli.extras import require
-from ftcli.runs.rundir import RunDir
+from ftcli.onnx_predict import stale_export
+from ftcli.runs.rundir import INT8_FILE, ONNX_FILE, RunDir
 from ftcli.runtime import Runtime
 
 ENGINES = ("torch", "onnx")
-ONNX_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"  # as ftcli export writes them
 
 
 class Engine(Protocol):
@@ -85,4 +85,7 @@ def onnx_file_of(run: RunDir, quantized: bool) -> Path:
         command = f"ftcli export {run.path} --format onnx" + (" --quantize int8" if quantized else "")
         reason = " (an int8 model is kept only when its metric holds; see export/report.json)" if quantized else ""
         raise FtcliError(f"{path} does not exist{reason}", f"run `{command}` first, or serve with --engine torch")
+    stale = stale_export(run)
+    if stale is not None:
+        raise stale
     return path

@@ -3,7 +3,7 @@ and the two translations around a forward pass: texts to token rows, logits to a
 
 Token rows are made exactly as `ftcli predict` makes them (data.prepare.tokenize_rows: truncation
 to data.max_length, or with long_text: window overlapping windows), and an answer holds exactly the
-fields `ftcli predict` gives (inference.prediction_fields), so a server and the command agree.
+fields `ftcli predict` gives (decisions.prediction_fields), so a server and the command agree.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 import ftcli
-from ftcli.inference import prediction_fields
 from ftcli.config import Config
 from ftcli.data.batching import MODEL_COLUMNS
 from ftcli.data.prepare import tokenize_rows
+from ftcli.decisions import prediction_fields
 from ftcli.errors import FtcliError
 from ftcli.modeling import label_names_of
 from ftcli.objective import MultiLabelObjective, Objective

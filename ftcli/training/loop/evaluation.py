@@ -10,7 +10,8 @@ from accelerate import Accelerator
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from ftcli.data.batching import collate, length_sorted_batches
+from ftcli.data.batching import collate
+from ftcli.data.padding import length_sorted_batches
 from ftcli.inference import by_document, score
 from ftcli.metrics import MetricSuite
 from ftcli.runtime import attention_kernels
