@@ -14,18 +14,12 @@ without torch) decide alike.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from ftcli.runs.rundir import THRESHOLDS_FILE
-from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
-
-if TYPE_CHECKING:
-    from ftcli.config import Config
+from ftcli.tasks import MULTI_LABEL, REGRESSION
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -80,26 +74,6 @@ class Decider:
         if self.task == MULTI_LABEL:
             return decide_multi_label(scores, self.thresholds)
         return decide_single_label(scores, self.decision_threshold)
-
-
-def decider_for(config: Config, folder: Path) -> Decider:
-    """How a saved model's outputs are decided: the run's task with the thresholds saved beside
-    its weights (model/, a checkpoint, export/), else multi_label's fixed config.thresholds."""
-    if config.task == REGRESSION:
-        return Decider(REGRESSION, clip=tuple(config.data.label_range) if config.data.clip_predictions else None)
-    saved = saved_thresholds(folder)
-    if config.task == MULTI_LABEL:
-        fixed = config.thresholds if isinstance(config.thresholds, float) else 0.5  # tuned, without a validation split
-        return Decider(MULTI_LABEL, thresholds=fixed if saved is None else saved)
-    return Decider(SINGLE_LABEL, decision_threshold=None if saved is None else float(saved[0]))
-
-
-def saved_thresholds(folder: Path) -> np.ndarray | None:
-    """The thresholds tuned after training (thresholds.json), in label order; None when there are none."""
-    path = folder / THRESHOLDS_FILE
-    if not path.is_file():
-        return None
-    return np.asarray(list(json.loads(path.read_text())["thresholds"].values()), dtype=np.float64)
 
 
 class Decides(Protocol):

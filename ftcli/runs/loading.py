@@ -9,12 +9,12 @@ import torch
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ftcli.config import Config, load_config
-from ftcli.decisions import decider_for
 from ftcli.errors import FtcliError
 from ftcli.lora import is_adapter, load_adapter_model
 from ftcli.modeling import load_model, load_tokenizer, resolve_model_source
 from ftcli.objective import MultiLabelObjective, Objective, RegressionObjective, SingleLabelObjective
 from ftcli.runs.rundir import RunDir
+from ftcli.runs.thresholds import decider_for
 from ftcli.tasks import MULTI_LABEL, REGRESSION
 
 
