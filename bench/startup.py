@@ -6,8 +6,9 @@ write instead (transformers.pipeline; the course's HF Trainer script).
 
 Every row is a fresh process, timed from start to exit; the table gives the median, the fastest
 and slowest, and for each ftcli command how long importing its modules takes alone (the
-interpreter, then `import ftcli.cli` and the command's module), so that what remains is the
-command's own work. Rows run one after another on the same machine, in one run.
+interpreter, then `import ftcli.cli` and the command's module, ended without the interpreter's
+teardown as ftcli's commands end), so that what remains is the command's own work. predict runs
+twice: on the run's ONNX export (written once before the rows) and with --engine torch. Rows run one after another on the same machine, in one run.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def rows_to_time(workdir: Path, config: Path, run: Path, files: dict[str, str], 
         ("ftcli --help", [*ftcli, "--help"], "ftcli.cli"),
         ("ftcli config", [*ftcli, "config", str(config)], "ftcli.cli, ftcli.config"),
         ("ftcli report RUN", [*ftcli, "report", str(run)], "ftcli.cli, ftcli.reporting.report"),
-        ("ftcli predict RUN --text", [*ftcli, "predict", str(run), "--text", PAIR[0], "--text-pair", PAIR[1]], "ftcli.cli, ftcli.commands.predict"),
+        ("ftcli predict RUN --text (auto: the current ONNX export)", [*ftcli, "predict", str(run), "--text", PAIR[0], "--text-pair", PAIR[1]], "ftcli.cli, ftcli.commands.predict, onnxruntime, tokenizers"),
+        ("ftcli predict RUN --text --engine torch", [*ftcli, "predict", str(run), "--text", PAIR[0], "--text-pair", PAIR[1], "--engine", "torch"], "ftcli.cli, ftcli.commands.predict, ftcli.inference, ftcli.runs.loading"),
         ("transformers.pipeline (baseline)", [sys.executable, "-c", HF_PREDICT, str(run / "model"), *PAIR], None),
         ("ftcli evaluate RUN", [*ftcli, "evaluate", str(run)], "ftcli.cli, ftcli.commands.evaluate"),
         ("ftcli train (1 epoch)", [*ftcli, "train", str(config), "--overwrite"], "ftcli.cli, ftcli.commands.train, ftcli.training.loop"),
@@ -122,12 +124,13 @@ def main() -> None:
         config = experiment(workdir, files)
         run = workdir / "runs" / "mrpc-minilm"
         timed_runs([sys.executable, "-m", "ftcli", "train", str(config)], 1, env)  # the run the others read; the cache warm
+        timed_runs([sys.executable, "-m", "ftcli", "export", str(run)], 1, env)  # what predict's ONNX engine reads
         results = []
         for name, command, modules in rows_to_time(workdir, config, run, files, model_dir):
             seconds = timed_runs(command, args.repeats, env)
             imports = None
             if modules:
-                imports = statistics.median(timed_runs([sys.executable, "-c", f"import {modules}"], args.repeats, env))
+                imports = statistics.median(timed_runs([sys.executable, "-c", f"import {modules}; import os; os._exit(0)"], args.repeats, env))
             results.append({"row": name, "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "imports_s": imports})
             print(json.dumps(results[-1]), flush=True)
     print(render(results, args))
