@@ -357,8 +357,8 @@ def main() -> None:
 
 def exit_now(code: int | str | None) -> NoReturn:
     """End the process without the interpreter's teardown. After a command that imported torch and
-    transformers, freeing their modules takes 1.5 s (2 CPU cores; as long on the H200 machine) and
-    serves nothing a finished command needs. Output is flushed and the atexit handlers (logging's,
+    transformers, freeing their modules takes about a second (0.9 s on 2 CPU cores, bench/RESULTS.md)
+    and serves nothing a finished command needs. Output is flushed and the atexit handlers (logging's,
     trackers') run first; while a thread that is not a daemon still runs, the ordinary exit waits for it."""
     if isinstance(code, str):
         print(code, file=sys.stderr)

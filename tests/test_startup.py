@@ -136,7 +136,7 @@ def test_the_model_loads_while_the_splits_are_tokenized(make_experiment, monkeyp
 
 
 def test_a_command_ends_without_the_interpreters_teardown_yet_with_its_output_and_exit_handlers():
-    """ftcli's entry point skips the 1.5 s of freeing torch's and transformers' modules: no object
+    """ftcli's entry point skips the second or so of freeing torch's and transformers' modules: no object
     is torn down, but what was printed arrives, atexit handlers run and the exit code holds; a
     thread still working is waited for, as an ordinary exit would."""
     code = (
