@@ -80,16 +80,25 @@ def stale_export(run: RunDir) -> FtcliError | None:
 
 def load_export(run: RunDir, config: Config) -> OnnxExport:
     """The export's session, tokenizer, label names and decisions (its thresholds.json)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = _cores()
     export = run.export_dir
-    session = onnxruntime.InferenceSession(str(export / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+    session = open_session(export / ONNX_FILE, _cores())
     tokenizer, pad_token_id = load_tokenizer(export, config.data.max_length)
     id2label = json.loads((export / "config.json").read_text())["id2label"]
     names = [id2label[key] for key in sorted(id2label, key=int)]
     return OnnxExport(session, tokenizer, pad_token_id, names, decider_for(config, export))
+
+
+def open_session(onnx_file: Path, threads: int, cuda: bool = False) -> Any:
+    """An onnxruntime session on `threads` threads, on CUDA first when asked and onnxruntime has it
+    (onnxruntime-gpu), else the CPU. Both users, predict and the server, run one batch at a time."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    available = onnxruntime.get_available_providers()
+    providers = ["CUDAExecutionProvider"] if cuda and "CUDAExecutionProvider" in available else []
+    return onnxruntime.InferenceSession(str(onnx_file), options, providers=providers + ["CPUExecutionProvider"])
 
 
 def load_tokenizer(folder: Path, max_length: int) -> tuple[Tokenizer, int]:

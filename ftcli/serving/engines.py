@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from ftcli.errors import FtcliError
 from ftcli.extras import require
-from ftcli.onnx_predict import stale_export
+from ftcli.onnx_predict import open_session, stale_export
 from ftcli.runs.rundir import INT8_FILE, ONNX_FILE, RunDir
 from ftcli.runtime import Runtime
 
@@ -62,15 +62,10 @@ class OnnxEngine:
     name = "onnx"
 
     def __init__(self, onnx_file: Path, threads: int) -> None:
-        onnxruntime = require("onnxruntime", "export", "ftcli serve --engine onnx")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1  # one batch at a time: the batcher never runs two at once
-        available = onnxruntime.get_available_providers()
-        providers = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available and torch.cuda.is_available() else []
-        self.session = onnxruntime.InferenceSession(str(onnx_file), options, providers=providers + ["CPUExecutionProvider"])
+        require("onnxruntime", "export", "ftcli serve --engine onnx")
+        self.session = open_session(onnx_file, threads, cuda=torch.cuda.is_available())
         self.inputs = [node.name for node in self.session.get_inputs()]
-        self.device = torch.device("cuda" if providers else "cpu")
+        self.device = torch.device("cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu")
         self.file = str(onnx_file)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
