@@ -235,6 +235,13 @@ class TrainingConfig(_Strict):
         "where it can work and the training set fits on the GPU, else eager steps, also when the model's step "
         "cannot be captured. none: eager steps.",
     )
+    fused_kernels: Literal["auto"] | bool = Field(
+        "auto",
+        description="loop backend with CUDA graphs: BERT-family layers run their bias-GELU and "
+        "bias-dropout-residual-LayerNorm chains as fused Triton kernels (steps 5-6% faster on an H200; dropout "
+        "draws its own masks; compiling costs 4-7 s on a machine's first run, 0.5 s from Triton's cache after). "
+        "auto: for runs of 2,000 steps or more. false: PyTorch's kernels.",
+    )
 
     @field_validator("class_weights", mode="before")
     @classmethod

@@ -160,7 +160,8 @@ def result_view(outcome: TrainOutcome, metrics: dict[str, dict[str, float]]) -> 
     """How the run trained and the kept model's metrics: shown as soon as it is scored."""
     graphs = ""
     if outcome.extra.get("steps") == "cuda_graphs":
-        graphs = f", replayed as CUDA graphs (captured in {outcome.extra['capture_seconds']:.1f} s)"
+        fused = " with fused kernels" if outcome.extra.get("fused_modules") else ""
+        graphs = f", replayed as CUDA graphs{fused} (captured in {outcome.extra['capture_seconds']:.1f} s)"
     parts: list = [
         f"trained {outcome.global_step} steps ({outcome.epoch:.2f} epochs) in {outcome.train_seconds:.1f} s{graphs}"
         + (" (stopped early)" if outcome.stopped_early else "")

@@ -115,7 +115,10 @@ def finish(loop: Loop) -> TrainOutcome:
     if state.best_checkpoint is not None and state.best_checkpoint != str(loop.checkpoints.newest):
         loop.checkpoints.wait_for(Path(state.best_checkpoint))
         load_weights(model, Path(state.best_checkpoint))
-    how = {"steps": "cuda_graphs", "capture_seconds": loop.capture_seconds} if loop.graphed else {"steps": "eager"}
+    how: dict = {"steps": "eager"}
+    if loop.graphed:
+        fused = loop.step.graphed.fused
+        how = {"steps": "cuda_graphs", "capture_seconds": loop.capture_seconds, "fused_modules": len(fused) if fused else 0}
     return TrainOutcome(
         model=model,
         global_step=state.optimizer_step,

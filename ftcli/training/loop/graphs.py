@@ -9,12 +9,18 @@ changes the rate in place and the graph reads it.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
 from ftcli.data.batching import DeviceTensors
 from ftcli.objective import Objective, SingleLabelObjective, clip_scale
+
+if TYPE_CHECKING:  # Triton is imported only where the fused kernels run
+    from ftcli.training.loop.fused import FusedLayers
 
 
 class CaptureFailed(Exception):
@@ -60,6 +66,9 @@ class GraphedTrainStep:
     and one multi-tensor copy per dtype packs them into one flat buffer (each parameter's .grad is
     a view of it), where the norm and clipping are one kernel each. The arithmetic is the eager
     autocast step's.
+
+    With `fused` (fused.FusedLayers), BERT's bias-GELU and bias-dropout-residual-LayerNorm chains
+    run as Triton kernels in the captured step, each step drawing their dropout seed first.
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class GraphedTrainStep:
         max_grad_norm: float | None,
         autocast_dtype: torch.dtype | None,
         objective: Objective | None = None,
+        fused: FusedLayers | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -81,6 +91,7 @@ class GraphedTrainStep:
         self.max_grad_norm = max_grad_norm
         self.autocast_dtype = autocast_dtype
         self.objective = objective or SingleLabelObjective()
+        self.fused = fused
         self.device = next(model.parameters()).device
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self._gradients = torch.zeros(
@@ -103,6 +114,8 @@ class GraphedTrainStep:
         loss, its gradient the mean over the real rows."""
         for parameter in [*self.parameters, *(copy for _, copy in self._copies.values())]:
             parameter.grad = None  # so backward hands its gradient tensors over instead of adding them
+        if self.fused is not None:
+            self.fused.draw_seed()
         real = self._rows >= 0
         rows = self._rows.clamp(min=0)  # an empty slot repeats row 0, whose loss is ignored below
         features = {
@@ -172,7 +185,8 @@ class GraphedTrainStep:
             group["lr"].fill_(0.0)
         self._rows.copy_(torch.arange(self.batch_size) % len(self.data.lengths))
         try:
-            self._capture_buckets(warmup_steps)
+            with self.fused.installed() if self.fused is not None else nullcontext():
+                self._capture_buckets(warmup_steps)
         except CaptureFailed:
             self._graphs.clear()
             self._outputs.clear()
