@@ -165,14 +165,18 @@ def _column_sums(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- autograd
+def _rows_and_width(x: torch.Tensor) -> tuple[int, int]:
+    """x of shape [..., N] as the kernels see it: M rows of N values."""
+    return x.numel() // x.shape[-1], x.shape[-1]
+
+
 class BiasGelu(torch.autograd.Function):
     """gelu(x + bias) for x of shape [..., N], in x's dtype; computed in fp32."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        n = x.shape[-1]
-        m = x.numel() // n
+        m, n = _rows_and_width(x)
         y = torch.empty_like(x)
         _bias_gelu_forward[(triton.cdiv(m, _GELU_ROWS), triton.cdiv(n, _GELU_COLUMNS))](
             x, bias, y, m, n, BLOCK_M=_GELU_ROWS, BLOCK_N=_GELU_COLUMNS
@@ -183,8 +187,7 @@ class BiasGelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, bias = ctx.saved_tensors
-        n = x.shape[-1]
-        m = x.numel() // n
+        m, n = _rows_and_width(x)
         dx = torch.empty_like(x)
         partial = torch.empty(triton.cdiv(m, _GELU_ROWS), n, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(m, _GELU_ROWS), triton.cdiv(n, _GELU_COLUMNS))
@@ -201,8 +204,7 @@ class DropoutAddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, residual, weight, beta, p: float, eps: float, seed: torch.Tensor, site: int):
         x, residual = x.contiguous(), residual.contiguous()
-        n = x.shape[-1]
-        m = x.numel() // n
+        m, n = _rows_and_width(x)
         dtype = torch.promote_types(torch.promote_types(x.dtype, residual.dtype), weight.dtype)
         y = torch.empty(x.shape, dtype=dtype, device=x.device)
         mean = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -218,8 +220,7 @@ class DropoutAddLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, bias, residual, weight, mean, rstd, seed = ctx.saved_tensors
-        n = x.shape[-1]
-        m = x.numel() // n
+        m, n = _rows_and_width(x)
         rows_per_program = triton.cdiv(m, _LAYER_NORM_PROGRAMS)
         programs = triton.cdiv(m, rows_per_program)
         dx = torch.empty_like(x)
