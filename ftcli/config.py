@@ -421,6 +421,11 @@ class Config(_Strict):
             problems.append(f"data.label_range is for task: regression, not {task}")
         if self.decision_threshold != 0.5 and task != SINGLE_LABEL:
             problems.append(f"decision_threshold is for task: single_label with two classes, not {task} (multi_label: thresholds)")
+        if self.thresholds != "tuned" and task != MULTI_LABEL:
+            problems.append(f"thresholds is for task: multi_label, not {task} (single_label with two classes: decision_threshold)")
+        if data.label_separator != "," and task != MULTI_LABEL:
+            problems.append(f"data.label_separator joins several labels in one field: task: multi_label, not {task}")
+        problems += self._needs_validation()
         if training.label_smoothing and task != SINGLE_LABEL:
             problems.append(f"training.label_smoothing is for task: single_label, not {task}")
         if training.loss is not None and training.loss not in LOSSES[task]:
@@ -452,6 +457,20 @@ class Config(_Strict):
         if repo_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", repo_id):
             raise ValueError(f"'{repo_id}' is not a Hub repo id; write user/name")
         return repo_id
+
+    def _needs_validation(self) -> list[str]:
+        """Options that act on the validation split, set where there is none to act on (local files
+        without data.validation, and no cross-validation fold): they would be ignored without a word."""
+        data = self.data
+        if data.validation or data.hub or data.fold:
+            return []
+        fix = "add data.validation, or drop"
+        problems = []
+        if self.training.early_stopping_patience:
+            problems.append(f"training.early_stopping_patience counts evaluations on validation, and there is none: {fix} it")
+        if self.decision_threshold == "tuned":
+            problems.append(f"decision_threshold: tuned is tuned on validation, and there is none: {fix} it")
+        return problems
 
     @property
     def run_dir(self) -> Path:
@@ -520,8 +539,13 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML experiment, apply `key=value` overrides and validate everything at once."""
+    """Read a YAML experiment, apply `key=value` overrides and validate everything at once. A run
+    directory's config places the run where the directory is now (a run copied or moved to another
+    disk continues there), whatever output_dir it was trained under; an override may still move it."""
     raw = read_yaml(path)
+    if Path(path).is_dir():
+        where = Path(path).resolve()
+        raw["output_dir"], raw["name"] = str(where.parent), where.name
     for override in overrides or []:
         apply_override(raw, override)
     return validate(raw, source=str(path))

@@ -240,6 +240,18 @@ def build_objective(config: Config, prepared: Prepared) -> Objective:
     return SingleLabelObjective(class_weights(training.class_weights, prepared), training.label_smoothing)
 
 
+def check_fits_labels(config: Config, label_names: list[str]) -> None:
+    """Options that need a given number of classes, checked as soon as the data names its classes
+    (before tokenizing): decision_threshold decides between two, and with more would be ignored."""
+    if config.task == SINGLE_LABEL and config.decision_threshold != 0.5 and len(label_names) > 2:
+        shown = ", ".join(label_names[:4]) + (", ..." if len(label_names) > 4 else "")
+        raise FtcliError(
+            f"decision_threshold={config.decision_threshold} decides between two classes; the data has "
+            f"{len(label_names)} ({shown})",
+            "drop decision_threshold: with more classes the most probable one is predicted",
+        )
+
+
 def class_weights(setting: str | list[float] | None, prepared: Prepared) -> torch.Tensor | None:
     """The training loss's weight per class (label id order), from training.class_weights."""
     if setting is None:

@@ -25,7 +25,7 @@ from ftcli.inference import evaluate_dataset
 from ftcli.lora import apply_lora, merge_lora
 from ftcli.metrics import MetricSuite
 from ftcli.modeling import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_model_source, save_model
-from ftcli.objective import Objective, build_objective
+from ftcli.objective import Objective, build_objective, check_fits_labels
 from ftcli.runs import checkpoints
 from ftcli.runs.rundir import RunDir
 from ftcli.runtime import Runtime
@@ -161,7 +161,12 @@ def setup_data(
     if config.trust_remote_code:
         log.warning("trust_remote_code is on: code shipped with %s will run on this machine", config.model)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
-    heard = None if on_labels is None else lambda label_names: on_labels(source, label_names)
+
+    def heard(label_names: list[str]) -> None:
+        check_fits_labels(config, label_names)
+        if on_labels is not None:
+            on_labels(source, label_names)
+
     return source, tokenizer, prepare(config.data, tokenizer, config.task, on_labels=heard)
 
 
@@ -186,9 +191,11 @@ def start(config: Config, run: RunDir, runtime: Runtime) -> None:
 
 
 def reopen(config: Config, run: RunDir, resume_from: str | Path | None, runtime: Runtime) -> Path:
-    """The checkpoint to continue `run` from; the run keeps the config it started with."""
+    """The checkpoint to continue `run` from; the run keeps the config it started with, wherever
+    its directory is now."""
     # Both through the schema, so that keys added to ftcli since the run started count as their defaults.
-    changed = _changed_keys(load_config(run.config_file).model_dump(mode="json"), config.model_dump(mode="json"))
+    saved = load_config(run.config_file)
+    changed = _changed_keys(saved.model_dump(mode="json"), config.model_dump(mode="json"), skip=LOCATION_KEYS)
     if changed:
         raise FtcliError(
             f"the config differs from the one {run.path} was trained with ({', '.join(changed)})",
@@ -197,13 +204,20 @@ def reopen(config: Config, run: RunDir, resume_from: str | Path | None, runtime:
     resume_point = checkpoints.resume_point(run, resume_from, config.backend)
     if runtime.is_main:
         checkpoints.rewind(run, resume_point)
+        if saved.run_dir.resolve() != run.path.resolve():
+            log.warning("the run was moved from %s; it continues in %s", saved.run_dir, run.path)
+            atomic_write_text(run.config_file, dump_config(config))
     _wait_for_everyone(runtime)
     return resume_point
 
 
-def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
+# Where a run lives, not what it trains: a run moved to another disk is the same experiment.
+LOCATION_KEYS = frozenset({"output_dir", "name"})
+
+
+def _changed_keys(saved: dict, current: dict, prefix: str = "", skip: frozenset[str] = frozenset()) -> list[str]:
     changed = []
-    for key in dict.fromkeys([*saved, *current]):
+    for key in [key for key in dict.fromkeys([*saved, *current]) if key not in skip]:
         before, now = saved.get(key), current.get(key)
         if isinstance(before, dict) and isinstance(now, dict):
             changed += _changed_keys(before, now, f"{prefix}{key}.")

@@ -8,6 +8,7 @@ accumulation, mixed precision, evaluation loop and FSDP/DeepSpeed support.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -36,13 +37,25 @@ from ftcli.training.optim import build_scheduler, trainer_optimizer
 from ftcli.training.stopping import LossWatch
 from ftcli.training.timed_saves import SaveTimer
 
+log = logging.getLogger("ftcli")
+
 # Trainer's log keys, renamed to the keys both backends write into metrics.jsonl.
 LOG_KEYS = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
 
 
 class TrainerBackend:
     def check(self, config: Config) -> None:
-        """Nothing to refuse up front: Trainer runs every launch Accelerate has."""
+        """Nothing to refuse up front: Trainer runs every launch Accelerate has. The loop backend's
+        own options, asked for explicitly, are named rather than ignored without a word: the same
+        config trains under either backend."""
+        training = config.training
+        asked = {
+            "compile": training.compile == "cuda_graphs",
+            "fused_kernels": training.fused_kernels is True,
+            "data_on_device": training.data_on_device is True,
+        }
+        for option in [option for option, on in asked.items() if on]:
+            log.warning("training.%s is an option of the loop backend; the trainer backend ignores it", option)
 
     def train(self, job: TrainJob) -> TrainOutcome:
         trainer = _trainer(job)
