@@ -334,6 +334,7 @@ VERDICT_STYLES = {
     "inconclusive": "dim",
     "overfitting": "yellow",
     "underfitting": "yellow",
+    "overconfidence": "magenta",
     "unstable": "red",
 }
 

@@ -20,10 +20,14 @@ BINARY = {"majority_class": "negative", "majority_rate": 0.5, "num_labels": 2}
 
 
 def events_for(
-    train: list[float], evals: list[float] = (), accuracy: list[float] | None = None, start_lr: float = 5e-5
+    train: list[float],
+    evals: list[float] = (),
+    accuracy: list[float] | None = None,
+    start_lr: float = 5e-5,
+    metrics: dict[str, list[float]] | None = None,
 ) -> list[dict]:
     """metrics.jsonl events as the backends write them: a log every STEPS_PER_LOG steps, an
-    evaluation (one epoch) every LOGS_PER_EVAL logs."""
+    evaluation (one epoch) every LOGS_PER_EVAL logs, with eval_accuracy or other metrics' values."""
     steps_per_epoch = LOGS_PER_EVAL * STEPS_PER_LOG
     total = len(train) * STEPS_PER_LOG
     events = []
@@ -36,6 +40,7 @@ def events_for(
             event = {"step": step, "epoch": float(epoch), "eval_loss": evals[epoch - 1]}
             if accuracy is not None:
                 event["eval_accuracy"] = accuracy[epoch - 1]
+            event |= {f"eval_{name}": values[epoch - 1] for name, values in (metrics or {}).items()}
             events.append(event)
     return events
 
@@ -78,13 +83,14 @@ def test_overfitting_names_the_best_step():
     assert diagnosis.verdict == "overfitting", diagnosis
     finding = diagnosis.findings[0]
     assert finding.evidence["best_eval_step"] == eval_step(2)
-    assert finding.evidence["best_eval_epoch"] == 3
+    assert finding.evidence["best_metric_step"] == eval_step(2) and finding.evidence["best_metric_epoch"] == 3
     assert finding.evidence["eval_loss_rise"] == pytest.approx(0.47 / 0.30 - 1, rel=1e-3)
     assert finding.evidence["final_train_loss"] < finding.evidence["train_loss_at_best"]
     assert f"best at step {eval_step(2)}" in finding.summary
+    assert f"accuracy, the first metric, peaked at step {eval_step(2)} (0.88)" in finding.summary
     remedies = " | ".join(finding.remedies)
-    assert "training.early_stopping_patience" in remedies and f"step {eval_step(2)}" in remedies
-    assert "training.weight_decay (now 0)" in remedies and "epoch 3" in remedies
+    assert "training.early_stopping_patience: 2" in remedies and f"accuracy was best at step {eval_step(2)} (0.88)" in remedies
+    assert "training.weight_decay (now 0)" in remedies and "accuracy was best at epoch 3 (now 6)" in remedies
 
 
 def test_overfitting_from_a_widening_gap_while_validation_stalls():
@@ -265,3 +271,114 @@ def test_a_multi_label_run_is_measured_against_the_label_priors(tmp_path):
     expected = -(truth * np.log(priors) + (1 - truth) * np.log(1 - priors)).mean()
     assert baseline["chance_loss"] == pytest.approx(expected)
     assert diagnose(events_for([0.62] * 20, [0.61, 0.6, 0.6]), baseline).verdict == "underfitting"
+
+
+# ---------------------------------------------------------------- the loss read beside the first metric (issue 28)
+
+DEMO_STEPS_PER_EPOCH = 459  # configs/mrpc-minilm.yaml: MRPC's 3,668 training pairs in batches of 8
+DEMO_CONFIG = {
+    "task": "single_label",
+    "model": "minilm",
+    "metrics": ["accuracy", "f1"],
+    "calibration": "temperature",
+    "training": {"epochs": 3, "early_stopping_patience": None, "weight_decay": 0.0, "learning_rate": 5e-5},
+}
+DEMO_CALIBRATION = {
+    "method": "temperature", "temperature": 1.62, "fitted_on": "validation",
+    "before": {"ece": 0.1151, "brier": 0.2905, "log_loss": 0.5184},
+    "after": {"ece": 0.0502, "brier": 0.2776, "log_loss": 0.4303},
+}
+
+
+def demo_events(eval_losses: list[float], accuracy: list[float], f1: list[float]) -> list[dict]:
+    """`make demo`'s metrics.jsonl: a training loss every 50 steps, an evaluation at each epoch's end
+    (steps 459, 918, 1377), the learning rate decaying linearly from 5e-5."""
+    total = 3 * DEMO_STEPS_PER_EPOCH
+    events = []
+    for step in range(50, total + 1, 50):
+        epoch = step / DEMO_STEPS_PER_EPOCH
+        loss = 0.08 + 0.55 * math.exp(-step / 380) + 0.03 * math.sin(step / 37)  # 0.6 at the start, ~0.1 by the end
+        events.append({"step": step, "epoch": epoch, "train_loss": loss, "learning_rate": 5e-5 * (1 - step / total), "grad_norm": 4.0})
+    for index, (loss, acc, f1_value) in enumerate(zip(eval_losses, accuracy, f1)):
+        step = (index + 1) * DEMO_STEPS_PER_EPOCH
+        events.append({"step": step, "epoch": float(index + 1), "eval_loss": loss, "eval_accuracy": acc, "eval_f1": f1_value})
+    return sorted(events, key=lambda event: event["step"])
+
+
+def test_the_demo_is_overconfident_not_overfit():
+    # Validation loss best at step 918 then up 20%, while accuracy (which picks the kept model) rose
+    # 0.7868 -> 0.8137 and F1 0.8590 -> 0.8712: stopping at 918 would keep a model 2.7 points worse.
+    events = demo_events([0.4552, 0.4376, 0.5262], [0.7623, 0.7868, 0.8137], [0.8472, 0.8590, 0.8712])
+    diagnosis = diagnose(events, {"majority_class": "equivalent", "majority_rate": 0.6838, "num_labels": 2}, DEMO_CONFIG, DEMO_CALIBRATION)
+    assert diagnosis.verdict == "overconfidence", diagnosis
+    assert diagnosis.metric == "accuracy"
+    assert [finding.verdict for finding in diagnosis.findings] == ["overconfidence"]
+    finding = diagnosis.findings[0]
+    assert "validation loss rose from step 918 (0.438 -> 0.526 at step 1377) but accuracy kept improving (0.7868 -> 0.8137" in finding.summary
+    assert "the model grew overconfident and calibration corrected it (ECE 0.115 -> 0.050)" in finding.summary
+    assert "overfitting" not in finding.summary.lower().replace("not overfitting", "")
+    assert finding.evidence["best_eval_step"] == 918 and finding.evidence["best_metric_step"] == 1377
+    assert finding.evidence["metric_at_best_loss"] == 0.7868 and finding.evidence["final_metric"] == 0.8137
+    assert finding.evidence["ece_before"] == 0.1151 and finding.evidence["ece_after"] == 0.0502
+    advice = " | ".join(finding.remedies)
+    assert "fewer epochs" not in advice and "early_stopping_patience" not in advice and finding.remedies == []
+
+
+def test_the_demo_without_calibration_is_told_to_calibrate():
+    events = demo_events([0.4552, 0.4376, 0.5262], [0.7623, 0.7868, 0.8137], [0.8472, 0.8590, 0.8712])
+    diagnosis = diagnose(events, None, DEMO_CONFIG | {"calibration": "none"})
+    finding = diagnosis.findings[0]
+    assert finding.verdict == "overconfidence" and "surer than it is right" in finding.summary
+    assert finding.remedies == ["calibrate the probabilities after training: calibration: temperature (now none)"]
+
+
+def test_accuracy_peaking_before_the_end_is_overfitting_and_the_advice_quotes_accuracy():
+    # The same losses, but accuracy was best at step 918 and fell after it: now stopping there helps.
+    events = demo_events([0.4552, 0.4376, 0.5262], [0.7623, 0.8137, 0.7868], [0.8472, 0.8712, 0.8590])
+    diagnosis = diagnose(events, None, DEMO_CONFIG)
+    assert diagnosis.verdict == "overfitting", diagnosis
+    finding = diagnosis.findings[0]
+    assert "accuracy, the first metric, peaked at step 918 (0.8137) and ended at 0.7868" in finding.summary
+    assert finding.evidence["best_metric_step"] == 918 and finding.evidence["evaluations_after_best"] == 1
+    assert "train fewer epochs: accuracy was best at epoch 2 (now 3)" in finding.remedies
+    # Patience 2 would stop 2 evaluations after the best: no sooner than this run ended.
+    assert not any("early_stopping_patience" in remedy for remedy in finding.remedies)
+
+
+def test_early_stopping_advice_counts_what_patience_counts():
+    # Loss best at the third evaluation, accuracy at the second: the advice quotes accuracy's step.
+    events = events_for(decaying(60, floor=0.01), [0.45, 0.33, 0.30, 0.34, 0.40, 0.47], [0.8, 0.89, 0.88, 0.87, 0.86, 0.86])
+    diagnosis = diagnose(events, BINARY, {"metrics": ["accuracy"], "training": {"early_stopping_patience": 3, "epochs": 6}})
+    finding = diagnosis.findings[0]
+    assert finding.verdict == "overfitting" and finding.evidence["best_metric_step"] == eval_step(1)
+    assert (
+        "stop early: set training.early_stopping_patience: 2 (now 3) (it counts evaluations without a better accuracy); "
+        f"accuracy was best at step {eval_step(1)} (0.89)"
+    ) in finding.remedies
+    assert "train fewer epochs: accuracy was best at epoch 2 (now 6)" in finding.remedies
+
+
+def test_a_loss_like_first_metric_is_best_where_it_is_lowest():
+    # Regression picked by mse (lower is better), trained on Huber loss.
+    config = {"task": "regression", "metrics": ["mse", "pearson"], "training": {"epochs": 6}}
+    train, losses = decaying(60, floor=0.01), [0.45, 0.33, 0.30, 0.34, 0.40, 0.47]
+    overfit = diagnose(events_for(train, losses, metrics={"mse": [0.9, 0.62, 0.64, 0.7, 0.75, 0.8]}), None, config)
+    assert overfit.verdict == "overfitting" and overfit.metric == "mse"
+    finding = overfit.findings[0]
+    assert finding.evidence["best_metric_step"] == eval_step(1) and finding.evidence["best_metric"] == 0.62
+    assert f"mse was best at step {eval_step(1)} (0.62)" in " | ".join(finding.remedies)
+    # mse falling to its lowest at the end while the Huber loss rises: the kept model is the last one.
+    improving = diagnose(events_for(train, losses, metrics={"mse": [0.9, 0.7, 0.64, 0.6, 0.55, 0.5]}), None, config)
+    assert improving.verdict == "overconfidence", improving
+    finding = improving.findings[0]
+    assert "mse kept improving (0.64 -> 0.5 at step 300)" in finding.summary
+    assert finding.remedies == []  # no calibration for regression, no stopping earlier
+
+
+def test_more_training_is_not_advised_while_the_first_metric_falls():
+    train = [0.69 - 0.006 * index for index in range(60)]
+    falling = events_for(train, [0.62, 0.55, 0.49, 0.43, 0.38, 0.33], [0.6, 0.66, 0.7, 0.8, 0.79, 0.77])
+    diagnosis = diagnose(falling, BINARY, {"training": {"epochs": 6}})
+    assert diagnosis.verdict == "converged", diagnosis
+    assert "accuracy, the first metric, did not improve over the last stretch (0.8 -> 0.77)" in diagnosis.findings[0].summary
+    assert diagnosis.findings[0].remedies == []

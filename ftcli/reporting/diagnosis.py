@@ -1,9 +1,15 @@
 """Read learning curves the way the HF course does, and say what to do about them.
 
-Verdicts: converged, still improving, overfitting, underfitting, unstable (or inconclusive when
-there are too few points to tell). Each finding carries its evidence as numbers and the course's
-remedies, phrased as the config keys to change. Pure functions over metrics.jsonl events: nothing
-here reads or writes files.
+Verdicts: converged, still improving, overfitting, overconfidence, underfitting, unstable (or
+inconclusive when there are too few points to tell). Each finding carries its evidence as numbers
+and the course's remedies, phrased as the config keys to change. Pure functions over metrics.jsonl
+events: nothing here reads or writes files.
+
+Losses are read beside the first metric (config.metrics[0]), which picks the kept model and is what
+training.early_stopping_patience counts: advice to stop earlier or train less is given only where
+that metric itself was better earlier, so following it never keeps a worse model. A validation loss
+that rises while the first metric keeps improving is overconfidence (a classifier growing surer
+than it is right, which calibration corrects), not overfitting.
 
 Losses are measured against one scale, the training loss at the start (about ln(classes) for a
 fresh head), so each threshold below means the same thing for every task.
@@ -16,11 +22,15 @@ from dataclasses import asdict, dataclass
 from statistics import median
 from typing import Any, Literal, Mapping
 
-from ftcli.reporting.events import series
+from ftcli.metrics import higher_is_better, primary_metric
+from ftcli.reporting.events import eval_metric_names, finite, series
+from ftcli.tasks import REGRESSION
 
-Verdict = Literal["unstable", "overfitting", "underfitting", "inconclusive", "still_improving", "converged"]
+Verdict = Literal["unstable", "overfitting", "underfitting", "overconfidence", "inconclusive", "still_improving", "converged"]
 # The headline is the first finding in this order: a problem to fix outranks a state to accept.
-SEVERITY: tuple[Verdict, ...] = ("unstable", "overfitting", "underfitting", "inconclusive", "still_improving", "converged")
+SEVERITY: tuple[Verdict, ...] = (
+    "unstable", "overfitting", "underfitting", "overconfidence", "inconclusive", "still_improving", "converged"
+)
 
 # Below this many logged training losses (and evaluations) any trend is indistinguishable from noise.
 MIN_TRAIN_POINTS = 5
@@ -78,6 +88,7 @@ class Finding:
 class Diagnosis:
     verdict: Verdict
     findings: list[Finding]
+    metric: str = "loss"  # the first metric the findings read beside the losses
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,21 +101,23 @@ def diagnose(
     events: list[dict[str, Any]],
     baseline: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> Diagnosis:
     """Every finding that applies, the most severe first.
 
     baseline: ftcli.data.prepare.majority_baseline() of the run's data (metrics.json "data"), for the accuracy check.
-    config: the resolved config as a mapping, to phrase remedies with the current values.
+    config: the resolved config as a mapping, to phrase remedies with the current values and find the first metric.
+    calibration: model/calibration.json when calibration ran, for its ECE before and after.
     """
     advice = _Advice(config or {})
     train_all, evals_all = series(events, "train_loss"), series(events, "eval_loss")
-    train = [(step, value) for step, value in train_all if math.isfinite(value)]
-    evals = [(step, value) for step, value in evals_all if math.isfinite(value)]
+    train, evals = finite(train_all), finite(evals_all)
     # The scale every threshold is a share of; a run with no finite training loss falls back on validation.
     start = _level([value for _, value in train], at_end=False) if train else None
     if start is None:
         start = evals[0][1] if evals else 1.0
     curve = _Curve(train, evals, max(start, 1e-12))
+    selection = _selection(events, config or {})
     non_finite = sorted(step for step, value in train_all + evals_all if not math.isfinite(value))
     signals: dict[str, Any] = {"non_finite": non_finite} if non_finite else {}
 
@@ -116,18 +129,61 @@ def diagnose(
         findings += [
             finding
             for finding in (
-                _overfitting(curve, events, advice),
+                _rising_loss(curve, selection, events, advice, calibration),
                 # Raising the learning rate is the wrong advice for a run that is also unstable.
                 _underfitting(curve, series(events, "eval_accuracy"), baseline or {}, advice, not signals),
             )
             if finding is not None
         ]
         if not findings and not signals:
-            findings.append(_progress(curve, advice))
+            findings.append(_progress(curve, selection, advice))
     if signals:
         findings.append(_unstable(signals, curve, advice))
     findings.sort(key=lambda finding: SEVERITY.index(finding.verdict))
-    return Diagnosis(findings[0].verdict, findings)
+    return Diagnosis(findings[0].verdict, findings, selection.name)
+
+
+@dataclass
+class _Selection:
+    """The first metric's evaluations: it picks the kept model, and early_stopping_patience counts
+    the evaluations that did not improve it."""
+
+    name: str
+    greater_is_better: bool
+    points: list[tuple[int, float]]  # finite, in step order
+
+    @property
+    def label(self) -> str:
+        return "validation loss" if self.name == "loss" else self.name
+
+    def better(self, value: float, than: float) -> bool:
+        return value > than if self.greater_is_better else value < than
+
+    def best(self) -> tuple[int, float]:
+        """The first evaluation at the best value: to early stopping a later tie is no improvement."""
+        best = self.points[0]
+        for point in self.points[1:]:
+            best = point if self.better(point[1], best[1]) else best
+        return best
+
+    def peaked_early(self) -> bool:
+        return bool(self.points) and self.best()[0] < self.points[-1][0]
+
+    def value_at(self, step: int) -> float | None:
+        """The last evaluation at or before a step."""
+        before = [value for evaluated, value in self.points if evaluated <= step]
+        return before[-1] if before else None
+
+
+def _selection(events: list[dict[str, Any]], config: Mapping[str, Any]) -> _Selection:
+    """config.metrics[0] as training picks it (the first built-in metric, else the loss); without a
+    config, the metrics in the order the run logged them."""
+    named = config.get("metrics") or [name for name in eval_metric_names(events) if name != "loss"]
+    name = primary_metric(list(named))
+    points = finite(series(events, f"eval_{name}"))
+    if not points:
+        name, points = "loss", finite(series(events, "eval_loss"))
+    return _Selection(name, higher_is_better(name), points)
 
 
 @dataclass
@@ -219,10 +275,48 @@ def _unstable(signals: dict[str, Any], curve: _Curve, advice: _Advice) -> Findin
     return Finding("unstable", summary, evidence, [remedy for remedy in remedies if remedy])
 
 
-# ---------------------------------------------------------------- overfitting
+# ---------------------------------------------------------------- overfitting, or overconfidence
 
 
-def _overfitting(curve: _Curve, events: list[dict[str, Any]], advice: _Advice) -> Finding | None:
+@dataclass
+class _Rise:
+    """Validation loss past its best: where it was best, where it ended, and training loss at both."""
+
+    best_step: int
+    best_loss: float
+    last_step: int
+    last_loss: float
+    train_at_best: float
+    train_end: float
+    rising: bool  # validation loss itself climbed, not only the gap to training loss
+
+    def evidence(self) -> Evidence:
+        return {
+            "best_eval_step": self.best_step,
+            "best_eval_loss": _num(self.best_loss),
+            "final_eval_loss": _num(self.last_loss),
+            "eval_loss_rise": _num((self.last_loss - self.best_loss) / self.best_loss),
+            "train_loss_at_best": _num(self.train_at_best),
+            "final_train_loss": _num(self.train_end),
+            "gap_at_best": _num(self.best_loss - self.train_at_best),
+            "final_gap": _num(self.last_loss - self.train_end),
+        }
+
+    def said(self) -> str:
+        if self.rising:
+            rise = (self.last_loss - self.best_loss) / self.best_loss
+            return (
+                f"validation loss was best at step {self.best_step} ({self.best_loss:.3g}) and rose {rise:.0%} to "
+                f"{self.last_loss:.3g} by step {self.last_step}, while training loss fell from {self.train_at_best:.3g} "
+                f"to {self.train_end:.3g}"
+            )
+        return (
+            f"validation loss stopped improving at step {self.best_step} ({self.best_loss:.3g}) while training loss kept "
+            f"falling: the gap widened from {self.best_loss - self.train_at_best:.3g} to {self.last_loss - self.train_end:.3g}"
+        )
+
+
+def _loss_rise(curve: _Curve) -> _Rise | None:
     """Validation loss rising from its best while training loss falls, or a widening gap."""
     if len(curve.evals) < MIN_EVALUATIONS or not curve.train:
         return None
@@ -234,44 +328,78 @@ def _overfitting(curve: _Curve, events: list[dict[str, Any]], advice: _Advice) -
     train_end = _level(curve.train_values, at_end=True)
     if best_index == len(losses) - 1 or train_at_best is None:
         return None
-
     rise = last_loss - best_loss
     rising = rise > OVERFIT_RISE * best_loss and rise > NOISE_FLOOR * curve.scale and train_end < train_at_best
     widening = (last_loss - train_end) - (best_loss - train_at_best)
     widened = widening > GAP_WIDENING * curve.scale and len(losses) - 1 - best_index >= GAP_EVALUATIONS
     if not (rising or widened):
         return None
+    return _Rise(best_step, best_loss, last_step, last_loss, train_at_best, train_end, rising)
 
+
+def _rising_loss(
+    curve: _Curve,
+    selection: _Selection,
+    events: list[dict[str, Any]],
+    advice: _Advice,
+    calibration: Mapping[str, Any] | None,
+) -> Finding | None:
+    """Overfitting when the first metric was better earlier; overconfidence when only the loss says so."""
+    rise = _loss_rise(curve)
+    if rise is None:
+        return None
+    if selection.peaked_early():
+        return _overfitting(rise, selection, events, advice)
+    # The first metric ends at its best, so the kept model is the last one and stopping earlier would
+    # keep a worse one. A gap that only widened says nothing more: the healthy verdicts read the rest.
+    return _overconfidence(rise, selection, advice, calibration) if rise.rising else None
+
+
+def _overfitting(rise: _Rise, selection: _Selection, events: list[dict[str, Any]], advice: _Advice) -> Finding:
+    best_step, best_value = selection.best()
+    final = selection.points[-1][1]
+    after_best = sum(1 for step, _ in selection.points if step > best_step)
     best_epoch = _epoch_at(events, best_step)
-    evidence: Evidence = {
-        "best_eval_step": best_step,
-        "best_eval_epoch": best_epoch,
-        "best_eval_loss": _num(best_loss),
-        "final_eval_loss": _num(last_loss),
-        "eval_loss_rise": _num(rise / best_loss),
-        "train_loss_at_best": _num(train_at_best),
-        "final_train_loss": _num(train_end),
-        "gap_at_best": _num(best_loss - train_at_best),
-        "final_gap": _num(last_loss - train_end),
+    evidence = rise.evidence() | {
+        "best_metric_step": best_step,
+        "best_metric_epoch": best_epoch,
+        "best_metric": _num(best_value),
+        "final_metric": _num(final),
+        "evaluations_after_best": after_best,
     }
-    if rising:
-        what = (
-            f"validation loss was best at step {best_step} ({best_loss:.3g}) and rose {rise / best_loss:.0%} "
-            f"to {last_loss:.3g} by step {last_step}, while training loss fell from {train_at_best:.3g} to {train_end:.3g}"
-        )
-    else:
-        what = (
-            f"validation loss stopped improving at step {best_step} ({best_loss:.3g}) while training loss kept "
-            f"falling: the gap widened from {best_loss - train_at_best:.3g} to {last_loss - train_end:.3g}"
-        )
+    what = rise.said()
+    if selection.name != "loss":
+        what += f"; {selection.name}, the first metric, peaked at step {best_step} ({best_value:.4g}) and ended at {final:.4g}"
     remedies = [
-        advice.early_stopping(best_step),
-        advice.fewer_epochs(best_epoch),
+        advice.early_stopping(selection, after_best),
+        advice.fewer_epochs(selection.label, best_epoch),
         advice.weight_decay(),
         advice.lower_learning_rate(),
         "more training data, or check that validation comes from the same distribution as training",
     ]
     return Finding("overfitting", f"Overfitting: {what}.", evidence, [remedy for remedy in remedies if remedy])
+
+
+def _overconfidence(rise: _Rise, selection: _Selection, advice: _Advice, calibration: Mapping[str, Any] | None) -> Finding:
+    """The loss punishes confident mistakes harder as the model grows surer; the first metric, which
+    picks the kept model, still improved, so the remedy is calibration, not stopping."""
+    at_best = selection.value_at(rise.best_step)
+    final_step, final = selection.points[-1]
+    evidence = rise.evidence() | {"metric_at_best_loss": _num(at_best), "best_metric_step": final_step, "final_metric": _num(final)}
+    kept = f"{selection.name} kept improving" + (f" ({at_best:.4g} -> {final:.4g} at step {final_step})" if at_best is not None else "")
+    said = (
+        f"validation loss rose from step {rise.best_step} ({rise.best_loss:.3g} -> {rise.last_loss:.3g} at step {rise.last_step}) "
+        f"but {kept}, and {selection.name}, the first metric, picks the kept model"
+    )
+    remedies: list[str | None] = []
+    if calibration and "before" in calibration and "after" in calibration:
+        before, after = calibration["before"]["ece"], calibration["after"]["ece"]
+        evidence |= {"ece_before": _num(before), "ece_after": _num(after)}
+        said += f"; the model grew overconfident and calibration corrected it (ECE {before:.3f} -> {after:.3f})"
+    elif advice.task != REGRESSION:
+        said += "; the model grew overconfident: its probabilities are surer than it is right"
+        remedies.append(advice.calibrate())
+    return Finding("overconfidence", f"Overconfidence, not overfitting: {said}.", evidence, [r for r in remedies if r])
 
 
 def _epoch_at(events: list[dict[str, Any]], step: int) -> float | None:
@@ -343,12 +471,17 @@ def _underfitting(
 # ---------------------------------------------------------------- healthy: still improving or converged
 
 
-def _progress(curve: _Curve, advice: _Advice) -> Finding:
-    """How much the last stretch gained: on validation when evaluated at least twice, else on training."""
+def _progress(curve: _Curve, selection: _Selection, advice: _Advice) -> Finding:
+    """How much the last stretch gained: on validation when evaluated at least twice, else on training.
+    More training is advised only while the first metric has not got worse over that stretch."""
+    declined: tuple[float, float] | None = None
     if len(curve.evals) >= 2:
         losses = curve.eval_values
         span = max(1, len(losses) // 3)
         gain, measured = (losses[-1 - span] - losses[-1]) / curve.scale, "validation"
+        before = selection.value_at(curve.evals[-1 - span][0])
+        if selection.points and before is not None and selection.better(before, selection.points[-1][1]):
+            declined = (before, selection.points[-1][1])
     else:
         values = curve.train_values
         third_quarter, last_quarter = values[len(values) // 2 : 3 * len(values) // 4], values[3 * len(values) // 4 :]
@@ -358,15 +491,21 @@ def _progress(curve: _Curve, advice: _Advice) -> Finding:
         "final_train_loss": _num(_level(curve.train_values, at_end=True) if curve.train else None),
         "final_eval_loss": _num(curve.evals[-1][1]) if curve.evals else None,
         "best_eval_step": min(curve.evals, key=lambda pair: pair[1])[0] if curve.evals else None,
+        "best_metric_step": selection.best()[0] if selection.points else None,
         "recent_gain_share": _num(gain),
     }
-    if gain >= STILL_IMPROVING_GAIN:
+    if gain >= STILL_IMPROVING_GAIN and declined is None:
         summary = (
             f"Still improving: {measured} loss gained {gain:.0%} of the starting loss over the last stretch; "
             "more training should help."
         )
         return Finding("still_improving", summary, evidence, [advice.more_epochs()])
     summary = f"Converged: {measured} loss has flattened (last stretch gained {max(gain, 0):.1%} of the starting loss)."
+    if declined is not None and gain >= STILL_IMPROVING_GAIN:
+        summary = (
+            f"Converged: validation loss still fell, but {selection.name}, the first metric, did not improve over the "
+            f"last stretch ({declined[0]:.4g} -> {declined[1]:.4g}); more training would not help it."
+        )
     return Finding("converged", summary, evidence, [])
 
 
@@ -387,6 +526,8 @@ class _Advice:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.model = config.get("model")
+        self.task = config.get("task")
+        self.calibration = config.get("calibration")
         self.training: Mapping[str, Any] = config.get("training") or {}
 
     def _now(self, key: str, off: str = "off") -> str:
@@ -423,15 +564,30 @@ class _Advice:
             return None
         return "fp16 overflows easily: use training.precision: bf16 (or fp32) (now fp16)"
 
-    def early_stopping(self, best_step: int) -> str:
+    def early_stopping(self, selection: _Selection, evaluations_after_best: int) -> str | None:
+        """A patience that would have stopped this run sooner; None when none would (it stops
+        `patience` evaluations after the first metric's best)."""
         patience = self.training.get("early_stopping_patience")
-        action = f"lower training.early_stopping_patience (now {patience})" if patience else "set training.early_stopping_patience: 2"
-        return f"stop early: {action}; validation loss was best at step {best_step}"
+        suggested = min(2, patience - 1) if patience else 2
+        if suggested < 1 or evaluations_after_best <= suggested:
+            return None
+        best_step, best_value = selection.best()
+        return (
+            f"stop early: set training.early_stopping_patience: {suggested}{self._now('early_stopping_patience')} "
+            f"(it counts evaluations without a better {selection.label}); {selection.label} was best at step "
+            f"{best_step} ({best_value:.4g})"
+        )
 
-    def fewer_epochs(self, best_epoch: float | None) -> str | None:
+    def fewer_epochs(self, measured: str, best_epoch: float | None) -> str | None:
         if best_epoch is None:
             return None
-        return f"train fewer epochs: validation loss was best at epoch {best_epoch:g}{self._now('epochs')}"
+        return f"train fewer epochs: {measured} was best at epoch {best_epoch:g}{self._now('epochs')}"
+
+    def calibrate(self) -> str | None:
+        if self.calibration == "temperature":
+            return None  # asked for but skipped (training said why): no setting to change
+        now = f" (now {self.calibration})" if self.calibration else ""
+        return f"calibrate the probabilities after training: calibration: temperature{now}"
 
     def weight_decay(self) -> str:
         target = "e.g. to 0.01" if not self.training.get("weight_decay") else "e.g. double it"
