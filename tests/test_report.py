@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -14,7 +15,7 @@ from test_curves import PNG_MAGIC, png_size
 from test_diagnosis import decaying, events_for
 
 
-VERDICTS = {"converged", "still_improving", "overfitting", "underfitting", "unstable", "inconclusive"}
+VERDICTS = {"converged", "still_improving", "overfitting", "overconfidence", "underfitting", "unstable", "inconclusive"}
 
 
 def assert_run_report_files(run: Path) -> dict:
@@ -140,3 +141,29 @@ def test_report_on_a_trainer_backend_run(make_experiment, tmp_path):
     assert any({"train_loss", "learning_rate", "grad_norm"} <= set(event) for event in events)
     assert any({"eval_loss", "eval_accuracy", "eval_f1"} <= set(event) for event in events)
     shutil.rmtree(run)
+
+
+def test_report_html_shows_every_figure_at_one_scale(tmp_path):
+    """The reliability diagram, the F1 bars and the confusion matrix are drawn at the learning curves'
+    scale (their share of the column is their width over the curves'), not stretched to the column."""
+    run = write_run(tmp_path, "calibrated", decaying(60), [0.3, 0.21, 0.2])
+    bins = {"confidence": [0.55, 0.75, 0.95], "accuracy": [0.5, 0.7, 0.8], "count": [10, 20, 30]}
+    scores = {"ece": 0.115, "brier": 0.29, "log_loss": 0.52, "reliability": bins}
+    (run / "model").mkdir()
+    (run / "model" / "calibration.json").write_text(json.dumps({"temperature": 1.6, "before": scores, "after": scores | {"ece": 0.05}}))
+    per_class = [{"label": name, "precision": 0.8, "recall": 0.7, "f1": 0.75, "support": 10} for name in ("neg", "pos")]
+    record = {"split": "validation", "errors": {"per_class": per_class}, "confusion_matrix": {"labels": ["neg", "pos"], "counts": [[7, 3], [2, 8]]}}
+    (run / "eval_validation.json").write_text(json.dumps(record))
+    assert invoke("report", str(run), "--html").exit_code == 0
+    page = (run / "report.html").read_text()
+
+    images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]*)" style="width: ([0-9.]+)%">', page)
+    assert len(images) == page.count("<img ") == 4  # curves, reliability, F1 per class, confusion matrix
+    shown = {alt: (png_size(base64.b64decode(data))[0], float(share)) for alt, data, share in images}
+    assert shown["learning curves of calibrated"] == (1200, 100.0)
+    for pixels, share in shown.values():
+        assert share == pytest.approx(100 * min(pixels, 1200) / 1200, abs=0.05)  # one scale for every figure
+    # The reliability diagram is as wide as one of the curves' four panels, not the whole column.
+    assert shown["reliability diagram before and after calibration"] == (600, 50.0)
+    style = page.split("<style>")[1].split("</style>")[0]
+    assert re.search(r"\nimg \{ max-width: 100%;", style) and not re.search(r"\bwidth: 100%", style.replace("max-width", ""))

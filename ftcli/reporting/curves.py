@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ MAX_EPOCH_LINES = 20
 # on a log scale, or the small ones sit flat on the axis.
 LOG_SCALE_RATIO = 100.0
 DPI = 100
+# The learning curves' width, in inches: the widest figure ftcli draws for a page, which the HTML
+# report shows at its column's full width; every other figure is shown at the same scale.
+FULL_WIDTH = 12
 
 
 def run_figure(events: list[dict[str, Any]], title: str, best_step: int | None = None) -> Figure:
     """Loss (training and validation), validation metrics, learning rate and gradient norm over steps."""
-    figure = Figure(figsize=(12, 8), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(FULL_WIDTH, 8), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     loss_axes, metric_axes, rate_axes, norm_axes = figure.subplots(2, 2, sharex=True).flat
     figure.suptitle(title, fontsize=14)
@@ -64,7 +68,7 @@ def run_figure(events: list[dict[str, Any]], title: str, best_step: int | None =
 
 def comparison_figure(runs: dict[str, list[dict[str, Any]]]) -> Figure:
     """Several runs on shared panels: training loss, validation loss, first metric, learning rate."""
-    figure = Figure(figsize=(12, 8), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(FULL_WIDTH, 8), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     train_axes, eval_axes, metric_axes, rate_axes = figure.subplots(2, 2).flat
     figure.suptitle(f"{len(runs)} runs compared", fontsize=14)
@@ -99,6 +103,11 @@ def png_bytes(figure: Figure) -> bytes:
 def write_png(figure: Figure, path: Path) -> Path:
     path.write_bytes(png_bytes(figure))
     return path
+
+
+def png_width(png: bytes) -> int:
+    """A PNG's width in pixels, from its IHDR chunk (the first, right after the 8-byte signature)."""
+    return struct.unpack(">I", png[16:20])[0]
 
 
 # ---------------------------------------------------------------- drawing helpers

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.fileio import atomic_write_text
-from ftcli.reporting.curves import confusion_figure, png_bytes, scores_figure
+from ftcli.reporting.curves import DPI, FULL_WIDTH, confusion_figure, png_bytes, png_width, scores_figure
 from ftcli.reporting.diagnosis import Finding
 from ftcli.reporting.events import eval_metric_names
 from ftcli.reporting.formatting import format_number
@@ -33,10 +33,10 @@ h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 18px; margin: 8px 0;
 table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
 th, td { border-bottom: 1px solid #d0d7de; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
-img { width: 100%; height: auto; border: 1px solid #eaeef2; }
+img { max-width: 100%; height: auto; border: 1px solid #eaeef2; display: block; margin: 8px 0; }
 .verdict { display: inline-block; padding: 2px 10px; border-radius: 12px; color: white; font-weight: 600; font-size: 13px; }
 .converged { background: #1a7f37; } .still_improving { background: #0969da; } .inconclusive { background: #656d76; }
-.overfitting, .underfitting { background: #bf8700; } .unstable { background: #cf222e; }
+.overfitting, .underfitting { background: #bf8700; } .unstable { background: #cf222e; } .overconfidence { background: #8250df; }
 .finding { margin: 8px 0 12px; } .evidence td, .evidence th { font-family: ui-monospace, Menlo, monospace; }
 pre { background: #f6f8fa; padding: 12px; border-radius: 6px; overflow-x: auto; font-size: 12px; }
 """
@@ -210,7 +210,12 @@ def _table(header: list[str], rows: list[list[str]], css: str) -> str:
 
 
 def _image(png: bytes, alt: str) -> str:
-    return f'<img alt="{_escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+    """Every figure at one scale: its share of the column is its width over the learning curves'
+    (which fill it), so text and markers read the same size in each; a 6-inch reliability diagram
+    stretched to the column would be drawn at twice the curves' scale."""
+    share = min(1.0, png_width(png) / (FULL_WIDTH * DPI))
+    encoded = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_escape(alt)}" src="data:image/png;base64,{encoded}" style="width: {share:.1%}">'
 
 
 def _badge(verdict: str) -> str:
