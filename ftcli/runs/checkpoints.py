@@ -18,7 +18,6 @@ read back with torch.load(weights_only=True): loading a checkpoint cannot run co
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -26,17 +25,18 @@ import os
 import random
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from ftcli.errors import FtcliError
-from ftcli.fileio import atomic_write_json, file_sha256
+from ftcli.fileio import DiskFull, atomic_write_json, disk_full, file_sha256, free_bytes, space_report, tree_bytes
 from ftcli.lora import is_adapter, load_adapter_weights
 from ftcli.runs.rundir import RunDir
 
@@ -45,6 +45,7 @@ TRAINER_STATE_FILE = "trainer_state.json"  # what HF Trainer writes into its che
 STATE_FILES = {"loop": LOOP_STATE_FILE, "trainer": TRAINER_STATE_FILE}
 MANIFEST_FILE = "manifest.json"
 DIGEST_PIECE = 16 << 20  # bytes hashed apart, in parallel
+ROOM_MARGIN = 1 << 20  # bytes free beyond a checkpoint's size before saving the next (blocks, json files)
 
 log = logging.getLogger("ftcli")
 
@@ -66,25 +67,56 @@ def publish(staging: Path, final: Path) -> None:
 
 
 @contextmanager
-def disk_full_is_a_user_error(run: RunDir, final: Path) -> Iterator[None]:
-    """A full disk (or quota) while saving `final`: drop its staging folder and say which checkpoint
-    to resume from, rather than end in a traceback."""
+def disk_full_is_a_user_error(run: RunDir, final: Path, estimate: Callable[[], int | None] | None = None) -> Iterator[None]:
+    """A full disk (or quota) while saving `final`: drop its staging folder and say where, how much
+    the checkpoint needs (the size of the one before it, else `estimate`) and which checkpoint to
+    resume from, rather than end in a traceback."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
-        # torch.save reports a failed write as a RuntimeError that quotes the OS's message.
-        disk_full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
-            os.strerror(code) in str(error) for code in (errno.ENOSPC, errno.EDQUOT)
-        )
-        if not disk_full:
+    except Exception as error:
+        if not disk_full(error, run.checkpoints):
             raise
         shutil.rmtree(staging_dir(final), ignore_errors=True)
-        intact = [path.name for path in run.list_checkpoints() if path != final]
-        raise FtcliError(
-            f"no space left on device while saving {final.name}; "
-            + (f"{intact[-1]} is intact" if intact else "no checkpoint was saved before it"),
-            f"free space, then ftcli train {run.path} --resume" if intact else "free space and train again",
-        ) from None
+        with suppress(OSError):
+            staging_dir(final).parent.rmdir()  # .partial, unless another save is staged there
+        raise checkpoint_disk_full(run, final, estimate) from None
+
+
+def checkpoint_disk_full(run: RunDir, final: Path, estimate: Callable[[], int | None] | None = None) -> DiskFull:
+    intact = [path for path in run.list_checkpoints() if path != final]
+    needed = tree_bytes(intact[-1]) if intact else estimate() if estimate else None
+    return DiskFull(
+        f"no space left on device while saving {final.name}; "
+        + (f"{intact[-1].name} is intact" if intact else "no checkpoint was saved before it")
+        + f"; {space_report(run.checkpoints, needed)}",
+        f"free space, then ftcli train {run.path} --resume" if intact else "free space and train again",
+    )
+
+
+def tensor_bytes(state: Any) -> int:
+    """The bytes of every tensor in a (nested) state: about what saving it writes."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        state = list(state.values())
+    return sum(map(tensor_bytes, state)) if isinstance(state, (list, tuple)) else 0
+
+
+def refuse_without_room(run: RunDir, final: Path, accelerator: Any, needed: int | None = None) -> None:
+    """Refuse to start saving `final` when its filesystem has less free space than the checkpoint
+    before it took (`needed`, else the newest published one's size) plus a margin: the line a save
+    that ran out of space would end in, before anything is written. The main process decides, for all."""
+    verdict: list[tuple[str, str | None] | None] = [None]  # the error's message and hint: they pickle
+    if accelerator.is_main_process and needed is None and (published := run.list_checkpoints()):
+        needed = tree_bytes(published[-1])
+    if accelerator.is_main_process and needed is not None:
+        if free_bytes(run.checkpoints) < needed + needed // 100 + ROOM_MARGIN:
+            error = checkpoint_disk_full(run, final)
+            verdict = [(error.message, error.hint)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(verdict, from_process=0)
+    if verdict[0] is not None:
+        raise DiskFull(*verdict[0])
 
 
 def damage(checkpoint: Path) -> str | None:

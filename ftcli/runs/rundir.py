@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftcli.errors import FtcliError
-from ftcli.fileio import atomic_write_json, atomic_write_text
+from ftcli.fileio import append_whole, atomic_write_json, atomic_write_text
 
 # Beside a model's weights (model/, a checkpoint, export/), read by evaluate, predict, export and
 # serving: the decision thresholds (multi_label's per label, a two-class run's when set) and the
@@ -216,8 +216,7 @@ class RunDir:
 
     def log_event(self, event: dict[str, Any]) -> None:
         """Append one logging or evaluation event to metrics.jsonl (flushed, so a crash keeps it)."""
-        with self.metrics_log.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(event) + "\n")
+        append_whole(self.metrics_log, (json.dumps(event) + "\n").encode("utf-8"))
 
     def drop_events_after(self, step: int) -> None:
         """Forget the events logged after `step`: a run resumed from there logs them again."""

@@ -274,8 +274,13 @@ class _StagedTrainer(_ObjectiveTrainer):
         final = self.run.checkpoint_dir(self.state.global_step)
         staged = checkpoints.staging_dir(final)
         self._staging_root = staged.parent
-        with checkpoints.disk_full_is_a_user_error(self.run, final):
+
+        def state_bytes() -> int:  # about what the checkpoint takes, when no checkpoint before it tells
+            return checkpoints.tensor_bytes([model.state_dict(), self.optimizer.state_dict()])
+
+        with checkpoints.disk_full_is_a_user_error(self.run, final, state_bytes):
             try:
+                checkpoints.refuse_without_room(self.run, final, self.accelerator)
                 super()._save_checkpoint(model, trial)
             finally:
                 self._staging_root = None

@@ -22,11 +22,12 @@ from transformers import PreTrainedTokenizerBase
 
 from ftcli.data.batching import round_up
 from ftcli.errors import FtcliError
-from ftcli.fileio import atomic_write_json
+from ftcli.fileio import atomic_write_json, tree_bytes
 from ftcli.runs.checkpoints import (
     LOOP_STATE_FILE,
     clear_staging,
     disk_full_is_a_user_error,
+    refuse_without_room,
     load_torch_file,
     load_weights,
     prune,
@@ -58,6 +59,7 @@ class CheckpointWriter:
         self._snapshot_written.set()
         self._errors: list[tuple[Path, BaseException]] = []
         self.newest: Path | None = None  # the last checkpoint saved (or still being written)
+        self._written_bytes: int | None = None  # its size, known once written, perhaps before it is published
         self._host = HostBuffers()
 
     def reserve(
@@ -93,8 +95,9 @@ class CheckpointWriter:
         if self._errors:
             self.wait()  # raises, once every checkpoint before it is published
         accelerator = self.accelerator
-        with disk_full_is_a_user_error(self.run, final):
+        with disk_full_is_a_user_error(self.run, final, self._state_bytes):
             try:
+                refuse_without_room(self.run, final, accelerator, self._written_bytes)
                 staging = staging_dir(final)
                 if accelerator.is_main_process:
                     shutil.rmtree(staging, ignore_errors=True)
@@ -133,6 +136,7 @@ class CheckpointWriter:
                 if snapshot["scaler"] is not None:
                     save_without_crc(snapshot["scaler"], staging / "scaler.pt")
                 atomic_write_json(staging / LOOP_STATE_FILE, state)
+                self._written_bytes = tree_bytes(staging)
             finally:
                 self._snapshot_written.set()  # the next save may snapshot into the host memory
                 if previous is not None:
@@ -161,10 +165,18 @@ class CheckpointWriter:
 
     def _raise_error(self) -> None:
         if self._errors:
+            self._join()  # a save started while this one failed may still be writing
             (final, error), *_ = self._errors
             self._errors.clear()
-            with disk_full_is_a_user_error(self.run, final):
-                raise error
+            try:
+                with disk_full_is_a_user_error(self.run, final, self._state_bytes):
+                    raise error
+            finally:
+                clear_staging(self.run)  # that save's half-written folder too: nothing is in flight
+
+    def _state_bytes(self) -> int | None:
+        """About what a checkpoint takes on disk: the snapshot's bytes (weights, optimizer, schedule)."""
+        return self._host.nbytes or None
 
     def close(self) -> None:
         """Wait for the last save; afterwards every process finds every checkpoint published."""
@@ -221,6 +233,10 @@ class HostBuffers:
         if cudart.cudaHostRegister(block.data_ptr(), block.numel(), 0) == cudart.cudaError.success:
             # Unlocked before the memory is freed, also when the writer is dropped without release().
             self._unregister = weakref.finalize(self, cudart.cudaHostUnregister, block.data_ptr())
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._block is None else self._block.numel()
 
     def release(self) -> None:
         """Give the memory back (no snapshot of it may still be in use)."""
