@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from collections import Counter
@@ -27,6 +28,8 @@ from ftcli.errors import FtcliError
 from ftcli.fileio import cache_home
 from ftcli.formats import Rows, check_texts
 from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+
+log = logging.getLogger("ftcli")
 
 CACHE_FORMAT = 1  # bump when the prepared columns change, to invalidate old caches
 
@@ -210,8 +213,8 @@ def prepare(
     fingerprint = data_fingerprint(data, tokenizer, task)
     cache_dir = cache_root() / fingerprint
     on_labels = on_labels or (lambda names: None)
-    if use_cache and (cache_dir / "meta.json").is_file():
-        prepared = _load_cached(cache_dir, fingerprint)
+    prepared = _load_cached(cache_dir, fingerprint) if use_cache and (cache_dir / "meta.json").is_file() else None
+    if prepared is not None:
         on_labels(prepared.label_names)
     else:
         prepared = _build(data, tokenizer, task, fingerprint, cache_dir, on_labels)
@@ -316,10 +319,22 @@ def _save_cache(prepared: Prepared) -> None:
         raise
 
 
-def _load_cached(cache_dir: Path, fingerprint: str) -> Prepared:
-    meta = json.loads((cache_dir / "meta.json").read_text())
-    splits = load_from_disk(str(cache_dir / "splits"))
-    summary = {split: SplitSummary(**values) for split, values in meta["summary"].items()}
+def _load_cached(cache_dir: Path, fingerprint: str) -> Prepared | None:
+    """The cached splits; None when the cache entry is damaged (a disk that filled while it was
+    written, a copy cut short), deleted so that the splits are tokenized and cached again."""
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text(encoding="utf-8"))
+        splits = load_from_disk(str(cache_dir / "splits"))
+        summary = {split: SplitSummary(**values) for split, values in meta["summary"].items()}
+        # Arrow data cut at a batch boundary reads as fewer rows without an error.
+        short = [name for name, split in splits.items() if len(split) != (summary[name].windows or summary[name].size)]
+        if short:
+            raise ValueError(f"split '{short[0]}' has fewer rows than were cached")
+    except (OSError, ValueError, KeyError, TypeError) as error:  # JSON's, arrow's, datasets', a meta.json of other keys
+        reason = next(iter(str(error).splitlines()), "") or type(error).__name__
+        log.warning("the tokenization cache %s is damaged (%s); tokenizing again", cache_dir, reason)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        return None
     return Prepared(splits, meta["label_names"], summary, fingerprint, cache_dir, cache_hit=True)
 
 
