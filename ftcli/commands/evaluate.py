@@ -20,7 +20,7 @@ import torch
 from ftcli.config import Config
 from ftcli.data.prepare import prepare, split_rows
 from ftcli.errors import FtcliError
-from ftcli.fileio import atomic_write_json, atomic_write_text
+from ftcli.fileio import atomic_write_json, atomic_write_text, read_json
 from ftcli.inference import score_and_keep
 from ftcli.metrics import MetricSuite, compute_builtin, expected_calibration_error, reliability
 from ftcli.modeling import label_names_of
@@ -116,7 +116,7 @@ def _calibration(loaded: LoadedRun, logits: torch.Tensor, labels: torch.Tensor) 
     path = loaded.weights / CALIBRATION_FILE
     if not path.is_file() or loaded.config.task == REGRESSION:
         return None
-    temperature = json.loads(path.read_text())["temperature"]
+    temperature = read_json(path, loaded.run.repair_hint)["temperature"]
     record: dict[str, Any] = {"temperature": temperature}
     for when, scaled in (("before", logits * temperature), ("after", logits)):
         scores = loaded.objective.scores(scaled).numpy()

@@ -15,6 +15,7 @@ import yaml
 from ftcli import hub
 from ftcli.config import Config, load_config
 from ftcli.errors import FtcliError
+from ftcli.fileio import read_json
 from ftcli.modeling import PACKAGED_MODELS
 from ftcli.reporting.formatting import format_value
 from ftcli.runs.rundir import RunDir
@@ -72,7 +73,7 @@ def _files(folder: Path) -> list[Path]:
 def model_card(run: RunDir, config: Config, repo_id: str) -> str:
     """README.md for the Hub: metadata, results, training summary, curves, usage and the full config."""
     metrics = run.read_metrics()
-    env = json.loads(run.env_file.read_text()) if run.env_file.is_file() else {}
+    env = read_json(run.env_file, run.repair_hint) if run.env_file.is_file() else {}
     labels = _label_names(run.model_dir)
     sections = [
         _front_matter(config, metrics, repo_id),

@@ -3,7 +3,6 @@ across runs; optionally one self-contained report.html to share (ftcli.reporting
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import yaml
 
 from ftcli.errors import FtcliError
-from ftcli.fileio import atomic_write_json
+from ftcli.fileio import atomic_write_json, read_json
 from ftcli.metrics import higher_is_better
 from ftcli.reporting.curves import comparison_figure, reliability_figure, run_figure, write_png
 from ftcli.reporting.diagnosis import Diagnosis, diagnose
@@ -74,9 +73,10 @@ def analyze_run(run: RunDir, label: str | None = None) -> RunReport:
     atomic_write_json(run.diagnosis_file, diagnosis.to_json())
     calibration_file = run.model_dir / CALIBRATION_FILE
     if calibration_file.is_file():
-        report.calibration = json.loads(calibration_file.read_text())
+        report.calibration = read_json(calibration_file, run.repair_hint)
         write_png(reliability_figure(report.calibration), run.calibration_png)
-    report.evaluations = {json.loads(path.read_text())["split"]: json.loads(path.read_text()) for path in run.eval_files()}
+    evaluations = [read_json(path, run.repair_hint) for path in run.eval_files()]
+    report.evaluations = {evaluation["split"]: evaluation for evaluation in evaluations}
     return report
 
 

@@ -36,7 +36,18 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from ftcli.errors import FtcliError
-from ftcli.fileio import DiskFull, atomic_write_json, disk_full, file_sha256, free_bytes, space_report, tree_bytes
+from ftcli.fileio import (
+    DiskFull,
+    atomic_write_json,
+    damaged_file,
+    disk_full,
+    file_damage,
+    file_sha256,
+    folder_damage,
+    free_bytes,
+    space_report,
+    tree_bytes,
+)
 from ftcli.lora import is_adapter, load_adapter_weights
 from ftcli.runs.rundir import RunDir
 
@@ -121,10 +132,13 @@ def refuse_without_room(run: RunDir, final: Path, accelerator: Any, needed: int 
 
 def damage(checkpoint: Path) -> str | None:
     """What is wrong with a published checkpoint, or None when its files are those its manifest lists.
-    Checkpoints written before manifests existed cannot be checked and count as intact."""
+    Of a checkpoint written before manifests existed, the files' formats are checked."""
     manifest_file = checkpoint / MANIFEST_FILE
     if not manifest_file.is_file():
-        return None
+        found = folder_damage(checkpoint)
+        return None if found is None else f"{found[0].name} is {found[1]}"
+    if problem := file_damage(manifest_file):
+        return f"{MANIFEST_FILE} is {problem}"
     expected = json.loads(manifest_file.read_text())
     found = _file_digests(checkpoint)
     for name, entry in expected.items():
@@ -226,7 +240,9 @@ def load_weights(model: PreTrainedModel, path: Path) -> None:
     """Load a checkpoint's safetensors weights into a model of the same architecture."""
     if is_adapter(path):  # a LoRA run's checkpoint: the adapters and the head alone
         return load_adapter_weights(model, path)
-    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    with damaged_file(path / "model.safetensors", "restore it from a backup"):
+        state = load_file(path / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     # save_pretrained leaves out tied weights (they come back with the tie); anything else is a mismatch.
     missing = set(missing) - set(getattr(model, "all_tied_weights_keys", None) or {})
     if missing or unexpected:
@@ -238,7 +254,18 @@ def load_weights(model: PreTrainedModel, path: Path) -> None:
 
 def load_torch_file(path: Path) -> Any:
     """A checkpoint's optimizer, schedule or RNG file, read without running code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with damaged_file(path, "restore it from a backup"):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resume_hint(checkpoint: Path) -> str:
+    """What to do about a damaged checkpoint that a run was to continue from: an older one, or a backup."""
+    run = RunDir(checkpoint.parent.parent)
+    step = run.checkpoint_step(checkpoint)
+    older = [path.name for path in run.list_checkpoints() if run.checkpoint_step(path) < step]
+    if older:
+        return f"resume from an older checkpoint: ftcli train {run.path} --resume-from {older[-1]}; or restore it from a backup"
+    return f"restore it from a backup, or start the run again: ftcli train {run.path} --overwrite"
 
 
 # ---------------------------------------------------------------- choosing where to resume

@@ -10,6 +10,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ftcli.config import Config, load_config
 from ftcli.errors import FtcliError
+from ftcli.fileio import damaged_file
 from ftcli.lora import is_adapter, load_adapter_model
 from ftcli.modeling import load_model, load_tokenizer, resolve_model_source
 from ftcli.objective import MultiLabelObjective, Objective, RegressionObjective, SingleLabelObjective
@@ -47,17 +48,19 @@ def load_run(
         checkpoint = run.adapter_dir
     weights = run.require_model(checkpoint)
     tokenizer_path = weights if (weights / "tokenizer_config.json").is_file() else run.model_dir
-    tokenizer = load_tokenizer(str(tokenizer_path), config.trust_remote_code)
-    if is_adapter(weights):
-        model = load_adapter_model(
-            weights, resolve_model_source(config.model), _run_label_names(run), config.trust_remote_code
-        )
-    else:
-        model = load_model(str(weights), trust_remote_code=config.trust_remote_code)
+    # A damaged file is said with what to do about it in this run (the readers below know only the file).
+    with damaged_file(weights, run.repair_hint):
+        tokenizer = load_tokenizer(str(tokenizer_path), config.trust_remote_code)
+        if is_adapter(weights):
+            model = load_adapter_model(
+                weights, resolve_model_source(config.model), _run_label_names(run), config.trust_remote_code
+            )
+        else:
+            model = load_model(str(weights), trust_remote_code=config.trust_remote_code)
+        # The thresholds tuned after training sit beside model/ (an adapter's beside the merged model).
+        objective = objective_for_model(config, run.model_dir if adapter else weights)
     if device is not None:
         model = model.to(device)
-    # The thresholds tuned after training sit beside model/ (an adapter's beside the merged model).
-    objective = objective_for_model(config, run.model_dir if adapter else weights)
     return LoadedRun(run, config, model, tokenizer, weights, checkpoint is None, objective)
 
 
@@ -68,7 +71,8 @@ def _run_label_names(run: RunDir) -> list[str]:
             f"an adapter needs the label names in {run.model_dir / 'config.json'}, which does not exist",
             "train the run to the end first",
         )
-    id2label = AutoConfig.from_pretrained(run.model_dir).id2label
+    with damaged_file(run.model_dir / "config.json", run.repair_hint):
+        id2label = AutoConfig.from_pretrained(run.model_dir).id2label
     return [id2label[index] for index in sorted(id2label)]
 
 

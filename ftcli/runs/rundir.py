@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftcli.errors import FtcliError
-from ftcli.fileio import append_whole, atomic_write_json, atomic_write_text
+from ftcli.fileio import DamagedFile, append_whole, atomic_write_json, atomic_write_text, read_json
 
 # Beside a model's weights (model/, a checkpoint, export/), read by evaluate, predict, export and
 # serving: the decision thresholds (multi_label's per label, a two-class run's when set) and the
@@ -224,16 +224,31 @@ class RunDir:
         atomic_write_text(self.metrics_log, "".join(json.dumps(event) + "\n" for event in kept))
 
     def read_events(self) -> list[dict[str, Any]]:
+        """The logged events. A last line cut short (a crash while appending) is left out with a
+        warning: the events before it are good. A damaged line before the last is refused."""
         if not self.metrics_log.is_file():
             return []
-        lines = self.metrics_log.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        lines = [line for line in self.metrics_log.read_bytes().decode("utf-8", "replace").splitlines() if line.strip()]
+        events = [_event(line) for line in lines]
+        for number, event in enumerate(events, start=1):
+            if event is None and number < len(events):
+                raise DamagedFile(
+                    self.metrics_log, f"line {number} is not an event", "restore it from a backup, or delete that line"
+                )
+        if events and events[-1] is None:
+            log.warning("%s ends in an event cut short (a crash while logging it); reading the events before it", self.metrics_log)
+            events.pop()
+        return events
 
     def read_metrics(self) -> dict[str, Any]:
-        return json.loads(self.metrics_file.read_text()) if self.metrics_file.is_file() else {}
+        return read_json(self.metrics_file, self.repair_hint) if self.metrics_file.is_file() else {}
 
     def update_metrics(self, split: str, values: dict[str, Any]) -> None:
-        metrics = self.read_metrics()
+        try:
+            metrics = self.read_metrics()
+        except DamagedFile as error:  # about to be written anew: what it held is lost either way
+            log.warning("%s; writing it anew with the %s metrics", error.message, split)
+            metrics = {}
         metrics[split] = values
         atomic_write_json(self.metrics_file, metrics)
 
@@ -257,6 +272,36 @@ class RunDir:
             )
             raise FtcliError(f"no model in {path}", hint)
         return path
+
+    def repair_hint(self, damaged: Path) -> str:
+        """What to do about a damaged file of this run for evaluate, predict and report: the
+        command that writes it again, else a backup."""
+        with_checkpoints = self.list_checkpoints()
+        if damaged.parent == self.model_dir or damaged == self.metrics_file:
+            if with_checkpoints:  # a resumed run that has finished saves the final model and its metrics again
+                return f"restore it from a backup, or write it again from the last checkpoint: ftcli train {self.path} --resume"
+            return f"restore it from a backup, or train the run again: ftcli train {self.path} --overwrite"
+        if damaged.parent.parent == self.checkpoints:
+            choices = [f"--checkpoint {path.name}" for path in with_checkpoints if path != damaged.parent][-1:]
+            if (self.model_dir / "config.json").is_file():
+                choices.append("the final model (leave out --checkpoint)")
+            return "restore it from a backup" + (f", or use {' or '.join(choices)}" if choices else "")
+        if damaged.parent == self.adapter_dir:
+            return "restore it from a backup, or leave out --adapter: model/ holds the adapter merged into the model"
+        if damaged == self.env_file:
+            return "restore it from a backup, or delete it: it records only what the run was trained with (versions, device)"
+        if damaged.name.startswith("eval_") and damaged.parent == self.path:
+            return f"score the split again: ftcli evaluate {self.path} --split {damaged.stem.removeprefix('eval_')}"
+        return "restore it from a backup"
+
+
+def _event(line: str) -> dict[str, Any] | None:
+    """One line of metrics.jsonl as an event; None when it is not one (cut short, garbled)."""
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
 
 
 class RunLock:

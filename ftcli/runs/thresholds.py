@@ -4,13 +4,13 @@ decide with (the torch objectives through runs.loading, the ONNX export directly
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ftcli.config import Config
 from ftcli.decisions import Decider
+from ftcli.fileio import read_json
 from ftcli.runs.rundir import THRESHOLDS_FILE
 from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 
@@ -32,4 +32,4 @@ def saved_thresholds(folder: Path) -> np.ndarray | None:
     path = folder / THRESHOLDS_FILE
     if not path.is_file():
         return None
-    return np.asarray(list(json.loads(path.read_text())["thresholds"].values()), dtype=np.float64)
+    return np.asarray(list(read_json(path, "restore it from a backup")["thresholds"].values()), dtype=np.float64)

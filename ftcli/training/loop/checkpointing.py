@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ftcli.data.batching import round_up
 from ftcli.errors import FtcliError
-from ftcli.fileio import atomic_write_json, tree_bytes
+from ftcli.fileio import atomic_write_json, damaged_file, tree_bytes
 from ftcli.runs.checkpoints import (
     LOOP_STATE_FILE,
     clear_staging,
@@ -30,6 +30,7 @@ from ftcli.runs.checkpoints import (
     refuse_without_room,
     load_torch_file,
     load_weights,
+    resume_hint,
     prune,
     publish,
     rng_state,
@@ -296,13 +297,14 @@ def load_checkpoint(
             f"{path} holds no RNG state for process {accelerator.process_index}",
             "resume with as many processes as the run was started with",
         )
-    load_weights(accelerator.unwrap_model(model), path)
-    load_optimizer_state(optimizer, load_torch_file(path / "optimizer.pt"))
-    scheduler.load_state_dict(load_torch_file(path / "scheduler.pt"))
-    if accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(load_torch_file(path / "scaler.pt"))
-    set_rng_state(load_torch_file(rng_file))
-    return json.loads((path / LOOP_STATE_FILE).read_text())
+    with damaged_file(path, resume_hint(path)):  # a checkpoint without a manifest, or damaged since it was checked
+        load_weights(accelerator.unwrap_model(model), path)
+        load_optimizer_state(optimizer, load_torch_file(path / "optimizer.pt"))
+        scheduler.load_state_dict(load_torch_file(path / "scheduler.pt"))
+        if accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(load_torch_file(path / "scaler.pt"))
+        set_rng_state(load_torch_file(rng_file))
+        return json.loads((path / LOOP_STATE_FILE).read_text())
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
