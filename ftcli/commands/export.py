@@ -7,7 +7,8 @@
       thresholds.json  multi_label: each label's decision threshold
       model.int8.onnx  with --quantize int8, when its metric holds (below)
       report.json    the parity check, the files' sizes, the weights of model/ it was exported from
-                     (size and mtime: ftcli predict uses the export only while they are current)
+                     (size and mtime: ftcli predict uses the export only while they are current),
+                     each file's size and digests (files: predict and serve refuse a damaged one)
                      and, with --quantize, both models' metric
 
 With --quantize int8, onnxruntime's dynamic quantization (int8 weights, activations quantized on
@@ -42,6 +43,7 @@ from ftcli.extras import require
 from ftcli.fileio import atomic_write_json, writing
 from ftcli.inference import by_document, score
 from ftcli.metrics import MetricSuite, higher_is_better, primary_metric
+from ftcli.onnx_predict import file_stamps
 from ftcli.runs.loading import LoadedRun, load_run
 from ftcli.runs.rundir import CALIBRATION_FILE, EXPORT_REPORT_FILE, INT8_FILE, ONNX_FILE, THRESHOLDS_FILE, RunDir
 
@@ -191,8 +193,8 @@ def onnx_metric(onnx_file: Path, dataset: Dataset, loaded: LoadedRun, metric: st
 
 
 def _report(result: ExportResult, staging: Path, weights: dict | None) -> dict:
-    """report.json: the parity check, every model file's size, the weights exported and the
-    quantization's verdict."""
+    """report.json: the parity check, every model file's size, the weights exported, the
+    quantization's verdict and every file's stamp (external data and tokenizer files included)."""
     check = result.quantized
     return {
         "format": "onnx",
@@ -208,6 +210,7 @@ def _report(result: ExportResult, staging: Path, weights: dict | None) -> dict:
             "drop": check.drop, "max_drop": check.max_drop, "kept": check.kept,
             "file": INT8_FILE if check.kept else None, "fp32_bytes": check.fp32_bytes, "int8_bytes": check.int8_bytes,
         },
+        "files": file_stamps(staging),
     }
 
 

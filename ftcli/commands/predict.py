@@ -3,7 +3,8 @@
 Two engines compute them: the run's ONNX export on onnxruntime (onnx_predict: no torch, so a
 process starts in a fraction of the time) and PyTorch on model/, a checkpoint or the adapter, in
 any precision. auto takes the export when it is current and nothing asks for torch (--checkpoint,
---adapter, a precision other than fp32). Both give the same fields (decisions.prediction_fields).
+--adapter, a precision other than fp32), and falls back to torch with a warning when the export is
+damaged (onnx_predict.DamagedExport). Both give the same fields (decisions.prediction_fields).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ftcli.decisions import prediction_fields
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_text
 from ftcli.formats import Rows, check_texts, read_records
-from ftcli.onnx_predict import export_problem, predict_with_export
+from ftcli.onnx_predict import DamagedExport, export_problem, predict_with_export
 from ftcli.runs.rundir import RunDir
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
@@ -68,13 +69,25 @@ def predict(
     run = RunDir.open(run_path)
     config = load_config(run.config_file)
     rows = input_rows(config, input_file, text, text_pair)
-    if uses_export(run, config, engine, checkpoint, adapter, precision):
-        fields = predict_with_export(run, config, rows)
-    else:
-        fields = _predict_with_torch(run, rows, checkpoint, adapter, precision)
+    fields = _predict_with_engine(run, config, rows, engine, checkpoint, adapter, precision)
     results = [row | row_fields for row, row_fields in zip(rows, fields)]
     write_predictions(results, output, config.data.label_separator)
     return results
+
+
+def _predict_with_engine(
+    run: RunDir, config: Config, rows: Rows, engine: str, checkpoint: str | None, adapter: bool, precision: str | None
+) -> list[dict[str, Any]]:
+    """Each row's prediction fields from the engine chosen; auto's damaged export: torch's, and a warning."""
+    try:
+        if uses_export(run, config, engine, checkpoint, adapter, precision):
+            return predict_with_export(run, config, rows)
+    except DamagedExport as damage:
+        if engine != "auto":
+            raise
+        # One line: the predictions on stdout stay what torch gives, as if no export were there.
+        sys.stderr.write(f"warning: {damage.message}; predicting with torch (run `ftcli export {damage.run}` again)\n")
+    return _predict_with_torch(run, rows, checkpoint, adapter, precision)
 
 
 def input_rows(config: Config, input_file: Path | None, text: str | None, text_pair: str | None) -> Rows:

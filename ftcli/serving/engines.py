@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from ftcli.errors import FtcliError
 from ftcli.extras import require
-from ftcli.onnx_predict import open_session, stale_export
+from ftcli.onnx_predict import check_export_files, open_session, stale_export
 from ftcli.runs.rundir import INT8_FILE, ONNX_FILE, RunDir
 from ftcli.runtime import Runtime
 
@@ -74,7 +74,8 @@ class OnnxEngine:
 
 
 def onnx_file_of(run: RunDir, quantized: bool) -> Path:
-    """The export to serve; missing, a user error that says which export command writes it."""
+    """The export to serve; missing, stale or damaged, a user error that says which export command
+    writes it. The whole file is hashed: once per start, beside seconds of loading the run."""
     path = run.export_dir / (INT8_FILE if quantized else ONNX_FILE)
     if not path.is_file():
         command = f"ftcli export {run.path} --format onnx" + (" --quantize int8" if quantized else "")
@@ -83,4 +84,5 @@ def onnx_file_of(run: RunDir, quantized: bool) -> Path:
     stale = stale_export(run)
     if stale is not None:
         raise stale
+    check_export_files(run, path.name, whole=True, others=False)  # the tokenizer is model/'s
     return path
