@@ -35,7 +35,8 @@ THRESHOLDS_FILE = "thresholds.json"
 CALIBRATION_FILE = "calibration.json"
 WEIGHTS_FILE = "model.safetensors"  # as save_pretrained writes a model's weights
 # In export/, as ftcli export writes it: the fp32 graph, the int8 one (kept when its metric holds),
-# and the report (the parity check, and the weights of model/ it was exported from).
+# and the report (the parity check, the weights of model/ it was exported from and each file's size
+# and digests, checked before the export is used: onnx_predict.check_export_files).
 ONNX_FILE, INT8_FILE, EXPORT_REPORT_FILE = "model.onnx", "model.int8.onnx", "report.json"
 
 SECRET_PATTERN = re.compile(r"(token|secret|password|passwd|api[_-]?key)", re.IGNORECASE)
