@@ -66,15 +66,15 @@ def analyze_run(run: RunDir, label: str | None = None) -> RunReport:
     # The raw mapping, not a validated Config: an old run's config need not pass today's checks.
     config = yaml.safe_load(config_text) or {}
     metrics = run.read_metrics()
-    diagnosis = diagnose(events, metrics.get("data"), config)
-    report = RunReport(run, label or run.path.name, events, metrics, config_text, diagnosis)
+    calibration_file = run.model_dir / CALIBRATION_FILE
+    calibration = read_json(calibration_file, run.repair_hint) if calibration_file.is_file() else None
+    diagnosis = diagnose(events, metrics.get("data"), config, calibration)
+    report = RunReport(run, label or run.path.name, events, metrics, config_text, diagnosis, calibration)
     title = f"{report.label}: {diagnosis.verdict.replace('_', ' ')}"
     write_png(run_figure(events, title, best_step=best_eval_step(events)), run.curves_png)
     atomic_write_json(run.diagnosis_file, diagnosis.to_json())
-    calibration_file = run.model_dir / CALIBRATION_FILE
-    if calibration_file.is_file():
-        report.calibration = read_json(calibration_file, run.repair_hint)
-        write_png(reliability_figure(report.calibration), run.calibration_png)
+    if calibration is not None:
+        write_png(reliability_figure(calibration), run.calibration_png)
     evaluations = [read_json(path, run.repair_hint) for path in run.eval_files()]
     report.evaluations = {evaluation["split"]: evaluation for evaluation in evaluations}
     return report
