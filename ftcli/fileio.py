@@ -1,4 +1,7 @@
-"""Files written whole or not at all, their digests, and where ftcli keeps its caches."""
+"""Files written whole or not at all, their digests, and where ftcli keeps its caches; and the two
+ways a file on disk goes wrong, each said in one line: a write that finds the disk full (DiskFull:
+where, bytes free and needed) and a file whose bytes are not what its format needs (DamagedFile:
+which file, what is wrong, what to do), found by checking the file, not the library's wording."""
 
 from __future__ import annotations
 
