@@ -24,6 +24,12 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # module with itself: it must be set before anything imports torch.
 if not Path("/dev/nvidia0").exists() and not shutil.which("nvidia-smi"):
     os.environ["TRITON_INTERPRET"] = "1"
+# Under pytest-xdist each worker takes its share of the cores (torch reads this when imported, and
+# the subprocesses a test starts inherit it): two workers of two threads each on two cores would
+# wait on each other.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 POSITIVE = ["great", "wonderful", "excellent", "superb", "lovely", "brilliant"]
 NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "poor", "boring"]

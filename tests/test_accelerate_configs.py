@@ -39,6 +39,7 @@ def test_fsdp_shards_per_layer_and_saves_whole_weights():
     assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
 
 
+@pytest.mark.slow
 def test_ddp_config_launches_ftcli_on_two_processes(make_experiment, tmp_path):
     experiment = make_experiment(training={"max_steps": 4, "eval_every": 2, "save_every": 2})
     launched = subprocess.run(

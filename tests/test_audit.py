@@ -31,6 +31,7 @@ def flipped_experiment(make_experiment, tmp_path: Path, epochs: int = 8) -> Path
     return make_experiment(data={"train": str(train)}, training={"epochs": epochs, "learning_rate": 1e-3})
 
 
+@pytest.mark.slow
 def test_audit_finds_flipped_labels_and_cross_validates(make_experiment, tmp_path):
     experiment = flipped_experiment(make_experiment, tmp_path)
     result = run_audit(load_config(experiment), folds=4)
@@ -67,6 +68,7 @@ def test_audit_finds_flipped_labels_and_cross_validates(make_experiment, tmp_pat
     assert {json.loads(line)["text"] for line in predictions} == held_out
 
 
+@pytest.mark.slow
 def test_audit_again_keeps_finished_folds_and_refuses_another_config(make_experiment, tmp_path):
     experiment = flipped_experiment(make_experiment, tmp_path, epochs=1)
     first = run_audit(load_config(experiment), folds=2)
@@ -96,6 +98,7 @@ def test_audit_user_errors(make_experiment, tmp_path, monkeypatch):
     assert missing.exit_code == 2 and "pip install 'ftcli[audit]'" in missing.output
 
 
+@pytest.mark.slow
 def test_regression_audit_flags_corrupted_scores(make_experiment, tmp_path):
     rows = regression_rows(128, seed=1)
     corrupted = [5, 40, 77, 101]

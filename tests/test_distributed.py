@@ -45,6 +45,7 @@ def assert_close(expected: dict, actual: dict) -> None:
             assert actual[key] == value, key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["loop", "trainer"])
 def test_two_processes_train_as_one_with_the_same_global_batch(
     backend, make_experiment, tiny_model_without_dropout_dir, tmp_path
@@ -100,6 +101,7 @@ def launch_as_two_machines(experiment, *overrides: str) -> list[subprocess.Compl
     return finished
 
 
+@pytest.mark.slow
 def test_two_machines_train_as_two_processes_of_one(make_experiment, tiny_model_without_dropout_dir, tmp_path):
     experiment = make_experiment(
         train_size=64,

@@ -71,6 +71,7 @@ def test_a_label_at_the_end_is_learned_with_windows_and_missed_with_truncation(w
     assert {event["eval_accuracy"] for event in evaluations(tmp_path / "runs" / "truncate-loop")} == {0.5}
 
 
+@pytest.mark.slow
 def test_the_trainer_backend_learns_from_windows_too(tmp_path, tiny_model_dir):
     result = invoke("train", str(experiment(tmp_path, tiny_model_dir, "window", backend="trainer")))
     assert result.exit_code == 0, result.output

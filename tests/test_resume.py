@@ -75,6 +75,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("backend", "precision", "after_step"),
     [("loop", "fp32", 0), ("trainer", "fp32", 0), ("loop", "bf16", 0), ("trainer", "fp32", STEPS_PER_EPOCH)],
@@ -120,6 +121,7 @@ def test_resume_refuses_a_changed_config_and_a_finished_run_stays_finished(make_
     assert invoke("train", str(experiment), "--resume", "--overwrite").exit_code == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["loop", "trainer"])
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(backend, make_experiment, tmp_path, one_thread):
     experiment = experiment_for(make_experiment, backend)
@@ -154,6 +156,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(backend, make_ex
     assert_same_weights_as_straight(runs, runs / "stopped")
 
 
+@pytest.mark.slow
 def test_five_kills_at_random_points_still_resume_exactly(make_experiment, tmp_path, one_thread):
     """SIGKILL wherever it lands (mid-step, mid-save, mid-evaluation), five times in a row."""
     # 128 steps: room for five starts that each save a checkpoint and then run on for up to 0.1 s

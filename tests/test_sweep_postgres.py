@@ -72,6 +72,7 @@ def read_trials(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(file))
 
 
+@pytest.mark.slow
 def test_two_workers_share_three_trials_each_run_once_and_the_study_continues(make_experiment, storage, tmp_path):
     experiment = make_experiment(training=QUICK, sweep=SPACE)
     sweep_dir = tmp_path / "runs" / "tiny-sweep"
@@ -101,6 +102,7 @@ def test_two_workers_share_three_trials_each_run_once_and_the_study_continues(ma
     assert "1 run now" in again.output and [row["trial"] for row in read_trials(sweep_dir)] == ["0", "1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_trial_has_its_trial_retried_and_its_run_resumed(make_experiment, storage, tmp_path):
     experiment = make_experiment(training=QUICK | {"max_steps": 40, "eval_every": 4, "save_every": 4}, sweep=SPACE)
     sweep_dir = tmp_path / "runs" / "tiny-sweep"
