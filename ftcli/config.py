@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ftcli.errors import FtcliError
 from ftcli.formats import FORMATS, SUFFIXES
 from ftcli.metrics import BUILTIN_METRICS, METRICS, metric_problem
-from ftcli.tasks import DEFAULT_METRICS, LOSSES, MULTI_LABEL, REGRESSION, SINGLE_LABEL, TASKS
+from ftcli import tasks
 
 SCHEDULERS = (
     "linear",
@@ -324,16 +324,16 @@ class Config(_Strict):
     model: str = Field("minilm", description="`minilm` (packaged, offline), a Hub id, or a local model directory.")
     trust_remote_code: bool = Field(False, description="Run model code from the Hub; only for models you trust.")
     data: DataConfig
-    task: Literal[TASKS] = Field(  # type: ignore[valid-type]
-        "single_label",
-        description="single_label (one class per example), multi_label (any number of labels each) or regression (a number).",
+    task: Literal[tasks.TASKS] = Field(  # type: ignore[valid-type]
+        tasks.DEFAULT,
+        description=tasks.described() + ".",
     )
     training: TrainingConfig = TrainingConfig()
     metrics: list[str] = Field(
-        None,  # filled from the task when left out (DEFAULT_METRICS)
+        None,  # filled from the task when left out (its default_metrics)
         min_length=1,
         description="The first one picks the best model. Default: "
-        + "; ".join(f"{task} {', '.join(names)}" for task, names in DEFAULT_METRICS.items())
+        + "; ".join(f"{name} {', '.join(task.default_metrics)}" for name, task in tasks.REGISTRY.items())
         + ". Built in: "
         + ", ".join(BUILTIN_METRICS),
     )
@@ -383,8 +383,8 @@ class Config(_Strict):
     def _task_defaults(cls, raw: Any) -> Any:
         """Metrics left out (or null) are the task's defaults."""
         if isinstance(raw, dict) and raw.get("metrics") is None:
-            task = raw.get("task", SINGLE_LABEL)
-            return raw | {"metrics": list(DEFAULT_METRICS.get(task, DEFAULT_METRICS[SINGLE_LABEL]))}
+            task = tasks.REGISTRY.get(raw.get("task", tasks.DEFAULT), tasks.get(tasks.DEFAULT))
+            return raw | {"metrics": list(task.default_metrics)}
         return raw
 
     @field_validator("metrics")
@@ -409,27 +409,10 @@ class Config(_Strict):
     def _fits_the_task(self) -> Config:
         """Options of one task set under another, each named with the fix."""
         problems = [problem for name in self.metrics if name in METRICS and (problem := metric_problem(name, self.task))]
-        data, training, task = self.data, self.training, self.task
-        if data.label_fields and task != MULTI_LABEL:
-            problems.append("data.label_fields (one 0/1 column per label) needs task: multi_label")
-        if task == REGRESSION:
-            if data.label_names:
-                problems.append("data.label_names names classes; a regression run predicts one number: drop it")
-            if training.class_weights is not None:
-                problems.append("training.class_weights weighs classes; a regression run has none: drop it")
-        elif data.label_range is not None:
-            problems.append(f"data.label_range is for task: regression, not {task}")
-        if self.decision_threshold != 0.5 and task != SINGLE_LABEL:
-            problems.append(f"decision_threshold is for task: single_label with two classes, not {task} (multi_label: thresholds)")
-        if self.thresholds != "tuned" and task != MULTI_LABEL:
-            problems.append(f"thresholds is for task: multi_label, not {task} (single_label with two classes: decision_threshold)")
-        if data.label_separator != "," and task != MULTI_LABEL:
-            problems.append(f"data.label_separator joins several labels in one field: task: multi_label, not {task}")
-        problems += self._needs_validation()
-        if training.label_smoothing and task != SINGLE_LABEL:
-            problems.append(f"training.label_smoothing is for task: single_label, not {task}")
-        if training.loss is not None and training.loss not in LOSSES[task]:
-            problems.append(f"training.loss {training.loss} does not train task {task}; use {' or '.join(LOSSES[task])}")
+        problems += tasks.option_problems(self.task, self) + self._needs_validation()
+        losses = tasks.get(self.task).losses
+        if self.training.loss is not None and self.training.loss not in losses:
+            problems.append(f"training.loss {self.training.loss} does not train task {self.task}; use {' or '.join(losses)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -437,7 +420,7 @@ class Config(_Strict):
     @property
     def loss(self) -> str:
         """The training loss: training.loss, or the task's own."""
-        return self.training.loss or LOSSES[self.task][0]
+        return self.training.loss or tasks.get(self.task).losses[0]
 
     @field_validator("sweep", mode="before")
     @classmethod

@@ -7,56 +7,22 @@ A metric scores decisions (class ids, the labels above their thresholds, predict
 where it says `needs_scores`, the probabilities themselves. A suite keeps decisions and labels
 for the split it scores, and probabilities only when one of its metrics needs them: memory stays
 bounded by one split, never by the logits of all evaluations. A new metric is one entry in
-METRICS and one branch in compute_builtin.
+its task's `metrics` and one branch in its task's `metric`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from ftcli.errors import FtcliError
-from ftcli.tasks import CLASSIFICATION, MULTI_LABEL, REGRESSION, SINGLE_LABEL
+from ftcli import tasks
+from ftcli.tasks import METRICS
+from ftcli.tasks.scoring import CALIBRATION_BINS, expected_calibration_error
 
 
-@dataclass(frozen=True)
-class MetricSpec:
-    tasks: tuple[str, ...]
-    higher_is_better: bool = True
-    needs_scores: bool = False  # computed from probabilities, not from decisions
-    about: str = ""  # what it measures, for the config reference and the errors
-
-
-METRICS: dict[str, MetricSpec] = {
-    "accuracy": MetricSpec((SINGLE_LABEL,), about="share of examples whose class is right"),
-    "f1": MetricSpec((SINGLE_LABEL,), about="F1 of class 1 with two classes, else the macro average"),
-    "precision": MetricSpec((SINGLE_LABEL,), about="precision of class 1 with two classes, else macro"),
-    "recall": MetricSpec((SINGLE_LABEL,), about="recall of class 1 with two classes, else macro"),
-    "matthews": MetricSpec((SINGLE_LABEL,), about="Matthews correlation of true and predicted classes"),
-    "roc_auc": MetricSpec(CLASSIFICATION, needs_scores=True, about="area under the ROC curve (one-vs-rest macro beyond two)"),
-    "average_precision": MetricSpec(CLASSIFICATION, needs_scores=True, about="area under the precision-recall curve"),
-    "log_loss": MetricSpec(CLASSIFICATION, higher_is_better=False, needs_scores=True, about="cross-entropy of the probabilities"),
-    "brier": MetricSpec(CLASSIFICATION, higher_is_better=False, needs_scores=True, about="mean squared error of the probabilities"),
-    "ece": MetricSpec(CLASSIFICATION, higher_is_better=False, needs_scores=True, about="expected calibration error, 15 bins"),
-    "f1_micro": MetricSpec((MULTI_LABEL,), about="F1 over every (example, label) decision"),
-    "f1_macro": MetricSpec((MULTI_LABEL,), about="mean of the labels' F1"),
-    "f1_samples": MetricSpec((MULTI_LABEL,), about="mean of the examples' F1"),
-    "precision_micro": MetricSpec((MULTI_LABEL,)),
-    "precision_macro": MetricSpec((MULTI_LABEL,)),
-    "recall_micro": MetricSpec((MULTI_LABEL,)),
-    "recall_macro": MetricSpec((MULTI_LABEL,)),
-    "subset_accuracy": MetricSpec((MULTI_LABEL,), about="share of examples whose labels are all right"),
-    "hamming_loss": MetricSpec((MULTI_LABEL,), higher_is_better=False, about="share of wrong (example, label) decisions"),
-    "pearson": MetricSpec((REGRESSION,), about="Pearson correlation of predicted and true values"),
-    "spearman": MetricSpec((REGRESSION,), about="Spearman (rank) correlation of predicted and true values"),
-    "mse": MetricSpec((REGRESSION,), higher_is_better=False, about="mean squared error"),
-    "rmse": MetricSpec((REGRESSION,), higher_is_better=False, about="root mean squared error"),
-    "mae": MetricSpec((REGRESSION,), higher_is_better=False, about="mean absolute error"),
-    "r2": MetricSpec((REGRESSION,), about="coefficient of determination"),
-}
 BUILTIN_METRICS = tuple(METRICS)
 
 
@@ -123,7 +89,7 @@ class MetricSuite:
     `confusion` (single_label: a row per true class, a column per predicted one) or `per_label`
     (multi_label: precision, recall, F1 and support of each label)."""
 
-    def __init__(self, names: list[str], num_labels: int, task: str = SINGLE_LABEL) -> None:
+    def __init__(self, names: list[str], num_labels: int, task: str = tasks.DEFAULT) -> None:
         self.names, self.num_labels, self.task = names, num_labels, task
         builtin = [name for name in names if name in METRICS]
         for name in builtin:
@@ -135,8 +101,8 @@ class MetricSuite:
         self._decisions: list[np.ndarray] = []
         self._references: list[np.ndarray] = []
         self._scores: list[np.ndarray] = []
-        self.confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
-        self.per_label: dict[str, list[float]] = {}
+        self.confusion: np.ndarray | None = None
+        self.per_label: dict[str, list[float]] | None = None
 
     @property
     def primary(self) -> str:
@@ -167,24 +133,14 @@ class MetricSuite:
         }
         for metric in self._others:
             results |= metric.compute()
-        if self.task == SINGLE_LABEL:
-            self.confusion = np.zeros((self.num_labels, self.num_labels), dtype=np.int64)
-            np.add.at(self.confusion, (references.astype(int).reshape(-1), decisions.astype(int).reshape(-1)), 1)
-        elif self.task == MULTI_LABEL and len(references):
-            self.per_label = per_label_scores(decisions, references)
+        task = tasks.get(self.task)
+        self.confusion = task.confusion(decisions, references, self.num_labels)
+        self.per_label = task.per_label(decisions, references)
         return results
 
 
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
-
-
-def per_label_scores(decisions: np.ndarray, references: np.ndarray) -> dict[str, list[float]]:
-    """Precision, recall, F1 and support (positives) of each label, in label order."""
-    from sklearn.metrics import precision_recall_fscore_support
-
-    precision, recall, f1, support = precision_recall_fscore_support(references, decisions, average=None, zero_division=0.0)
-    return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(), "support": support.tolist()}
 
 
 def compute_builtin(
@@ -199,119 +155,17 @@ def compute_builtin(
     rows (multi_label) or values (regression); scores: the probabilities, for metrics that need them."""
     if len(references) == 0:
         return float("nan")
-    task = task or METRICS[name].tasks[0]
-    if task == REGRESSION or name in ("pearson", "spearman"):
-        return _regression(name, np.asarray(predictions, dtype=np.float64), np.asarray(references, dtype=np.float64))
-    if METRICS[name].needs_scores:
-        return _from_probabilities(name, scores, references, task)
-    if task == MULTI_LABEL:
-        return _multi_label(name, predictions, references)
-    return _single_label(name, predictions, references, num_labels)
-
-
-def _single_label(name: str, predictions: np.ndarray, references: np.ndarray, num_labels: int) -> float:
-    """GLUE's definitions: F1, precision and recall of the positive class (1) with two labels,
-    their macro averages over the classes beyond two."""
-    from sklearn import metrics as skm
-
-    if name == "accuracy":
-        return float(np.mean(predictions == references))
-    if name in ("f1", "precision", "recall"):
-        score = {"f1": skm.f1_score, "precision": skm.precision_score, "recall": skm.recall_score}[name]
-        average = "binary" if num_labels == 2 else "macro"
-        return float(score(references, predictions, average=average, zero_division=0.0))
-    if name == "matthews":
-        return float(skm.matthews_corrcoef(references, predictions))
-    raise FtcliError(f"unknown metric '{name}'", f"built-in metrics: {', '.join(BUILTIN_METRICS)}")
-
-
-def _multi_label(name: str, predictions: np.ndarray, references: np.ndarray) -> float:
-    from sklearn import metrics as skm
-
-    predictions, references = predictions.astype(int), references.astype(int)
-    if name == "subset_accuracy":
-        return float(np.mean(np.all(predictions == references, axis=1)))
-    if name == "hamming_loss":
-        return float(np.mean(predictions != references))
-    kind, _, average = name.partition("_")
-    score = {"f1": skm.f1_score, "precision": skm.precision_score, "recall": skm.recall_score}[kind]
-    return float(score(references, predictions, average=average, zero_division=0.0))
-
-
-def _from_probabilities(name: str, scores: np.ndarray, references: np.ndarray, task: str) -> float:
-    """roc_auc, average_precision, log_loss and brier, of one class against the rest (two classes:
-    of class 1) and averaged over the classes or labels whose examples hold both outcomes."""
-    from sklearn import metrics as skm
-
-    if name == "ece":
-        return expected_calibration_error(reliability(scores, references, task))
-    if task == SINGLE_LABEL:
-        truth = np.eye(scores.shape[1])[references.astype(int)]
-        if scores.shape[1] == 2 and name in ("roc_auc", "average_precision", "brier"):
-            truth, scores = truth[:, 1:], scores[:, 1:]  # binary: the positive class, as sklearn and GLUE score it
-    else:
-        truth = references.astype(float)
-    clipped = np.clip(scores, 1e-7, 1 - 1e-7)
-    if name == "log_loss":
-        if task == SINGLE_LABEL:
-            return float(-np.mean(np.log(clipped[np.arange(len(references)), references.astype(int)])))
-        return float(-np.mean(truth * np.log(clipped) + (1 - truth) * np.log(1 - clipped)))
-    if name == "brier":
-        squared = (scores - truth) ** 2
-        return float(np.mean(squared.sum(axis=1) if task == SINGLE_LABEL and truth.shape[1] > 1 else squared))
-    score = {"roc_auc": skm.roc_auc_score, "average_precision": skm.average_precision_score}[name]
-    defined = [column for column in range(truth.shape[1]) if 0 < truth[:, column].sum() < len(truth)]
-    if not defined:
-        return float("nan")
-    return float(np.mean([score(truth[:, column], scores[:, column]) for column in defined]))
-
-
-CALIBRATION_BINS = 15
+    owner = tasks.get(task or METRICS[name].tasks[0])
+    if name not in owner.metrics:  # a metric of another task (config refuses it), as that task computes it
+        owner = tasks.get(METRICS[name].tasks[0])
+    return owner.metric(name, predictions, references, num_labels, scores)
 
 
 def reliability(scores: np.ndarray, references: np.ndarray, task: str, bins: int = CALIBRATION_BINS) -> dict[str, list]:
     """The reliability diagram's data, in equal-width bins of confidence: each bin's count, mean
-    confidence and how often its predictions were right. single_label: the top class's probability
-    against whether it was the true class; multi_label: every label's probability against its outcome."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if task == SINGLE_LABEL:
-        confidence = scores.max(axis=1)
-        correct = (scores.argmax(axis=1) == np.asarray(references).astype(int)).astype(float)
-    else:
-        confidence, correct = scores.reshape(-1), np.asarray(references, dtype=np.float64).reshape(-1)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    count = np.bincount(which, minlength=bins)
-    mean = lambda values: np.bincount(which, weights=values, minlength=bins) / np.maximum(count, 1)  # noqa: E731
-    return {"count": count.tolist(), "confidence": mean(confidence).tolist(), "accuracy": mean(correct).tolist()}
+    confidence and how often its predictions were right (single_label: the top class's probability
+    against whether it was the true class; multi_label: every label's probability against its outcome)."""
+    return tasks.get(task).reliability(np.asarray(scores, dtype=np.float64), references, bins)
 
 
-def expected_calibration_error(bins: dict[str, list]) -> float:
-    """The bins' gaps between confidence and accuracy, weighted by their share of the examples."""
-    count = np.asarray(bins["count"], dtype=np.float64)
-    gaps = np.abs(np.asarray(bins["confidence"]) - np.asarray(bins["accuracy"]))
-    return float((count * gaps).sum() / max(count.sum(), 1))
-
-
-def _regression(name: str, predictions: np.ndarray, references: np.ndarray) -> float:
-    predictions, references = predictions.reshape(-1), references.reshape(-1)
-    error = predictions - references
-    if name == "mse":
-        return float(np.mean(error**2))
-    if name == "rmse":
-        return float(np.sqrt(np.mean(error**2)))
-    if name == "mae":
-        return float(np.mean(np.abs(error)))
-    if name == "r2":
-        spread = np.sum((references - references.mean()) ** 2)
-        return float(1 - np.sum(error**2) / spread) if spread else 0.0
-    # Correlations are undefined for constant input; report 0 rather than NaN, as GLUE does.
-    if np.std(predictions) == 0 or np.std(references) == 0:
-        return 0.0
-    from scipy import stats
-
-    if name == "pearson":
-        return float(stats.pearsonr(predictions, references)[0])
-    if name == "spearman":
-        return float(stats.spearmanr(predictions, references)[0])
-    raise FtcliError(f"unknown metric '{name}'", f"built-in metrics: {', '.join(BUILTIN_METRICS)}")
+__all__ = ["BUILTIN_METRICS", "METRICS", "MetricSuite", "compute_builtin", "expected_calibration_error", "reliability"]

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ftcli.decisions import Decider, prediction_fields
 from ftcli.data.padding import length_sorted_batches, pad_array
 from ftcli.errors import FtcliError
 from ftcli.extras import require
@@ -36,6 +35,7 @@ from ftcli.fileio import file_sha256
 from ftcli.formats import Rows
 from ftcli.runs.rundir import EXPORT_REPORT_FILE, ONNX_FILE, RunDir
 from ftcli.runs.thresholds import decider_for
+from ftcli.tasks import Decider, prediction_fields
 
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from ftcli import tasks
 from ftcli.reporting.formatting import format_number, format_short, format_value
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def evaluation_view(title: str, split: str, evaluation: Evaluation) -> Group:
     and after; per class (or label) scores; the most confused pairs, the surest mistakes and the
     highest-loss examples (or regression's residuals); then where everything was written."""
     parts: list = [metrics_table(title, {split: evaluation.metrics})]
-    if evaluation.task == "single_label" and evaluation.thresholds:
+    if tasks.get(evaluation.task).threshold_is_second_class and evaluation.thresholds:
         parts.append(f"decision threshold {evaluation.thresholds[0]:.2f} on the probability of '{escape(evaluation.labels[1])}'")
     if evaluation.calibration:
         parts.append(calibration_table(evaluation.calibration))

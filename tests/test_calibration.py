@@ -13,7 +13,9 @@ import torch
 from conftest import invoke, sentiment_rows, write_rows
 
 from ftcli.metrics import compute_builtin, expected_calibration_error, reliability
-from ftcli.objective import MultiLabelObjective, SingleLabelObjective, fit_temperature, tune_decision_threshold
+from ftcli.objective import fit_temperature
+from ftcli.tasks.multi_label import MultiLabelObjective
+from ftcli.tasks.single_label import SingleLabelObjective, tune_decision_threshold
 
 
 def test_the_temperature_of_an_over_confident_model_is_found():

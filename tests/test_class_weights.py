@@ -9,7 +9,7 @@ import pytest
 from conftest import invoke, write_rows
 
 from ftcli.errors import FtcliError
-from ftcli.objective import class_weights
+from ftcli.tasks.single_label import class_weights
 
 
 def prepared_with(counts: dict[str, int]) -> SimpleNamespace:
@@ -68,7 +68,7 @@ def test_balanced_positive_weights_are_negatives_over_positives_per_label(tmp_pa
 
     from ftcli.config import DataConfig
     from ftcli.data.prepare import prepare
-    from ftcli.objective import positive_weights
+    from ftcli.tasks.multi_label import positive_weights
 
     rows = [{"text": f"text {index}", "labels": ["joy"] if index % 4 == 0 else []} for index in range(8)]
     train = write_rows(tmp_path / "train.jsonl", rows)

@@ -10,7 +10,8 @@ import random
 import numpy as np
 import pytest
 
-from ftcli.data.prepare import SplitSummary, majority_baseline
+from ftcli.data.prepare import SplitSummary
+from ftcli.tasks.single_label import majority_baseline
 from ftcli.reporting.diagnosis import diagnose
 from ftcli.reporting.events import series
 

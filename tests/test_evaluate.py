@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import invoke
 
-from ftcli.reporting.errors import error_analysis, residuals_by_range
+from ftcli import tasks
+from ftcli.tasks.regression import residuals_by_range
 
 
 def test_error_analysis_by_hand():
@@ -18,7 +19,7 @@ def test_error_analysis_by_hand():
     scores = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.3, 0.6], [0.8, 0.1, 0.1], [0.3, 0.4, 0.3]])
     decisions, labels = scores.argmax(1), np.array([0, 1, 1, 2, 1])
     losses = -np.log(scores[np.arange(5), labels])
-    analysis = error_analysis("single_label", names, scores, decisions, labels, losses)
+    analysis = tasks.get("single_label").analyse(names, scores, decisions, labels, losses)
     assert [row["support"] for row in analysis["per_class"]] == [1, 3, 1]
     assert analysis["per_class"][1] == {"label": "b", "precision": 1.0, "recall": 2 / 3, "f1": pytest.approx(0.8), "support": 3}
     # wrong: row 2 (b predicted c at 0.6) and row 3 (c predicted a at 0.8): the surer first

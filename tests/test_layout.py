@@ -15,7 +15,7 @@ LAYERS = [
     ("ground", ["errors", "fileio", "runtime", "hub", "extras", "formats", "tasks", "metrics"]),
     ("schema", ["config"]),
     ("data and models", ["data", "modeling", "lora"]),
-    ("objective and run directories", ["objective", "decisions", "runs"]),
+    ("objective and run directories", ["objective", "runs"]),
     ("forward passes and reading runs", ["inference", "onnx_predict", "reporting"]),
     ("training", ["training"]),
     ("commands", ["commands", "serving"]),

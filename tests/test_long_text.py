@@ -15,7 +15,9 @@ import yaml
 from conftest import NEGATIVE, POSITIVE, invoke, multi_label_rows, regression_rows, write_rows
 
 from ftcli.config import DataConfig
-from ftcli.objective import MultiLabelObjective, RegressionObjective, SingleLabelObjective
+from ftcli.tasks.multi_label import MultiLabelObjective
+from ftcli.tasks.regression import RegressionObjective
+from ftcli.tasks.single_label import SingleLabelObjective
 from ftcli.training.finalize import _temperature
 
 MAX_LENGTH, STRIDE = 24, 8

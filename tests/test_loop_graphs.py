@@ -17,6 +17,7 @@ from ftcli.data.batching import DeviceTensors, collate
 from ftcli.data.prepare import prepare
 from ftcli.lora import apply_lora
 from ftcli.modeling import enable_gradient_checkpointing
+from ftcli.tasks.single_label import SingleLabelObjective
 
 
 def graphed_and_eager(tmp_path, model_dir, autocast_dtype, adapt=lambda model: model):
@@ -30,7 +31,7 @@ def graphed_and_eager(tmp_path, model_dir, autocast_dtype, adapt=lambda model: m
     model = adapt(AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2))
     eager_model = copy.deepcopy(model)
     trained = [p for p in model.parameters() if p.requires_grad]
-    step = GraphedTrainStep(model, torch.optim.SGD(trained, lr=0.5), data, 4, length_buckets(data.width), 1.0, autocast_dtype)
+    step = GraphedTrainStep(model, torch.optim.SGD(trained, lr=0.5), data, 4, length_buckets(data.width), 1.0, autocast_dtype, SingleLabelObjective())
     return step, eager_model, split, tokenizer.pad_token_id
 
 

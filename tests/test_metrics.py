@@ -180,7 +180,7 @@ def test_lower_is_better_for_errors_and_losses():
 
 
 def test_tuned_thresholds_maximise_each_labels_f1():
-    from ftcli.objective import tune_thresholds
+    from ftcli.tasks.multi_label import tune_thresholds
 
     scores = np.array([[0.9, 0.2], [0.35, 0.1], [0.3, 0.6], [0.1, 0.05]])
     truth = np.array([[1, 0], [1, 0], [0, 0], [0, 0]])

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from ftcli.decisions import Decider, prediction_fields
-from ftcli.objective import MultiLabelObjective, RegressionObjective, SingleLabelObjective, clip_scale
+from ftcli.objective import clip_scale
+from ftcli.tasks import Decider, prediction_fields
+from ftcli.tasks.multi_label import MultiLabelObjective
+from ftcli.tasks.regression import RegressionObjective
+from ftcli.tasks.single_label import SingleLabelObjective
 
 LOGITS = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 LABELS = torch.tensor([0, 1, 0])

@@ -35,15 +35,13 @@ from ftcli.errors import FtcliError
 from ftcli.extras import require
 from ftcli.fileio import atomic_write_json, atomic_write_text
 from ftcli.runs.rundir import RunDir
-from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+from ftcli import tasks
 from ftcli.training.job import TrainingEvents
 from ftcli.training.recipe import setup_data
 
 CROSS_VALIDATION_FILE = "cross_validation.json"
 OUT_OF_FOLD_FILE = "out_of_fold.jsonl"
 LABEL_ISSUES_FILE = "label_issues.csv"
-# regression: a residual this many standard deviations from the mean residual marks an issue
-REGRESSION_OUTLIER_SIGMAS = 3.0
 
 
 @dataclass
@@ -81,7 +79,7 @@ def run_audit(
         fold_metrics.append(evaluation.metrics)
         runs.append(fold_config.run_dir)
     labels = labels_by_document(prepared.splits["train"])
-    issues = _label_issues(cleanlab, config.task, labels, out_of_fold, prepared.label_names)
+    issues = tasks.get(config.task).label_issues(cleanlab, labels, out_of_fold, prepared.label_names)
     result = AuditResult(folder, runs, trained, _summary(fold_metrics), issues, len(assignment))
     _write(result, config, assignment, labels, out_of_fold)
     return result
@@ -116,45 +114,6 @@ def _state(run: RunDir, config: Config) -> str:
     if run.model_dir.is_dir() and "train" in run.read_metrics():
         return "complete"
     return "resume" if run.list_checkpoints() else "new"
-
-
-def _label_issues(cleanlab: Any, task: str, labels: np.ndarray, scores: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
-    """The training examples whose labels are probably wrong, the likeliest first: cleanlab's
-    find_label_issues ranked by self-confidence (classification), or for regression the examples
-    whose out-of-fold residual is an outlier, ranked by cleanlab's label quality score."""
-    if task == REGRESSION:
-        from cleanlab.regression.rank import get_label_quality_scores
-
-        predictions = scores.reshape(-1)
-        quality = get_label_quality_scores(labels, predictions)
-        residuals = predictions - labels
-        outliers = np.abs(residuals - residuals.mean()) > REGRESSION_OUTLIER_SIGMAS * residuals.std()
-        ranked = [int(index) for index in np.argsort(quality, kind="stable") if outliers[index]]
-        return [
-            {"index": index, "given": float(labels[index]), "suggested": float(predictions[index]), "quality": float(quality[index])}
-            for index in ranked
-        ]
-    from cleanlab.filter import find_label_issues
-
-    multi = task == MULTI_LABEL
-    given = [list(np.flatnonzero(row)) for row in labels] if multi else labels.astype(int)
-    ranked = find_label_issues(given, scores, multi_label=multi, return_indices_ranked_by="self_confidence")
-    if multi:
-        from cleanlab.multilabel_classification.rank import get_label_quality_scores
-
-        quality = get_label_quality_scores(given, scores)
-    else:
-        quality = scores[np.arange(len(labels)), given]
-    return [_issue(int(index), task, labels, scores, names, float(quality[index])) for index in ranked]
-
-
-def _issue(index: int, task: str, labels: np.ndarray, scores: np.ndarray, names: list[str], quality: float) -> dict[str, Any]:
-    if task == SINGLE_LABEL:
-        given, suggested = names[int(labels[index])], names[int(scores[index].argmax())]
-    else:
-        given = ",".join(name for name, on in zip(names, labels[index]) if on)
-        suggested = ",".join(name for name, p in zip(names, scores[index]) if p >= 0.5)
-    return {"index": index, "given": given, "suggested": suggested, "quality": quality}
 
 
 def _summary(fold_metrics: list[dict[str, float]]) -> dict[str, dict[str, Any]]:

@@ -24,12 +24,11 @@ from ftcli.fileio import atomic_write_json, atomic_write_text, read_json
 from ftcli.inference import score_and_keep
 from ftcli.metrics import MetricSuite, compute_builtin, expected_calibration_error, reliability
 from ftcli.modeling import label_names_of
-from ftcli.objective import MultiLabelObjective, Objective
-from ftcli.reporting.errors import error_analysis
+from ftcli.objective import Objective
 from ftcli.runs.loading import LoadedRun, load_run
 from ftcli.runs.rundir import CALIBRATION_FILE
 from ftcli.runtime import Runtime
-from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+from ftcli import tasks
 
 
 
@@ -43,7 +42,7 @@ class Evaluation:
     per_label: dict[str, list[float]] | None  # multi_label: precision, recall, f1, support per label
     thresholds: list[float] | None  # multi_label: each label's; two classes: the second class's, when set
     calibration: dict[str, Any] | None  # the split's ECE, Brier and log loss before and after calibration
-    analysis: dict[str, Any]  # reporting.errors.error_analysis, each listed example with its text
+    analysis: dict[str, Any]  # the task's analyse(), each listed example with its text
     written: Path
     predictions: Path
     notes: dict[str, Any] = field(default_factory=dict)
@@ -74,9 +73,9 @@ def evaluate_run(
     folder = None if loaded.is_final else loaded.weights
     evaluation = Evaluation(
         split, config.task, metrics, prepared.label_names,
-        confusion=suite.confusion.tolist() if config.task == SINGLE_LABEL else None,
-        per_label=suite.per_label if config.task == MULTI_LABEL else None,
-        thresholds=_thresholds(loaded.objective, len(prepared.label_names)),
+        confusion=None if suite.confusion is None else suite.confusion.tolist(),
+        per_label=suite.per_label,
+        thresholds=tasks.get(config.task).thresholds_of(loaded.objective, len(prepared.label_names)),
         calibration=_calibration(loaded, logits, labels),
         analysis={},
         written=run.eval_file(split, folder),
@@ -96,25 +95,18 @@ def _check(loaded: LoadedRun, splits, label_names: list[str], split: str) -> Non
             f"split '{split}' is not in this run's data (available: {', '.join(splits)})",
             f"add data.{split} to {loaded.run.config_file}" if split in ("validation", "test") else "pick one of those",
         )
-    if loaded.config.task != REGRESSION and label_names != label_names_of(loaded.model):
+    if tasks.get(loaded.config.task).has_classes and label_names != label_names_of(loaded.model):
         raise FtcliError(
             f"the model's labels {label_names_of(loaded.model)} differ from the data's {label_names}",
             "evaluate with the data the run was trained on",
         )
 
 
-def _thresholds(objective: Objective, num_labels: int) -> list[float] | None:
-    if isinstance(objective, MultiLabelObjective):
-        return np.broadcast_to(np.asarray(objective.thresholds, dtype=float), (num_labels,)).tolist()
-    threshold = getattr(objective, "decision_threshold", None)
-    return None if threshold is None else [float(threshold)]
-
-
 def _calibration(loaded: LoadedRun, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any] | None:
     """When the model was calibrated: this split's ECE, Brier score and log loss with the
     calibrated probabilities and with those before (the logits times the temperature)."""
     path = loaded.weights / CALIBRATION_FILE
-    if not path.is_file() or loaded.config.task == REGRESSION:
+    if not path.is_file() or not tasks.get(loaded.config.task).calibrates:
         return None
     temperature = read_json(path, loaded.run.repair_hint)["temperature"]
     record: dict[str, Any] = {"temperature": temperature}
@@ -134,7 +126,7 @@ def _analyse(evaluation: Evaluation, objective: Objective, logits: torch.Tensor,
     scores, decisions = objective.scores(logits).numpy(), objective.predictions(logits)
     evaluation.scores = scores
     losses, truth = objective.losses(logits, labels).numpy(), labels.numpy()
-    evaluation.analysis = error_analysis(config.task, evaluation.labels, scores, decisions, truth, losses)
+    evaluation.analysis = tasks.get(config.task).analyse(evaluation.labels, scores, decisions, truth, losses)
     first_text = config.data.text_fields[0]
     for listed in evaluation.analysis.values():
         for entry in listed:
@@ -150,15 +142,7 @@ def _analyse(evaluation: Evaluation, objective: Objective, logits: torch.Tensor,
 def example_record(config: Config, names: list[str], row: dict, scores, decision, truth, loss: float) -> dict[str, Any]:
     """One line of predictions_<split>.jsonl."""
     record: dict[str, Any] = {field_name: row[field_name] for field_name in config.data.text_fields}
-    if config.task == REGRESSION:
-        return record | {"gold": float(truth), "prediction": float(decision), "error": float(decision - truth), "loss": loss}
-    probabilities = {name: round(float(p), 6) for name, p in zip(names, scores)}
-    if config.task == MULTI_LABEL:
-        gold = [name for name, on in zip(names, truth) if on]
-        predicted = [name for name, on in zip(names, decision) if on]
-        return record | {"gold": gold, "prediction": predicted, "probabilities": probabilities, "loss": loss, "correct": gold == predicted}
-    gold, predicted = names[int(truth)], names[int(decision)]
-    return record | {"gold": gold, "prediction": predicted, "probabilities": probabilities, "loss": loss, "correct": gold == predicted}
+    return record | tasks.get(config.task).example_record(names, scores, decision, truth, loss)
 
 
 def _record(evaluation: Evaluation, weights: Path) -> dict[str, Any]:
@@ -168,7 +152,7 @@ def _record(evaluation: Evaluation, weights: Path) -> dict[str, Any]:
         record["confusion_matrix"] = {"labels": evaluation.labels, "counts": evaluation.confusion}
     if evaluation.per_label is not None:
         record["per_label"] = {"labels": evaluation.labels, **evaluation.per_label, "thresholds": evaluation.thresholds}
-    if evaluation.task == SINGLE_LABEL and evaluation.thresholds:
+    if tasks.get(evaluation.task).threshold_is_second_class and evaluation.thresholds:
         record["decision_threshold"] = evaluation.thresholds[0]
     if evaluation.calibration is not None:
         record["calibration"] = evaluation.calibration

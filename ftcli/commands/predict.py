@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.config import Config, load_config
-from ftcli.decisions import prediction_fields
+from ftcli.tasks import prediction_fields
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_text
 from ftcli.formats import Rows, check_texts, read_records

@@ -19,7 +19,7 @@ from ftcli.fileio import read_json
 from ftcli.modeling import PACKAGED_MODELS
 from ftcli.reporting.formatting import format_value
 from ftcli.runs.rundir import RunDir
-from ftcli.tasks import MULTI_LABEL, REGRESSION
+from ftcli import tasks
 
 AGAIN = "the run directory is unchanged; push it later with: ftcli push RUN_DIR REPO_ID"
 # The Hub model behind each packaged alias, for the card's base_model.
@@ -93,15 +93,7 @@ def model_card(run: RunDir, config: Config, repo_id: str) -> str:
 
 def _what_it_is(config: Config, labels: list[str]) -> str:
     base = f"`{_base_model(config) or config.model}`"
-    named = ", ".join(f"`{label}`" for label in labels)
-    if config.task == REGRESSION:
-        return f"A regression model fine-tuned from {base} with ftcli: it predicts `{labels[0]}`, one number per text."
-    if config.task == MULTI_LABEL:
-        return (
-            f"A multi-label classifier fine-tuned from {base} with ftcli: each of {len(labels)} labels ({named}) is "
-            "predicted on its own; thresholds.json holds the probability above which each label is predicted."
-        )
-    return f"A text classifier fine-tuned from {base} with ftcli ({len(labels)} classes: {named})."
+    return tasks.get(config.task).card_description(base, labels)
 
 
 def _front_matter(config: Config, metrics: dict[str, Any], repo_id: str) -> str:
@@ -195,5 +187,5 @@ def _usage(config: Config, repo_id: str) -> str:
         call = 'classifier("a text to classify")'
     return (
         "## Usage\n\n```python\nfrom transformers import pipeline\n\n"
-        f'classifier = pipeline("text-classification", model="{repo_id}"{", top_k=None" if config.task == MULTI_LABEL else ""})\n{call}\n```'
+        f'classifier = pipeline("text-classification", model="{repo_id}"{tasks.get(config.task).pipeline_arguments})\n{call}\n```'
     )

@@ -15,7 +15,7 @@ from datasets import Dataset, DatasetDict
 
 from ftcli.config import FoldConfig
 from ftcli.errors import FtcliError
-from ftcli.tasks import SINGLE_LABEL
+from ftcli import tasks
 
 log = logging.getLogger("ftcli")
 
@@ -44,7 +44,8 @@ def fold_of_documents(train: Dataset, task: str, fold: FoldConfig) -> np.ndarray
             "use fewer folds, or more training data",
         )
     assignment = np.empty(count, dtype=np.int64)
-    if task == SINGLE_LABEL:
+    stratified = tasks.get(task).stratified
+    if stratified:
         classes, sizes = np.unique(labels, return_counts=True)
         if sizes.min() < fold.folds:
             log.warning(f"a class has {sizes.min()} training examples, fewer than the {fold.folds} folds: some folds lack it")
@@ -53,7 +54,7 @@ def fold_of_documents(train: Dataset, task: str, fold: FoldConfig) -> np.ndarray
         splitter = KFold(fold.folds, shuffle=True, random_state=fold.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the small class, said once above
-        for index, (_, held_out) in enumerate(splitter.split(np.zeros(count), labels if task == SINGLE_LABEL else None)):
+        for index, (_, held_out) in enumerate(splitter.split(np.zeros(count), labels if stratified else None)):
             assignment[held_out] = index
     return assignment
 

@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 import tempfile
-from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -22,12 +21,11 @@ from transformers import PreTrainedTokenizerBase
 
 from ftcli.config import DataConfig
 from ftcli.data.folds import hold_out
-from ftcli.data.labels import check_labels, encode_labels, is_missing, resolve_label_names
 from ftcli.data.sources import HubDataset, LocalFiles, Source
 from ftcli.errors import FtcliError
 from ftcli.fileio import cache_home
 from ftcli.formats import Rows, check_texts
-from ftcli.tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+from ftcli import tasks
 
 log = logging.getLogger("ftcli")
 
@@ -93,18 +91,8 @@ def check_columns(splits: dict[str, Rows], data: DataConfig, task: str) -> None:
                     fix += f", or leave the unlabelled file out of data.{split} and label it with ftcli predict RUN --input FILE"
                 raise FtcliError(f"split '{split}' has no column '{column}' (columns: {', '.join(columns)})", fix)
         check_texts(rows, data.text_fields, where=f"split '{split}'")
-        check_present(rows, data, task, where=f"split '{split}'")
-        check_labels(rows, data, task, where=f"split '{split}'")
-
-
-def check_present(rows: Rows, data: DataConfig, task: str, where: str) -> None:
-    """A label in every row (csv has no null, but an empty field); a multi_label example may have none."""
-    if task == MULTI_LABEL and not data.label_fields:
-        return
-    for number, row in enumerate(rows, start=1):
-        for column in data.label_columns:
-            if is_missing(row.get(column)):
-                raise FtcliError(f"{where} row {number}: label '{column}' is missing or null", "give every row a label")
+        tasks.get(task).check_present(rows, data, where=f"split '{split}'")
+        tasks.get(task).check_labels(rows, data, where=f"split '{split}'")
 
 
 # Tokenizers without a length limit report a huge model_max_length instead.
@@ -229,16 +217,13 @@ def _build(
 ) -> Prepared:
     raw, hub_names = load_raw_splits(data)
     check_columns(raw, data, task)
-    label_names = resolve_label_names(raw, data, task, hub_names)
+    label_names = tasks.get(task).resolve_label_names(raw["train"], data, hub_names)
     on_labels(label_names)
     splits, summary = {}, {}
     for split, rows in raw.items():
-        labels = encode_labels(rows, data, task, label_names, where=f"split '{split}'")
-        if split == "train" and task == SINGLE_LABEL and len(set(labels)) < 2:
-            raise FtcliError(
-                f"the training set has only one class ({label_names[labels[0]]})",
-                "a classifier needs examples of at least two classes",
-            )
+        labels = tasks.get(task).encode(rows, data, label_names, where=f"split '{split}'")
+        if split == "train":
+            tasks.get(task).check_training_labels(labels, label_names)
         tokenized = tokenize_rows(rows, data, tokenizer)
         tokenized = tokenized.add_column("labels", [labels[doc] for doc in tokenized["doc"]] if "doc" in tokenized.column_names else labels)
         summary[split] = _summarize(tokenized, label_names, task)
@@ -278,14 +263,7 @@ def _summarize(tokenized: Dataset, label_names: list[str], task: str) -> SplitSu
     full = np.asarray(tokenized["full_length"])
     lengths = np.asarray(tokenized["length"]) if windows is None else full  # windows cut nothing
     labels = np.asarray(tokenized["labels"])
-    counts, stats = {}, None
-    if task == SINGLE_LABEL:
-        found = Counter(labels.tolist())
-        counts = {name: found.get(index, 0) for index, name in enumerate(label_names)}
-    elif task == MULTI_LABEL:
-        counts = {name: int(count) for name, count in zip(label_names, labels.sum(axis=0))}
-    else:
-        stats = {"mean": float(labels.mean()), "std": float(labels.std()), "min": float(labels.min()), "max": float(labels.max())}
+    counts, stats = tasks.get(task).label_counts(labels, label_names)
     return SplitSummary(
         size=len(tokenized),
         label_counts=counts,
@@ -338,8 +316,6 @@ def _load_cached(cache_dir: Path, fingerprint: str) -> Prepared | None:
     return Prepared(splits, meta["label_names"], summary, fingerprint, cache_dir, cache_hit=True)
 
 
-
-
 def baselines(prepared: Prepared, task: str) -> dict[str, Any] | None:
     """What a model that learned nothing would score on validation, for reading the curves: the
     loss of the best constant guess (chance_loss), and for single_label the accuracy of always
@@ -348,27 +324,4 @@ def baselines(prepared: Prepared, task: str) -> dict[str, Any] | None:
     if "train" not in summary or "validation" not in summary:
         return None
     train, validation = prepared.splits["train"], prepared.splits["validation"]
-    if task == REGRESSION:
-        mean = float(np.mean(train["labels"]))
-        mse = float(np.mean((np.asarray(validation["labels"]) - mean) ** 2))
-        return {"chance_loss": mse, "chance": f"always predicting the training mean {mean:.3g}"}
-    if task == MULTI_LABEL:
-        priors = np.clip(np.asarray(train["labels"]).mean(axis=0), 1e-6, 1 - 1e-6)
-        truth = np.asarray(validation["labels"])
-        bce = -(truth * np.log(priors) + (1 - truth) * np.log(1 - priors)).mean()
-        return {"chance_loss": float(bce), "chance": "predicting each label's training rate", "num_labels": len(prepared.label_names)}
-    return majority_baseline(summary)
-
-
-def majority_baseline(summary: dict[str, SplitSummary]) -> dict[str, Any] | None:
-    """Accuracy of always predicting the training set's most common class, on validation."""
-    if "train" not in summary or "validation" not in summary:
-        return None
-    train_counts = summary["train"].label_counts
-    majority = max(train_counts, key=train_counts.get)
-    validation = summary["validation"]
-    return {
-        "majority_class": majority,
-        "majority_rate": validation.label_counts.get(majority, 0) / max(validation.size, 1),
-        "num_labels": len(train_counts),
-    }
+    return tasks.get(task).baseline(np.asarray(train["labels"]), np.asarray(validation["labels"]), summary, prepared.label_names)

@@ -24,7 +24,7 @@ from typing import Any, Literal, Mapping
 
 from ftcli.metrics import higher_is_better, primary_metric
 from ftcli.reporting.events import eval_metric_names, finite, series
-from ftcli.tasks import REGRESSION
+from ftcli import tasks
 
 Verdict = Literal["unstable", "overfitting", "underfitting", "overconfidence", "inconclusive", "still_improving", "converged"]
 # The headline is the first finding in this order: a problem to fix outranks a state to accept.
@@ -396,7 +396,7 @@ def _overconfidence(rise: _Rise, selection: _Selection, advice: _Advice, calibra
         before, after = calibration["before"]["ece"], calibration["after"]["ece"]
         evidence |= {"ece_before": _num(before), "ece_after": _num(after)}
         said += f"; the model grew overconfident and calibration corrected it (ECE {before:.3f} -> {after:.3f})"
-    elif advice.task != REGRESSION:
+    elif advice.task.calibrates:
         said += "; the model grew overconfident: its probabilities are surer than it is right"
         remedies.append(advice.calibrate())
     return Finding("overconfidence", f"Overconfidence, not overfitting: {said}.", evidence, [r for r in remedies if r])
@@ -526,7 +526,7 @@ class _Advice:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.model = config.get("model")
-        self.task = config.get("task")
+        self.task = tasks.get(config.get("task") or tasks.DEFAULT)
         self.calibration = config.get("calibration")
         self.training: Mapping[str, Any] = config.get("training") or {}
 

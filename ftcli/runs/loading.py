@@ -13,10 +13,10 @@ from ftcli.errors import FtcliError
 from ftcli.fileio import damaged_file
 from ftcli.lora import is_adapter, load_adapter_model
 from ftcli.modeling import load_model, load_tokenizer, resolve_model_source
-from ftcli.objective import MultiLabelObjective, Objective, RegressionObjective, SingleLabelObjective
+from ftcli.objective import Objective
 from ftcli.runs.rundir import RunDir
 from ftcli.runs.thresholds import decider_for
-from ftcli.tasks import MULTI_LABEL, REGRESSION
+from ftcli import tasks
 
 
 @dataclass
@@ -78,9 +78,4 @@ def _run_label_names(run: RunDir) -> list[str]:
 
 def objective_for_model(config: Config, model_dir: Path) -> Objective:
     """The objective a saved model predicts with: the run's, with the thresholds saved beside it."""
-    decider = decider_for(config, model_dir)
-    if config.task == REGRESSION:
-        return RegressionObjective(config.loss, decider.clip)
-    if config.task == MULTI_LABEL:
-        return MultiLabelObjective(thresholds=decider.thresholds)
-    return SingleLabelObjective(decision_threshold=decider.decision_threshold)
+    return tasks.get(config.task).saved_objective(config, decider_for(config, model_dir))

@@ -21,15 +21,15 @@ import ftcli
 from ftcli.config import Config
 from ftcli.data.batching import MODEL_COLUMNS
 from ftcli.data.prepare import tokenize_rows
-from ftcli.decisions import prediction_fields
+from ftcli.tasks import prediction_fields
 from ftcli.errors import FtcliError
 from ftcli.modeling import label_names_of
-from ftcli.objective import MultiLabelObjective, Objective
+from ftcli.objective import Objective
 from ftcli.runs.loading import load_run
 from ftcli.runtime import Runtime
 from ftcli.serving.batcher import Row
 from ftcli.serving.engines import ENGINES, Engine, OnnxEngine, TorchEngine, onnx_file_of
-from ftcli.tasks import REGRESSION
+from ftcli import tasks
 
 Texts = tuple[str, ...]  # one input: a text, or a sentence pair
 
@@ -109,11 +109,7 @@ class ServedModel:
 
     def info(self, batcher_settings: dict[str, Any]) -> dict[str, Any]:
         """GET /v1/info: what is served, how, and with which versions."""
-        thresholds: list[float] | None = None
-        if isinstance(self.objective, MultiLabelObjective):
-            thresholds = np.broadcast_to(np.asarray(self.objective.thresholds, float), (len(self.label_names),)).tolist()
-        elif getattr(self.objective, "decision_threshold", None) is not None:
-            thresholds = [float(self.objective.decision_threshold)]
+        thresholds = tasks.get(self.config.task).thresholds_of(self.objective, len(self.label_names))
         versions = {"ftcli": ftcli.__version__, "torch": torch.__version__}
         for package in ("transformers", "onnxruntime", "fastapi", "uvicorn"):
             try:
@@ -122,7 +118,7 @@ class ServedModel:
                 pass
         return {
             "run": self.run_name, "model": self.engine.file, "task": self.config.task,
-            "labels": self.label_names, "thresholds": None if self.config.task == REGRESSION else thresholds,
+            "labels": self.label_names, "thresholds": thresholds,
             "text_fields": self.text_fields, "max_length": self.config.data.max_length,
             "long_text": self.config.data.long_text, "engine": self.engine.name,
             "device": str(self.engine.device), "precision": self.precision, **batcher_settings, "versions": versions,

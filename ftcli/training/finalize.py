@@ -21,16 +21,10 @@ from ftcli.fileio import atomic_write_json
 from ftcli.inference import document_labels, documents_of, row_logits
 from ftcli.metrics import compute_builtin, expected_calibration_error, primary_metric, reliability
 from ftcli.modeling import scale_logits
-from ftcli.objective import (
-    MultiLabelObjective,
-    Objective,
-    fit_temperature,
-    tune_decision_threshold,
-    tune_thresholds,
-)
+from ftcli.objective import Objective, fit_temperature
 from ftcli.runs.rundir import CALIBRATION_FILE, THRESHOLDS_FILE
 from ftcli.runtime import Runtime
-from ftcli.tasks import MULTI_LABEL, REGRESSION
+from ftcli import tasks
 
 log = logging.getLogger("ftcli")
 
@@ -59,10 +53,12 @@ def decide(
 ) -> Decisions:
     """Calibrate (in place: the model's last layer takes the temperature) and pick the thresholds."""
     decisions = Decisions(objective, label_names)
-    calibrating = config.calibration == "temperature" and config.task != REGRESSION
-    tuning = (config.task == MULTI_LABEL and config.thresholds == "tuned") or config.decision_threshold == "tuned"
+    task = tasks.get(config.task)
+    calibrating = config.calibration == "temperature" and task.calibrates
+    tuning = task.tunes(config)
     if validation is None or not (calibrating or tuning):
-        return _fixed(config, decisions, label_names)
+        task.fixed_thresholds(config, decisions)  # no validation to tune on: the configured ones (0.5 for a tuned one)
+        return decisions
     rows = row_logits(model, validation, config.training.eval_batch_size, pad_token_id, runtime)
     labels, documents = document_labels(validation, objective), documents_of(validation)
     per_example = _per_example(objective, documents)
@@ -105,42 +101,10 @@ def _temperature(
     return None
 
 
-def _fixed(config: Config, decisions: Decisions, label_names: list[str]) -> Decisions:
-    """No validation to tune on: the configured thresholds (0.5 for a tuned one)."""
-    objective = decisions.objective
-    if isinstance(objective, MultiLabelObjective):
-        decisions.thresholds = np.full(len(label_names), objective.thresholds)
-    elif isinstance(config.decision_threshold, float) and config.decision_threshold != 0.5:
-        decisions.objective = objective.with_decision_threshold(config.decision_threshold)
-        decisions.thresholds = np.array([config.decision_threshold])
-    return decisions
-
-
 def _thresholds(config: Config, decisions: Decisions, logits: torch.Tensor, labels: torch.Tensor) -> Decisions:
-    objective = decisions.objective
-    scores, truth = objective.scores(logits).numpy(), labels.numpy()
-    if isinstance(objective, MultiLabelObjective):
-        if config.thresholds == "tuned":
-            decisions.thresholds, decisions.how = tune_thresholds(scores, truth), "tuned on validation"
-        else:
-            decisions.thresholds = np.full(scores.shape[1], objective.thresholds)
-        decisions.objective = objective.with_thresholds(decisions.thresholds)
-        return decisions
-    if config.decision_threshold == "tuned":
-        metric = primary_metric(config.metrics)
-        if metric in ("loss", "roc_auc", "average_precision", "log_loss", "brier", "ece"):
-            return decisions  # a metric of the probabilities: no threshold changes it
-        threshold = tune_decision_threshold(scores[:, 1], truth, lambda p, t: compute_builtin(metric, p, t))
-        decisions.notes = {
-            "metric": metric,
-            "at_0.5": compute_builtin(metric, (scores[:, 1] >= 0.5).astype(int), truth),
-            "at_tuned": compute_builtin(metric, (scores[:, 1] >= threshold).astype(int), truth),
-        }
-        decisions.thresholds, decisions.how = np.array([threshold]), f"tuned on validation for {metric}"
-    elif isinstance(config.decision_threshold, float) and config.decision_threshold != 0.5:
-        decisions.thresholds = np.array([config.decision_threshold])
-    if decisions.thresholds is not None:
-        decisions.objective = objective.with_decision_threshold(float(decisions.thresholds[0]))
+    """The thresholds the task tunes (or fixes) on validation's scores."""
+    scores, truth = decisions.objective.scores(logits).numpy(), labels.numpy()
+    tasks.get(config.task).tune_thresholds(config, decisions, scores, truth, primary_metric(config.metrics))
     return decisions
 
 

@@ -25,11 +25,11 @@ from ftcli.inference import evaluate_dataset
 from ftcli.lora import apply_lora, merge_lora
 from ftcli.metrics import MetricSuite
 from ftcli.modeling import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_model_source, save_model
-from ftcli.objective import Objective, build_objective, check_fits_labels
+from ftcli.objective import Objective, build_objective
 from ftcli.runs import checkpoints
 from ftcli.runs.rundir import RunDir
 from ftcli.runtime import Runtime
-from ftcli.tasks import PROBLEM_TYPES
+from ftcli import tasks
 from ftcli.training.backends import get_backend
 from ftcli.training.finalize import decide
 from ftcli.training.job import Backend, NoEvents, TrainingEvents, TrainJob, TrainOutcome
@@ -163,7 +163,7 @@ def setup_data(
     tokenizer = load_tokenizer(source, config.trust_remote_code)
 
     def heard(label_names: list[str]) -> None:
-        check_fits_labels(config, label_names)
+        tasks.get(config.task).check_label_names(config, label_names)
         if on_labels is not None:
             on_labels(source, label_names)
 
@@ -173,7 +173,7 @@ def setup_data(
 def setup_model(config: Config, source: str, label_names: list[str]) -> PreTrainedModel:
     """The model to train: pretrained weights and a new head, wrapped in LoRA adapters and
     recomputing activations when the config says so."""
-    model = load_model(source, label_names, config.trust_remote_code, PROBLEM_TYPES[config.task])
+    model = load_model(source, label_names, config.trust_remote_code, tasks.get(config.task).problem_type)
     if config.lora:
         model = apply_lora(model, config.lora)
     if config.training.gradient_checkpointing:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ftcli.data.batching import DeviceTensors
-from ftcli.objective import Objective, SingleLabelObjective, clip_scale
+from ftcli.objective import Objective, clip_scale
 
 if TYPE_CHECKING:  # Triton is imported only where the fused kernels run
     from ftcli.training.loop.fused import FusedLayers
@@ -80,7 +80,7 @@ class GraphedTrainStep:
         buckets: list[int],
         max_grad_norm: float | None,
         autocast_dtype: torch.dtype | None,
-        objective: Objective | None = None,
+        objective: Objective,
         fused: FusedLayers | None = None,
     ) -> None:
         self.model = model
@@ -90,7 +90,7 @@ class GraphedTrainStep:
         self.buckets = sorted(buckets)
         self.max_grad_norm = max_grad_norm
         self.autocast_dtype = autocast_dtype
-        self.objective = objective or SingleLabelObjective()
+        self.objective = objective
         self.fused = fused
         self.device = next(model.parameters()).device
         self.parameters = [p for p in model.parameters() if p.requires_grad]
