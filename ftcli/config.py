@@ -98,6 +98,15 @@ class DataConfig(_Strict):
         "the first text is windowed, the second kept whole).",
     )
     stride: int = Field(32, ge=0, description="long_text window: tokens each window shares with the one before.")
+    tag_scheme: Literal["auto", "iob1", "iob2", "bioes"] = Field(
+        "auto",
+        description="token_classification: the entity tags' scheme, read into IOB2 for training; auto: BIOES when E-/S- "
+        "occur, IOB1 when an I- opens an entity, else IOB2.",
+    )
+    label_all_subwords: bool = Field(
+        False,
+        description="token_classification: tag every piece of a word (B- made I- after the first), not only its first.",
+    )
     max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     fold: FoldConfig | None = Field(None, description="Cross-validation: one fold of the training split held out.")
     max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N examples of other splits.")
@@ -381,10 +390,15 @@ class Config(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _task_defaults(cls, raw: Any) -> Any:
-        """Metrics left out (or null) are the task's defaults."""
-        if isinstance(raw, dict) and raw.get("metrics") is None:
-            task = tasks.REGISTRY.get(raw.get("task", tasks.DEFAULT), tasks.get(tasks.DEFAULT))
-            return raw | {"metrics": list(task.default_metrics)}
+        """Metrics left out (or null) are the task's defaults, and so are the data options it sets
+        (token_classification: the columns of words and tags)."""
+        if not isinstance(raw, dict):
+            return raw
+        task = tasks.REGISTRY.get(raw.get("task", tasks.DEFAULT), tasks.get(tasks.DEFAULT))
+        if raw.get("metrics") is None:
+            raw = raw | {"metrics": list(task.default_metrics)}
+        if task.data_defaults and isinstance(raw.get("data"), dict):
+            raw = raw | {"data": task.data_defaults | raw["data"]}
         return raw
 
     @field_validator("metrics")

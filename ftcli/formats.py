@@ -171,6 +171,35 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
 
 
+def _read_conll(path: Path) -> Rows:
+    """CoNLL: a word and its tag per line (the word first, the tag last, apart by a TAB or
+    whitespace), a blank line between sentences, -DOCSTART- lines skipped. Each sentence is a row
+    {"tokens": [words], "ner_tags": [tags]}."""
+    rows: Rows = []
+    words: list[str] = []
+    tags: list[str] = []
+    for number, line in enumerate(file_lines(_read_text(path)), start=1):
+        if not line.strip():
+            if words:
+                rows.append({"tokens": words, "ner_tags": tags})
+            words, tags = [], []
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        parts = [part.strip() for part in parts if part.strip()]
+        if parts[0] == "-DOCSTART-":
+            continue
+        if len(parts) < 2:
+            raise FtcliError(
+                f"{path}: line {number} has a word but no tag ({line.strip()!r})",
+                "write each word and its tag on one line, apart by a TAB or a space; a blank line between sentences",
+            )
+        words.append(parts[0])
+        tags.append(parts[-1])
+    if words:
+        rows.append({"tokens": words, "ner_tags": tags})
+    return rows
+
+
 def _read_csv(path: Path, quoting: str) -> Rows:
     return _read_delimited(path, ",", quoting)
 
@@ -185,6 +214,7 @@ READERS: dict[str, Callable[[Path, str], Rows]] = {
     ".csv": _read_csv,
     ".tsv": _read_tsv,
     ".parquet": lambda path, quoting: _read_parquet(path),
+    ".conll": lambda path, quoting: _read_conll(path),
 }
 SUFFIXES = tuple(READERS)
 # "jsonl, json, csv, tsv or parquet": for messages, help texts and the README.

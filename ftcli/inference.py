@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel
 
-from ftcli.data.batching import collate
+from ftcli.data.batching import collate, label_tensor
 from ftcli.data.padding import length_sorted_batches
 from ftcli.metrics import MetricSuite
 from ftcli.runtime import Runtime
@@ -58,7 +58,7 @@ def evaluate_dataset(
     objective: Objective,
 ) -> dict[str, float]:
     """Mean loss and every configured metric over a labeled split."""
-    suite = MetricSuite(metric_names, model.config.num_labels, objective.task)
+    suite = MetricSuite(metric_names, [model.config.id2label[index] for index in range(model.config.num_labels)], objective.task)
     return score_dataset(model, dataset, suite, batch_size, pad_token_id, runtime, objective)
 
 
@@ -104,16 +104,32 @@ def row_logits(
     model: PreTrainedModel, dataset: Dataset, batch_size: int, pad_token_id: int, runtime: Runtime
 ) -> torch.Tensor:
     """Every row's fp32 logits (a window's, for windows), in the dataset's order, on the host."""
-    logits = torch.zeros(len(dataset), model.config.num_labels)
+    logits = logits_store(model, dataset)
     for indices, batch_logits, _ in iterate_logits(model, dataset, batch_size, pad_token_id, runtime):
-        logits[torch.from_numpy(np.asarray(indices))] = batch_logits.cpu()
+        keep(logits, indices, batch_logits)
     return logits
+
+
+def logits_store(model: PreTrainedModel, dataset: Dataset) -> torch.Tensor:
+    """Zeros for a split's logits: a row per example, or (a tag per token) a row per token of
+    each, as many as the longest example's."""
+    if "word_ids" in dataset.column_names:  # tokenized as words: token_classification
+        return torch.zeros(len(dataset), max(dataset["length"], default=0), model.config.num_labels)
+    return torch.zeros(len(dataset), model.config.num_labels)
+
+
+def keep(logits: torch.Tensor, indices: np.ndarray, batch_logits: torch.Tensor) -> None:
+    """A batch's logits into the split's, at its rows (and its tokens)."""
+    rows = torch.from_numpy(np.asarray(indices))
+    if batch_logits.dim() == 3:
+        logits[rows, : batch_logits.shape[1]] = batch_logits.cpu()
+    else:
+        logits[rows] = batch_logits.cpu()
 
 
 def document_labels(dataset: Dataset, objective: Objective) -> torch.Tensor:
     """Every example's label (a windowed split's per document), in the dataset's order."""
-    labels = torch.tensor(dataset["labels"])
-    labels = labels.float() if labels.is_floating_point() else labels.long()
+    labels = label_tensor(dataset["labels"], max(dataset["length"], default=0))
     documents = documents_of(dataset)
     return labels if documents is None else objective.aggregate_labels(labels, *documents)
 
@@ -134,11 +150,11 @@ def score_and_keep(
         labels = document_labels(dataset, objective)
         chunks = ((logits[start : start + DOCUMENT_CHUNK], labels[start : start + DOCUMENT_CHUNK]) for start in range(0, len(logits), DOCUMENT_CHUNK))
         return score(chunks, suite, objective), logits, labels
-    logits = torch.zeros(len(dataset), model.config.num_labels)
+    logits = logits_store(model, dataset)
 
     def batches():
         for indices, batch_logits, batch in iterate_logits(model, dataset, batch_size, pad_token_id, runtime):
-            logits[torch.from_numpy(np.asarray(indices))] = batch_logits.cpu()
+            keep(logits, indices, batch_logits)
             yield batch_logits, batch["labels"]
 
     return score(batches(), suite, objective), logits, document_labels(dataset, objective)

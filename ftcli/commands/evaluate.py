@@ -65,7 +65,7 @@ def evaluate_run(
     runtime = Runtime.resolve(precision or config.training.precision)
     prepared = prepare(config.data, tokenizer, config.task)
     _check(loaded, prepared.splits, prepared.label_names, split)
-    suite = MetricSuite(config.metrics, len(prepared.label_names), config.task)
+    suite = MetricSuite(config.metrics, prepared.label_names, config.task)
     metrics, logits, labels = score_and_keep(
         loaded.model.to(runtime.device), prepared.splits[split], suite, config.training.eval_batch_size,
         tokenizer.pad_token_id, runtime, loaded.objective,

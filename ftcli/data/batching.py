@@ -40,14 +40,21 @@ def collate(
         if column in features[0]
     }
     if "labels" in features[0]:
-        batch["labels"] = label_tensor([row["labels"] for row in features])
+        batch["labels"] = label_tensor([row["labels"] for row in features], longest)
     if "doc" in features[0]:  # long_text window: which document each window is of
         batch["doc"] = torch.tensor([row["doc"] for row in features], dtype=torch.long)
     return batch
 
 
-def label_tensor(labels: list) -> torch.Tensor:
-    """Class ids as int64; multi-label rows of 0/1 and regression targets as float32."""
+# A token's label the loss and the metrics skip: padding, special tokens, a word's later pieces.
+IGNORE_LABEL = -100
+
+
+def label_tensor(labels: list, width: int | None = None) -> torch.Tensor:
+    """Class ids as int64; multi-label rows of 0/1 and regression targets as float32; rows of
+    class ids (a tag per token) as int64 padded to `width` tokens with IGNORE_LABEL."""
+    if labels and isinstance(labels[0], list) and all(isinstance(value, int) for row in labels for value in row):
+        return pad_rows(labels, width or max(map(len, labels)), IGNORE_LABEL)
     values = torch.tensor(labels)
     return values.float() if values.is_floating_point() else values.long()
 
@@ -81,7 +88,7 @@ class DeviceTensors:
             for column in MODEL_COLUMNS
             if column in rows.column_names
         }
-        self.tensors["labels"] = label_tensor(rows["labels"]).to(device)
+        self.tensors["labels"] = label_tensor(rows["labels"], self.width).to(device)
         self.device = device
 
     @staticmethod
@@ -99,5 +106,10 @@ class DeviceTensors:
         length = length or self.batch_length(indices)
         index = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self.device, non_blocking=True)
         batch = {column: values.index_select(0, index)[:, :length] for column, values in self.tensors.items() if column != "labels"}
-        batch["labels"] = self.tensors["labels"].index_select(0, index)
+        batch["labels"] = self.labels(index, length)
         return batch
+
+    def labels(self, index: torch.Tensor, length: int) -> torch.Tensor:
+        """The rows' labels; a tag per token cut to the batch's `length` tokens, as its inputs are."""
+        labels = self.tensors["labels"].index_select(0, index)
+        return labels[:, :length] if labels.dim() == 2 and labels.dtype == torch.long else labels

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -90,7 +91,8 @@ def check_columns(splits: dict[str, Rows], data: DataConfig, task: str) -> None:
                 if column == data.label_field and split != "train":  # most likely texts to be labelled
                     fix += f", or leave the unlabelled file out of data.{split} and label it with ftcli predict RUN --input FILE"
                 raise FtcliError(f"split '{split}' has no column '{column}' (columns: {', '.join(columns)})", fix)
-        check_texts(rows, data.text_fields, where=f"split '{split}'")
+        if not tasks.get(task).token_level:  # words come as lists, which the task checks
+            check_texts(rows, data.text_fields, where=f"split '{split}'")
         tasks.get(task).check_present(rows, data, where=f"split '{split}'")
         tasks.get(task).check_labels(rows, data, where=f"split '{split}'")
 
@@ -171,6 +173,65 @@ def tokenize_rows(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBa
     )
 
 
+def tokenize_words(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """Rows of words (token_classification) tokenized as pre-split words, with each sub-token's
+    word (`word_ids`, None for special tokens). A row whose words are one string (ftcli predict's
+    text) is split by the tokenizer's pre-tokenizer, each word's characters kept (`spans`). A
+    sentence longer than data.max_length is truncated, with a warning counting what was cut."""
+    cells = [row[data.text_fields[0]] for row in rows]
+    spans = [split_words(cell, tokenizer) if isinstance(cell, str) else None for cell in cells]
+    words = [[word for word, _ in split] if split is not None else cell for cell, split in zip(cells, spans)]
+    encoded = _encode_words(tokenizer, words, truncation=True, max_length=data.max_length)
+    full = [len(ids) for ids in _encode_words(tokenizer, words, truncation=False)["input_ids"]]
+    word_ids = [encoded.word_ids(index) for index in range(len(words))]
+    _warn_cut(words, word_ids, data.max_length)
+    columns = dict(encoded) | {"length": [len(ids) for ids in encoded["input_ids"]], "full_length": full, "word_ids": word_ids}
+    if any(split is not None for split in spans):
+        columns["spans"] = [[list(span) for _, span in split or []] for split in spans]
+    return Dataset.from_dict(columns)
+
+
+def split_words(text: str, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, tuple[int, int]]]:
+    """A text's words as the tokenizer's pre-tokenizer cuts them, each with its characters
+    (start, end); on whitespace for a tokenizer without one."""
+    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    if pre is not None:
+        return [(text[start:end], (start, end)) for _, (start, end) in pre.pre_tokenize_str(text)]
+    return [(found.group(), found.span()) for found in re.finditer(r"\S+", text)]
+
+
+def _encode_words(tokenizer: PreTrainedTokenizerBase, words: list[list[str]], **options: Any):
+    """The tokenizer on pre-split words; byte-level BPE (RoBERTa, GPT-2) must be told that a word
+    starts after a space (add_prefix_space), as it would in running text."""
+    try:
+        return tokenizer(words, is_split_into_words=True, **options)
+    except (ValueError, TypeError) as error:
+        if "add_prefix_space" not in str(error):
+            raise
+        return tokenizer(words, is_split_into_words=True, add_prefix_space=True, **options)
+
+
+def _warn_cut(words: list[list[str]], word_ids: list[list[int | None]], max_length: int) -> None:
+    """How many sentences (and their words) data.max_length cut: those words get no tag."""
+    kept = [max((word for word in ids if word is not None), default=-1) + 1 for ids in word_ids]
+    cut = [len(sentence) - count for sentence, count in zip(words, kept) if count < len(sentence)]
+    if cut:
+        log.warning(
+            "%d sentences are longer than data.max_length=%d tokens: their last %d words were cut (untagged); "
+            "raise data.max_length to keep them", len(cut), max_length, sum(cut),
+        )
+
+
+def tokenize_for(task: str, rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """Rows tokenized as `task` reads them: texts (tokenize_rows), or words (tokenize_words)."""
+    return (tokenize_words if tasks.get(task).token_level else tokenize_rows)(rows, data, tokenizer)
+
+
+def label_values(column: list, task: str) -> Any:
+    """A split's labels as the task summarises them: an array, or (a label per token) the lists."""
+    return column if tasks.get(task).token_level else np.asarray(column)
+
+
 def _check_room(texts: list[list[str]], indices: list[int], data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """A window holds the special tokens and (pairs) the whole second text: what is left of
     max_length for the first text must be more than the stride, or windows cannot advance."""
@@ -224,7 +285,9 @@ def _build(
         labels = tasks.get(task).encode(rows, data, label_names, where=f"split '{split}'")
         if split == "train":
             tasks.get(task).check_training_labels(labels, label_names)
-        tokenized = tokenize_rows(rows, data, tokenizer)
+        tokenized = tokenize_for(task, rows, data, tokenizer)
+        if tasks.get(task).token_level:  # a tag per sub-token, from each word's
+            labels = tasks.get(task).align_labels(labels, tokenized["word_ids"], data, label_names)
         tokenized = tokenized.add_column("labels", [labels[doc] for doc in tokenized["doc"]] if "doc" in tokenized.column_names else labels)
         summary[split] = _summarize(tokenized, label_names, task)
         splits[split] = tokenized.remove_columns("full_length")
@@ -262,8 +325,7 @@ def _summarize(tokenized: Dataset, label_names: list[str], task: str) -> SplitSu
         tokenized = tokenized.select(first)
     full = np.asarray(tokenized["full_length"])
     lengths = np.asarray(tokenized["length"]) if windows is None else full  # windows cut nothing
-    labels = np.asarray(tokenized["labels"])
-    counts, stats = tasks.get(task).label_counts(labels, label_names)
+    counts, stats = tasks.get(task).label_counts(label_values(tokenized["labels"], task), label_names)
     return SplitSummary(
         size=len(tokenized),
         label_counts=counts,
@@ -324,4 +386,6 @@ def baselines(prepared: Prepared, task: str) -> dict[str, Any] | None:
     if "train" not in summary or "validation" not in summary:
         return None
     train, validation = prepared.splits["train"], prepared.splits["validation"]
-    return tasks.get(task).baseline(np.asarray(train["labels"]), np.asarray(validation["labels"]), summary, prepared.label_names)
+    return tasks.get(task).baseline(
+        label_values(train["labels"], task), label_values(validation["labels"], task), summary, prepared.label_names
+    )

@@ -56,7 +56,7 @@ def load_run(
                 weights, resolve_model_source(config.model), _run_label_names(run), config.trust_remote_code
             )
         else:
-            model = load_model(str(weights), trust_remote_code=config.trust_remote_code)
+            model = load_model(str(weights), trust_remote_code=config.trust_remote_code, head=tasks.get(config.task).model_head)
         # The thresholds tuned after training sit beside model/ (an adapter's beside the merged model).
         objective = objective_for_model(config, run.model_dir if adapter else weights)
     if device is not None:

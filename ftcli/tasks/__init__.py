@@ -3,6 +3,7 @@
     single_label   one class per example (softmax, cross-entropy)
     multi_label    any number of labels per example, each yes or no (sigmoid per label, binary cross-entropy)
     regression     one number per example (the raw output, mean squared error or Huber)
+    token_classification  one tag per word (softmax per token, cross-entropy over each word's first piece)
 
 A task is a `Task` (tasks/base.py): everything that differs by task lives in its module. Importing
 this package imports no torch: a task's objective imports it when built.
@@ -10,22 +11,27 @@ this package imports no torch: a task's objective imports it when built.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ftcli.tasks.base import REGISTRY, Decider, MetricSpec, Objective, Task
 from ftcli.tasks.multi_label import MultiLabel
 from ftcli.tasks.regression import Regression
 from ftcli.tasks.single_label import SingleLabel
+from ftcli.tasks.token_classification import TokenClassification
 
-REGISTRY.update({task.name: task for task in (SingleLabel(), MultiLabel(), Regression())})
+REGISTRY.update({task.name: task for task in (SingleLabel(), MultiLabel(), Regression(), TokenClassification())})
 TASKS = tuple(REGISTRY)  # the names config.task accepts
 DEFAULT = TASKS[0]
 
-# Every built-in metric, with the tasks it fits, in the config reference's order.
+# Every built-in metric, with the tasks it fits, in the config reference's order: a name several
+# tasks define (f1: single_label's and token_classification's) fits each, described by the first.
 METRICS: dict[str, MetricSpec] = {}
 for _task in REGISTRY.values():
     for _name, _spec in _task.metrics.items():
-        METRICS.setdefault(_name, _spec)
+        _first = METRICS.setdefault(_name, _spec)
+        if _first is not _spec:
+            METRICS[_name] = replace(_first, tasks=_first.tasks + _spec.tasks)
 
 
 def get(name: str) -> Task:

@@ -119,6 +119,9 @@ class Task:
     calibrates = True  # calibration: temperature scales its probabilities
     stratified = False  # cross-validation folds keep its classes' proportions
     options: tuple[Option, ...] = ()  # the options only this task reads
+    model_head = "sequence_classification"  # the transformers head it trains (modeling.HEADS)
+    token_level = False  # a label per token (token_classification), not per example
+    data_defaults: dict[str, Any] = {}  # data options it sets when the config leaves them out
 
     def own_problems(self, config: Any) -> list[str]:
         """Options this task refuses that no other task owns (regression: class names, weights)."""

@@ -125,7 +125,7 @@ def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Pr
 
         with tokenize_in_turn(runtime):
             _, tokenizer, prepared = setup_data(config, on_labels=load_meanwhile)
-        MetricSuite(config.metrics, len(prepared.label_names), config.task)  # an unknown metric fails now
+        MetricSuite(config.metrics, prepared.label_names, config.task)  # an unknown metric fails now
         objective = build_objective(config, prepared)  # and class weights that do not fit the labels
         return tokenizer, prepared, objective, loading[0].result()
 
@@ -173,7 +173,8 @@ def setup_data(
 def setup_model(config: Config, source: str, label_names: list[str]) -> PreTrainedModel:
     """The model to train: pretrained weights and a new head, wrapped in LoRA adapters and
     recomputing activations when the config says so."""
-    model = load_model(source, label_names, config.trust_remote_code, tasks.get(config.task).problem_type)
+    task = tasks.get(config.task)
+    model = load_model(source, label_names, config.trust_remote_code, task.problem_type, head=task.model_head)
     if config.lora:
         model = apply_lora(model, config.lora)
     if config.training.gradient_checkpointing:

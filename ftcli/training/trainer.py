@@ -97,7 +97,7 @@ def _trainer(job: TrainJob) -> _StagedTrainer:
         train_dataset=job.prepared.splits["train"],
         eval_dataset=validation,
         processing_class=job.tokenizer,
-        compute_metrics=_batched_metrics(config, len(job.prepared.label_names), job.objective),
+        compute_metrics=_batched_metrics(config, job.prepared.label_names, job.objective),
         callbacks=callbacks,
     )
     trainer.add_callback(_ExtraSaves(trainer, _extra_save_every(config, validation is not None)))
@@ -343,10 +343,10 @@ class _ExtraSaves(TrainerCallback):
             control.should_save = True
 
 
-def _batched_metrics(config: Config, num_labels: int, objective: Objective):
+def _batched_metrics(config: Config, label_names: list[str], objective: Objective):
     """compute_metrics for batch_eval_metrics=True: accumulate each batch's predictions (and
     probabilities when a metric needs them), compute on the last batch."""
-    suite = MetricSuite(config.metrics, num_labels, config.task)
+    suite = MetricSuite(config.metrics, label_names, config.task)
 
     def compute_metrics(prediction, compute_result: bool = True) -> dict[str, float]:
         logits = torch.as_tensor(prediction.predictions)

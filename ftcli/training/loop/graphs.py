@@ -123,7 +123,7 @@ class GraphedTrainStep:
             for name, values in self.data.tensors.items()
             if name != "labels"
         }
-        labels = self.data.tensors["labels"].index_select(0, rows)
+        labels = self.data.labels(rows, length)
         overrides = {name: copy for name, (_, copy) in self._copies.items()}
         # The autocast cache would hold casts made during capture: graphs need it off.
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,

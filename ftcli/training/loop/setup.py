@@ -102,7 +102,7 @@ def build_loop(job: TrainJob, graphs: bool) -> Loop:
     eval_loader = None
     if validation is not None:
         eval_loader = accelerator.prepare(evaluation_loader(validation, training.eval_batch_size, job.tokenizer.pad_token_id))
-    suite = MetricSuite(job.config.metrics, len(job.prepared.label_names), job.config.task)
+    suite = MetricSuite(job.config.metrics, job.prepared.label_names, job.config.task)
     state = _start_state(job, accelerator, model, optimizer, scheduler)
     objective = job.objective.to(accelerator.device)
     step, capture_seconds = _step(job, accelerator, model, optimizer, scheduler, objective, plan, graphs, total_steps)

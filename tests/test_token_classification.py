@@ -1,0 +1,159 @@
+"""token_classification: CoNLL files, tag schemes, sub-token alignment, entity metrics against
+seqeval's strict mode, and training, evaluating and predicting end to end on a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import invoke
+
+from ftcli.config import validate
+from ftcli.errors import FtcliError
+from ftcli.formats import read_records
+from ftcli.tasks import get
+from ftcli.tasks.token_classification import IGNORE, align, detect_scheme, entities, to_iob2
+
+PEOPLE = [["John", "Smith"], ["Mary"], ["Peter", "Brown"], ["Anna"], ["Paul", "Jones"], ["Lucy"]]
+PLACES = [["Paris"], ["London"], ["New", "York"], ["Berlin"], ["Rome"], ["Tokyo"]]
+FILLER = ["the", "a", "went", "to", "saw", "and", "then", "home", "today", "with", "friends", "later"]
+
+
+def ner_rows(count: int, seed: int) -> list[dict]:
+    """Sentences of filler words with a person and a place from fixed lists: learnable."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        tokens, tags = [], []
+        for kind, names in (("person", PEOPLE), ("location", PLACES)):
+            tokens += rng.sample(FILLER, rng.randint(1, 3))
+            tags += ["O"] * (len(tokens) - len(tags))
+            name = rng.choice(names)
+            tokens += name
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(name) - 1)
+        tokens.append(".")
+        tags.append("O")
+        rows.append({"tokens": tokens, "ner_tags": tags})
+    return rows
+
+
+def write_conll(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["-DOCSTART- O", ""]
+    for row in rows:
+        lines += [f"{word}\t{tag}" for word, tag in zip(row["tokens"], row["ner_tags"])] + ["\t"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def ner_config(root: Path, model_dir: Path, backend: str, **data) -> Path:
+    train = write_conll(root / "data" / "train.conll", ner_rows(160, seed=1))
+    validation = write_conll(root / "data" / "dev.conll", ner_rows(40, seed=2))
+    experiment = {
+        "name": f"ner-{backend}",
+        "task": "token_classification",
+        "backend": backend,
+        "output_dir": str(root / "runs"),
+        "model": str(model_dir),
+        "data": {"train": str(train), "validation": str(validation), "max_length": 32} | data,
+        "training": {"batch_size": 8, "logging_steps": 5, "precision": "fp32", "epochs": 6, "learning_rate": 3e-3},
+    }
+    path = root / f"ner-{backend}.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    return path
+
+
+# ---------------------------------------------------------------- files and tag schemes
+
+
+def test_a_conll_file_reads_as_sentences_of_words_and_tags(tmp_path):
+    path = tmp_path / "x.conll"
+    path.write_text("-DOCSTART- -X- O O\n\nJim B-person\nlives\tO\n\n  \n\nin O\nHamburg  B-location\n", encoding="utf-8")
+    assert read_records(path) == [
+        {"tokens": ["Jim", "lives"], "ner_tags": ["B-person", "O"]},
+        {"tokens": ["in", "Hamburg"], "ner_tags": ["O", "B-location"]},
+    ]
+
+
+def test_a_word_without_a_tag_names_the_file_and_line(tmp_path):
+    path = tmp_path / "x.conll"
+    path.write_text("Jim B-person\nlives\n", encoding="utf-8")
+    with pytest.raises(FtcliError, match=r"x.conll: line 2 has a word but no tag"):
+        read_records(path)
+
+
+def test_iob1_and_bioes_are_read_into_iob2_and_a_bad_sequence_is_refused():
+    assert detect_scheme([["I-PER", "I-PER", "O", "I-LOC", "B-LOC"]]) == "iob1"
+    assert to_iob2(["I-PER", "I-PER", "O", "I-LOC", "B-LOC"], "iob1") == ["B-PER", "I-PER", "O", "B-LOC", "B-LOC"]
+    assert detect_scheme([["S-PER", "B-LOC", "E-LOC"]]) == "bioes"
+    assert to_iob2(["S-PER", "B-LOC", "I-LOC", "E-LOC", "O"], "bioes") == ["B-PER", "B-LOC", "I-LOC", "I-LOC", "O"]
+    assert to_iob2(["O", "I-PER"], "iob2") is None
+    assert to_iob2(["B-LOC", "O"], "bioes") is None  # B- must go on to I- or E-
+
+
+def _data(**values):
+    return validate({"name": "x", "task": "token_classification", "data": {"train": "t.conll"} | values}).data
+
+
+def test_label_errors_name_the_sentence_and_the_fix():
+    task, data = get("token_classification"), _data()
+    with pytest.raises(FtcliError, match="sentence 1: 2 words but 1 tags"):
+        task.check_labels([{"tokens": ["a", "b"], "ner_tags": ["O"]}], data, "split 'train'")
+    with pytest.raises(FtcliError, match="sentence 2 is empty"):
+        task.check_labels([{"tokens": ["a"], "ner_tags": ["O"]}, {"tokens": [], "ner_tags": []}], data, "split 'train'")
+    with pytest.raises(FtcliError, match="sentence 1: tags O I-PER are no valid IOB2 sequence"):
+        task.check_labels([{"tokens": ["a", "b"], "ner_tags": ["O", "I-PER"]}], _data(tag_scheme="iob2"), "split 'train'")
+
+
+def test_the_config_refuses_what_token_classification_cannot_do():
+    with pytest.raises(Exception, match="set task: token_classification"):
+        validate({"name": "x", "data": {"train": "t.conll"}})
+    with pytest.raises(Exception, match="one column of words"):
+        validate({"name": "x", "task": "token_classification", "data": {"train": "t.conll", "text_fields": ["a", "b"]}})
+    with pytest.raises(Exception, match="data.tag_scheme is for task: token_classification"):
+        validate({"name": "x", "data": {"train": "t.jsonl", "tag_scheme": "bioes"}})
+    config = validate({"name": "x", "task": "token_classification", "data": {"train": "t.conll"}})
+    assert (config.data.text_fields, config.data.label_field) == (["tokens"], "ner_tags")
+    assert config.metrics == ["f1", "precision", "recall", "accuracy"]
+
+
+# ---------------------------------------------------------------- alignment and metrics
+
+
+def test_a_word_is_tagged_on_its_first_piece_or_on_every_piece():
+    names = ["O", "B-person", "I-person"]
+    word_ids = [None, 0, 0, 1, None]
+    assert align(word_ids, [1, 0], names, all_subwords=False) == [IGNORE, 1, IGNORE, 0, IGNORE]
+    assert align(word_ids, [1, 0], names, all_subwords=True) == [IGNORE, 1, 2, 0, IGNORE]
+
+
+def test_entity_metrics_match_seqeval_strict_mode_on_random_sequences():
+    from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    names = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER", "B-ORG", "I-ORG"]
+    rng = np.random.default_rng(0)
+    task = get("token_classification")
+    for trial in range(20):
+        lengths = rng.integers(1, 12, size=30)
+        gold_ids = [rng.integers(0, len(names), size=n) for n in lengths]
+        predicted_ids = [np.where(rng.random(n) < 0.6, g, rng.integers(0, len(names), size=n)) for n, g in zip(lengths, gold_ids)]
+        width = int(lengths.max()) + 2
+        references = np.full((30, width), IGNORE)
+        predictions = np.zeros((30, width), dtype=np.int64)
+        for row, (g, p) in enumerate(zip(gold_ids, predicted_ids)):
+            references[row, 1 : 1 + len(g)], predictions[row, 1 : 1 + len(p)] = g, p
+        gold = [[names[i] for i in g] for g in gold_ids]
+        predicted = [[names[i] for i in p] for p in predicted_ids]
+        ours = {name: task.metric(name, predictions, references, len(names), names=names) for name in ("f1", "precision", "recall", "f1_macro", "accuracy")}
+        strict = {"mode": "strict", "scheme": IOB2, "zero_division": 0}
+        assert ours["f1"] == pytest.approx(f1_score(gold, predicted, **strict)), trial
+        assert ours["precision"] == pytest.approx(precision_score(gold, predicted, **strict)), trial
+        assert ours["recall"] == pytest.approx(recall_score(gold, predicted, **strict)), trial
+        assert ours["f1_macro"] == pytest.approx(f1_score(gold, predicted, average="macro", **strict)), trial
+        assert ours["accuracy"] == pytest.approx(accuracy_score(gold, predicted)), trial
+    assert entities(["I-PER", "B-PER", "I-PER", "I-LOC"]) == [("PER", 1, 3)]
