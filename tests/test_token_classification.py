@@ -51,7 +51,7 @@ def write_conll(path: Path, rows: list[dict]) -> Path:
 
 
 def ner_config(root: Path, model_dir: Path, backend: str, **data) -> Path:
-    train = write_conll(root / "data" / "train.conll", ner_rows(160, seed=1))
+    train = write_conll(root / "data" / "train.conll", ner_rows(96, seed=1))
     validation = write_conll(root / "data" / "dev.conll", ner_rows(40, seed=2))
     experiment = {
         "name": f"ner-{backend}",
@@ -60,7 +60,7 @@ def ner_config(root: Path, model_dir: Path, backend: str, **data) -> Path:
         "output_dir": str(root / "runs"),
         "model": str(model_dir),
         "data": {"train": str(train), "validation": str(validation), "max_length": 32} | data,
-        "training": {"batch_size": 8, "logging_steps": 5, "precision": "fp32", "epochs": 6, "learning_rate": 3e-3},
+        "training": {"batch_size": 8, "logging_steps": 5, "precision": "fp32", "epochs": 3, "learning_rate": 5e-3},
     }
     path = root / f"ner-{backend}.yaml"
     path.write_text(yaml.safe_dump(experiment))
@@ -157,3 +157,33 @@ def test_entity_metrics_match_seqeval_strict_mode_on_random_sequences():
         assert ours["f1_macro"] == pytest.approx(f1_score(gold, predicted, average="macro", **strict)), trial
         assert ours["accuracy"] == pytest.approx(accuracy_score(gold, predicted)), trial
     assert entities(["I-PER", "B-PER", "I-PER", "I-LOC"]) == [("PER", 1, 3)]
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def ner_runs(tmp_path_factory, tiny_model_dir):
+    """A tagger trained with each backend on learnable names and places."""
+    root = tmp_path_factory.mktemp("ner")
+    runs = {}
+    for backend in ("loop", "trainer"):
+        result = invoke("train", str(ner_config(root, tiny_model_dir, backend)))
+        assert result.exit_code == 0, result.output
+        runs[backend] = root / "runs" / f"ner-{backend}"
+    return runs
+
+
+def _events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backend", ["loop", "trainer"])
+def test_a_tagger_learns_names_and_places(ner_runs, backend):
+    events = _events(ner_runs[backend])
+    losses = [event["train_loss"] for event in events if "train_loss" in event]
+    f1 = [event["eval_f1"] for event in events if "eval_f1" in event]
+    assert losses[-1] < losses[0] / 3, losses
+    assert f1[-1] > f1[0] and f1[-1] > 0.8, f1
+    validation = json.loads((ner_runs[backend] / "metrics.json").read_text())["validation"]
+    assert set(validation) == {"loss", "f1", "precision", "recall", "accuracy"} and validation["accuracy"] > 0.9

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 from transformers import (
+    DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     EarlyStoppingCallback,
     PrinterCallback,
@@ -25,6 +26,7 @@ from transformers import (
 )
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from ftcli import tasks
 from ftcli.config import Config
 from ftcli.fileio import atomic_write_json
 from ftcli.inference import evaluate_dataset
@@ -91,7 +93,8 @@ def _trainer(job: TrainJob) -> _StagedTrainer:
         objective=job.objective.to(args.device),  # moved once, not at every step
         model=job.model,
         args=args,
-        data_collator=DataCollatorWithPadding(
+        # A tag per token: labels padded with -100 as the inputs are padded.
+        data_collator=(DataCollatorForTokenClassification if tasks.get(config.task).token_level else DataCollatorWithPadding)(
             job.tokenizer, pad_to_multiple_of=config.training.resolved_pad_multiple(runtime.device.type)
         ),
         train_dataset=job.prepared.splits["train"],
