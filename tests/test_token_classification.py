@@ -187,3 +187,19 @@ def test_a_tagger_learns_names_and_places(ner_runs, backend):
     assert f1[-1] > f1[0] and f1[-1] > 0.8, f1
     validation = json.loads((ner_runs[backend] / "metrics.json").read_text())["validation"]
     assert set(validation) == {"loss", "f1", "precision", "recall", "accuracy"} and validation["accuracy"] > 0.9
+
+
+def test_evaluate_writes_tags_per_word_and_a_table_per_type(ner_runs):
+    result = invoke("evaluate", str(ner_runs["loop"]))
+    assert result.exit_code == 0, result.output
+    assert "person" in result.output and "location" in result.output
+    record = json.loads((ner_runs["loop"] / "eval_validation.json").read_text())
+    per_type = {row["label"]: row for row in record["errors"]["per_class"]}
+    assert per_type["person"]["support"] == 40 and per_type["location"]["support"] == 40
+    assert per_type["micro"]["f1"] == pytest.approx(record["f1"])
+    lines = [json.loads(line) for line in (ner_runs["loop"] / "predictions_validation.jsonl").read_text().splitlines()]
+    assert len(lines) == 40
+    first = ner_rows(40, seed=2)[0]
+    assert lines[0]["tokens"] == first["tokens"] and lines[0]["gold"] == first["ner_tags"]
+    assert len(lines[0]["prediction"]) == len(first["tokens"])
+    assert np.mean([line["correct"] for line in lines]) > 0.5

@@ -131,7 +131,8 @@ def _analyse(evaluation: Evaluation, objective: Objective, logits: torch.Tensor,
     for listed in evaluation.analysis.values():
         for entry in listed:
             if "index" in entry:
-                entry["text"] = rows[entry["index"]][first_text]
+                text = rows[entry["index"]][first_text]
+                entry["text"] = " ".join(text) if isinstance(text, list) else text  # a sentence's words
     lines = [
         json.dumps(example_record(config, evaluation.labels, row, scores[index], decisions[index], truth[index], float(losses[index])), ensure_ascii=False)
         for index, row in enumerate(rows)
