@@ -35,6 +35,7 @@ from ftcli.fileio import file_sha256
 from ftcli.formats import Rows
 from ftcli.runs.rundir import EXPORT_REPORT_FILE, ONNX_FILE, RunDir
 from ftcli.runs.thresholds import decider_for
+from ftcli import tasks
 from ftcli.tasks import Decider, prediction_fields
 
 if TYPE_CHECKING:
@@ -71,6 +72,8 @@ def export_problem(run: RunDir, config: Config) -> FtcliError | None:
     """Why the run's ONNX export cannot predict for it, as the error (with its fix) that
     --engine onnx gives; None when it can."""
     command = f"ftcli export {run.path}"
+    if not tasks.get(config.task).exports_onnx:
+        return FtcliError(f"task {config.task} has no ONNX path yet", "predict with --engine torch")
     if config.data.long_text == "window":
         return FtcliError(
             "the ONNX path truncates texts, and this run splits them into windows (data.long_text: window)",

@@ -203,3 +203,24 @@ def test_evaluate_writes_tags_per_word_and_a_table_per_type(ner_runs):
     assert lines[0]["tokens"] == first["tokens"] and lines[0]["gold"] == first["ner_tags"]
     assert len(lines[0]["prediction"]) == len(first["tokens"])
     assert np.mean([line["correct"] for line in lines]) > 0.5
+
+
+def test_predict_gives_entities_with_offsets_as_the_pipeline_does(ner_runs):
+    from transformers import pipeline
+
+    text = "then John Smith went to   Paris today"
+    result = invoke("predict", str(ner_runs["trainer"]), "--text", text)
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    ours = row["entities"]
+    assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in ours] == [("person", "John Smith", 5, 15), ("location", "Paris", 26, 31)]
+    tagger = pipeline("token-classification", model=str(ner_runs["trainer"] / "model"), aggregation_strategy="simple", device="cpu")
+    theirs = tagger(text)
+    assert [(e["entity_group"], e["start"], e["end"]) for e in theirs] == [(e["entity_group"], e["start"], e["end"]) for e in ours]
+    assert [e["word"] for e in theirs] == [e["word"].lower() for e in ours]  # the pipeline decodes an uncased vocabulary's pieces
+    assert [float(e["score"]) for e in theirs] == pytest.approx([e["score"] for e in ours], abs=1e-5)
+
+
+def test_export_says_it_is_not_supported_yet(ner_runs):
+    result = invoke("export", str(ner_runs["loop"]))
+    assert result.exit_code == 2 and "not supported for task token_classification" in result.output

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.config import Config, load_config
-from ftcli.tasks import prediction_fields
+from ftcli import tasks
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_text
 from ftcli.formats import Rows, check_texts, read_records
@@ -136,7 +136,7 @@ def _predict_with_torch(
 ) -> list[dict[str, Any]]:
     """Each row's prediction fields from the PyTorch model, in the rows' order."""
     # Imported here: torch and transformers take seconds to import, and the ONNX path uses neither.
-    from ftcli.data.prepare import tokenize_rows
+    from ftcli.data.prepare import tokenize_for
     from ftcli.inference import predict_scores
     from ftcli.modeling import label_names_of
     from ftcli.runs.loading import load_run
@@ -146,10 +146,9 @@ def _predict_with_torch(
     config, tokenizer, objective = loaded.config, loaded.tokenizer, loaded.objective
     runtime = Runtime.resolve(precision or config.training.precision)
     model = loaded.model.to(runtime.device)
-    dataset = tokenize_rows(rows, config.data, tokenizer)
+    dataset = tokenize_for(config.task, rows, config.data, tokenizer)
     scores = predict_scores(model, dataset, config.training.eval_batch_size, tokenizer.pad_token_id, runtime, objective)
-    names = label_names_of(model)
-    return [prediction_fields(objective, names, row_scores) for row_scores in scores]
+    return tasks.get(config.task).row_predictions(objective, label_names_of(model), scores, dataset, rows, config.data)
 
 
 def check_output(output: Path) -> None:

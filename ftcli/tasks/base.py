@@ -122,6 +122,7 @@ class Task:
     model_head = "sequence_classification"  # the transformers head it trains (modeling.HEADS)
     token_level = False  # a label per token (token_classification), not per example
     data_defaults: dict[str, Any] = {}  # data options it sets when the config leaves them out
+    exports_onnx = True  # ftcli export and the onnx engine serve it
 
     def own_problems(self, config: Any) -> list[str]:
         """Options this task refuses that no other task owns (regression: class names, weights)."""
@@ -175,6 +176,11 @@ class Task:
     def per_label(self, decisions: np.ndarray, references: np.ndarray) -> dict[str, list[float]] | None:
         """multi_label's scores per label; None for a task without them."""
         return None
+
+    def row_predictions(self, decider: Any, names: list[str], scores: np.ndarray, tokenized: Any, rows: list[dict], data: Any) -> list[dict[str, Any]]:
+        """Each row's prediction fields (`ftcli predict`), from its scores; token_classification
+        also reads the tokenized rows (each sub-token's word) and the texts."""
+        return [self.prediction_fields(decider, names, row_scores) for row_scores in scores]
 
     def analyse(
         self, label_names: list[str], scores: np.ndarray, decisions: np.ndarray, labels: np.ndarray, losses: np.ndarray

@@ -154,6 +154,38 @@ def _prf(found: set, true: set) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1, "support": len(true)}
 
 
+def _joined_spans(words: list[str]) -> list[tuple[int, int]]:
+    """Each word's characters in the words joined by spaces."""
+    spans, start = [], 0
+    for word in words:
+        spans.append((start, start + len(word)))
+        start += len(word) + 1
+    return spans
+
+
+def _entity_groups(words: list[tuple[str, float, int, int]], text: str) -> list[dict[str, Any]]:
+    """Adjacent words of one type grouped as the pipeline's "simple" aggregation groups tokens: a
+    B- (or another type, or O) opens a new group; O groups are left out."""
+    groups: list[list[tuple[str, float, int, int]]] = []
+    for word in words:
+        prefix, kind = _pipeline_tag(word[0])
+        if groups and prefix != "B" and kind == _pipeline_tag(groups[-1][-1][0])[1]:
+            groups[-1].append(word)
+        else:
+            groups.append([word])
+    return [
+        {"entity_group": _pipeline_tag(group[0][0])[1], "score": float(np.mean([word[1] for word in group])),
+         "word": text[group[0][2] : group[-1][3]], "start": group[0][2], "end": group[-1][3]}
+        for group in groups
+        if group[0][0] != "O"
+    ]
+
+
+def _pipeline_tag(tag: str) -> tuple[str, str]:
+    """(B or I, type) as the pipeline reads a tag: one without B-/I- is an I of itself."""
+    return (tag[0], tag[2:]) if tag[:2] in ("B-", "I-") else ("I", tag)
+
+
 # ---------------------------------------------------------------- the objective
 
 
@@ -236,6 +268,7 @@ class TokenClassification(Task):
         "accuracy": MetricSpec((NAME,), about="share of labelled tokens whose tag is right"),
         "f1_macro": MetricSpec((NAME,), about="token_classification: entity-level F1 averaged over the types"),
     }
+    exports_onnx = False  # not yet
     calibrates = False  # not yet: calibration is skipped, as for regression
     options = (
         Option(lambda config: config.data.tag_scheme != "auto", "data.tag_scheme is for task: token_classification, not {task}"),
@@ -336,7 +369,25 @@ class TokenClassification(Task):
         return scores.argmax(-1)
 
     def prediction_fields(self, decider: Any, names: list[str], scores: np.ndarray) -> dict[str, Any]:
-        raise FtcliError("token_classification predicts words of a text", "use ftcli predict (the torch engine)")
+        raise FtcliError("token_classification is not served yet", "predict with ftcli predict RUN --text ... or --input FILE")
+
+    def row_predictions(self, decider: Any, names: list[str], scores: np.ndarray, tokenized: Any, rows: list[dict], data: Any) -> list[dict[str, Any]]:
+        """Each text's entities, as transformers' token-classification pipeline gives them with
+        aggregation_strategy="simple" (entity_group, word, start, end, score), decided per word on
+        its first piece: the words' characters in the text (a row of words reads as them joined by
+        spaces), the entity's score the mean of its words'."""
+        results = []
+        for row_scores, encoded, row in zip(scores, tokenized, rows):
+            cell = row[data.text_fields[0]]
+            text = cell if isinstance(cell, str) else " ".join(cell)
+            spans = encoded["spans"] if isinstance(cell, str) else _joined_spans(cell)
+            words = []  # (tag, score, start, end) of each word, from its first piece
+            for position, word in enumerate(encoded["word_ids"]):
+                if word is not None and (position == 0 or encoded["word_ids"][position - 1] != word):
+                    best = int(row_scores[position].argmax())
+                    words.append((names[best], float(row_scores[position][best]), *spans[word]))
+            results.append({"entities": _entity_groups(words, text)})
+        return results
 
     def example_record(self, names: list[str], scores: np.ndarray, decision: Any, truth: Any, loss: float) -> dict[str, Any]:
         """One line of predictions_<split>.jsonl, less the words: gold and predicted tags per word."""
