@@ -86,7 +86,7 @@ def test_readme_config_reference_is_the_schema():
     assert reference_markdown() in (ROOT / "README.md").read_text(), "regenerate the README's config reference"
 
 
-@pytest.mark.parametrize("name", ["mrpc-minilm", "stsb-minilm", "goemotions-minilm"])
+@pytest.mark.parametrize("name", ["mrpc-minilm", "stsb-minilm", "goemotions-minilm", "wnut17-minilm"])
 def test_each_offline_config_runs_as_a_smoke_run(name, tmp_path, monkeypatch):
     """The shipped jobs on the real data in ../shared/data and the packaged MiniLM, shrunk to a few steps."""
     monkeypatch.chdir(ROOT)  # the configs name their data relative to the project
