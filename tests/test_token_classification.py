@@ -224,3 +224,39 @@ def test_predict_gives_entities_with_offsets_as_the_pipeline_does(ner_runs):
 def test_export_says_it_is_not_supported_yet(ner_runs):
     result = invoke("export", str(ner_runs["loop"]))
     assert result.exit_code == 2 and "not supported for task token_classification" in result.output
+
+
+# ---------------------------------------------------------------- tokenizing words
+
+
+def _byte_level_tokenizer():
+    """A small RoBERTa-style (byte-level BPE) tokenizer, trained here: no Hub."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["John Smith went to Paris today and then home with friends"] * 50, vocab_size=300,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    return RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                unk_token="<unk>", mask_token="<mask>")
+
+
+def test_byte_level_bpe_reads_each_word_as_following_a_space():
+    from ftcli.data.prepare import split_words, tokenize_words
+
+    tokenizer = _byte_level_tokenizer()
+    tokenized = tokenize_words([{"tokens": ["then", "Smith", "went"]}], _data(), tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(tokenized["input_ids"][0])
+    assert pieces[2:4] == ["ĠSmith", "Ġwent"]  # as in running text; without the prefix space: Sm, ith, w, ent
+    assert split_words("John  Smith went", tokenizer) == [("John", (0, 4)), ("Smith", (6, 11)), ("went", (12, 16))]
+
+
+def test_a_sentence_longer_than_max_length_is_cut_with_a_warning(tiny_model_dir, caplog):
+    from transformers import AutoTokenizer
+
+    from ftcli.data.prepare import tokenize_words
+
+    rows = [{"tokens": ["word"] * 20}, {"tokens": ["short"]}]
+    tokenized = tokenize_words(rows, _data(max_length=8), AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert tokenized["word_ids"][0] == [None, 0, 1, 2, 3, 4, 5, None]
+    assert "1 sentences are longer than data.max_length=8 tokens: their last 14 words were cut" in caplog.text

@@ -6,6 +6,7 @@ tokens, so a second `prepare` (or `train`) is a cache hit and skips reading and 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -181,8 +182,9 @@ def tokenize_words(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerB
     cells = [row[data.text_fields[0]] for row in rows]
     spans = [split_words(cell, tokenizer) if isinstance(cell, str) else None for cell in cells]
     words = [[word for word, _ in split] if split is not None else cell for cell, split in zip(cells, spans)]
-    encoded = _encode_words(tokenizer, words, truncation=True, max_length=data.max_length)
-    full = [len(ids) for ids in _encode_words(tokenizer, words, truncation=False)["input_ids"]]
+    tokenizer = prefix_spaced(tokenizer)
+    encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=data.max_length)
+    full = [len(ids) for ids in tokenizer(words, is_split_into_words=True, truncation=False)["input_ids"]]
     word_ids = [encoded.word_ids(index) for index in range(len(words))]
     _warn_cut(words, word_ids, data.max_length)
     columns = dict(encoded) | {"length": [len(ids) for ids in encoded["input_ids"]], "full_length": full, "word_ids": word_ids}
@@ -195,20 +197,36 @@ def split_words(text: str, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str
     """A text's words as the tokenizer's pre-tokenizer cuts them, each with its characters
     (start, end); on whitespace for a tokenizer without one."""
     pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
-    if pre is not None:
-        return [(text[start:end], (start, end)) for _, (start, end) in pre.pre_tokenize_str(text)]
-    return [(found.group(), found.span()) for found in re.finditer(r"\S+", text)]
+    if pre is None:
+        return [(found.group(), found.span()) for found in re.finditer(r"\S+", text)]
+    words = []
+    for _, (start, end) in pre.pre_tokenize_str(text):
+        piece = text[start:end]
+        start, end = start + len(piece) - len(piece.lstrip()), end - (len(piece) - len(piece.rstrip()))
+        if end > start:  # byte-level BPE's words carry the space before them, or are one
+            words.append((text[start:end], (start, end)))
+    return words
 
 
-def _encode_words(tokenizer: PreTrainedTokenizerBase, words: list[list[str]], **options: Any):
-    """The tokenizer on pre-split words; byte-level BPE (RoBERTa, GPT-2) must be told that a word
-    starts after a space (add_prefix_space), as it would in running text."""
-    try:
-        return tokenizer(words, is_split_into_words=True, **options)
-    except (ValueError, TypeError) as error:
-        if "add_prefix_space" not in str(error):
-            raise
-        return tokenizer(words, is_split_into_words=True, add_prefix_space=True, **options)
+def prefix_spaced(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer, or for byte-level BPE (RoBERTa, GPT-2) a copy that reads each pre-split word
+    as following a space (add_prefix_space), as the word does in running text: without it a word
+    is cut into the pieces of a word's start (Smith -> Sm, ith rather than one ĠSmith)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer
+    state = json.loads(backend.to_str())
+    pre = state.get("pre_tokenizer") or {}
+    byte_level = [part for part in [pre, *pre.get("pretokenizers", [])] if part.get("type") == "ByteLevel" and not part.get("add_prefix_space")]
+    if not byte_level:
+        return tokenizer
+    for part in byte_level:
+        part["add_prefix_space"] = True
+    from tokenizers import Tokenizer
+
+    copied = copy.deepcopy(tokenizer)
+    copied._tokenizer = Tokenizer.from_str(json.dumps(state))
+    return copied
 
 
 def _warn_cut(words: list[list[str]], word_ids: list[list[int | None]], max_length: int) -> None:
