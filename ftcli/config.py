@@ -223,7 +223,7 @@ class TrainingConfig(_Strict):
         "x the class's examples), as scikit-learn) or one weight per class; multi_label: each label's positive "
         "weight, balanced (negatives / positives in training) or one per label. Evaluation loss stays unweighted.",
     )
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="single_label: cross-entropy label smoothing.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="single_label and token_classification: cross-entropy label smoothing.")
     loss: Literal["cross_entropy", "bce", "mse", "huber"] | None = Field(
         None,
         description="The training loss; null: the task's own (cross_entropy, bce, mse). regression may take huber.",

@@ -240,7 +240,7 @@ TASK_CASES = [
     Case("label-fields-under-single-label", "data.label_fields (one 0/1 column per label) needs task: multi_label", config={"data": {"label_fields": ["a", "b"]}}),
     Case("label-fields-and-names", "data.label_fields names the labels already", config={"task": "multi_label", "data": {"label_fields": ["a", "b"], "label_names": ["x", "y"]}}),
     Case("pearson-under-single-label", "metric 'pearson' correlates predicted numbers with true ones: under task single_label it would score class ids", config={"metrics": ["accuracy", "pearson"]}),
-    Case("accuracy-under-regression", "metric 'accuracy' is for task single_label, not regression", config={"task": "regression", "metrics": ["accuracy"]}),
+    Case("accuracy-under-regression", "metric 'accuracy' is for task single_label or token_classification, not regression", config={"task": "regression", "metrics": ["accuracy"]}),
     Case("f1-micro-under-single-label", "metric 'f1_micro' is for task multi_label", config={"metrics": ["f1_micro"]}),
     Case("class-weights-under-regression", "training.class_weights weighs classes; a regression run has none", config={"task": "regression", "training": {"class_weights": "balanced"}}),
     Case("label-names-under-regression", "data.label_names names classes; a regression run predicts one number", config={"task": "regression", "data": {"label_names": ["a", "b"]}}),
@@ -250,7 +250,7 @@ TASK_CASES = [
     Case("smoothing-under-multi-label", "training.label_smoothing is for task: single_label, not multi_label", config={"task": "multi_label", "training": {"label_smoothing": 0.1}}),
     Case("huber-under-single-label", "training.loss huber does not train task single_label; use cross_entropy", config={"training": {"loss": "huber"}}),
     Case("threshold-not-a-probability", "1.5 must be 'tuned' or a probability between 0 and 1", config={"task": "multi_label", "thresholds": 1.5}),
-    Case("unknown-task", "task: Input should be 'single_label', 'multi_label' or 'regression'", config={"task": "multiclass"}),
+    Case("unknown-task", "task: Input should be 'single_label', 'multi_label', 'regression' or 'token_classification'", config={"task": "multiclass"}),
 ]
 CASES += NEW_CASES + TASK_CASES
 

@@ -260,3 +260,70 @@ def test_a_sentence_longer_than_max_length_is_cut_with_a_warning(tiny_model_dir,
     tokenized = tokenize_words(rows, _data(max_length=8), AutoTokenizer.from_pretrained(tiny_model_dir))
     assert tokenized["word_ids"][0] == [None, 0, 1, 2, 3, 4, 5, None]
     assert "1 sentences are longer than data.max_length=8 tokens: their last 14 words were cut" in caplog.text
+
+
+# ---------------------------------------------------------------- the objective
+
+
+def test_the_loss_is_each_sentences_mean_over_its_tagged_pieces_weighted_and_smoothed():
+    import torch
+    import torch.nn.functional as F
+
+    from ftcli.tasks.token_classification import TokenObjective
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 3)
+    labels = torch.tensor([[IGNORE, 1, IGNORE, 0, IGNORE], [IGNORE, 2, 2, 0, 1]])
+    plain = TokenObjective()
+    first = F.cross_entropy(logits[0, [1, 3]], labels[0, [1, 3]])
+    second = F.cross_entropy(logits[1, 1:], labels[1, 1:])
+    assert torch.allclose(plain.losses(logits, labels), torch.stack([first, second]))
+    assert torch.allclose(plain.loss_sum(logits, labels), first + second)
+    assert torch.allclose(plain.training_loss_sum(logits, labels, torch.tensor([True, False])), first)
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    smoothed = TokenObjective(weights, 0.1).training_loss_sum(logits, labels)
+    expected = sum(
+        (F.cross_entropy(logits[row, kept], labels[row, kept], weight=weights, reduction="none", label_smoothing=0.1).sum() / len(kept))
+        for row, kept in ((0, [1, 3]), (1, [1, 2, 3, 4]))
+    )
+    assert torch.allclose(smoothed, expected)
+    assert plain.predictions(logits).shape == (2, 5)
+
+
+def test_label_smoothing_is_read_and_lora_is_refused():
+    assert validate({"name": "x", "task": "token_classification", "data": {"train": "t.conll"},
+                     "training": {"label_smoothing": 0.1}}).training.label_smoothing == 0.1
+    with pytest.raises(FtcliError, match="lora is not supported for token_classification"):
+        validate({"name": "x", "task": "token_classification", "data": {"train": "t.conll"}, "lora": {}})
+
+
+def test_jsonl_rows_of_words_and_iob1_tags_prepare_into_iob2_tags_per_piece(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from ftcli.data.prepare import prepare
+
+    rows = [{"words": ["Hamburgerization", "in", "Paris"], "tags": ["I-LOC", "O", "I-LOC"]},
+            {"words": ["Anna", "Hamburgerization"], "tags": ["I-PER", "I-LOC"]}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pieces = len(tokenizer.tokenize("hamburgerization"))
+    assert pieces > 1
+    for all_subwords, later in ((False, [IGNORE] * (pieces - 1)), (True, [2] * (pieces - 1))):
+        data = _data(train=str(train), text_fields=["words"], label_field="tags", label_all_subwords=all_subwords)
+        prepared = prepare(data, tokenizer, "token_classification", use_cache=False)
+        assert prepared.label_names == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+        assert prepared.splits["train"]["labels"][0] == [IGNORE, 1, *later, 0, 1, IGNORE]
+    assert prepared.summary["train"].label_counts["I-LOC"] == 2 * (pieces - 1)
+
+
+def test_plain_tags_without_a_scheme_score_per_token():
+    task, data = get("token_classification"), _data()
+    rows = [{"tokens": ["the", "dog", "runs"], "ner_tags": ["DT", "NN", "VB"]}]
+    task.check_labels(rows, data, "split 'train'")
+    names = task.label_names(rows, data)
+    assert names == ["DT", "NN", "VB"] and rows[0]["ner_tags"] == ["DT", "NN", "VB"]
+    references = np.array([[IGNORE, 0, 1, 2, IGNORE], [IGNORE, 1, 1, IGNORE, IGNORE]])
+    predictions = np.array([[2, 0, 1, 1, 0], [0, 1, 0, 0, 0]])
+    for name in ("f1", "precision", "recall", "accuracy"):
+        assert task.metric(name, predictions, references, 3, names=names) == pytest.approx(3 / 5)

@@ -130,8 +130,11 @@ class Task:
 
     def problems(self, config: Any, others: list[Task]) -> list[str]:
         """The options of other tasks set under this one, then those this task refuses."""
-        owned = [option.problem.format(task=self.name) for other in others for option in other.options if option.is_set(config)]
-        return owned + self.own_problems(config)
+        owned = [
+            option.problem.format(task=self.name) for other in others for option in other.options
+            if option.is_set(config) and option not in self.options  # an option two tasks read is this one's too
+        ]
+        return list(dict.fromkeys(owned)) + self.own_problems(config)
 
     # ---------------------------------------------------------------- labels (each task overrides the rest)
 

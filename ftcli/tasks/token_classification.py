@@ -18,7 +18,7 @@ import numpy as np
 
 from ftcli.errors import FtcliError
 from ftcli.tasks.base import TOP, Decider, MetricSpec, Objective, Option, Task
-from ftcli.tasks.single_label import softmax
+from ftcli.tasks.single_label import SingleLabel, softmax
 
 if TYPE_CHECKING:
     import torch
@@ -271,6 +271,7 @@ class TokenClassification(Task):
     exports_onnx = False  # not yet
     calibrates = False  # not yet: calibration is skipped, as for regression
     options = (
+        *[option for option in SingleLabel.options if option.problem.startswith("training.label_smoothing")],  # read here too
         Option(lambda config: config.data.tag_scheme != "auto", "data.tag_scheme is for task: token_classification, not {task}"),
         Option(lambda config: config.data.label_all_subwords, "data.label_all_subwords is for task: token_classification, not {task}"),
         Option(_conll_file, "a .conll file holds a tag per word: set task: token_classification, not {task} (or give a "
@@ -279,7 +280,7 @@ class TokenClassification(Task):
 
     def own_problems(self, config: Any) -> list[str]:
         """What token classification does not do (yet), each with the fix."""
-        problems = []
+        problems = ["lora is not supported for token_classification yet: drop the lora section"] if config.lora else []
         if len(config.data.text_fields) != 1:
             problems.append("token_classification reads one column of words: give one data.text_fields (e.g. [tokens])")
         if config.data.long_text == "window":
@@ -313,11 +314,12 @@ class TokenClassification(Task):
                 raise FtcliError(f"{where} sentence {number}: '{data.label_field}' is missing or null", "give every word a tag")
 
     def label_names(self, train: list[dict], data: Any) -> list[str]:
-        """O first, then by type, B- before I-; plain tags sorted."""
+        """O, then each type's B- and I- (whether or not the training tags hold an I-: with
+        label_all_subwords a word's later pieces take it); plain tags sorted."""
         tags = {str(tag) for row in train for tag in row[data.label_field]}
         if not is_entity_tagging(tags):
             return sorted(tags)
-        return (["O"] if "O" in tags else []) + sorted(tags - {"O"}, key=lambda tag: (tag[2:], tag[0]))
+        return ["O"] + [f"{prefix}-{kind}" for kind in sorted({tag[2:] for tag in tags - {"O"}}) for prefix in ("B", "I")]
 
     def encode(self, rows: list[dict], data: Any, label_names: list[str], where: str) -> list:
         """A tag id per word."""
