@@ -101,7 +101,7 @@ def _data(**values):
 
 def test_label_errors_name_the_sentence_and_the_fix():
     task, data = get("token_classification"), _data()
-    with pytest.raises(FtcliError, match="sentence 1: 2 words but 1 tags"):
+    with pytest.raises(FtcliError, match=r"split .train. \(t.conll\) sentence 1: 2 words but 1 tags"):
         task.check_labels([{"tokens": ["a", "b"], "ner_tags": ["O"]}], data, "split 'train'")
     with pytest.raises(FtcliError, match="sentence 2 is empty"):
         task.check_labels([{"tokens": ["a"], "ner_tags": ["O"]}, {"tokens": [], "ner_tags": []}], data, "split 'train'")
@@ -221,9 +221,12 @@ def test_predict_gives_entities_with_offsets_as_the_pipeline_does(ner_runs):
     assert [float(e["score"]) for e in theirs] == pytest.approx([e["score"] for e in ours], abs=1e-5)
 
 
-def test_export_says_it_is_not_supported_yet(ner_runs):
+def test_export_and_audit_say_they_are_not_supported_yet(ner_runs, tmp_path, tiny_model_dir):
     result = invoke("export", str(ner_runs["loop"]))
-    assert result.exit_code == 2 and "not supported for task token_classification" in result.output
+    assert result.exit_code == 2 and "ONNX export is not supported for task token_classification yet" in result.output
+    result = invoke("audit", str(ner_config(tmp_path, tiny_model_dir, "loop")))
+    assert result.exit_code == 2 and "ftcli audit is not supported for task token_classification yet" in result.output
+    assert not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------- tokenizing words

@@ -123,6 +123,7 @@ class Task:
     token_level = False  # a label per token (token_classification), not per example
     data_defaults: dict[str, Any] = {}  # data options it sets when the config leaves them out
     exports_onnx = True  # ftcli export and the onnx engine serve it
+    audits = True  # ftcli audit ranks its label issues
 
     def own_problems(self, config: Any) -> list[str]:
         """Options this task refuses that no other task owns (regression: class names, weights)."""

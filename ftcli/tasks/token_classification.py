@@ -269,6 +269,7 @@ class TokenClassification(Task):
         "f1_macro": MetricSpec((NAME,), about="token_classification: entity-level F1 averaged over the types"),
     }
     exports_onnx = False  # not yet
+    audits = False  # not yet
     calibrates = False  # not yet: calibration is skipped, as for regression
     options = (
         *[option for option in SingleLabel.options if option.problem.startswith("training.label_smoothing")],  # read here too
@@ -293,6 +294,7 @@ class TokenClassification(Task):
         """Each row a non-empty list of words and as many tags; entity tags a valid sequence of
         data.tag_scheme. The rows' tags are rewritten in IOB2, in place, once."""
         words, field = data.text_fields[0], data.label_field
+        where = _with_file(where, data)
         for number, row in enumerate(rows, start=1):
             tokens, tags = row[words], row[field]
             if not isinstance(tokens, list) or not isinstance(tags, list):
@@ -439,12 +441,16 @@ class TokenClassification(Task):
                 for kind, values in per_type.items()]
         return {"per_class": rows, "highest_loss": highest_loss[:TOP]}
 
-    def label_issues(self, cleanlab: Any, labels: np.ndarray, scores: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
-        raise FtcliError("audit is not supported for token_classification yet", "evaluate the run instead: ftcli evaluate RUN")
-
     def card_description(self, base: str, labels: list[str]) -> str:
         named = ", ".join(f"`{label}`" for label in labels)
         return f"A token classifier (named entities) fine-tuned from {base} with ftcli ({len(labels)} tags: {named})."
+
+
+def _with_file(where: str, data: Any) -> str:
+    """ "split 'train'" with the file it was read from, when local."""
+    split = where.partition("'")[2].rstrip("'")
+    path = getattr(data, split, None) if split in ("train", "validation", "test") else None
+    return f"{where} ({path})" if isinstance(path, str) else where
 
 
 def _to_iob2(rows: list[dict], data: Any, where: str) -> None:
