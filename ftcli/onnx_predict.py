@@ -72,7 +72,7 @@ def export_problem(run: RunDir, config: Config) -> FtcliError | None:
     """Why the run's ONNX export cannot predict for it, as the error (with its fix) that
     --engine onnx gives; None when it can."""
     command = f"ftcli export {run.path}"
-    if not tasks.get(config.task).exports_onnx:
+    if "export" in tasks.get(config.task).not_yet:
         return FtcliError(f"task {config.task} has no ONNX path yet", "predict with --engine torch")
     if config.data.long_text == "window":
         return FtcliError(

@@ -62,8 +62,7 @@ def run_audit(
     say: Callable[[str], None] = lambda line: None,
 ) -> AuditResult:
     """Train (or resume, or reuse) every fold, gather the out-of-fold probabilities, rank the label issues."""
-    if not tasks.get(config.task).audits:
-        raise FtcliError(f"ftcli audit is not supported for task {config.task} yet", "score a trained run instead: ftcli evaluate RUN")
+    tasks.require_support(config.task, "audit", "score a trained run instead: ftcli evaluate RUN")
     cleanlab = require("cleanlab", "audit", "ftcli audit")
     _, _, prepared = setup_data(config)  # tokenized once, into the cache every fold reads
     if "train" not in prepared.splits:

@@ -100,8 +100,7 @@ def export_run(
     weights = RunDir.open(run_path).weights_stamp()  # before loading: weights changed meanwhile make the export stale
     loaded = load_run(run_path)  # on the CPU, where onnxruntime runs here: compare like with like
     run, config, tokenizer = loaded.run, loaded.config, loaded.tokenizer
-    if not tasks.get(config.task).exports_onnx:
-        raise FtcliError(f"ONNX export is not supported for task {config.task} yet", f"predict with PyTorch: ftcli predict {run.path} --text ...")
+    tasks.require_support(config.task, "export", f"predict with PyTorch: ftcli predict {run.path} --text ...")
     prepared = prepare(config.data, tokenizer, config.task)
     split = next(name for name in ("validation", "test", "train") if name in prepared.splits)
     scored = next((name for name in ("validation", "test") if name in prepared.splits), None)

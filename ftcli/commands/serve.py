@@ -18,8 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ftcli import tasks
+from ftcli.config import load_config
 from ftcli.errors import FtcliError
 from ftcli.extras import require
+from ftcli.runs.rundir import RunDir
 
 API_KEY_ENV = "FTCLI_API_KEY"
 OPTIONS_ENV = "FTCLI_SERVE_OPTIONS"  # how --workers processes learn the options
@@ -98,6 +101,8 @@ def _check(options: ServeOptions) -> None:
             f"--max-queue {options.max_queue} is smaller than --max-batch {options.max_batch}",
             "let the queue hold at least one batch",
         )
+    run = RunDir.open(options.run_path)
+    tasks.require_support(load_config(run.config_file).task, "serve", f"predict with ftcli predict {options.run_path} --text ...")
 
 
 def _bind(host: str, port: int) -> socket.socket:

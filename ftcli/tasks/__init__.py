@@ -51,9 +51,17 @@ def option_problems(name: str, config: Any) -> list[str]:
     return task.problems(config, [other for other in REGISTRY.values() if other is not task])
 
 
+def require_support(name: str, command: str, instead: str) -> None:
+    """Refuse, in one line, a command that has no path for task `name` yet (Task.not_yet)."""
+    if command in get(name).not_yet:
+        from ftcli.errors import FtcliError
+
+        raise FtcliError(f"ftcli {command} is not supported for task {name} yet", instead)
+
+
 def prediction_fields(decider: Any, names: list[str], scores: Any) -> dict[str, Any]:
     """What one example's prediction reads as (`ftcli predict` and the server), by the decider's task."""
     return get(decider.task).prediction_fields(decider, names, scores)
 
 
-__all__ = ["DEFAULT", "METRICS", "REGISTRY", "TASKS", "Decider", "described", "MetricSpec", "Objective", "Task", "get", "option_problems", "prediction_fields"]
+__all__ = ["DEFAULT", "METRICS", "REGISTRY", "TASKS", "Decider", "described", "MetricSpec", "Objective", "Task", "get", "option_problems", "prediction_fields", "require_support"]

@@ -122,8 +122,7 @@ class Task:
     model_head = "sequence_classification"  # the transformers head it trains (modeling.HEADS)
     token_level = False  # a label per token (token_classification), not per example
     data_defaults: dict[str, Any] = {}  # data options it sets when the config leaves them out
-    exports_onnx = True  # ftcli export and the onnx engine serve it
-    audits = True  # ftcli audit ranks its label issues
+    not_yet: tuple[str, ...] = ()  # the commands (export, audit, serve) that have no path for it yet
 
     def own_problems(self, config: Any) -> list[str]:
         """Options this task refuses that no other task owns (regression: class names, weights)."""

@@ -268,8 +268,7 @@ class TokenClassification(Task):
         "accuracy": MetricSpec((NAME,), about="share of labelled tokens whose tag is right"),
         "f1_macro": MetricSpec((NAME,), about="token_classification: entity-level F1 averaged over the types"),
     }
-    exports_onnx = False  # not yet
-    audits = False  # not yet
+    not_yet = ("export", "audit", "serve")
     calibrates = False  # not yet: calibration is skipped, as for regression
     options = (
         *[option for option in SingleLabel.options if option.problem.startswith("training.label_smoothing")],  # read here too
