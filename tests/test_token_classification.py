@@ -334,3 +334,18 @@ def test_plain_tags_without_a_scheme_score_per_token():
     predictions = np.array([[2, 0, 1, 1, 0], [0, 1, 0, 0, 0]])
     for name in ("f1", "precision", "recall", "accuracy"):
         assert task.metric(name, predictions, references, 3, names=names) == pytest.approx(3 / 5)
+
+
+def test_tags_are_padded_with_minus_100_in_batches_and_on_the_device():
+    import torch
+    from datasets import Dataset
+
+    from ftcli.data.batching import DeviceTensors, collate
+
+    rows = [{"input_ids": [101, 5, 6, 102], "attention_mask": [1] * 4, "labels": [IGNORE, 1, 2, IGNORE], "length": 4},
+            {"input_ids": [101, 7, 102], "attention_mask": [1] * 3, "labels": [IGNORE, 0, IGNORE], "length": 3}]
+    batch = collate(rows, pad_token_id=0)
+    assert batch["labels"].tolist() == [[IGNORE, 1, 2, IGNORE], [IGNORE, 0, IGNORE, IGNORE]]
+    on_device = DeviceTensors(Dataset.from_list(rows), 0, torch.device("cpu"))
+    short = on_device.batch(np.array([1]))
+    assert short["labels"].tolist() == [[IGNORE, 0, IGNORE]] and short["input_ids"].shape == (1, 3)
