@@ -1,5 +1,5 @@
 """Forward passes without training: scoring a split (loss and metrics), and probabilities (what
-they decide and read as: decisions.py).
+they decide and read as: the run's task in ftcli.tasks).
 
 Batches are sorted by length so they carry little padding, and metrics accumulate batch by batch:
 only predictions and labels are kept, never the logits of a whole split.

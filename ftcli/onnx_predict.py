@@ -1,6 +1,7 @@
 """Prediction with a run's ONNX export, without torch or transformers: onnxruntime computes the
 logits, the `tokenizers` library tokenizes as transformers does for the torch path
-(data.prepare.tokenize_rows), and decisions.py decides, so both engines give the same fields.
+(data.prepare.tokenize_rows), and the run's task decides in numpy (ftcli.tasks), so both engines
+give the same fields.
 A `ftcli predict` process on this path imports numpy, onnxruntime and tokenizers: MiniLM predicts
 a pair in 0.8 s on two cores, where importing torch and transformers' modeling code takes 6.
 
@@ -200,7 +201,7 @@ def encode(tokenizer: Tokenizer, rows: Rows, text_fields: list[str]) -> list[Enc
 
 
 def predict_with_export(run: RunDir, config: Config, rows: Rows) -> list[dict[str, Any]]:
-    """Each row's prediction fields (decisions.prediction_fields), in the rows' order."""
+    """Each row's prediction fields (tasks.prediction_fields), in the rows' order."""
     export = load_export(run, config)
     encodings = encode(export.tokenizer, rows, config.data.text_fields)
     logits = _logits(export, encodings, config.training.eval_batch_size)

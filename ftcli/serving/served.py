@@ -3,7 +3,7 @@ and the two translations around a forward pass: texts to token rows, logits to a
 
 Token rows are made exactly as `ftcli predict` makes them (data.prepare.tokenize_rows: truncation
 to data.max_length, or with long_text: window overlapping windows), and an answer holds exactly the
-fields `ftcli predict` gives (decisions.prediction_fields), so a server and the command agree.
+fields `ftcli predict` gives (tasks.prediction_fields), so a server and the command agree.
 """
 
 from __future__ import annotations
