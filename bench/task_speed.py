@@ -2,12 +2,15 @@
 
     python -m bench.task_speed --task stsb        # regression: STS-B, 3 epochs, batch 16, lr 5e-5
     python -m bench.task_speed --task goemotions  # multi-label: GoEmotions' 28 labels, 3 epochs, batch 32
+    python -m bench.task_speed --task wnut17      # named entities: WNUT-17, 3 epochs, batch 8, lr 5e-5, weight decay 0.01
     python -m bench.task_speed --task stsb --train-samples 512 --epochs 1   # a CPU-sized run
 
 One process, one run, the same model (MiniLM), data and recipe in every row; each row's ratio is
 to row (a), HF Trainer as its documentation writes a regression or multi-label run:
 datasets.map tokenize, DataCollatorWithPadding, TrainingArguments(eval_strategy="epoch") and
-every other default. GoEmotions rows report macro and micro F1 at threshold 0.5 and with
+every other default; WNUT-17's row (a) is the course's token-classification recipe
+(AutoModelForTokenClassification, the first sub-token labelled, DataCollatorForTokenClassification,
+weight decay 0.01), scored at the entity level in strict IOB2 as ftcli scores it. GoEmotions rows report macro and micro F1 at threshold 0.5 and with
 per-label thresholds tuned on validation (ftcli's tune_thresholds, applied to row (a)'s
 probabilities too), so the thresholds' effect is apart from the training's. Rows after (a) are
 ftcli backends with optional settings: `loop`, `loop:class_weights=balanced`, `trainer`.
@@ -35,7 +38,13 @@ DATA = ROOT.parent / "shared" / "data"
 TASKS = {
     "stsb": ("stsb", "regression", ["sentence1", "sentence2"], "score", 3, 16),
     "goemotions": ("goemotions", "multi_label", ["text"], "labels", 3, 32),
+    "wnut17": ("wnut17", "token_classification", ["tokens"], "ner_tags", 3, 8),
 }
+# The recipe's settings beyond epochs and batch size, the same in every row.
+RECIPES = {"wnut17": {"learning_rate": 5e-5, "weight_decay": 0.01}}
+# Every tag (O, then each type's B- and I-), as configs/wnut17-minilm.yaml gives them.
+WNUT17_TAGS = ["O"] + [f"{edge}-{kind}" for kind in
+                       ("corporation", "creative-work", "group", "location", "person", "product") for edge in "BI"]
 
 
 @dataclass
@@ -51,6 +60,8 @@ class TaskRow:
 
 def files_for(args: argparse.Namespace, workdir: Path) -> dict[str, str]:
     folder = args.data_dir / TASKS[args.task][0]
+    if args.task == "wnut17":
+        return conll_files(folder, args.train_samples, workdir)
     files = {"validation": str(folder / "validation.jsonl")}
     lines = (folder / "train.jsonl").read_text().splitlines()
     if args.train_samples:
@@ -58,6 +69,19 @@ def files_for(args: argparse.Namespace, workdir: Path) -> dict[str, str]:
         files["train"] = str(workdir / "train.jsonl")
     else:
         files["train"] = str(folder / "train.jsonl")
+    return files
+
+
+def conll_files(folder: Path, train_samples: int | None, workdir: Path) -> dict[str, str]:
+    """WNUT-17's CoNLL files; the first N training sentences when asked."""
+    from ftcli.formats import read_records
+
+    files = {"train": str(folder / "train.conll"), "validation": str(folder / "dev.conll")}
+    if train_samples:
+        sentences = read_records(files["train"])[:train_samples]
+        lines = ["\n".join(f"{word}\t{tag}" for word, tag in zip(row["tokens"], row["ner_tags"])) for row in sentences]
+        (workdir / "train.conll").write_text("\n\n".join(lines) + "\n", encoding="utf-8")
+        files["train"] = str(workdir / "train.conll")
     return files
 
 
@@ -77,6 +101,8 @@ def run_hf_trainer(args: argparse.Namespace, model_dir: str, files: dict[str, st
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
     _, task, text_fields, label_field, _, _ = TASKS[args.task]
+    if task == "token_classification":
+        return run_hf_token_trainer(args, model_dir, files, workdir)
     names = GOEMOTIONS_LABELS if task == "multi_label" else None
     row = TaskRow("(a) hf-trainer")
     started = time.perf_counter()
@@ -117,6 +143,63 @@ def run_hf_trainer(args: argparse.Namespace, model_dir: str, files: dict[str, st
     return row
 
 
+def run_hf_token_trainer(args: argparse.Namespace, model_dir: str, files: dict[str, str], workdir: Path) -> TaskRow:
+    """The course's token-classification recipe: words tokenized with is_split_into_words, each
+    word's first sub-token labelled (-100 elsewhere), DataCollatorForTokenClassification."""
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification, Trainer, TrainingArguments
+
+    from ftcli.formats import read_records
+
+    ids = {tag: index for index, tag in enumerate(WNUT17_TAGS)}
+    row = TaskRow("(a) hf-trainer")
+    started = time.perf_counter()
+    with peak_memory(args.device, row):
+        raw = DatasetDict({split: Dataset.from_list(read_records(path)) for split, path in files.items()})
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+        def tokenize_and_align_labels(examples):
+            encoded = tokenizer(examples["tokens"], truncation=True, is_split_into_words=True)
+            encoded["labels"] = []
+            for index, tags in enumerate(examples["ner_tags"]):
+                previous, labels = None, []
+                for word in encoded.word_ids(index):
+                    labels.append(-100 if word is None or word == previous else ids[tags[word]])
+                    previous = word
+                encoded["labels"].append(labels)
+            return encoded
+
+        tokenized = raw.map(tokenize_and_align_labels, batched=True, remove_columns=raw["train"].column_names)
+        training_args = TrainingArguments(
+            str(workdir / "test-trainer"), eval_strategy="epoch", num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+            report_to="none", disable_tqdm=True, save_strategy="no", **RECIPES[args.task],
+        )
+        model = AutoModelForTokenClassification.from_pretrained(
+            model_dir, num_labels=len(WNUT17_TAGS), id2label=dict(enumerate(WNUT17_TAGS)), label2id=ids, dtype=torch.float32
+        )
+        trainer = Trainer(
+            model, training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
+            data_collator=DataCollatorForTokenClassification(tokenizer), processing_class=tokenizer,
+        )
+        train_started = time.perf_counter()
+        trainer.train()
+        _sync(args.device)
+        row.train_seconds = time.perf_counter() - train_started
+        prediction = trainer.predict(tokenized["validation"])
+    row.total_seconds = time.perf_counter() - started
+    row.train_samples = len(tokenized["train"]) * args.epochs
+    row.metrics = entity_metrics(prediction.predictions.argmax(-1), prediction.label_ids)
+    return row
+
+
+def entity_metrics(decisions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Entity-level scores in strict IOB2 (ftcli's, equal to seqeval's strict mode) and token accuracy."""
+    from ftcli import tasks
+
+    task = tasks.get("token_classification")
+    return {name: task.metric(name, decisions, labels, len(WNUT17_TAGS), names=WNUT17_TAGS) for name in ("f1", "precision", "recall", "accuracy")}
+
+
 def task_metrics(task: str, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """The task's validation metrics from raw outputs, ftcli's definitions in both rows."""
     from ftcli.metrics import compute_builtin
@@ -150,9 +233,10 @@ def run_ftcli(args: argparse.Namespace, spec: str, model_dir: str, files: dict[s
     config = validate({
         "name": f"bench-{letter}", "task": task, "backend": backend, "output_dir": str(workdir / "runs"), "model": model_dir,
         "data": {**files, "text_fields": text_fields, "label_field": label_field, "max_length": 128}
-        | ({"label_names": GOEMOTIONS_LABELS} if task == "multi_label" else {}),
+        | ({"label_names": GOEMOTIONS_LABELS} if task == "multi_label" else {})
+        | ({"label_names": WNUT17_TAGS} if task == "token_classification" else {}),
         "training": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": 5e-5, "eval_every": "epoch",
-                     "save_every": "epoch", "logging_steps": 50, **yaml_values(settings)},
+                     "save_every": "epoch", "logging_steps": 50, **RECIPES.get(args.task, {}), **yaml_values(settings)},
     })
     row = TaskRow(f"({letter}) ftcli-{spec}")
     result = timed_train(config, args.device, workdir / f"cache-{letter}", row)
@@ -162,6 +246,10 @@ def run_ftcli(args: argparse.Namespace, spec: str, model_dir: str, files: dict[s
         "steps": outcome.extra.get("steps"), "best_checkpoint": outcome.best_checkpoint,
         "evaluations": [{key: round(value, 4) for key, value in event.items()} for event in evaluations],
     }
+    if task == "token_classification":  # ftcli's own validation scores of the kept model: the same definitions
+        validation = json.loads((config.run_dir / "metrics.json").read_text())["validation"]
+        row.metrics = {name: validation[name] for name in ("f1", "precision", "recall", "accuracy")}
+        return row
     # The same measurement as row (a): the kept model's raw outputs on validation.
     loaded = load_run(config.run_dir)
     validation = result.prepared.splits["validation"]
