@@ -26,10 +26,13 @@ from ftcli.metrics import higher_is_better, primary_metric
 from ftcli.reporting.events import eval_metric_names, finite, series
 from ftcli import tasks
 
-Verdict = Literal["unstable", "overfitting", "underfitting", "overconfidence", "inconclusive", "still_improving", "converged"]
+Verdict = Literal[
+    "unstable", "overfitting", "underfitting", "overconfidence", "weak_spots", "inconclusive", "still_improving", "converged"
+]
 # The headline is the first finding in this order: a problem to fix outranks a state to accept.
+# weak_spots: what the task reads in the kept model's validation scores (Task.score_findings).
 SEVERITY: tuple[Verdict, ...] = (
-    "unstable", "overfitting", "underfitting", "overconfidence", "inconclusive", "still_improving", "converged"
+    "unstable", "overfitting", "underfitting", "overconfidence", "weak_spots", "inconclusive", "still_improving", "converged"
 )
 
 # Below this many logged training losses (and evaluations) any trend is indistinguishable from noise.
@@ -102,12 +105,16 @@ def diagnose(
     baseline: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     calibration: Mapping[str, Any] | None = None,
+    validation: Mapping[str, Any] | None = None,
 ) -> Diagnosis:
     """Every finding that applies, the most severe first.
 
     baseline: ftcli.data.prepare.majority_baseline() of the run's data (metrics.json "data"), for the accuracy check.
     config: the resolved config as a mapping, to phrase remedies with the current values and find the first metric.
     calibration: model/calibration.json when calibration ran, for its ECE before and after.
+    validation: the kept model's validation scores (with eval_validation.json's "errors" when
+    evaluated), which the task reads beyond the curves (Task.score_findings: a tagger's entity
+    precision against its recall, the types it never finds).
     """
     advice = _Advice(config or {})
     train_all, evals_all = series(events, "train_loss"), series(events, "eval_loss")
@@ -139,6 +146,10 @@ def diagnose(
             findings.append(_progress(curve, selection, advice))
     if signals:
         findings.append(_unstable(signals, curve, advice))
+    findings += [
+        Finding("weak_spots", found["summary"], found["evidence"], [remedy for remedy in found["remedies"] if remedy])
+        for found in advice.task.score_findings(validation or {}, config or {})
+    ]
     findings.sort(key=lambda finding: SEVERITY.index(finding.verdict))
     return Diagnosis(findings[0].verdict, findings, selection.name)
 
