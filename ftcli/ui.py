@@ -57,8 +57,9 @@ CONFUSION_MAX_LABELS = 12
 
 def evaluation_view(title: str, split: str, evaluation: Evaluation) -> Group:
     """ftcli evaluate's output, short: the metrics and the decision thresholds; calibration before
-    and after; per class (or label) scores; the most confused pairs, the surest mistakes and the
-    highest-loss examples (or regression's residuals); then where everything was written."""
+    and after; per class (or label, or entity type) scores; the most confused pairs, the surest
+    mistakes, a tagger's entity errors and the highest-loss examples (or regression's residuals);
+    then where everything was written."""
     parts: list = [metrics_table(title, {split: evaluation.metrics})]
     if tasks.get(evaluation.task).threshold_is_second_class and evaluation.thresholds:
         parts.append(f"decision threshold {evaluation.thresholds[0]:.2f} on the probability of '{escape(evaluation.labels[1])}'")

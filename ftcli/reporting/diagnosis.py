@@ -1,6 +1,6 @@
 """Read learning curves the way the HF course does, and say what to do about them.
 
-Verdicts: converged, still improving, overfitting, overconfidence, underfitting, unstable (or
+Verdicts: converged, still improving, overfitting, overconfidence, underfitting, unstable, weak spots (or
 inconclusive when there are too few points to tell). Each finding carries its evidence as numbers
 and the course's remedies, phrased as the config keys to change. Pure functions over metrics.jsonl
 events: nothing here reads or writes files.
@@ -10,6 +10,9 @@ training.early_stopping_patience counts: advice to stop earlier or train less is
 that metric itself was better earlier, so following it never keeps a worse model. A validation loss
 that rises while the first metric keeps improving is overconfidence (a classifier growing surer
 than it is right, which calibration corrects), not overfitting.
+
+Beside the curves, the task reads the kept model's validation scores (Task.score_findings): a
+tagger's entity precision far from its recall, or entity types never found, are weak spots.
 
 Losses are measured against one scale, the training loss at the start (about ln(classes) for a
 fresh head), so each threshold below means the same thing for every task.
