@@ -57,8 +57,9 @@ CONFUSION_MAX_LABELS = 12
 
 def evaluation_view(title: str, split: str, evaluation: Evaluation) -> Group:
     """ftcli evaluate's output, short: the metrics and the decision thresholds; calibration before
-    and after; per class (or label) scores; the most confused pairs, the surest mistakes and the
-    highest-loss examples (or regression's residuals); then where everything was written."""
+    and after; per class (or label, or entity type) scores; the most confused pairs, the surest
+    mistakes, a tagger's entity errors and the highest-loss examples (or regression's residuals);
+    then where everything was written."""
     parts: list = [metrics_table(title, {split: evaluation.metrics})]
     if tasks.get(evaluation.task).threshold_is_second_class and evaluation.thresholds:
         parts.append(f"decision threshold {evaluation.thresholds[0]:.2f} on the probability of '{escape(evaluation.labels[1])}'")
@@ -66,19 +67,27 @@ def evaluation_view(title: str, split: str, evaluation: Evaluation) -> Group:
         parts.append(calibration_table(evaluation.calibration))
     analysis = evaluation.analysis
     if evaluation.confusion is not None:
-        parts += [per_class_table(analysis["per_class"]), confusion_table(evaluation.labels, evaluation.confusion)]
+        parts += [per_class_table(analysis["per_class"], tasks.get(evaluation.task).class_noun), confusion_table(evaluation.labels, evaluation.confusion)]
     if evaluation.per_label is not None:
         parts.append(per_label_table(evaluation.labels, evaluation.per_label, evaluation.thresholds))
     if "residuals" in analysis:
         parts.append(residual_table(analysis["residuals"]))
-    for key, title_text in (("confused_pairs", "most confused"), ("confident_mistakes", "surest mistakes"), ("highest_loss", "highest loss")):
+    for key, title_text in (("confused_pairs", "most confused"), ("confident_mistakes", "surest mistakes"), *ENTITY_ERRORS, ("highest_loss", "highest loss")):
         if analysis.get(key):
-            parts.append(examples_table(title_text, analysis[key][:SHOWN_EXAMPLES]))
+            parts.append(examples_table(title_text, analysis[key][:SHOWN_EXAMPLES], TAGGED_LIMIT if key == "worst_sentences" else TEXT_LIMIT))
     parts.append(f"written to {escape(str(evaluation.written))} and {escape(str(evaluation.predictions))}")
     return Group(*parts)
 
 
 SHOWN_EXAMPLES = 5  # of each list; eval_<split>.json and report.html hold them all
+TEXT_LIMIT, TAGGED_LIMIT = 70, 240  # characters of a text shown; a sentence tagged word by word needs more
+# A tagger's entity errors (token_classification's analysis): how many of each kind, an example of
+# each, and the sentences with the most, their words tagged gold→predicted.
+ENTITY_ERRORS = (
+    ("entity_errors", "entity errors by kind"),
+    ("error_examples", "entity errors, an example of each kind"),
+    ("worst_sentences", "sentences with the most entity errors, each word with its gold→predicted tags"),
+)
 
 
 def calibration_table(calibration: dict[str, Any]) -> Table:
@@ -90,8 +99,8 @@ def calibration_table(calibration: dict[str, Any]) -> Table:
     return table
 
 
-def per_class_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="per class", title_justify="left")
+def per_class_table(rows: list[dict[str, Any]], noun: str = "class") -> Table:
+    table = Table(title=f"per {noun}", title_justify="left")
     for column in ("label", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "label" else "right")
     for row in rows:
@@ -108,18 +117,18 @@ def residual_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def examples_table(title: str, rows: list[dict[str, Any]]) -> Table:
-    """A few rows of one of the analysis's lists, each column what its entries hold."""
+def examples_table(title: str, rows: list[dict[str, Any]], limit: int = TEXT_LIMIT) -> Table:
+    """A few rows of one of the analysis's lists, each column what its entries hold (texts cut at `limit` characters)."""
     table = Table(title=title, title_justify="left")
     columns = [key for key in rows[0] if key != "index"]
     for column in columns:
-        table.add_column(column, justify="left" if column in ("text", "true", "predicted", "label", "kind") else "right", overflow="fold")
+        table.add_column(column, justify="left" if column in ("text", "true", "gold", "predicted", "label", "kind") else "right", overflow="fold")
     for row in rows:
-        table.add_row(*(escape(_short_text(row[column])) if isinstance(row[column], str) else format_value(row[column]) for column in columns))
+        table.add_row(*(escape(_short_text(row[column], limit)) if isinstance(row[column], str) else format_value(row[column]) for column in columns))
     return table
 
 
-def _short_text(value: str, limit: int = 70) -> str:
+def _short_text(value: str, limit: int = TEXT_LIMIT) -> str:
     return value if len(value) <= limit else value[: limit - 1] + "…"
 
 
@@ -336,6 +345,7 @@ VERDICT_STYLES = {
     "overfitting": "yellow",
     "underfitting": "yellow",
     "overconfidence": "magenta",
+    "weak_spots": "yellow",
     "unstable": "red",
 }
 

@@ -82,7 +82,7 @@ def evaluate_run(
         predictions=(folder or run.path) / f"predictions_{split}.jsonl",
     )
     rows = split_rows(config.data, prepared, split)
-    _analyse(evaluation, loaded.objective, logits, labels, rows, config)
+    _analyse(evaluation, loaded.objective, logits, labels, rows, config, prepared.splits[split])
     atomic_write_json(evaluation.written, _record(evaluation, loaded.weights))
     if loaded.is_final:
         run.update_metrics(split, metrics)
@@ -110,27 +110,32 @@ def _calibration(loaded: LoadedRun, logits: torch.Tensor, labels: torch.Tensor) 
         return None
     temperature = read_json(path, loaded.run.repair_hint)["temperature"]
     record: dict[str, Any] = {"temperature": temperature}
-    for when, scaled in (("before", logits * temperature), ("after", logits)):
-        scores = loaded.objective.scores(scaled).numpy()
-        truth = labels.numpy()
+    scorer, pairs, pair_labels = loaded.objective.calibration_pairs(logits, labels)  # as it was fitted: examples, or words
+    for when, scaled in (("before", pairs * temperature), ("after", pairs)):
+        scores = scorer.scores(scaled).numpy()
+        truth = pair_labels.numpy()
         record[when] = {
-            "ece": expected_calibration_error(reliability(scores, truth, loaded.config.task)),
-            "brier": compute_builtin("brier", None, truth, scores.shape[1], scores, loaded.config.task),
-            "log_loss": compute_builtin("log_loss", None, truth, scores.shape[1], scores, loaded.config.task),
+            "ece": expected_calibration_error(reliability(scores, truth, scorer.task)),
+            "brier": compute_builtin("brier", None, truth, scores.shape[1], scores, scorer.task),
+            "log_loss": compute_builtin("log_loss", None, truth, scores.shape[1], scores, scorer.task),
         }
     return record
 
 
-def _analyse(evaluation: Evaluation, objective: Objective, logits: torch.Tensor, labels: torch.Tensor, rows: list[dict], config: Config) -> None:
-    """The error analysis (its examples named with their first text) and predictions_<split>.jsonl."""
+def _analyse(
+    evaluation: Evaluation, objective: Objective, logits: torch.Tensor, labels: torch.Tensor, rows: list[dict], config: Config,
+    tokenized: Any,
+) -> None:
+    """The error analysis (its examples named with their first text, unless the task named them)
+    and predictions_<split>.jsonl."""
     scores, decisions = objective.scores(logits).numpy(), objective.predictions(logits)
     evaluation.scores = scores
     losses, truth = objective.losses(logits, labels).numpy(), labels.numpy()
-    evaluation.analysis = tasks.get(config.task).analyse(evaluation.labels, scores, decisions, truth, losses)
+    evaluation.analysis = tasks.get(config.task).analyse(evaluation.labels, scores, decisions, truth, losses, rows, tokenized, config.data)
     first_text = config.data.text_fields[0]
     for listed in evaluation.analysis.values():
         for entry in listed:
-            if "index" in entry:
+            if "index" in entry and "text" not in entry:
                 text = rows[entry["index"]][first_text]
                 entry["text"] = " ".join(text) if isinstance(text, list) else text  # a sentence's words
     lines = [

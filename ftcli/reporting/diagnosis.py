@@ -1,6 +1,6 @@
 """Read learning curves the way the HF course does, and say what to do about them.
 
-Verdicts: converged, still improving, overfitting, overconfidence, underfitting, unstable (or
+Verdicts: converged, still improving, overfitting, overconfidence, underfitting, unstable, weak spots (or
 inconclusive when there are too few points to tell). Each finding carries its evidence as numbers
 and the course's remedies, phrased as the config keys to change. Pure functions over metrics.jsonl
 events: nothing here reads or writes files.
@@ -10,6 +10,9 @@ training.early_stopping_patience counts: advice to stop earlier or train less is
 that metric itself was better earlier, so following it never keeps a worse model. A validation loss
 that rises while the first metric keeps improving is overconfidence (a classifier growing surer
 than it is right, which calibration corrects), not overfitting.
+
+Beside the curves, the task reads the kept model's validation scores (Task.score_findings): a
+tagger's entity precision far from its recall, or entity types never found, are weak spots.
 
 Losses are measured against one scale, the training loss at the start (about ln(classes) for a
 fresh head), so each threshold below means the same thing for every task.
@@ -26,10 +29,13 @@ from ftcli.metrics import higher_is_better, primary_metric
 from ftcli.reporting.events import eval_metric_names, finite, series
 from ftcli import tasks
 
-Verdict = Literal["unstable", "overfitting", "underfitting", "overconfidence", "inconclusive", "still_improving", "converged"]
+Verdict = Literal[
+    "unstable", "overfitting", "underfitting", "overconfidence", "weak_spots", "inconclusive", "still_improving", "converged"
+]
 # The headline is the first finding in this order: a problem to fix outranks a state to accept.
+# weak_spots: what the task reads in the kept model's validation scores (Task.score_findings).
 SEVERITY: tuple[Verdict, ...] = (
-    "unstable", "overfitting", "underfitting", "overconfidence", "inconclusive", "still_improving", "converged"
+    "unstable", "overfitting", "underfitting", "overconfidence", "weak_spots", "inconclusive", "still_improving", "converged"
 )
 
 # Below this many logged training losses (and evaluations) any trend is indistinguishable from noise.
@@ -102,12 +108,16 @@ def diagnose(
     baseline: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     calibration: Mapping[str, Any] | None = None,
+    validation: Mapping[str, Any] | None = None,
 ) -> Diagnosis:
     """Every finding that applies, the most severe first.
 
     baseline: ftcli.data.prepare.majority_baseline() of the run's data (metrics.json "data"), for the accuracy check.
     config: the resolved config as a mapping, to phrase remedies with the current values and find the first metric.
     calibration: model/calibration.json when calibration ran, for its ECE before and after.
+    validation: the kept model's validation scores (with eval_validation.json's "errors" when
+    evaluated), which the task reads beyond the curves (Task.score_findings: a tagger's entity
+    precision against its recall, the types it never finds).
     """
     advice = _Advice(config or {})
     train_all, evals_all = series(events, "train_loss"), series(events, "eval_loss")
@@ -139,6 +149,10 @@ def diagnose(
             findings.append(_progress(curve, selection, advice))
     if signals:
         findings.append(_unstable(signals, curve, advice))
+    findings += [
+        Finding("weak_spots", found["summary"], found["evidence"], [remedy for remedy in found["remedies"] if remedy])
+        for found in advice.task.score_findings(validation or {}, config or {})
+    ]
     findings.sort(key=lambda finding: SEVERITY.index(finding.verdict))
     return Diagnosis(findings[0].verdict, findings, selection.name)
 

@@ -14,6 +14,7 @@ from ftcli.reporting.diagnosis import Finding
 from ftcli.reporting.events import eval_metric_names
 from ftcli.reporting.formatting import format_number
 from ftcli.reporting.report import Report, RunReport, build_report, metric_rows, run_stats
+from ftcli import tasks
 
 REPORT_HTML = "report.html"
 
@@ -36,7 +37,7 @@ th:first-child, td:first-child { text-align: left; }
 img { max-width: 100%; height: auto; border: 1px solid #eaeef2; display: block; margin: 8px 0; }
 .verdict { display: inline-block; padding: 2px 10px; border-radius: 12px; color: white; font-weight: 600; font-size: 13px; }
 .converged { background: #1a7f37; } .still_improving { background: #0969da; } .inconclusive { background: #656d76; }
-.overfitting, .underfitting { background: #bf8700; } .unstable { background: #cf222e; } .overconfidence { background: #8250df; }
+.overfitting, .underfitting, .weak_spots { background: #bf8700; } .unstable { background: #cf222e; } .overconfidence { background: #8250df; }
 .finding { margin: 8px 0 12px; } .evidence td, .evidence th { font-family: ui-monospace, Menlo, monospace; }
 pre { background: #f6f8fa; padding: 12px; border-radius: 6px; overflow-x: auto; font-size: 12px; }
 """
@@ -82,7 +83,7 @@ def _run_section(run: RunReport) -> str:
             "<h3>Diagnosis</h3>",
             *(_finding(finding) for finding in diagnosis.findings),
             _calibration_section(run),
-            *(_evaluation_section(split, record) for split, record in run.evaluations.items()),
+            *(_evaluation_section(split, record, tasks.get(run.task).class_noun) for split, record in run.evaluations.items()),
             "<details><summary>Resolved config</summary>",
             f'<pre class="config">{_escape(run.config_text)}</pre>',
             "</details>",
@@ -130,9 +131,18 @@ def _calibration_section(run: RunReport) -> str:
     ])
 
 
-def _evaluation_section(split: str, record: dict[str, Any]) -> str:
-    """What ftcli evaluate found on a split: per class or label, the confusion matrix, the
-    residuals, and every listed example (the surest mistakes, the highest losses)."""
+# What a list of the error analysis is called, in the order the page shows them.
+LISTS = (
+    ("residuals", "Residuals by true value"), ("confused_pairs", "Most confused"), ("confident_mistakes", "Surest mistakes"),
+    ("entity_errors", "Entity errors by kind"), ("error_examples", "Entity errors, a few of each kind"),
+    ("worst_sentences", "Sentences with the most entity errors (each word's gold→predicted tags)"), ("highest_loss", "Highest loss"),
+)
+
+
+def _evaluation_section(split: str, record: dict[str, Any], noun: str = "class") -> str:
+    """What ftcli evaluate found on a split: per class (noun: what a row is, e.g. an entity type)
+    or label, the confusion matrix, the residuals, and every listed example (the surest mistakes,
+    the highest losses, a tagger's entity errors)."""
     errors = record.get("errors", {})
     parts = [f"<h3>Errors on {_escape(split)}</h3>"]
     if "decision_threshold" in record:
@@ -142,11 +152,13 @@ def _evaluation_section(split: str, record: dict[str, Any]) -> str:
         parts.append(_table(["label", "precision", "recall", "f1", "support"], [
             [row["label"], *(format_number(row[key]) for key in ("precision", "recall", "f1")), str(row["support"])] for row in per_class
         ], css="metrics"))
-        parts.append(_image(png_bytes(scores_figure(per_class, f"F1 per {'class' if errors.get('per_class') else 'label'} on {split}")), "F1 per class"))
-    if "confusion_matrix" in record:
+        named = noun if errors.get("per_class") else "label"
+        parts.append(_image(png_bytes(scores_figure(per_class, f"F1 per {named} on {split}")), f"F1 per {noun}"))
+    # A tagger's entity errors say what its matrix of word tags (mostly O) cannot: which entities went wrong, and how.
+    if "confusion_matrix" in record and "entity_errors" not in errors:
         matrix = record["confusion_matrix"]
         parts.append(_image(png_bytes(confusion_figure(matrix["labels"], matrix["counts"])), "confusion matrix"))
-    for key, title in (("residuals", "Residuals by true value"), ("confused_pairs", "Most confused"), ("confident_mistakes", "Surest mistakes"), ("highest_loss", "Highest loss")):
+    for key, title in LISTS:
         if errors.get(key):
             header = [column for column in errors[key][0] if column != "index"]
             rows = [[_cell(entry[column]) for column in header] for entry in errors[key]]

@@ -17,6 +17,7 @@ from ftcli.reporting.curves import comparison_figure, reliability_figure, run_fi
 from ftcli.reporting.diagnosis import Diagnosis, diagnose
 from ftcli.reporting.events import best_eval_step, eval_metric_names, finite, series
 from ftcli.runs.rundir import CALIBRATION_FILE, RunDir
+from ftcli import tasks
 
 COMPARISON_PNG = "comparison.png"
 
@@ -31,6 +32,7 @@ class RunReport:
     diagnosis: Diagnosis
     calibration: dict[str, Any] | None = None  # model/calibration.json
     evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> eval_<split>.json
+    task: str = tasks.DEFAULT  # config.task, which names what its tables hold (Task.class_noun)
 
 
 @dataclass
@@ -68,15 +70,17 @@ def analyze_run(run: RunDir, label: str | None = None) -> RunReport:
     metrics = run.read_metrics()
     calibration_file = run.model_dir / CALIBRATION_FILE
     calibration = read_json(calibration_file, run.repair_hint) if calibration_file.is_file() else None
-    diagnosis = diagnose(events, metrics.get("data"), config, calibration)
-    report = RunReport(run, label or run.path.name, events, metrics, config_text, diagnosis, calibration)
+    evaluations = [read_json(path, run.repair_hint) for path in run.eval_files()]
+    evaluated = {evaluation["split"]: evaluation for evaluation in evaluations}
+    # The kept model's validation scores, with what evaluate found on them when it ran.
+    validation = evaluated.get("validation") or metrics.get("validation")
+    diagnosis = diagnose(events, metrics.get("data"), config, calibration, validation)
+    report = RunReport(run, label or run.path.name, events, metrics, config_text, diagnosis, calibration, evaluated, config.get("task") or tasks.DEFAULT)
     title = f"{report.label}: {diagnosis.verdict.replace('_', ' ')}"
     write_png(run_figure(events, title, best_step=best_eval_step(events)), run.curves_png)
     atomic_write_json(run.diagnosis_file, diagnosis.to_json())
     if calibration is not None:
         write_png(reliability_figure(calibration), run.calibration_png)
-    evaluations = [read_json(path, run.repair_hint) for path in run.eval_files()]
-    report.evaluations = {evaluation["split"]: evaluation for evaluation in evaluations}
     return report
 
 

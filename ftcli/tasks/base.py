@@ -11,7 +11,7 @@ and thresholds mean for it, and its error analysis. The rest of ftcli asks the t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -90,6 +90,12 @@ class Objective:
     def predictions(self, logits: torch.Tensor) -> np.ndarray:
         return self.decide(self.scores(logits))
 
+    def calibration_pairs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[Objective, torch.Tensor, torch.Tensor]:
+        """What a temperature is fitted on and calibration is measured on: (the objective that
+        scores them, their logits, their labels); the examples themselves, unless a task's examples
+        hold many predictions (token_classification: each labelled piece is one)."""
+        return self, logits, labels
+
     def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
         """One row of logits per document from its windows' (long_text: window), so that every
         other method scores documents as it scores examples."""
@@ -117,6 +123,7 @@ class Task:
     metrics: dict[str, MetricSpec]  # the built-in metrics that fit, in the config reference's order
     has_classes = True  # its outputs are named classes or labels (regression: one number)
     calibrates = True  # calibration: temperature scales its probabilities
+    class_noun = "class"  # what a row of its per-class table (error_analysis's per_class) is, as evaluate and the report name it
     stratified = False  # cross-validation folds keep its classes' proportions
     options: tuple[Option, ...] = ()  # the options only this task reads
     model_head = "sequence_classification"  # the transformers head it trains (modeling.HEADS)
@@ -180,15 +187,25 @@ class Task:
         """multi_label's scores per label; None for a task without them."""
         return None
 
+    def score_findings(self, scores: Mapping[str, Any], config: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """What the kept model's validation scores say beyond the learning curves, each finding as
+        {"summary", "evidence", "remedies"} (the report's diagnosis lists them). scores: its
+        validation metrics, with eval_validation.json's "errors" when it was evaluated; config: the
+        run's config as a mapping. None for most tasks: their curves say it."""
+        return []
+
     def row_predictions(self, decider: Any, names: list[str], scores: np.ndarray, tokenized: Any, rows: list[dict], data: Any) -> list[dict[str, Any]]:
         """Each row's prediction fields (`ftcli predict`), from its scores; token_classification
         also reads the tokenized rows (each sub-token's word) and the texts."""
         return [self.prediction_fields(decider, names, row_scores) for row_scores in scores]
 
     def analyse(
-        self, label_names: list[str], scores: np.ndarray, decisions: np.ndarray, labels: np.ndarray, losses: np.ndarray
+        self, label_names: list[str], scores: np.ndarray, decisions: np.ndarray, labels: np.ndarray, losses: np.ndarray,
+        rows: list[dict] | None = None, tokenized: Any = None, data: Any = None,
     ) -> dict[str, Any]:
-        """Where the model goes wrong: the task's own tables (error_analysis) and the highest-loss examples."""
+        """Where the model goes wrong: the task's own tables (error_analysis) and the highest-loss
+        examples. rows, tokenized, data: the split's rows, its tokenized examples and the data
+        settings, for a task that names its errors with the words (token_classification)."""
         highest_loss = [
             {"index": int(index), "loss": float(losses[index])} for index in np.argsort(-losses, kind="stable")[:TOP]
         ]

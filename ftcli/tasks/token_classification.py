@@ -12,13 +12,14 @@ strict mode), plus token accuracy over the labelled sub-tokens.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from itertools import zip_longest
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from ftcli.errors import FtcliError
 from ftcli.tasks.base import TOP, Decider, MetricSpec, Objective, Option, Task
-from ftcli.tasks.single_label import SingleLabel, softmax
+from ftcli.tasks.single_label import SingleLabel, SingleLabelObjective, softmax
 
 if TYPE_CHECKING:
     import torch
@@ -154,6 +155,100 @@ def _prf(found: set, true: set) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1, "support": len(true)}
 
 
+# ---------------------------------------------------------------- entity errors
+
+# How a wrong entity is wrong, as the error analysis counts them (each predicted entity that is
+# not exactly a gold one is judged against the gold ones it overlaps; a gold one nothing overlaps is missed).
+ERROR_KINDS = ("wrong type", "wrong boundary", "wrong type and boundary", "missed", "spurious")
+EXAMPLES_PER_KIND = TOP // len(ERROR_KINDS)
+Span = tuple[str, int, int]  # (type, first piece, piece after the last), as `entities` gives them
+
+
+def entity_errors(predicted: list[str], gold: list[str]) -> list[tuple[str, Span | None, Span | None]]:
+    """One sentence's entity errors, in the order they occur, each (kind, gold entity, predicted
+    entity). A predicted entity that is not exactly a gold one is wrong once, against the gold
+    ones it overlaps: the same span (wrong type), else one of its type (wrong boundary), else any
+    (wrong type and boundary), else none (spurious); so these number the false positives. A gold
+    entity that no predicted one overlaps is missed."""
+    found, true = entities(predicted), entities(gold)
+    right = set(found) & set(true)
+    errors = [_judged(entity, [span for span in true if _overlap(span, entity)]) for entity in found if entity not in right]
+    errors += [("missed", span, None) for span in true if not any(_overlap(span, entity) for entity in found)]
+    return sorted(errors, key=lambda error: min(span[1] for span in error[1:] if span is not None))
+
+
+def _overlap(first: Span, second: Span) -> bool:
+    return first[1] < second[2] and second[1] < first[2]
+
+
+def _judged(entity: Span, touched: list[Span]) -> tuple[str, Span | None, Span | None]:
+    same_span = [span for span in touched if span[1:] == entity[1:]]
+    same_type = [span for span in touched if span[0] == entity[0]]
+    if same_span:
+        return "wrong type", same_span[0], entity
+    if same_type:
+        return "wrong boundary", same_type[0], entity
+    return ("wrong type and boundary", touched[0], entity) if touched else ("spurious", None, entity)
+
+
+def entity_error_analysis(predicted: list[list[str]], gold: list[list[str]], words: list[list[tuple[int, str]]]) -> dict[str, list[dict]]:
+    """How many entity errors of each kind, a few of each (round robin over the kinds, so the first
+    rows show one of each), and the sentences with the most, their words tagged gold and
+    predicted. words: per sentence, (word number, word) under each labelled piece."""
+    per_sentence = [entity_errors(found, true) for found, true in zip(predicted, gold)]
+    counts = Counter(kind for errors in per_sentence for kind, _, _ in errors)
+    total = sum(counts.values())
+    by_kind: dict[str, list[dict]] = {kind: [] for kind in ERROR_KINDS}
+    for index, errors in enumerate(per_sentence):
+        for kind, true, found in errors:
+            if len(by_kind[kind]) < EXAMPLES_PER_KIND:
+                named = {"gold": _named(true, words[index]), "predicted": _named(found, words[index])}
+                by_kind[kind].append({"index": index, "kind": kind} | named)
+    worst = sorted((index for index, errors in enumerate(per_sentence) if errors), key=lambda index: -len(per_sentence[index]))
+    return {
+        "entity_errors": [{"kind": kind, "count": counts[kind], "share": counts[kind] / total if total else 0.0} for kind in ERROR_KINDS],
+        "error_examples": [entry for rank in zip_longest(*by_kind.values()) for entry in rank if entry is not None],
+        "worst_sentences": [
+            {"index": index, "errors": len(per_sentence[index]), "text": _tagged(words[index], gold[index], predicted[index])}
+            for index in worst[:TOP]
+        ],
+    }
+
+
+def _named(span: Span | None, words: list[tuple[int, str]]) -> str:
+    """An entity as its words and type: "New York (location)"; "-" for none."""
+    if span is None:
+        return "-"
+    kind, start, end = span
+    return f"{' '.join(dict(words[start:end]).values())} ({kind})"
+
+
+def _tagged(words: list[tuple[int, str]], gold: list[str], predicted: list[str]) -> str:
+    """Each word with its tags (its first piece's): plain when both are O, word[tag] when they
+    agree, word[gold→predicted] when they differ."""
+    shown, previous = [], None
+    for (number, word), true, found in zip(words, gold, predicted):
+        if number != previous:
+            shown.append(word if true == found == "O" else f"{word}[{true}]" if true == found else f"{word}[{true}→{found}]")
+        previous = number
+    return " ".join(shown)
+
+
+def labelled_words(labels: np.ndarray, tokenized: Any, rows: list[dict] | None, field: str | None) -> list[list[tuple[int, str]]]:
+    """Per sentence, (word number, word) under each labelled piece, from the tokenized split's
+    word_ids and the rows' words; without them, the pieces' positions as #1, #2..."""
+    known = tokenized is not None and rows is not None and field is not None
+    word_ids, words = tokenized["word_ids"] if known else None, []
+    for index, truth in enumerate(labels):
+        kept = np.flatnonzero(np.asarray(truth) != IGNORE)
+        if not known:
+            words.append([(number, f"#{number + 1}") for number in range(len(kept))])
+            continue
+        ids, sentence = word_ids[index], rows[index][field]
+        words.append([(ids[position], str(sentence[ids[position]])) for position in kept])
+    return words
+
+
 def _joined_spans(words: list[str]) -> list[tuple[int, int]]:
     """Each word's characters in the words joined by spaces."""
     spans, start = [], 0
@@ -241,6 +336,14 @@ class TokenObjective(Objective):
 
         return on_host(logits.float()).argmax(-1)
 
+    def calibration_pairs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[Objective, torch.Tensor, torch.Tensor]:
+        """Each labelled piece (a word's first, or every piece with label_all_subwords) as one
+        example of single-label classification over the tags: the temperature is fitted on the
+        words, as single_label's on examples (a sentence's mean loss would weigh a short
+        sentence's words more); IGNORE pieces (special tokens, padding, later pieces) are left out."""
+        kept = labels != IGNORE
+        return SingleLabelObjective(), logits[kept], labels[kept]
+
     def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
         raise NotImplementedError("token_classification refuses long_text: window")
 
@@ -269,7 +372,8 @@ class TokenClassification(Task):
         "f1_macro": MetricSpec((NAME,), about="token_classification: entity-level F1 averaged over the types"),
     }
     not_yet = ("export", "audit", "serve")
-    calibrates = False  # not yet: calibration is skipped, as for regression
+    calibrates = True  # on its words: each labelled piece is one example (TokenObjective.calibration_pairs)
+    class_noun = "entity type"
     options = (
         *[option for option in SingleLabel.options if option.problem.startswith("training.label_smoothing")],  # read here too
         Option(lambda config: config.data.tag_scheme != "auto", "data.tag_scheme is for task: token_classification, not {task}"),
@@ -440,9 +544,90 @@ class TokenClassification(Task):
                 for kind, values in per_type.items()]
         return {"per_class": rows, "highest_loss": highest_loss[:TOP]}
 
+    def analyse(
+        self, label_names: list[str], scores: np.ndarray, decisions: np.ndarray, labels: np.ndarray, losses: np.ndarray,
+        rows: list[dict] | None = None, tokenized: Any = None, data: Any = None,
+    ) -> dict[str, Any]:
+        """Each type's scores and the highest-loss sentences, then (entity tags) the entity errors
+        by kind, a few of each and the sentences with the most, named with their words."""
+        analysis = super().analyse(label_names, scores, decisions, labels, losses)
+        if not is_entity_tagging(set(label_names)):
+            return analysis  # plain tags: no entities to be wrong about
+        predicted, gold = words_and_tags(decisions, labels, label_names)
+        words = labelled_words(labels, tokenized, rows, data.text_fields[0] if data is not None else None)
+        return analysis | entity_error_analysis(predicted, gold, words)
+
+    def score_findings(self, scores: Mapping[str, Any], config: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Entity precision far from recall (the tagger misses entities, or finds ones the gold does
+        not hold), and the types it never gets right (eval_validation.json's per-type F1)."""
+        errors = scores.get("errors") or {}
+        counts = {row["kind"]: row["count"] for row in errors.get("entity_errors", [])}
+        weights = (config.get("training") or {}).get("class_weights")
+        findings = []
+        precision, recall = scores.get("precision"), scores.get("recall")
+        if precision is not None and recall is not None and abs(precision - recall) >= PRECISION_RECALL_GAP:
+            findings.append(_skewed(precision, recall, scores.get("f1"), counts, weights))
+        unfound = [row for row in errors.get("per_class", []) if row["label"] not in AVERAGES and row["support"] and not row["f1"]]
+        if unfound:
+            findings.append(_unfound_types(unfound, weights))
+        return findings
+
     def card_description(self, base: str, labels: list[str]) -> str:
         named = ", ".join(f"`{label}`" for label in labels)
         return f"A token classifier (named entities) fine-tuned from {base} with ftcli ({len(labels)} tags: {named})."
+
+
+# ---------------------------------------------------------------- the diagnosis's findings
+
+# Entity precision and recall this far apart say which way a tagger errs.
+PRECISION_RECALL_GAP = 0.15
+AVERAGES = ("micro", "macro")  # the per-type table's rows that are no type
+
+
+def _skewed(precision: float, recall: float, f1: float | None, counts: dict[str, int], weights: Any) -> dict[str, Any]:
+    """Recall far below precision: entities missed; precision far below recall: entities the gold does not hold."""
+    now = f" (now {weights})" if weights is not None else ""
+    evidence = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": None if f1 is None else round(f1, 4)}
+    evidence |= {kind.replace(" ", "_"): count for kind, count in counts.items()}
+    if recall < precision:
+        missed = f"; {counts['missed']} gold entities on validation had no predicted entity overlapping them" if counts else ""
+        return {
+            "summary": f"Missed entities: entity recall {recall:.3f} is far below precision {precision:.3f}: the tagger "
+                       f"leaves entities out (tags their words O) more often than it invents them{missed}.",
+            "evidence": evidence,
+            "remedies": [
+                f"weigh the entity tags up against O: training.class_weights: balanced{now}",
+                "train longer: a tagger learns O first and the entities after",
+                "check the training tags: entities left O in training teach the tagger to skip them",
+            ],
+        }
+    spurious = (f"; on validation {counts['spurious']} predicted entities overlap no gold one and {counts['wrong boundary']} "
+                "have the wrong boundaries") if counts else ""
+    return {
+        "summary": f"Spurious entities: entity precision {precision:.3f} is far below recall {recall:.3f}: the tagger "
+                   f"predicts entities the gold does not hold{spurious}.",
+        "evidence": evidence,
+        "remedies": [
+            "check the validation tags for entities the annotators left O (`ftcli evaluate` lists spurious ones)",
+            f"weigh the entity tags less against O{now}" if weights is not None else None,
+            "wrong boundaries: check data.tag_scheme matches the files' scheme (iob1, iob2 or bioes)",
+        ],
+    }
+
+
+def _unfound_types(rows: list[dict[str, Any]], weights: Any) -> dict[str, Any]:
+    """Entity types of which no entity was found right."""
+    names = ", ".join(row["label"] for row in rows)
+    now = f" (now {weights})" if weights is not None else ""
+    return {
+        "summary": f"Types never found: no {names} entity on validation was found exactly right (F1 0, "
+                   f"{sum(row['support'] for row in rows)} entities).",
+        "evidence": {"types": names, "support": [int(row["support"]) for row in rows]},
+        "remedies": [
+            "more training sentences with these types (`ftcli prepare` shows each tag's count)",
+            f"weigh the tags of rarer types up: training.class_weights: balanced{now}" if weights != "balanced" else None,
+        ],
+    }
 
 
 def _with_file(where: str, data: Any) -> str:

@@ -63,10 +63,12 @@ def decide(
     labels, documents = document_labels(validation, objective), documents_of(validation)
     per_example = _per_example(objective, documents)
     if calibrating:
-        temperature = _temperature(objective, rows, labels, documents)
+        # What the task fits on: its examples, or the words of a tagger's sentences (the same rows for a windowed split).
+        scorer, pairs, pair_labels = objective.calibration_pairs(rows, labels)
+        temperature = _temperature(scorer, pairs, pair_labels, documents)
         if temperature is not None:
             decisions.calibration = _calibration_record(
-                objective, per_example(rows), per_example(rows / temperature), labels, temperature
+                scorer, per_example(pairs), per_example(pairs / temperature), pair_labels, temperature
             )
             scale_logits(model, len(label_names), 1 / temperature)
             rows = rows / temperature
