@@ -398,7 +398,9 @@ class Config(_Strict):
         if raw.get("metrics") is None:
             raw = raw | {"metrics": list(task.default_metrics)}
         if task.data_defaults and isinstance(raw.get("data"), dict):
-            raw = raw | {"data": task.data_defaults | raw["data"]}
+            # A default may depend on the options given (token_classification's stride on max_length).
+            defaults = {key: value(raw["data"]) if callable(value) else value for key, value in task.data_defaults.items()}
+            raw = raw | {"data": defaults | raw["data"]}
         return raw
 
     @field_validator("metrics")
