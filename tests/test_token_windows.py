@@ -5,6 +5,7 @@ sentence for metrics, predictions_<split>.jsonl and `ftcli predict`; no word is 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -102,13 +103,9 @@ def test_sentences_that_fit_are_tokenized_exactly_as_before(tokenizer):
     assert dataset["input_ids"] == expected["input_ids"] and dataset["attention_mask"] == expected["attention_mask"]
 
 
-def test_long_text_truncate_is_honoured_with_its_warning_and_windows_are_the_default(tokenizer, caplog):
+def test_windows_are_the_default_with_a_stride_that_fits_a_short_max_length():
     assert (_data().long_text, _data().stride, _data(max_length=128).stride, _data(max_length=512).stride) == ("window", 4, 32, 32)
-    assert _data(stride=2).stride == 2
-    rows = [{"tokens": ["word"] * 20}, {"tokens": ["short"]}]
-    tokenized = tokenize_words(rows, _data(max_length=8, long_text="truncate"), tokenizer)
-    assert tokenized["word_ids"][0] == [None, 0, 1, 2, 3, 4, 5, None]
-    assert "1 sentences are longer than data.max_length=8 tokens: their last 14 words were cut" in caplog.text
+    assert (_data(stride=2).stride, _data(long_text="truncate").long_text) == (2, "truncate")  # as given: honoured
 
 
 # ---------------------------------------------------------------- put back together
@@ -204,8 +201,18 @@ def test_a_windowed_taggers_metrics_are_those_of_its_per_word_predictions(window
 def test_prepare_reports_the_sentences_split_into_windows(window_runs):
     result = invoke("prepare", str(window_runs["loop"]))
     assert result.exit_code == 0, result.output
-    assert "split into windows" in result.output and "truncated" not in result.output
-    assert "were cut" not in result.output
+    assert "windows" in result.output and "truncated" not in result.output and "were cut" not in result.output
+    from transformers import AutoTokenizer
+
+    from ftcli.config import load_config
+    from ftcli.data.prepare import prepare
+
+    config = load_config(window_runs["loop"])
+    prepared = prepare(config.data, AutoTokenizer.from_pretrained(window_runs["loop"] / "model"), config.task)
+    for split, sentences in (("train", 32), ("validation", 12)):
+        summary = prepared.summary[split]
+        assert (summary.size, summary.windowed, summary.windows) == (sentences, sentences, len(prepared.splits[split]))
+        assert re.search(rf"{split[:5]}.*\b{sentences} +│ +{summary.windows} +│", result.output)  # the row: windowed, windows
 
 
 def test_predict_finds_entities_over_a_whole_long_text_with_their_offsets(window_runs):
