@@ -193,9 +193,12 @@ def test_a_windowed_taggers_metrics_are_those_of_its_per_word_predictions(window
     record = json.loads((run / "eval_validation.json").read_text())
     assert record["f1"] == pytest.approx(scores["f1"]) and record["recall"] == pytest.approx(scores["recall"])
     assert record["f1"] > 0.5
-    # Evaluation during training put the windows together too: the kept model's score is the one logged.
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert max(event["eval_f1"] for event in events if "eval_f1" in event) == pytest.approx(record["f1"])
+    # Evaluation during training put the windows together too: the kept (best) model's F1 and loss
+    # (a mean over sentences, which a mean over windows would not give) are those logged.
+    evaluations = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_f1" in line]
+    best = [event for event in evaluations if event["eval_f1"] == max(event["eval_f1"] for event in evaluations)]
+    assert best[0]["eval_f1"] == pytest.approx(record["f1"])
+    assert any(event["eval_loss"] == pytest.approx(record["loss"], rel=1e-5) for event in best), (best, record["loss"])
 
 
 def test_prepare_reports_the_sentences_split_into_windows(window_runs):
