@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel
 
-from ftcli.data.batching import collate, label_tensor
+from ftcli.data.batching import DOCUMENT_COLUMNS, IGNORE_LABEL, collate, label_tensor, pad_rows
 from ftcli.data.padding import length_sorted_batches
 from ftcli.metrics import MetricSuite
 from ftcli.runtime import Runtime
@@ -31,7 +31,7 @@ def iterate_logits(
         for indices in length_sorted_batches(dataset["length"], batch_size):
             batch = collate([rows[i] for i in indices], pad_token_id)
             batch = {key: value.to(runtime.device, non_blocking=True) for key, value in batch.items()}
-            inputs = {key: value for key, value in batch.items() if key not in ("labels", "doc")}
+            inputs = {key: value for key, value in batch.items() if key != "labels" and key not in DOCUMENT_COLUMNS}
             with runtime.autocast():
                 logits = model(**inputs).logits
             yield indices, logits.float(), batch
@@ -40,12 +40,17 @@ def iterate_logits(
 DOCUMENT_CHUNK = 1024  # documents scored at a time, once their windows are put together
 
 
-def documents_of(dataset: Dataset) -> tuple[torch.Tensor, int] | None:
-    """A windowed split's document of each row (long_text: window), and how many documents; else None."""
+def documents_of(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:
+    """A windowed split's document of each row (long_text: window), and how many documents, then
+    (token_classification) each row token's place in its document, padded with -1 to the split's
+    longest row as its logits are; else None. What objective.aggregate takes after the logits."""
     if "doc" not in dataset.column_names:
         return None
     documents = torch.tensor(dataset["doc"])
-    return documents, int(documents.max()) + 1 if len(documents) else 0
+    found = (documents, int(documents.max()) + 1 if len(documents) else 0)
+    if "doc_positions" in dataset.column_names:
+        found += (pad_rows(dataset["doc_positions"], max(dataset["length"], default=0), -1),)
+    return found
 
 
 def evaluate_dataset(
@@ -170,11 +175,23 @@ def by_document(batches: Iterable[tuple], objective: Objective) -> Iterable[tupl
         else:
             windows.append(tuple(part.cpu() for part in batch))
     if windows:
-        logits, labels, documents = (torch.cat(parts) for parts in zip(*windows))
+        logits, labels, documents, *positions = (_joined(parts) for parts in zip(*windows))
         count = int(documents.max()) + 1
-        merged, merged_labels = objective.aggregate(logits, documents, count), objective.aggregate_labels(labels, documents, count)
+        merged = objective.aggregate(logits, documents, count, *positions)
+        merged_labels = objective.aggregate_labels(labels, documents, count, *positions)
         for start in range(0, count, DOCUMENT_CHUNK):
             yield merged[start : start + DOCUMENT_CHUNK], merged_labels[start : start + DOCUMENT_CHUNK]
+
+
+def _joined(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Batches' tensors as one; per-token ones (a tagger's windows), each as wide as its batch,
+    padded to the widest with IGNORE_LABEL, which no place, tag or read logit is."""
+    width = max(part.shape[1] for part in parts) if parts[0].dim() > 1 else 0
+    return torch.cat([
+        torch.nn.functional.pad(part, (0, 0) * (part.dim() - 2) + (0, width - part.shape[1]), value=IGNORE_LABEL)
+        if part.dim() > 1 and part.shape[1] < width else part
+        for part in parts
+    ])
 
 
 def predict_scores(

@@ -258,13 +258,17 @@ def test_byte_level_bpe_reads_each_word_as_following_a_space():
     assert split_words("John  Smith went", tokenizer) == [("John", (0, 4)), ("Smith", (6, 11)), ("went", (12, 16))]
 
 
-def test_a_sentence_longer_than_max_length_is_cut_with_a_warning(tiny_model_dir, caplog):
+def test_a_long_sentence_is_windowed_and_only_long_text_truncate_cuts_it_with_a_warning(tiny_model_dir, caplog):
     from transformers import AutoTokenizer
 
     from ftcli.data.prepare import tokenize_words
 
     rows = [{"tokens": ["word"] * 20}, {"tokens": ["short"]}]
-    tokenized = tokenize_words(rows, _data(max_length=8), AutoTokenizer.from_pretrained(tiny_model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    windowed = tokenize_words(rows, _data(max_length=8), tokenizer)  # the default: windows (tests/test_token_windows.py)
+    assert windowed["doc"] == [0, 0, 0, 0, 0, 1] and "were cut" not in caplog.text
+    assert sorted({word for ids in windowed["word_ids"][:5] for word in ids if word is not None}) == list(range(20))
+    tokenized = tokenize_words(rows, _data(max_length=8, long_text="truncate"), tokenizer)
     assert tokenized["word_ids"][0] == [None, 0, 1, 2, 3, 4, 5, None]
     assert "1 sentences are longer than data.max_length=8 tokens: their last 14 words were cut" in caplog.text
 

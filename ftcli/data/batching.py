@@ -15,6 +15,8 @@ from datasets import Dataset
 from ftcli.data.padding import pad_array
 
 MODEL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
+# A window's document, and (token_classification) each of its tokens' place there or -1: no model input.
+DOCUMENT_COLUMNS = ("doc", "doc_positions")
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -43,6 +45,8 @@ def collate(
         batch["labels"] = label_tensor([row["labels"] for row in features], longest)
     if "doc" in features[0]:  # long_text window: which document each window is of
         batch["doc"] = torch.tensor([row["doc"] for row in features], dtype=torch.long)
+    if "doc_positions" in features[0]:  # and where its tokens go in it, padded as "reported by no window"
+        batch["doc_positions"] = pad_rows([row["doc_positions"] for row in features], longest, -1)
     return batch
 
 

@@ -178,19 +178,110 @@ def tokenize_words(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerB
     """Rows of words (token_classification) tokenized as pre-split words, with each sub-token's
     word (`word_ids`, None for special tokens). A row whose words are one string (ftcli predict's
     text) is split by the tokenizer's pre-tokenizer, each word's characters kept (`spans`). A
-    sentence longer than data.max_length is truncated, with a warning counting what was cut."""
+    sentence longer than data.max_length is split into windows of whole words (`word_windows`),
+    each a row with its sentence's index (`doc`) and each token's place in the sentence where this
+    window is the one that reports it (`doc_positions`, -1 elsewhere); with long_text: truncate
+    it is cut, with a warning counting what was cut. A split with no sentence too long gets no
+    window columns: its rows are exactly those of a sentence tokenized whole."""
     cells = [row[data.text_fields[0]] for row in rows]
     spans = [split_words(cell, tokenizer) if isinstance(cell, str) else None for cell in cells]
     words = [[word for word, _ in split] if split is not None else cell for cell, split in zip(cells, spans)]
     tokenizer = prefix_spaced(tokenizer)
     encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=data.max_length)
-    full = [len(ids) for ids in tokenizer(words, is_split_into_words=True, truncation=False)["input_ids"]]
+    whole = tokenizer(words, is_split_into_words=True, truncation=False)
+    full = [len(ids) for ids in whole["input_ids"]]
     word_ids = [encoded.word_ids(index) for index in range(len(words))]
-    _warn_cut(words, word_ids, data.max_length)
     columns = dict(encoded) | {"length": [len(ids) for ids in encoded["input_ids"]], "full_length": full, "word_ids": word_ids}
     if any(split is not None for split in spans):
         columns["spans"] = [[list(span) for _, span in split or []] for split in spans]
+    if data.long_text == "truncate":
+        _warn_cut(words, word_ids, data.max_length)
+    elif max(full, default=0) > data.max_length:
+        columns = _windowed(columns, whole, data)
     return Dataset.from_dict(columns)
+
+
+def word_windows(pieces: list[int], room: int, stride: int) -> list[tuple[int, int]]:
+    """The windows (first word, word after the last) of a sentence whose words have `pieces`
+    sub-tokens each: as many whole words as `room` pieces hold, each window sharing with the one
+    before the fewest last words that make `stride` pieces or more, fewer where the next word
+    would not fit beside them. A word of more pieces than the room is a window alone (its first
+    `room` pieces: its tag sits on the first)."""
+    windows, start = [], 0
+    while True:
+        end, used = start, 0
+        while end < len(pieces) and used + pieces[end] <= room:
+            used, end = used + pieces[end], end + 1
+        end = max(end, start + 1)
+        windows.append((start, end))
+        if end >= len(pieces):
+            return windows
+        start, shared = end, 0
+        while start - 1 > windows[-1][0] and shared < stride and shared + pieces[start - 1] + pieces[end] <= room:
+            start, shared = start - 1, shared + pieces[start - 1]
+
+
+def central_windows(pieces: list[int], windows: list[tuple[int, int]]) -> list[int]:
+    """For each word, the window it is most central in: the one with the most pieces between the
+    word and the window's nearer edge; the earlier window on a tie. (A sentence's own start and
+    end need no exception: a word's later window always reaches further past it.)"""
+    starts = np.concatenate([[0], np.cumsum(pieces)])
+    owner, best = [-1] * len(pieces), [-1] * len(pieces)
+    for index, (first, end) in enumerate(windows):
+        for word in range(first, end):
+            room_around = int(min(starts[word] - starts[first], starts[end] - starts[word + 1]))
+            if room_around > best[word]:
+                owner[word], best[word] = index, room_around
+    return owner
+
+
+def _windowed(columns: dict[str, list], whole: Any, data: DataConfig) -> dict[str, list]:
+    """Every sentence as rows: one that fits as it was tokenized (reporting each of its tokens),
+    a longer one as its windows (`_sentence_windows`), each row with `doc` and `doc_positions`."""
+    rows: dict[str, list] = {column: [] for column in [*columns, "doc", "doc_positions"]}
+    for sentence, length in enumerate(columns["full_length"]):
+        if length <= data.max_length:
+            for column in columns:
+                rows[column].append(columns[column][sentence])
+            rows["doc"].append(sentence)
+            rows["doc_positions"].append(list(range(columns["length"][sentence])))
+            continue
+        for places, reported in _sentence_windows(whole.word_ids(sentence), data, sentence):
+            for column in columns:
+                value = columns[column][sentence]
+                if column in whole:  # the model's inputs: the sentence's tokens at the window's places
+                    value = [whole[column][sentence][place] for place in places]
+                rows[column].append(value)
+            rows["word_ids"][-1] = [whole.word_ids(sentence)[place] for place in places]
+            rows["length"][-1] = len(places)
+            rows["doc"].append(sentence)
+            rows["doc_positions"].append([place if keep else -1 for place, keep in zip(places, reported)])
+    return rows
+
+
+def _sentence_windows(word_ids: list[int | None], data: DataConfig, sentence: int) -> list[tuple[list[int], list[bool]]]:
+    """A long sentence's windows as places in its whole tokenization (the special tokens around
+    it, then whole words' pieces), and which places each window reports: its words' pieces where it
+    is their most central window, the leading special tokens in the first window, the trailing ones
+    in the last."""
+    content = [place for place, word in enumerate(word_ids) if word is not None]  # one run: words' pieces follow each other
+    lead, trail = list(range(content[0])), list(range(content[-1] + 1, len(word_ids)))
+    room = data.max_length - len(lead) - len(trail)
+    if room < 1:
+        raise FtcliError(
+            f"sentence {sentence + 1}: data.max_length={data.max_length} leaves no room for a word beside the "
+            f"{len(lead) + len(trail)} special tokens", "raise data.max_length",
+        )
+    pieces = np.bincount([word_ids[place] for place in content]).tolist()
+    starts = np.concatenate([[0], np.cumsum(pieces)])
+    windows = word_windows(pieces, room, data.stride)
+    owner = central_windows(pieces, windows)
+    result = []
+    for index, (first, end) in enumerate(windows):
+        places = content[starts[first] : starts[end]][:room]
+        reported = [index == 0] * len(lead) + [owner[word_ids[place]] == index for place in places] + [index == len(windows) - 1] * len(trail)
+        result.append((lead + places + trail, reported))
+    return result
 
 
 def split_words(text: str, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, tuple[int, int]]]:
@@ -304,10 +395,13 @@ def _build(
         if split == "train":
             tasks.get(task).check_training_labels(labels, label_names)
         tokenized = tokenize_for(task, rows, data, tokenizer)
+        if "doc" in tokenized.column_names:  # windows: each its document's label
+            labels = [labels[doc] for doc in tokenized["doc"]]
         if tasks.get(task).token_level:  # a tag per sub-token, from each word's
-            labels = tasks.get(task).align_labels(labels, tokenized["word_ids"], data, label_names)
-        tokenized = tokenized.add_column("labels", [labels[doc] for doc in tokenized["doc"]] if "doc" in tokenized.column_names else labels)
-        summary[split] = _summarize(tokenized, label_names, task)
+            positions = tokenized["doc_positions"] if "doc_positions" in tokenized.column_names else None
+            labels = tasks.get(task).align_labels(labels, tokenized["word_ids"], data, label_names, positions)
+        tokenized = tokenized.add_column("labels", labels)
+        summary[split] = _summarize(tokenized, label_names, task, data.long_text == "window")
         splits[split] = tokenized.remove_columns("full_length")
     return Prepared(DatasetDict(splits), label_names, summary, fingerprint, cache_dir)
 
@@ -319,7 +413,7 @@ def _hold_out_fold(prepared: Prepared, data: DataConfig, task: str) -> Prepared:
     for split in origin:
         # The cache keeps no untruncated lengths: a fold counts the examples cut at max_length.
         lengths = splits[split].add_column("full_length", splits[split]["length"])
-        summary[split] = _summarize(lengths, prepared.label_names, task)
+        summary[split] = _summarize(lengths, prepared.label_names, task, data.long_text == "window")
         if data.long_text == "truncate":
             summary[split].truncated = int((np.asarray(lengths["length"]) >= data.max_length).sum())
     return replace(prepared, splits=splits, summary=summary, origin=origin)
@@ -334,8 +428,13 @@ def split_rows(data: DataConfig, prepared: Prepared, split: str) -> Rows:
     return raw[split]
 
 
-def _summarize(tokenized: Dataset, label_names: list[str], task: str) -> SplitSummary:
-    windows, windowed = None, 0
+def _summarize(tokenized: Dataset, label_names: list[str], task: str, windowing: bool = False) -> SplitSummary:
+    """A split's documents, labels and lengths. windowing: long_text window, where a tagger's split
+    with no sentence too long is still reported as windows (one per sentence), none split."""
+    token_level = tasks.get(task).token_level
+    windows, windowed = (len(tokenized), 0) if windowing and token_level else (None, 0)
+    # A tagger's windows each tag the words they report, once: its labels are counted over them all.
+    labels = label_values(tokenized["labels"], task) if token_level else None
     if "doc" in tokenized.column_names:  # one row per window: summarise the documents
         docs = np.asarray(tokenized["doc"])
         windows, windowed = len(docs), int((np.bincount(docs) > 1).sum())
@@ -343,7 +442,7 @@ def _summarize(tokenized: Dataset, label_names: list[str], task: str) -> SplitSu
         tokenized = tokenized.select(first)
     full = np.asarray(tokenized["full_length"])
     lengths = np.asarray(tokenized["length"]) if windows is None else full  # windows cut nothing
-    counts, stats = tasks.get(task).label_counts(label_values(tokenized["labels"], task), label_names)
+    counts, stats = tasks.get(task).label_counts(label_values(tokenized["labels"], task) if labels is None else labels, label_names)
     return SplitSummary(
         size=len(tokenized),
         label_counts=counts,

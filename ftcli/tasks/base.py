@@ -98,7 +98,9 @@ class Objective:
 
     def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
         """One row of logits per document from its windows' (long_text: window), so that every
-        other method scores documents as it scores examples."""
+        other method scores documents as it scores examples. token_classification's also takes
+        each window token's place in its sentence (prepare's doc_positions: ftcli.inference passes
+        them after `count` where a split has them)."""
         raise NotImplementedError
 
     def aggregate_labels(self, labels: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
@@ -128,7 +130,7 @@ class Task:
     options: tuple[Option, ...] = ()  # the options only this task reads
     model_head = "sequence_classification"  # the transformers head it trains (modeling.HEADS)
     token_level = False  # a label per token (token_classification), not per example
-    data_defaults: dict[str, Any] = {}  # data options it sets when the config leaves them out
+    data_defaults: dict[str, Any] = {}  # data options it sets when the config leaves them out (a value, or a function of the data options given)
     not_yet: tuple[str, ...] = ()  # the commands (export, audit, serve) that have no path for it yet
 
     def own_problems(self, config: Any) -> list[str]:

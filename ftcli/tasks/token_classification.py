@@ -28,6 +28,7 @@ NAME = "token_classification"
 IGNORE = -100  # a sub-token the loss and the metrics skip (a word's later pieces, special tokens, padding)
 PREFIXES = ("B", "I", "E", "S")
 SCHEMES = ("auto", "iob1", "iob2", "bioes")
+STRIDE = 32  # data.stride's default, for a max_length of 128 tokens or more
 
 
 # ---------------------------------------------------------------- tag schemes
@@ -238,7 +239,8 @@ def labelled_words(labels: np.ndarray, tokenized: Any, rows: list[dict] | None, 
     """Per sentence, (word number, word) under each labelled piece, from the tokenized split's
     word_ids and the rows' words; without them, the pieces' positions as #1, #2..."""
     known = tokenized is not None and rows is not None and field is not None
-    word_ids, words = tokenized["word_ids"] if known else None, []
+    word_ids = [sentence["word_ids"] for sentence in _sentences(tokenized)] if known else None  # windows put back
+    words = []
     for index, truth in enumerate(labels):
         kept = np.flatnonzero(np.asarray(truth) != IGNORE)
         if not known:
@@ -344,11 +346,39 @@ class TokenObjective(Objective):
         kept = labels != IGNORE
         return SingleLabelObjective(), logits[kept], labels[kept]
 
-    def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int) -> torch.Tensor:
-        raise NotImplementedError("token_classification refuses long_text: window")
+    def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Each sentence's logits at each place of its whole tokenization, from its windows' (rows,
+        tokens, tags): every token's from the one window that reports it (positions: its place, -1
+        where another window reports it), which for a word is the window it is most central in.
+        Places no window reports (the pieces of a word longer than a window, past the window) are
+        zeros."""
+        return _in_sentences(logits, documents, count, positions, 0.0)
+
+    def aggregate_labels(self, labels: torch.Tensor, documents: torch.Tensor, count: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Each sentence's tags, put together as `aggregate` puts its logits (IGNORE elsewhere)."""
+        return _in_sentences(labels, documents, count, positions, IGNORE)
+
+
+def _in_sentences(values: torch.Tensor, documents: torch.Tensor, count: int, positions: torch.Tensor | None, fill: float) -> torch.Tensor:
+    """Windows' values per token (rows, tokens, ...) placed at their sentences' places."""
+    if positions is None:
+        raise ValueError("token_classification's windows are put together by their tokens' places (doc_positions)")
+    rows, tokens = (positions >= 0).nonzero(as_tuple=True)
+    width = int(positions.max()) + 1 if len(rows) else 0
+    merged = values.new_full((count, width, *values.shape[2:]), fill)
+    merged[documents[rows], positions[rows, tokens]] = values[rows, tokens]
+    return merged
 
 
 # ---------------------------------------------------------------- the task
+
+
+def _default_stride(data: dict[str, Any]) -> int:
+    """data.stride left out: a quarter of data.max_length, at most the 32 tokens other tasks
+    default to, so that a short max_length still has windows that advance (the config allows a
+    stride below half of max_length)."""
+    length = data.get("max_length")
+    return min(STRIDE, length // 4) if isinstance(length, int) and not isinstance(length, bool) else STRIDE
 
 
 def _conll_file(config: Any) -> bool:
@@ -361,7 +391,9 @@ class TokenClassification(Task):
     problem_type = None  # transformers has none for token classification
     model_head = "token_classification"
     token_level = True
-    data_defaults = {"text_fields": ["tokens"], "label_field": "ner_tags"}
+    # Long sentences are read in windows unless long_text: truncate says otherwise (a run trained
+    # before windows existed says so in its saved config, and is read as it was trained).
+    data_defaults = {"text_fields": ["tokens"], "label_field": "ner_tags", "long_text": "window", "stride": _default_stride}
     default_metrics = ("f1", "precision", "recall", "accuracy")
     losses = ("cross_entropy",)
     metrics = {
@@ -387,8 +419,6 @@ class TokenClassification(Task):
         problems = ["lora is not supported for token_classification yet: drop the lora section"] if config.lora else []
         if len(config.data.text_fields) != 1:
             problems.append("token_classification reads one column of words: give one data.text_fields (e.g. [tokens])")
-        if config.data.long_text == "window":
-            problems.append("token_classification truncates long sentences (long_text: window is not supported): drop data.long_text")
         return problems
 
     # ---------------------------------------------------------------- labels
@@ -440,9 +470,17 @@ class TokenClassification(Task):
             encoded.append([index[str(tag)] for tag in row[data.label_field]])
         return encoded
 
-    def align_labels(self, word_labels: list[list[int]], word_ids: list[list[int | None]], data: Any, names: list[str]) -> list[list[int]]:
-        """Each sentence's tag ids per sub-token (see `align`)."""
-        return [align(ids, tags, names, data.label_all_subwords) for ids, tags in zip(word_ids, word_labels)]
+    def align_labels(
+        self, word_labels: list[list[int]], word_ids: list[list[int | None]], data: Any, names: list[str],
+        positions: list[list[int]] | None = None,
+    ) -> list[list[int]]:
+        """Each row's tag ids per sub-token (see `align`). positions: windows' (prepare's
+        doc_positions), whose tags are kept only where the window reports the token: a word trains
+        once, in the window it is predicted from, its most central one."""
+        aligned = [align(ids, tags, names, data.label_all_subwords) for ids, tags in zip(word_ids, word_labels)]
+        if positions is None:
+            return aligned
+        return [[tag if place >= 0 else IGNORE for tag, place in zip(row, places)] for row, places in zip(aligned, positions)]
 
     def check_training_labels(self, labels: list, label_names: list[str]) -> None:
         if len({tag for sentence in labels for tag in sentence}) < 2:
@@ -484,7 +522,7 @@ class TokenClassification(Task):
         its first piece: the words' characters in the text (a row of words reads as them joined by
         spaces), the entity's score the mean of its words'."""
         results = []
-        for row_scores, encoded, row in zip(scores, tokenized, rows):
+        for row_scores, encoded, row in zip(scores, _sentences(tokenized), rows):
             cell = row[data.text_fields[0]]
             text = cell if isinstance(cell, str) else " ".join(cell)
             spans = encoded["spans"] if isinstance(cell, str) else _joined_spans(cell)
@@ -628,6 +666,20 @@ def _unfound_types(rows: list[dict[str, Any]], weights: Any) -> dict[str, Any]:
             f"weigh the tags of rarer types up: training.class_weights: balanced{now}" if weights != "balanced" else None,
         ],
     }
+
+def _sentences(tokenized: Any) -> list[dict[str, Any]]:
+    """The tokenized rows (word_ids, and spans where a text was split into words) as sentences: a
+    windowed split's windows put back at their sentences' places, as `aggregate` puts their scores."""
+    if "doc" not in tokenized.column_names:
+        return list(tokenized)
+    sentences: dict[int, dict[str, Any]] = {}
+    for row in tokenized:
+        sentence = sentences.setdefault(row["doc"], {"word_ids": [], "spans": row.get("spans")})
+        for place, word in zip(row["doc_positions"], row["word_ids"]):
+            if place >= 0:
+                sentence["word_ids"] += [None] * (place + 1 - len(sentence["word_ids"]))
+                sentence["word_ids"][place] = word
+    return [sentences[doc] for doc in sorted(sentences)]
 
 
 def _with_file(where: str, data: Any) -> str:

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from ftcli.data.batching import collate
+from ftcli.data.batching import DOCUMENT_COLUMNS, collate
 from ftcli.data.padding import length_sorted_batches
 from ftcli.inference import by_document, score
 from ftcli.metrics import MetricSuite
@@ -50,12 +50,13 @@ def evaluate(
 
     def gathered_batches():
         for batch in loader:
-            labels, documents = batch.pop("labels"), batch.pop("doc", None)
+            labels = batch.pop("labels")
+            documents = tuple(batch.pop(column) for column in DOCUMENT_COLUMNS if column in batch)  # windows
             with torch.autocast(accelerator.device.type, dtype=autocast, enabled=autocast is not None):
                 logits = model(**batch).logits.float()
             # With several processes the last batch is topped up with repeated examples so that
             # every process has one; gather_for_metrics drops them, so each example counts once.
-            yield accelerator.gather_for_metrics((logits, labels) if documents is None else (logits, labels, documents))
+            yield accelerator.gather_for_metrics((logits, labels, *documents))
 
     model.eval()
     with torch.no_grad(), attention_kernels(accelerator.device):  # evaluation brings many shapes

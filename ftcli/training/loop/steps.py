@@ -15,7 +15,7 @@ from accelerate.data_loader import DataLoaderShard
 from datasets import Dataset
 
 from ftcli.config import TrainingConfig
-from ftcli.data.batching import DeviceTensors, collate
+from ftcli.data.batching import DOCUMENT_COLUMNS, DeviceTensors, collate
 from ftcli.training.loop.evaluation import private_generator
 from ftcli.training.loop.graphs import GraphedTrainStep
 from ftcli.training.loop.plan import BatchPlan
@@ -62,7 +62,8 @@ class EagerStep:
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
             labels = batch.pop("labels")
-            batch.pop("doc", None)  # long_text window: each window trains with its document's label
+            for column in DOCUMENT_COLUMNS:  # long_text window: each window trains with its own labels
+                batch.pop(column, None)
             self.real_tokens += batch["attention_mask"].sum()  # a device tensor: no sync
             self.padded_tokens += batch["input_ids"].numel()
             loss_sum = self.objective.training_loss_sum(self.model(**batch).logits, labels)
