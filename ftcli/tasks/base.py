@@ -62,6 +62,9 @@ class Objective:
     nothing task-specific. Losses are sums over the examples of a batch."""
 
     task: str
+    # Windows put together by taking each output whole from one window (a tagger's tokens), not by
+    # averaging: the merged logits are then plain rows, which a temperature scales without flipping.
+    picks_from_windows = False
 
     def to(self, device: torch.device) -> Objective:
         """The same objective with its tensors on `device` (moved once, not at every step)."""

@@ -292,6 +292,7 @@ class TokenObjective(Objective):
     every objective's losses are (so the callers' division by examples gives the mean sentence)."""
 
     task = NAME
+    picks_from_windows = True  # each token from the window it is most central in
 
     def __init__(self, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
         self.class_weights = class_weights

@@ -61,6 +61,8 @@ def decide(
         return decisions
     rows = row_logits(model, validation, config.training.eval_batch_size, pad_token_id, runtime)
     labels, documents = document_labels(validation, objective), documents_of(validation)
+    if documents is not None and objective.picks_from_windows:  # merged, they are rows like any others
+        rows, documents = objective.aggregate(rows, *documents), None
     per_example = _per_example(objective, documents)
     if calibrating:
         # What the task fits on: its examples, or the words of a tagger's sentences (the same rows for a windowed split).
