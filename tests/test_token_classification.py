@@ -249,7 +249,8 @@ def _byte_level_tokenizer():
 
 
 def test_byte_level_bpe_reads_each_word_as_following_a_space():
-    from ftcli.data.prepare import split_words, tokenize_words
+    from ftcli.data.prepare import tokenize_words
+    from ftcli.data.words import split_words
 
     tokenizer = _byte_level_tokenizer()
     tokenized = tokenize_words([{"tokens": ["then", "Smith", "went"]}], _data(), tokenizer)

@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -24,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from ftcli.config import DataConfig
 from ftcli.data.folds import hold_out
 from ftcli.data.sources import HubDataset, LocalFiles, Source
+from ftcli.data.words import prefix_spaced_backend, words_of
 from ftcli.errors import FtcliError
 from ftcli.fileio import cache_home
 from ftcli.formats import Rows, check_texts
@@ -179,9 +179,7 @@ def tokenize_words(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerB
     word (`word_ids`, None for special tokens). A row whose words are one string (ftcli predict's
     text) is split by the tokenizer's pre-tokenizer, each word's characters kept (`spans`). A
     sentence longer than data.max_length is truncated, with a warning counting what was cut."""
-    cells = [row[data.text_fields[0]] for row in rows]
-    spans = [split_words(cell, tokenizer) if isinstance(cell, str) else None for cell in cells]
-    words = [[word for word, _ in split] if split is not None else cell for cell, split in zip(cells, spans)]
+    words, spans = words_of([row[data.text_fields[0]] for row in rows], tokenizer)
     tokenizer = prefix_spaced(tokenizer)
     encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=data.max_length)
     full = [len(ids) for ids in tokenizer(words, is_split_into_words=True, truncation=False)["input_ids"]]
@@ -189,43 +187,19 @@ def tokenize_words(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerB
     _warn_cut(words, word_ids, data.max_length)
     columns = dict(encoded) | {"length": [len(ids) for ids in encoded["input_ids"]], "full_length": full, "word_ids": word_ids}
     if any(split is not None for split in spans):
-        columns["spans"] = [[list(span) for _, span in split or []] for split in spans]
+        columns["spans"] = [[list(span) for span in found or []] for found in spans]
     return Dataset.from_dict(columns)
 
 
-def split_words(text: str, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, tuple[int, int]]]:
-    """A text's words as the tokenizer's pre-tokenizer cuts them, each with its characters
-    (start, end); on whitespace for a tokenizer without one."""
-    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
-    if pre is None:
-        return [(found.group(), found.span()) for found in re.finditer(r"\S+", text)]
-    words = []
-    for _, (start, end) in pre.pre_tokenize_str(text):
-        piece = text[start:end]
-        start, end = start + len(piece) - len(piece.lstrip()), end - (len(piece) - len(piece.rstrip()))
-        if end > start:  # byte-level BPE's words carry the space before them, or are one
-            words.append((text[start:end], (start, end)))
-    return words
-
-
 def prefix_spaced(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """The tokenizer, or for byte-level BPE (RoBERTa, GPT-2) a copy that reads each pre-split word
-    as following a space (add_prefix_space), as the word does in running text: without it a word
-    is cut into the pieces of a word's start (Smith -> Sm, ith rather than one ĠSmith)."""
+    """The tokenizer, or for byte-level BPE a copy that reads each pre-split word as following a
+    space (words.prefix_spaced_backend)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    spaced = prefix_spaced_backend(backend) if backend is not None else None
+    if spaced is None:
         return tokenizer
-    state = json.loads(backend.to_str())
-    pre = state.get("pre_tokenizer") or {}
-    byte_level = [part for part in [pre, *pre.get("pretokenizers", [])] if part.get("type") == "ByteLevel" and not part.get("add_prefix_space")]
-    if not byte_level:
-        return tokenizer
-    for part in byte_level:
-        part["add_prefix_space"] = True
-    from tokenizers import Tokenizer
-
     copied = copy.deepcopy(tokenizer)
-    copied._tokenizer = Tokenizer.from_str(json.dumps(state))
+    copied._tokenizer = spaced
     return copied
 
 

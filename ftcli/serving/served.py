@@ -1,9 +1,10 @@
 """The model a server answers with: a run's tokenizer, objective and label names beside an engine,
 and the two translations around a forward pass: texts to token rows, logits to answers.
 
-Token rows are made exactly as `ftcli predict` makes them (data.prepare.tokenize_rows: truncation
-to data.max_length, or with long_text: window overlapping windows), and an answer holds exactly the
-fields `ftcli predict` gives (tasks.prediction_fields), so a server and the command agree.
+Token rows are made exactly as `ftcli predict` makes them (data.prepare.tokenize_for: truncation
+to data.max_length, with long_text: window overlapping windows, or token_classification's words),
+and answers are what `ftcli predict` gives (the task's row_predictions: for token_classification
+each text's entities, read off its words), so a server and the command agree.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from transformers import PreTrainedTokenizerBase
 import ftcli
 from ftcli.config import Config
 from ftcli.data.batching import MODEL_COLUMNS
-from ftcli.data.prepare import tokenize_rows
-from ftcli.tasks import prediction_fields
+from ftcli.data.prepare import tokenize_for
 from ftcli.errors import FtcliError
 from ftcli.modeling import label_names_of
 from ftcli.objective import Objective
@@ -60,6 +60,11 @@ class ServedModel:
     def windowed(self) -> bool:
         return self.config.data.long_text == "window"
 
+    @property
+    def token_level(self) -> bool:
+        """Whether the model tags each word (token_classification) rather than a text."""
+        return tasks.get(self.config.task).token_level
+
     def encode(self, inputs: list[Texts], truncate: bool = True) -> list[list[Row]]:
         """Each input's token rows (one, or a windowed input's windows). truncate=False: TooLong
         for the first input longer than data.max_length."""
@@ -70,20 +75,22 @@ class ServedModel:
             longest = max(range(len(full)), key=lambda index: len(full[index]))
             if len(full[longest]) > max_length:
                 raise TooLong(longest, len(full[longest]))
-        if self.windowed:
-            return self._windows(inputs)
+        if self.windowed or self.token_level:
+            return self._tokenized(inputs)
         encoded = self.tokenizer(*columns, truncation=True, max_length=max_length)  # as tokenize_rows does
         names = [name for name in MODEL_COLUMNS if name in encoded]
         return [[{name: encoded[name][index] for name in names}] for index in range(len(inputs))]
 
-    def _windows(self, inputs: list[Texts]) -> list[list[Row]]:
+    def _tokenized(self, inputs: list[Texts]) -> list[list[Row]]:
+        """Each input's rows as ftcli predict tokenizes them: a windowed text's windows, or a
+        text's words with their pieces (each row keeps its every column: the words' are read back
+        by row_predictions)."""
         rows = [dict(zip(self.text_fields, texts)) for texts in inputs]
-        dataset = tokenize_rows(rows, self.config.data, self.tokenizer)
-        names = [name for name in MODEL_COLUMNS if name in dataset.column_names]
-        windows: list[list[Row]] = [[] for _ in inputs]
-        for window in dataset.to_list():
-            windows[window["doc"]].append({name: window[name] for name in names})
-        return windows
+        dataset = tokenize_for(self.config.task, rows, self.config.data, self.tokenizer)
+        tokenized: list[list[Row]] = [[] for _ in inputs]
+        for index, row in enumerate(dataset.to_list()):
+            tokenized[row.get("doc", index)].append(row)
+        return tokenized
 
     def logits_of(self, row_logits: np.ndarray) -> torch.Tensor:
         """One input's logits (1, labels) from its rows': a windowed input's put together as
@@ -93,10 +100,12 @@ class ServedModel:
             return self.objective.aggregate(logits, torch.zeros(len(logits), dtype=torch.long), 1)
         return logits
 
-    def prediction(self, row_logits: np.ndarray) -> dict[str, Any]:
-        """What ftcli predict gives for this input."""
-        scores = self.objective.scores(self.logits_of(row_logits)).numpy()
-        return prediction_fields(self.objective, self.label_names, scores[0])
+    def predictions(self, inputs: list[Texts], rows: list[list[Row]], logits: list[np.ndarray]) -> list[dict[str, Any]]:
+        """What ftcli predict gives for these inputs, from their rows (encode) and their rows' logits."""
+        scores = [self.objective.scores(self.logits_of(input_logits)).numpy()[0] for input_logits in logits]
+        texts = [dict(zip(self.text_fields, input_texts)) for input_texts in inputs]
+        tokenized = [input_rows[0] for input_rows in rows]  # a windowed text's windows are decided as one
+        return tasks.get(self.config.task).row_predictions(self.objective, self.label_names, scores, tokenized, texts, self.config.data)
 
     def label_scores(self, row_logits: np.ndarray, raw_scores: bool) -> list[dict[str, Any]]:
         """text-embeddings-inference's answer: every label with its score (probability, or the
