@@ -1,6 +1,7 @@
 """Prediction with a run's ONNX export, without torch or transformers: onnxruntime computes the
 logits, the `tokenizers` library tokenizes as transformers does for the torch path
-(data.prepare.tokenize_rows), and the run's task decides in numpy (ftcli.tasks), so both engines
+(data.prepare.tokenize_rows; a tagger's text cut into words by data.words, as tokenize_words
+cuts it), and the run's task decides in numpy (ftcli.tasks: its row_predictions), so both engines
 give the same fields.
 A `ftcli predict` process on this path imports numpy, onnxruntime and tokenizers: MiniLM predicts
 a pair in 0.8 s on two cores, where importing torch and transformers' modeling code takes 6.
