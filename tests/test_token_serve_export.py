@@ -17,7 +17,7 @@ import yaml
 from conftest import invoke, write_rows
 from test_push import hub_online  # noqa: F401 (a fixture)
 from test_serve import _batch_histogram, serving
-from test_token_classification import ner_config
+from test_token_classification import _byte_level_tokenizer, _data, ner_config
 
 from ftcli.commands.predict import predict
 
@@ -92,6 +92,19 @@ def test_the_server_answers_the_entities_ftcli_predict_gives(tagger, expected):
         metrics = client.get("/metrics").text
         assert 'ftcli_requests_total{route="/v1/predict",status="200"} 3.0' in metrics
         assert 'ftcli_requests_total{route="/predict",status="422"} 1.0' in metrics
+
+
+def test_the_server_copies_a_byte_level_tokenizer_once_and_cuts_the_words_predict_cuts():
+    from ftcli.data.prepare import prefix_spaced, word_columns
+    from ftcli.data.words import split_words
+
+    tokenizer = _byte_level_tokenizer()
+    spaced = prefix_spaced(tokenizer)  # as load_served makes it
+    assert spaced is not tokenizer and prefix_spaced(spaced) is spaced  # no copy at each request
+    texts = ["John  Smith went", "  Paris, today!", "é café\tnaïve\nthen", "x", "中文 字 😀 it's"]
+    assert [split_words(text, spaced) for text in texts] == [split_words(text, tokenizer) for text in texts]
+    rows = [{"tokens": text} for text in texts]
+    assert word_columns(rows, _data(), spaced) == word_columns(rows, _data(), tokenizer)
 
 
 def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_entities(tagger, expected):

@@ -61,15 +61,7 @@ def create_app(
         """Each input's rows and their logits, from the batcher."""
         if not state["ready"]:
             raise ApiError(503, "the model is still loading", "retry in a moment", {"Retry-After": RETRY_AFTER_SECONDS})
-        try:
-            rows = served.encode(inputs, truncate)
-        except TooLong as error:
-            raise ApiError(
-                413, f"input {error.index} has {error.tokens} tokens, more than data.max_length={served.config.data.max_length}",
-                'send "truncate": true',
-            ) from None
-        except FtcliError as error:  # e.g. a pair whose second text leaves no room for windows
-            raise ApiError(422, error.message, error.hint) from None
+        rows = _encoded(served, inputs, truncate)
         if sum(len(input_rows) for input_rows in rows) > batcher.max_queue:
             raise ApiError(413, f"more inputs than the server's queue holds ({batcher.max_queue})", "split them over several requests")
         try:
@@ -115,6 +107,19 @@ def create_app(
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return app
+
+
+def _encoded(served: ServedModel, inputs: list[Texts], truncate: bool) -> list[list[Row]]:
+    """Each input's rows (ServedModel.encode), or the 4xx that says why not."""
+    try:
+        return served.encode(inputs, truncate)
+    except TooLong as error:
+        raise ApiError(
+            413, f"input {error.index} has {error.tokens} tokens, more than data.max_length={served.config.data.max_length}",
+            'send "truncate": true',
+        ) from None
+    except FtcliError as error:  # e.g. a pair whose second text leaves no room for windows
+        raise ApiError(422, error.message, error.hint) from None
 
 
 def _warm(served: ServedModel, batcher: Batcher, state: dict[str, bool]) -> None:

@@ -1,10 +1,10 @@
 """The model a server answers with: a run's tokenizer, objective and label names beside an engine,
 and the two translations around a forward pass: texts to token rows, logits to answers.
 
-Token rows are made exactly as `ftcli predict` makes them (data.prepare.tokenize_for: truncation
-to data.max_length, with long_text: window overlapping windows, or token_classification's words),
-and answers are what `ftcli predict` gives (the task's row_predictions: for token_classification
-each text's entities, read off its words), so a server and the command agree.
+Token rows are made exactly as `ftcli predict` makes them (data.prepare.tokenize_rows: truncation
+to data.max_length, or with long_text: window overlapping windows; a tagger's words as
+tokenize_words makes them), and answers are what `ftcli predict` gives (the task's
+row_predictions: a tagger's entities, read off its words), so a server and the command agree.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 import ftcli
 from ftcli.config import Config
 from ftcli.data.batching import MODEL_COLUMNS
-from ftcli.data.prepare import tokenize_for
+from ftcli.data.prepare import prefix_spaced, tokenize_rows, word_columns
 from ftcli.errors import FtcliError
 from ftcli.modeling import label_names_of
 from ftcli.objective import Objective
@@ -75,22 +75,28 @@ class ServedModel:
             longest = max(range(len(full)), key=lambda index: len(full[index]))
             if len(full[longest]) > max_length:
                 raise TooLong(longest, len(full[longest]))
-        if self.windowed or self.token_level:
-            return self._tokenized(inputs)
+        if self.windowed:
+            return self._windows(inputs)
+        if self.token_level:
+            return self._words(inputs)
         encoded = self.tokenizer(*columns, truncation=True, max_length=max_length)  # as tokenize_rows does
         names = [name for name in MODEL_COLUMNS if name in encoded]
         return [[{name: encoded[name][index] for name in names}] for index in range(len(inputs))]
 
-    def _tokenized(self, inputs: list[Texts]) -> list[list[Row]]:
-        """Each input's rows as ftcli predict tokenizes them: a windowed text's windows, or a
-        text's words with their pieces (each row keeps its every column: the words' are read back
-        by row_predictions)."""
+    def _windows(self, inputs: list[Texts]) -> list[list[Row]]:
         rows = [dict(zip(self.text_fields, texts)) for texts in inputs]
-        dataset = tokenize_for(self.config.task, rows, self.config.data, self.tokenizer)
-        tokenized: list[list[Row]] = [[] for _ in inputs]
-        for index, row in enumerate(dataset.to_list()):
-            tokenized[row.get("doc", index)].append(row)
-        return tokenized
+        dataset = tokenize_rows(rows, self.config.data, self.tokenizer)
+        names = [name for name in MODEL_COLUMNS if name in dataset.column_names]
+        windows: list[list[Row]] = [[] for _ in inputs]
+        for window in dataset.to_list():
+            windows[window["doc"]].append({name: window[name] for name in names})
+        return windows
+
+    def _words(self, inputs: list[Texts]) -> list[list[Row]]:
+        """Each text's words and their pieces, as ftcli predict tokenizes them (tokenize_words'
+        columns); a row keeps its words (word_ids, spans) for row_predictions."""
+        columns = word_columns([dict(zip(self.text_fields, texts)) for texts in inputs], self.config.data, self.tokenizer)
+        return [[{name: values[index] for name, values in columns.items()}] for index in range(len(inputs))]
 
     def logits_of(self, row_logits: np.ndarray) -> torch.Tensor:
         """One input's logits (1, labels) from its rows': a windowed input's put together as
@@ -142,6 +148,9 @@ def load_served(run_path: str | Path, engine: str = "torch", quantized: bool = F
         raise FtcliError("--quantized serves the int8 ONNX export", "add --engine onnx")
     loaded = load_run(run_path)
     names = label_names_of(loaded.model)
+    # A tagger's words read as following a space (byte-level BPE), copied once here rather than at
+    # every request; its pre-tokenizer cuts a text into the same words as the original's.
+    tokenizer = prefix_spaced(loaded.tokenizer) if tasks.get(loaded.config.task).token_level else loaded.tokenizer
     if engine == "onnx":
         served: Engine = OnnxEngine(onnx_file_of(loaded.run, quantized), threads)
         precision = "int8" if quantized else "fp32"
@@ -150,5 +159,5 @@ def load_served(run_path: str | Path, engine: str = "torch", quantized: bool = F
         served = TorchEngine(loaded.model, runtime, str(loaded.weights), threads)
         precision = runtime.precision
     return ServedModel(
-        loaded.run.path.name, loaded.config, loaded.tokenizer, loaded.objective, names, served, precision
+        loaded.run.path.name, loaded.config, tokenizer, loaded.objective, names, served, precision
     )
