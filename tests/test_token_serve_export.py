@@ -132,6 +132,25 @@ def test_export_keeps_logits_per_token_and_judges_int8_on_entity_f1(tagger, expo
     assert gate["kept"] == (gate["drop"] <= gate["max_drop"]) == (tagger / "export" / "model.int8.onnx").is_file()
 
 
+def test_the_int8_gate_scores_entity_f1_as_evaluate_does_not_token_accuracy(tagger, exported):
+    """The tagger is perfect on validation (F1 = accuracy = 1): on gold tags whose B-person became
+    I-person (no person entity in strict IOB2), entity F1 and token accuracy part ways."""
+    from ftcli.commands.export import onnx_metric
+    from ftcli.data.prepare import prepare
+    from ftcli.inference import evaluate_dataset
+    from ftcli.runs.loading import load_run
+    from ftcli.runtime import Runtime
+
+    loaded = load_run(tagger)
+    names = [loaded.model.config.id2label[index] for index in range(loaded.model.config.num_labels)]
+    begin, inside = names.index("B-person"), names.index("I-person")
+    validation = prepare(loaded.config.data, loaded.tokenizer, loaded.config.task).splits["validation"]
+    harder = validation.map(lambda row: {"labels": [inside if tag == begin else tag for tag in row["labels"]]})
+    torch_scores = evaluate_dataset(loaded.model, harder, loaded.config.metrics, 8, loaded.tokenizer.pad_token_id, Runtime.resolve("fp32"), loaded.objective)
+    assert torch_scores["f1"] < torch_scores["accuracy"] - 0.1, torch_scores
+    assert onnx_metric(tagger / "export" / "model.onnx", harder, loaded, "f1") == pytest.approx(torch_scores["f1"], abs=1e-9)
+
+
 def test_onnx_engine_gives_the_entities_torch_gives_in_predict_and_serve(tagger, expected, exported, tmp_path):
     source = write_rows(tmp_path / "texts.jsonl", [{"tokens": text} for text in TEXTS])
     _same_entities([{"entities": row["entities"]} for row in predict(tagger, source, engine="onnx")], expected, 1e-4)
