@@ -1,6 +1,7 @@
 """Prediction with a run's ONNX export, without torch or transformers: onnxruntime computes the
 logits, the `tokenizers` library tokenizes as transformers does for the torch path
-(data.prepare.tokenize_rows), and the run's task decides in numpy (ftcli.tasks), so both engines
+(data.prepare.tokenize_rows; a tagger's text cut into words by data.words, as tokenize_words
+cuts it), and the run's task decides in numpy (ftcli.tasks: its row_predictions), so both engines
 give the same fields.
 A `ftcli predict` process on this path imports numpy, onnxruntime and tokenizers: MiniLM predicts
 a pair in 0.8 s on two cores, where importing torch and transformers' modeling code takes 6.
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ftcli.data.padding import length_sorted_batches, pad_array
+from ftcli.data.words import prefix_spaced_backend, words_of
 from ftcli.errors import FtcliError
 from ftcli.extras import require
 from ftcli.fileio import file_sha256
@@ -37,7 +39,7 @@ from ftcli.formats import Rows
 from ftcli.runs.rundir import EXPORT_REPORT_FILE, ONNX_FILE, RunDir
 from ftcli.runs.thresholds import decider_for
 from ftcli import tasks
-from ftcli.tasks import Decider, prediction_fields
+from ftcli.tasks import Decider
 
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
@@ -200,20 +202,37 @@ def encode(tokenizer: Tokenizer, rows: Rows, text_fields: list[str]) -> list[Enc
     return tokenizer.encode_batch(list(zip(*columns)) if len(columns) == 2 else columns[0])
 
 
+def encode_words(tokenizer: Tokenizer, rows: Rows, text_field: str) -> tuple[list[Encoding], list[dict[str, Any]]]:
+    """token_classification: each row's words tokenized as pre-split words, as
+    data.prepare.tokenize_words does with transformers, and what the task's row_predictions reads
+    of each: its pieces' words (word_ids) and, for a text, its words' characters (spans)."""
+    words, spans = words_of([row[text_field] for row in rows], tokenizer)
+    encodings = (prefix_spaced_backend(tokenizer) or tokenizer).encode_batch(words, is_pretokenized=True)
+    return encodings, [{"word_ids": encoding.word_ids, "spans": found} for encoding, found in zip(encodings, spans)]
+
+
 def predict_with_export(run: RunDir, config: Config, rows: Rows) -> list[dict[str, Any]]:
-    """Each row's prediction fields (tasks.prediction_fields), in the rows' order."""
+    """Each row's prediction fields (the task's row_predictions, as the torch path gives them), in
+    the rows' order."""
     export = load_export(run, config)
-    encodings = encode(export.tokenizer, rows, config.data.text_fields)
+    task = tasks.get(config.task)
+    if task.token_level:
+        encodings, tokenized = encode_words(export.tokenizer, rows, config.data.text_fields[0])
+    else:
+        encodings = tokenized = encode(export.tokenizer, rows, config.data.text_fields)
     logits = _logits(export, encodings, config.training.eval_batch_size)
     scores = export.decider.scores(logits)
-    return [prediction_fields(export.decider, export.label_names, row_scores) for row_scores in scores]
+    return task.row_predictions(export.decider, export.label_names, scores, tokenized, rows, config.data)
 
 
 def _logits(export: OnnxExport, encodings: list[Encoding], batch_size: int) -> np.ndarray:
     """fp32 logits of every encoding, in their order: batches sorted by length, each padded to its
-    longest row, as the torch path batches."""
+    longest row, as the torch path batches. A graph with logits per token gives (rows, the longest
+    row's tokens, labels), each row's after its last token zeros (inference.logits_store's shape)."""
     inputs = [node.name for node in export.session.get_inputs()]
-    logits = np.zeros((len(encodings), len(export.label_names)), dtype=np.float32)
+    per_token = len(export.session.get_outputs()[0].shape) == 3
+    width = [max((len(encoding.ids) for encoding in encodings), default=0)] if per_token else []
+    logits = np.zeros((len(encodings), *width, len(export.label_names)), dtype=np.float32)
     for indices in length_sorted_batches([len(encoding.ids) for encoding in encodings], batch_size):
         batch = [encodings[index] for index in indices]
         longest = max(len(encoding.ids) for encoding in batch)
@@ -221,7 +240,7 @@ def _logits(export: OnnxExport, encodings: list[Encoding], batch_size: int) -> n
             name: pad_array([getattr(encoding, ENCODING_FIELDS[name]) for encoding in batch], longest, export.pad_token_id if name == "input_ids" else 0)
             for name in inputs
         }
-        logits[indices] = export.session.run(["logits"], feed)[0]
+        logits[(indices, slice(0, longest)) if per_token else indices] = export.session.run(["logits"], feed)[0]
     return logits
 
 

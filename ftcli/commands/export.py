@@ -181,8 +181,9 @@ def onnx_metric(onnx_file: Path, dataset: Dataset, loaded: LoadedRun, metric: st
 
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     names = [node.name for node in session.get_inputs()]
-    config, objective = loaded.config, loaded.objective
-    suite = MetricSuite(config.metrics, loaded.model.config.num_labels, config.task)
+    config, objective, model_config = loaded.config, loaded.objective, loaded.model.config
+    # The label names, as evaluate gives them: token_classification's entity metrics read the tags.
+    suite = MetricSuite(config.metrics, [model_config.id2label[index] for index in range(model_config.num_labels)], config.task)
     rows = dataset.to_list()
 
     def batches():

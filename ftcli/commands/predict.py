@@ -4,7 +4,7 @@ Two engines compute them: the run's ONNX export on onnxruntime (onnx_predict: no
 process starts in a fraction of the time) and PyTorch on model/, a checkpoint or the adapter, in
 any precision. auto takes the export when it is current and nothing asks for torch (--checkpoint,
 --adapter, a precision other than fp32), and falls back to torch with a warning when the export is
-damaged (onnx_predict.DamagedExport). Both give the same fields (tasks.prediction_fields).
+damaged (onnx_predict.DamagedExport). Both give the same fields (the task's row_predictions).
 """
 
 from __future__ import annotations

@@ -101,11 +101,12 @@ def _front_matter(config: Config, metrics: dict[str, Any], repo_id: str) -> str:
     per split and metric) is the form the Hub validates and shows on the model's page."""
     from huggingface_hub import EvalResult, ModelCardData
 
+    pipeline_task = tasks.get(config.task).pipeline_task
     dataset = config.data.hub or "local"
     dataset_name = f"{config.data.hub} {config.data.subset or ''}".strip() if config.data.hub else "local files"
     results = [
         EvalResult(
-            task_type="text-classification", task_name="Text Classification", dataset_type=dataset,
+            task_type=pipeline_task, task_name=pipeline_task.replace("-", " ").title(), dataset_type=dataset,
             dataset_name=dataset_name, dataset_config=config.data.subset, dataset_split=split,
             metric_type=name, metric_value=float(value),
         )
@@ -116,8 +117,8 @@ def _front_matter(config: Config, metrics: dict[str, Any], repo_id: str) -> str:
     ]
     card = ModelCardData(
         library_name="transformers",
-        pipeline_tag="text-classification",
-        tags=["ftcli", "text-classification"] + (["lora"] if config.lora else []),
+        pipeline_tag=pipeline_task,
+        tags=["ftcli", pipeline_task] + (["lora"] if config.lora else []),
         base_model=_base_model(config),
         datasets=[config.data.hub] if config.data.hub else None,
         metrics=config.metrics,
@@ -181,11 +182,12 @@ def _training(config: Config, train: dict[str, Any], env: dict[str, Any]) -> str
 
 
 def _usage(config: Config, repo_id: str) -> str:
+    task = tasks.get(config.task)
     if len(config.data.text_fields) == 2:
         call = 'classifier({"text": "first sentence", "text_pair": "second sentence"})'
     else:
         call = 'classifier("a text to classify")'
     return (
         "## Usage\n\n```python\nfrom transformers import pipeline\n\n"
-        f'classifier = pipeline("text-classification", model="{repo_id}"{tasks.get(config.task).pipeline_arguments})\n{call}\n```'
+        f'classifier = pipeline("{task.pipeline_task}", model="{repo_id}"{task.pipeline_arguments})\n{call}\n```'
     )

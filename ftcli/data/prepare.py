@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -24,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from ftcli.config import DataConfig
 from ftcli.data.folds import hold_out
 from ftcli.data.sources import HubDataset, LocalFiles, Source
+from ftcli.data.words import prefix_spaced_backend, words_of
 from ftcli.errors import FtcliError
 from ftcli.fileio import cache_home
 from ftcli.formats import Rows, check_texts
@@ -183,9 +183,13 @@ def tokenize_words(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerB
     window is the one that reports it (`doc_positions`, -1 elsewhere); with long_text: truncate
     it is cut, with a warning counting what was cut. A split with no sentence too long gets no
     window columns: its rows are exactly those of a sentence tokenized whole."""
-    cells = [row[data.text_fields[0]] for row in rows]
-    spans = [split_words(cell, tokenizer) if isinstance(cell, str) else None for cell in cells]
-    words = [[word for word, _ in split] if split is not None else cell for cell, split in zip(cells, spans)]
+    return Dataset.from_dict(word_columns(rows, data, tokenizer))
+
+
+def word_columns(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
+    """tokenize_words' columns as lists: the server tokenizes a request's texts so, without the
+    tenth of a second a Dataset's fingerprint costs."""
+    words, spans = words_of([row[data.text_fields[0]] for row in rows], tokenizer)
     tokenizer = prefix_spaced(tokenizer)
     encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=data.max_length)
     whole = tokenizer(words, is_split_into_words=True, truncation=False)
@@ -193,12 +197,12 @@ def tokenize_words(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerB
     word_ids = [encoded.word_ids(index) for index in range(len(words))]
     columns = dict(encoded) | {"length": [len(ids) for ids in encoded["input_ids"]], "full_length": full, "word_ids": word_ids}
     if any(split is not None for split in spans):
-        columns["spans"] = [[list(span) for _, span in split or []] for split in spans]
+        columns["spans"] = [[list(span) for span in found or []] for found in spans]
     if data.long_text == "truncate":
         _warn_cut(words, word_ids, data.max_length)
     elif max(full, default=0) > data.max_length:
         columns = _windowed(columns, whole, data)
-    return Dataset.from_dict(columns)
+    return columns
 
 
 def word_windows(pieces: list[int], room: int, stride: int) -> list[tuple[int, int]]:
@@ -284,39 +288,15 @@ def _sentence_windows(word_ids: list[int | None], data: DataConfig, sentence: in
     return result
 
 
-def split_words(text: str, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, tuple[int, int]]]:
-    """A text's words as the tokenizer's pre-tokenizer cuts them, each with its characters
-    (start, end); on whitespace for a tokenizer without one."""
-    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
-    if pre is None:
-        return [(found.group(), found.span()) for found in re.finditer(r"\S+", text)]
-    words = []
-    for _, (start, end) in pre.pre_tokenize_str(text):
-        piece = text[start:end]
-        start, end = start + len(piece) - len(piece.lstrip()), end - (len(piece) - len(piece.rstrip()))
-        if end > start:  # byte-level BPE's words carry the space before them, or are one
-            words.append((text[start:end], (start, end)))
-    return words
-
-
 def prefix_spaced(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """The tokenizer, or for byte-level BPE (RoBERTa, GPT-2) a copy that reads each pre-split word
-    as following a space (add_prefix_space), as the word does in running text: without it a word
-    is cut into the pieces of a word's start (Smith -> Sm, ith rather than one ĠSmith)."""
+    """The tokenizer, or for byte-level BPE a copy that reads each pre-split word as following a
+    space (words.prefix_spaced_backend)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    spaced = prefix_spaced_backend(backend) if backend is not None else None
+    if spaced is None:
         return tokenizer
-    state = json.loads(backend.to_str())
-    pre = state.get("pre_tokenizer") or {}
-    byte_level = [part for part in [pre, *pre.get("pretokenizers", [])] if part.get("type") == "ByteLevel" and not part.get("add_prefix_space")]
-    if not byte_level:
-        return tokenizer
-    for part in byte_level:
-        part["add_prefix_space"] = True
-    from tokenizers import Tokenizer
-
     copied = copy.deepcopy(tokenizer)
-    copied._tokenizer = Tokenizer.from_str(json.dumps(state))
+    copied._tokenizer = spaced
     return copied
 
 

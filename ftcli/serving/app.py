@@ -1,7 +1,8 @@
 """The HTTP face of a served run: FastAPI routes over one ServedModel and its Batcher.
 
-    POST /v1/predict  {"predictions": [...]}: per input the fields ftcli predict gives
+    POST /v1/predict  {"predictions": [...]}: per input the fields ftcli predict gives (a tagger's: its entities)
     POST /predict     text-embeddings-inference's classifier route: [{"label", "score"}, ...] per input
+                      (a label per text: a tagger refuses it, 422)
     GET  /health      200 once the model is loaded and warmed up, 503 before
     GET  /v1/info     model, task, labels, thresholds, text fields, engine, versions
     GET  /metrics     Prometheus text
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ftcli.errors import FtcliError
-from ftcli.serving.batcher import Batcher, QueueFull, warm_up
+from ftcli.serving.batcher import Batcher, QueueFull, Row, warm_up
 from ftcli.serving.metrics import ServingMetrics
 from ftcli.serving.requests import ApiError, Limits, read_json, tei_inputs, v1_inputs
 from ftcli.serving.served import ServedModel, Texts, TooLong
@@ -56,18 +57,11 @@ def create_app(
     _add_guard(app, metrics, api_key)
     _add_error_handlers(app)
 
-    async def logits_of(inputs: list[Texts], truncate: bool = True) -> list[np.ndarray]:
+    async def forward(inputs: list[Texts], truncate: bool = True) -> tuple[list[list[Row]], list[np.ndarray]]:
+        """Each input's rows and their logits, from the batcher."""
         if not state["ready"]:
             raise ApiError(503, "the model is still loading", "retry in a moment", {"Retry-After": RETRY_AFTER_SECONDS})
-        try:
-            rows = served.encode(inputs, truncate)
-        except TooLong as error:
-            raise ApiError(
-                413, f"input {error.index} has {error.tokens} tokens, more than data.max_length={served.config.data.max_length}",
-                'send "truncate": true',
-            ) from None
-        except FtcliError as error:  # e.g. a pair whose second text leaves no room for windows
-            raise ApiError(422, error.message, error.hint) from None
+        rows = _encoded(served, inputs, truncate)
         if sum(len(input_rows) for input_rows in rows) > batcher.max_queue:
             raise ApiError(413, f"more inputs than the server's queue holds ({batcher.max_queue})", "split them over several requests")
         try:
@@ -77,17 +71,22 @@ def create_app(
                 503, f"the server is at capacity ({batcher.max_queue} inputs waiting)", "retry shortly",
                 {"Retry-After": RETRY_AFTER_SECONDS},
             ) from None
-        return await asyncio.gather(*futures)  # cancelled with the request: the batcher skips them
+        return rows, await asyncio.gather(*futures)  # cancelled with the request: the batcher skips them
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> JSONResponse:
         inputs = v1_inputs(await read_json(request, limits), served.text_fields, limits)
-        return JSONResponse({"predictions": [served.prediction(logits) for logits in await logits_of(inputs)]})
+        return JSONResponse({"predictions": served.predictions(inputs, *await forward(inputs))})
 
     @app.post("/predict")
     async def predict_tei(request: Request) -> JSONResponse:
+        if served.token_level:
+            raise ApiError(
+                422, "/predict (text-embeddings-inference's classifier route) gives a label per text, and this model tags words",
+                'POST /v1/predict {"inputs": "a text"}: each text\'s entities with their characters',
+            )
         inputs, batch, raw_scores, truncate = tei_inputs(await read_json(request, limits), served.text_fields, limits)
-        answers = [served.label_scores(logits, raw_scores) for logits in await logits_of(inputs, truncate)]
+        answers = [served.label_scores(logits, raw_scores) for logits in (await forward(inputs, truncate))[1]]
         return JSONResponse(answers if batch else answers[0])
 
     @app.get("/health")
@@ -108,6 +107,19 @@ def create_app(
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return app
+
+
+def _encoded(served: ServedModel, inputs: list[Texts], truncate: bool) -> list[list[Row]]:
+    """Each input's rows (ServedModel.encode), or the 4xx that says why not."""
+    try:
+        return served.encode(inputs, truncate)
+    except TooLong as error:
+        raise ApiError(
+            413, f"input {error.index} has {error.tokens} tokens, more than data.max_length={served.config.data.max_length}",
+            'send "truncate": true',
+        ) from None
+    except FtcliError as error:  # e.g. a pair whose second text leaves no room for windows
+        raise ApiError(422, error.message, error.hint) from None
 
 
 def _warm(served: ServedModel, batcher: Batcher, state: dict[str, bool]) -> None:

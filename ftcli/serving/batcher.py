@@ -15,17 +15,20 @@ import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from ftcli.data.batching import pad_rows, round_up
+from ftcli.data.batching import MODEL_COLUMNS, pad_rows, round_up
 from ftcli.serving.engines import Engine
 from ftcli.serving.metrics import ServingMetrics
 
 log = logging.getLogger("ftcli.serve")
 
-Row = dict[str, list[int]]  # one tokenized row: input_ids, attention_mask [, token_type_ids]
+# One tokenized row: input_ids, attention_mask [, token_type_ids], the model's columns, which the
+# batcher reads; the rest (token_classification's words: word_ids, spans) is the answer's.
+Row = dict[str, Any]
 PAD_MULTIPLE = 8  # tensor-core and SIMD friendly widths; on the CPU it also bounds the shapes seen
 GPU_SMALLEST_BUCKET = 16
 
@@ -103,7 +106,8 @@ class Batcher:
         length = bucket_length(len(ordered[-1]["input_ids"]), self.engine.device.type, self.max_length)
         batch = {
             name: pad_rows([row[name] for row in ordered], length, self.pad_token_id if name == "input_ids" else 0)
-            for name in ordered[0]
+            for name in MODEL_COLUMNS
+            if name in ordered[0]
         }
         computed = self.engine.logits(batch)
         logits = np.empty_like(computed)
@@ -179,7 +183,7 @@ def warm_up(batcher: Batcher, sample: Row) -> None:
     if batcher.engine.device.type == "cuda":
         lengths |= {bucket_length(length, "cuda", batcher.max_length) for length in range(1, batcher.max_length + 1)}
     for length in sorted(lengths):
-        row = {name: (values * length)[:length] for name, values in sample.items()}
+        row = {name: (values * length)[:length] for name, values in sample.items() if name in MODEL_COLUMNS}
         for count in (1, batcher.max_batch):
             batcher.forward([row] * count)
     if batcher.engine.device.type == "cuda":

@@ -2,8 +2,9 @@
 and the two translations around a forward pass: texts to token rows, logits to answers.
 
 Token rows are made exactly as `ftcli predict` makes them (data.prepare.tokenize_rows: truncation
-to data.max_length, or with long_text: window overlapping windows), and an answer holds exactly the
-fields `ftcli predict` gives (tasks.prediction_fields), so a server and the command agree.
+to data.max_length, or with long_text: window overlapping windows; a tagger's words as
+tokenize_words makes them), and answers are what `ftcli predict` gives (the task's
+row_predictions: a tagger's entities, read off its words), so a server and the command agree.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from transformers import PreTrainedTokenizerBase
 import ftcli
 from ftcli.config import Config
 from ftcli.data.batching import MODEL_COLUMNS
-from ftcli.data.prepare import tokenize_rows
-from ftcli.tasks import prediction_fields
+from ftcli.data.prepare import prefix_spaced, tokenize_rows, word_columns
 from ftcli.errors import FtcliError
 from ftcli.modeling import label_names_of
 from ftcli.objective import Objective
@@ -60,6 +60,11 @@ class ServedModel:
     def windowed(self) -> bool:
         return self.config.data.long_text == "window"
 
+    @property
+    def token_level(self) -> bool:
+        """Whether the model tags each word (token_classification) rather than a text."""
+        return tasks.get(self.config.task).token_level
+
     def encode(self, inputs: list[Texts], truncate: bool = True) -> list[list[Row]]:
         """Each input's token rows (one, or a windowed input's windows). truncate=False: TooLong
         for the first input longer than data.max_length."""
@@ -72,6 +77,8 @@ class ServedModel:
                 raise TooLong(longest, len(full[longest]))
         if self.windowed:
             return self._windows(inputs)
+        if self.token_level:
+            return self._words(inputs)
         encoded = self.tokenizer(*columns, truncation=True, max_length=max_length)  # as tokenize_rows does
         names = [name for name in MODEL_COLUMNS if name in encoded]
         return [[{name: encoded[name][index] for name in names}] for index in range(len(inputs))]
@@ -85,6 +92,12 @@ class ServedModel:
             windows[window["doc"]].append({name: window[name] for name in names})
         return windows
 
+    def _words(self, inputs: list[Texts]) -> list[list[Row]]:
+        """Each text's words and their pieces, as ftcli predict tokenizes them (tokenize_words'
+        columns); a row keeps its words (word_ids, spans) for row_predictions."""
+        columns = word_columns([dict(zip(self.text_fields, texts)) for texts in inputs], self.config.data, self.tokenizer)
+        return [[{name: values[index] for name, values in columns.items()}] for index in range(len(inputs))]
+
     def logits_of(self, row_logits: np.ndarray) -> torch.Tensor:
         """One input's logits (1, labels) from its rows': a windowed input's put together as
         ftcli predict puts a document's windows together."""
@@ -93,10 +106,12 @@ class ServedModel:
             return self.objective.aggregate(logits, torch.zeros(len(logits), dtype=torch.long), 1)
         return logits
 
-    def prediction(self, row_logits: np.ndarray) -> dict[str, Any]:
-        """What ftcli predict gives for this input."""
-        scores = self.objective.scores(self.logits_of(row_logits)).numpy()
-        return prediction_fields(self.objective, self.label_names, scores[0])
+    def predictions(self, inputs: list[Texts], rows: list[list[Row]], logits: list[np.ndarray]) -> list[dict[str, Any]]:
+        """What ftcli predict gives for these inputs, from their rows (encode) and their rows' logits."""
+        scores = [self.objective.scores(self.logits_of(input_logits)).numpy()[0] for input_logits in logits]
+        texts = [dict(zip(self.text_fields, input_texts)) for input_texts in inputs]
+        tokenized = [input_rows[0] for input_rows in rows]  # a windowed text's windows are decided as one
+        return tasks.get(self.config.task).row_predictions(self.objective, self.label_names, scores, tokenized, texts, self.config.data)
 
     def label_scores(self, row_logits: np.ndarray, raw_scores: bool) -> list[dict[str, Any]]:
         """text-embeddings-inference's answer: every label with its score (probability, or the
@@ -133,6 +148,9 @@ def load_served(run_path: str | Path, engine: str = "torch", quantized: bool = F
         raise FtcliError("--quantized serves the int8 ONNX export", "add --engine onnx")
     loaded = load_run(run_path)
     names = label_names_of(loaded.model)
+    # A tagger's words read as following a space (byte-level BPE), copied once here rather than at
+    # every request; its pre-tokenizer cuts a text into the same words as the original's.
+    tokenizer = prefix_spaced(loaded.tokenizer) if tasks.get(loaded.config.task).token_level else loaded.tokenizer
     if engine == "onnx":
         served: Engine = OnnxEngine(onnx_file_of(loaded.run, quantized), threads)
         precision = "int8" if quantized else "fp32"
@@ -141,5 +159,5 @@ def load_served(run_path: str | Path, engine: str = "torch", quantized: bool = F
         served = TorchEngine(loaded.model, runtime, str(loaded.weights), threads)
         precision = runtime.precision
     return ServedModel(
-        loaded.run.path.name, loaded.config, loaded.tokenizer, loaded.objective, names, served, precision
+        loaded.run.path.name, loaded.config, tokenizer, loaded.objective, names, served, precision
     )

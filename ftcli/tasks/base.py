@@ -169,6 +169,7 @@ class Task:
 
     # ---------------------------------------------------------------- thresholds after training
 
+    pipeline_task = "text-classification"  # transformers' pipeline() task and the Hub's pipeline_tag, in the model card
     pipeline_arguments = ""  # what transformers' pipeline() needs beyond the model, in the model card
     threshold_is_second_class = False  # its one threshold is the second class's probability
 

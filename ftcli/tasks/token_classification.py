@@ -404,7 +404,9 @@ class TokenClassification(Task):
         "accuracy": MetricSpec((NAME,), about="share of labelled tokens whose tag is right"),
         "f1_macro": MetricSpec((NAME,), about="token_classification: entity-level F1 averaged over the types"),
     }
-    not_yet = ("export", "audit", "serve")
+    not_yet = ("audit",)
+    pipeline_task = "token-classification"
+    pipeline_arguments = ', aggregation_strategy="simple"'  # entities, as ftcli predict gives them
     calibrates = True  # on its words: each labelled piece is one example (TokenObjective.calibration_pairs)
     class_noun = "entity type"
     options = (
@@ -515,7 +517,7 @@ class TokenClassification(Task):
         return scores.argmax(-1)
 
     def prediction_fields(self, decider: Any, names: list[str], scores: np.ndarray) -> dict[str, Any]:
-        raise FtcliError("token_classification is not served yet", "predict with ftcli predict RUN --text ... or --input FILE")
+        raise NotImplementedError("a text's entities need its words: row_predictions gives them")
 
     def row_predictions(self, decider: Any, names: list[str], scores: np.ndarray, tokenized: Any, rows: list[dict], data: Any) -> list[dict[str, Any]]:
         """Each text's entities, as transformers' token-classification pipeline gives them with
