@@ -224,9 +224,6 @@ def test_predict_gives_entities_with_offsets_as_the_pipeline_does(ner_runs):
 def test_export_audit_and_serve_say_they_are_not_supported_yet(ner_runs, tmp_path, tiny_model_dir):
     result = invoke("export", str(ner_runs["loop"]))
     assert result.exit_code == 2 and "ftcli export is not supported for task token_classification yet" in result.output
-    result = invoke("audit", str(ner_config(tmp_path, tiny_model_dir, "loop")))
-    assert result.exit_code == 2 and "ftcli audit is not supported for task token_classification yet" in result.output
-    assert not (tmp_path / "runs").exists()
     from ftcli.commands.serve import ServeOptions, _check
 
     with pytest.raises(FtcliError, match="ftcli serve is not supported for task token_classification yet"):

@@ -230,7 +230,7 @@ def test_predict_tags_rows_of_words_and_conll_files(audited, tmp_path):
     assert result.exit_code == 0, result.output
     first, second = [json.loads(line) for line in output.read_text().splitlines()]
     assert first["tags"] == ["O", "B-person", "O", "O", "B-location", "O"] and second["tags"] == ["O"]
-    assert [(e["entity_group"], e["word"], e["start"]) for e in first["entities"]] == [("person", "Mary", 5), ("location", "Rome", 19)]
+    assert [(e["entity_group"], e["word"], e["start"]) for e in first["entities"]] == [("person", "Mary", 5), ("location", "Rome", 18)]
     conll = write_conll(tmp_path / "more.conll", ner_rows(3, seed=9))
     result = invoke("predict", str(run), "--input", str(conll), "--output", str(output))
     assert result.exit_code == 0, result.output
