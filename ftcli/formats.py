@@ -43,7 +43,7 @@ def check_texts(rows: Rows, text_fields: list[str], where: str) -> None:
             value = row.get(column)
             if isinstance(value, list):  # words with a tag each, given to a task of a label per text
                 raise FtcliError(
-                    f"{where} row {number}: '{column}' is a list (of words?), not text",
+                    f"{where} row {number}: '{column}' is a list, not text",
                     "a tag per word is task: token_classification; a sentence-level task reads one string per text field",
                 )
             if not isinstance(value, str):

@@ -122,7 +122,7 @@ def _check(task: str, rows: list[dict], **data):
 
 def test_rows_of_words_given_to_a_sentence_task_name_token_classification():
     rows = [{"tokens": ["John", "left"], "ner_tags": ["B-person", "O"]}]
-    with pytest.raises(FtcliError, match=r"row 1: 'tokens' is a list \(of words\?\), not text") as error:
+    with pytest.raises(FtcliError, match=r"row 1: 'tokens' is a list, not text") as error:
         _check("single_label", rows, text_fields=["tokens"], label_field="ner_tags")
     assert "task: token_classification" in error.value.hint
 

@@ -154,7 +154,7 @@ def _write(result: AuditResult, config: Config, assignment: np.ndarray, labels: 
 
 def issues_csv(issues: list[dict[str, Any]], text_fields: list[str]) -> str:
     named = ["index", "fold", *text_fields, "given", "suggested", "quality"]
-    task_columns = [key for key in (issues[0] if issues else {}) if key not in named]  # token_classification: the words
+    task_columns = [key for key in (issues[0] if issues else {}) if key not in named]  # a task's own (a tagger's: the words)
     columns = ["rank", "index", "fold", *text_fields, *task_columns, "given", "suggested", "quality"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)

@@ -259,7 +259,7 @@ class TokenObjective(Objective):
 
 
 def _conll_file(config: Any) -> bool:
-    """CoNLL data: a .conll file, or data.format: conll (set by hand: this task's default)."""
+    """CoNLL data: a .conll file, or data.format: conll (this task's default, so set by hand under another)."""
     files = (config.data.train, config.data.validation, config.data.test)
     return config.data.format == "conll" or any(str(path or "").lower().endswith(".conll") for path in files)
 
