@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftcli.errors import FtcliError
-from ftcli.formats import FORMATS, SUFFIXES
+from ftcli.formats import CONLL_HINT, CONLL_SUFFIXES, FORMATS, READERS, SUFFIXES
 from ftcli.metrics import BUILTIN_METRICS, METRICS, metric_problem
 from ftcli import tasks
 
@@ -110,6 +110,12 @@ class DataConfig(_Strict):
     max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     fold: FoldConfig | None = Field(None, description="Cross-validation: one fold of the training split held out.")
     max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N examples of other splits.")
+    format: Literal["auto", "conll"] = Field(
+        "auto",
+        description="How data files are read. auto: by suffix (a .conll file as CoNLL, a .tsv file as a table with a "
+        "header); conll: .conll, .tsv and .txt files as CoNLL (a word and its tag per line, apart by a TAB, a blank line "
+        "between sentences), other files by suffix. token_classification's default is conll.",
+    )
     quoting: Literal["auto", "quoted", "none"] = Field(
         "auto",
         description="csv/tsv quoting. quoted: fields may be wrapped in quotes (as pandas writes them); none: quotes are "
@@ -120,9 +126,17 @@ class DataConfig(_Strict):
     @field_validator("train", "validation", "test")
     @classmethod
     def _known_suffix(cls, path: str | None) -> str | None:
-        if path is not None and not path.lower().endswith(SUFFIXES):
+        if path is not None and not path.lower().endswith(SUFFIXES + CONLL_SUFFIXES):
             raise ValueError(f"unsupported file type '{Path(path).suffix}'; use {FORMATS}")
         return path
+
+    @model_validator(mode="after")
+    def _readable_as_configured(self) -> DataConfig:
+        """A file that only data.format: conll reads (.txt) is refused at once, not when read."""
+        for split, path in self.split_files().items():
+            if self.format != "conll" and Path(path).suffix.lower() not in READERS:
+                raise ValueError(f"data.{split} {path}: a {Path(path).suffix} file is read as CoNLL only: {CONLL_HINT}")
+        return self
 
     @field_validator("label_names")
     @classmethod

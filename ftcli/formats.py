@@ -19,12 +19,16 @@ from ftcli.errors import FtcliError
 Rows = list[dict[str, Any]]
 
 
-def read_records(path: str | Path, quoting: str = "auto") -> Rows:
+def read_records(path: str | Path, quoting: str = "auto", format: str = "auto") -> Rows:
     """Rows of a data file as dicts, read by its suffix; every malformation is an FtcliError.
-    quoting: how csv and tsv files quote their fields (data.quoting)."""
+    quoting: how csv and tsv files quote their fields (data.quoting); format: conll reads the
+    plain-text files (CONLL_SUFFIXES) as CoNLL (data.format)."""
     path = require_file(path)
-    reader = READERS.get(path.suffix.lower())
+    suffix = path.suffix.lower()
+    reader = READERS[".conll"] if format == "conll" and suffix in CONLL_SUFFIXES else READERS.get(suffix)
     if reader is None:
+        if suffix in CONLL_SUFFIXES:  # .txt: words and tags only
+            raise FtcliError(f"{path}: a {suffix} file is read as CoNLL only", CONLL_HINT)
         raise FtcliError(f"unsupported file type '{path.suffix}' ({path})", f"use {FORMATS}")
     rows = reader(path, quoting)
     if not rows:
@@ -37,9 +41,27 @@ def check_texts(rows: Rows, text_fields: list[str], where: str) -> None:
     for number, row in enumerate(rows, start=1):
         for column in text_fields:
             value = row.get(column)
+            if isinstance(value, list):  # words with a tag each, given to a task of a label per text
+                raise FtcliError(
+                    f"{where} row {number}: '{column}' is a list, not text",
+                    "a tag per word is task: token_classification; a sentence-level task reads one string per text field",
+                )
             if not isinstance(value, str):
                 problem = "missing or null" if value is None else f"a {type(value).__name__}, not text"
                 raise FtcliError(f"{where} row {number}: '{column}' is {problem}", "every text field must be a string")
+
+
+def check_words(rows: Rows, field: str, where: str) -> None:
+    """Every row's words (a tagger's input): a non-empty list of strings, or one text to split."""
+    for number, row in enumerate(rows, start=1):
+        value = row.get(field)
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(word, str) for word in value)):
+            continue
+        problem = "missing or null" if value is None else "an empty list" if value == [] else f"a {type(value).__name__}, not words"
+        raise FtcliError(
+            f"{where} row {number}: '{field}' is {problem}",
+            f'give each row its words as a list of strings ({{"{field}": ["John", "lives", "here"]}}) or as one text',
+        )
 
 
 def require_file(path: str | Path) -> Path:
@@ -193,6 +215,12 @@ def _read_conll(path: Path) -> Rows:
                 f"{path}: line {number} has a word but no tag ({line.strip()!r})",
                 "write each word and its tag on one line, apart by a TAB or a space; a blank line between sentences",
             )
+        if any(character.isspace() for character in parts[0]):  # a table's text, read as CoNLL
+            raise FtcliError(
+                f"{path}: line {number} holds {parts[0][:40]!r} as one word, and CoNLL has one word per line",
+                "a table of texts with a label each is for a sentence-level task (e.g. task: single_label, "
+                "data.format: auto); for token_classification write one word and its tag per line",
+            )
         words.append(parts[0])
         tags.append(parts[-1])
     if words:
@@ -217,5 +245,8 @@ READERS: dict[str, Callable[[Path, str], Rows]] = {
     ".conll": lambda path, quoting: _read_conll(path),
 }
 SUFFIXES = tuple(READERS)
+# What data.format: conll reads as CoNLL (a .tsv otherwise is a table with a header; a .txt is CoNLL only).
+CONLL_SUFFIXES = (".conll", ".tsv", ".txt")
+CONLL_HINT = "set data.format: conll (a word and its tag per line, a blank line between sentences), or give a jsonl file"
 # "jsonl, json, csv, tsv or parquet": for messages, help texts and the README.
 FORMATS = ", ".join(suffix[1:] for suffix in SUFFIXES[:-1]) + f" or {SUFFIXES[-1][1:]}"

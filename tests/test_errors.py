@@ -116,7 +116,8 @@ CASES = [
     Case("loop-under-deepspeed", "--backend trainer", env={"ACCELERATE_USE_DEEPSPEED": "true"}),
     # ---- data files
     Case("missing-train-file", "does not exist", config={"data": {"train": "{data}/nope.jsonl"}}),
-    Case("unsupported-type", "unsupported file type '.txt'", config={"data": {"train": "{data}/train.txt"}}),
+    Case("unsupported-type", "unsupported file type '.xlsx'", config={"data": {"train": "{data}/train.xlsx"}}),
+    Case("txt-without-format", "a .txt file is read as CoNLL only: set data.format: conll", config={"data": {"train": "{data}/train.txt"}}),
     Case("train-is-dir", "is a directory", config={"data": {"train": "{data}/folder.jsonl"}}, files={"folder.jsonl/x": ""}),
     Case("empty-file", "holds no rows", files={"train.jsonl": ""}),
     Case("empty-validation", "holds no rows", files={"validation.jsonl": "\n\n"}),

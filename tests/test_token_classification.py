@@ -221,13 +221,6 @@ def test_predict_gives_entities_with_offsets_as_the_pipeline_does(ner_runs):
     assert [float(e["score"]) for e in theirs] == pytest.approx([e["score"] for e in ours], abs=1e-5)
 
 
-def test_audit_says_it_is_not_supported_yet(tmp_path, tiny_model_dir):
-    # export and serve work: tests/test_token_serve_export.py
-    result = invoke("audit", str(ner_config(tmp_path, tiny_model_dir, "loop")))
-    assert result.exit_code == 2 and "ftcli audit is not supported for task token_classification yet" in result.output
-    assert not (tmp_path / "runs").exists()
-
-
 # ---------------------------------------------------------------- tokenizing words
 
 

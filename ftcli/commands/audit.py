@@ -29,7 +29,7 @@ import numpy as np
 from ftcli.commands.evaluate import evaluate_run
 from ftcli.commands.train import train_run
 from ftcli.config import Config, FoldConfig, dump_config, load_config, validate
-from ftcli.data.folds import fold_of_documents, labels_by_document
+from ftcli.data.folds import fold_of_documents, labels_by_document, select_documents
 from ftcli.data.prepare import load_raw_splits
 from ftcli.errors import FtcliError
 from ftcli.extras import require
@@ -68,19 +68,22 @@ def run_audit(
     if "train" not in prepared.splits:
         raise FtcliError("an audit cross-validates the training split, and this config has none", "set data.train")
     folder = Path(config.output_dir) / f"{config.name}-audit"
-    assignment = fold_of_documents(prepared.splits["train"], config.task, FoldConfig(folds=folds, index=0, seed=config.training.seed))
+    task, train = tasks.get(config.task), prepared.splits["train"]
+    assignment = fold_of_documents(train, config.task, FoldConfig(folds=folds, index=0, seed=config.training.seed))
     out_of_fold, fold_metrics, runs, trained = None, [], [], 0
     for index in range(folds):
         fold_config = _fold_config(config, folder, folds, index)
         trained += _train_fold(fold_config, overwrite, events, say, index, folds)
         evaluation = evaluate_run(fold_config.run_dir)
-        if out_of_fold is None:
-            out_of_fold = np.zeros((len(assignment), *evaluation.scores.shape[1:]))
-        out_of_fold[assignment == index] = evaluation.scores
+        # The fold's validation is these documents, in this order (folds.hold_out).
+        held_out = task.per_example(evaluation.scores, select_documents(train, np.flatnonzero(assignment == index)))
+        if out_of_fold is None:  # per sentence (a tag per word): an array of arrays
+            out_of_fold = np.zeros((len(assignment), *held_out.shape[1:]), dtype=held_out.dtype)
+        out_of_fold[assignment == index] = held_out
         fold_metrics.append(evaluation.metrics)
         runs.append(fold_config.run_dir)
-    labels = labels_by_document(prepared.splits["train"])
-    issues = tasks.get(config.task).label_issues(cleanlab, labels, out_of_fold, prepared.label_names)
+    labels = task.per_example(labels_by_document(train), train)
+    issues = task.label_issues(cleanlab, labels, out_of_fold, prepared.label_names)
     result = AuditResult(folder, runs, trained, _summary(fold_metrics), issues, len(assignment))
     _write(result, config, assignment, labels, out_of_fold)
     return result
@@ -132,9 +135,10 @@ def _write(result: AuditResult, config: Config, assignment: np.ndarray, labels: 
     from ftcli.reporting.html import write_audit_html
 
     rows = load_raw_splits(config.data)[0]["train"]
-    texts = config.data.text_fields
-    for issue in result.issues:
-        issue.update({"fold": int(assignment[issue["index"]]), **{field: rows[issue["index"]][field] for field in texts}})
+    texts, task = config.data.text_fields, tasks.get(config.task)
+    result.issues = [
+        task.issue_record(issue | {"fold": int(assignment[issue["index"]])}, rows[issue["index"]], texts) for issue in result.issues
+    ]
     record = {"folds": len(result.folds), "examples": result.examples, "metrics": result.metrics, "issues": len(result.issues),
               "runs": [str(path) for path in result.folds]}
     atomic_write_json(result.folder / CROSS_VALIDATION_FILE, record)
@@ -149,7 +153,9 @@ def _write(result: AuditResult, config: Config, assignment: np.ndarray, labels: 
 
 
 def issues_csv(issues: list[dict[str, Any]], text_fields: list[str]) -> str:
-    columns = ["rank", "index", "fold", *text_fields, "given", "suggested", "quality"]
+    named = ["index", "fold", *text_fields, "given", "suggested", "quality"]
+    task_columns = [key for key in (issues[0] if issues else {}) if key not in named]  # a task's own (a tagger's: the words)
+    columns = ["rank", "index", "fold", *text_fields, *task_columns, "given", "suggested", "quality"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()

@@ -20,7 +20,7 @@ from ftcli.config import Config, load_config
 from ftcli import tasks
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_text
-from ftcli.formats import Rows, check_texts, read_records
+from ftcli.formats import Rows, check_texts, check_words, read_records
 from ftcli.onnx_predict import DamagedExport, export_problem, predict_with_export
 from ftcli.runs.rundir import RunDir
 
@@ -91,16 +91,20 @@ def _predict_with_engine(
 
 
 def input_rows(config: Config, input_file: Path | None, text: str | None, text_pair: str | None) -> Rows:
-    """The rows to predict, from --input or --text, each with the run's text columns as strings."""
-    fields = config.data.text_fields
-    rows = read_records(input_file, config.data.quoting) if input_file is not None else inline_rows(fields, text or "", text_pair)
+    """The rows to predict, from --input or --text, each with the run's text columns as strings
+    (a tagger's: a list of words, or a text its tokenizer splits)."""
+    fields, data = config.data.text_fields, config.data
+    rows = read_records(input_file, data.quoting, data.format) if input_file is not None else inline_rows(fields, text or "", text_pair)
     missing = [column for column in fields if column not in rows[0]]
     if missing:
         raise FtcliError(
             f"input has no column {', '.join(repr(c) for c in missing)} (columns: {', '.join(rows[0])})",
             f"the model reads {', '.join(fields)}",
         )
-    check_texts(rows, fields, where="input")
+    if tasks.get(config.task).token_level:
+        check_words(rows, fields[0], where="input")
+    else:
+        check_texts(rows, fields, where="input")
     return rows
 
 

@@ -25,10 +25,12 @@ def document_ids(split: Dataset) -> np.ndarray:
     return np.asarray(split["doc"]) if "doc" in split.column_names else np.arange(len(split))
 
 
-def labels_by_document(split: Dataset) -> np.ndarray:
-    """Each document's label, in document order: its first row's (a long text's windows all carry it)."""
+def labels_by_document(split: Dataset) -> np.ndarray | list:
+    """Each document's label, in document order: its first row's (a long text's windows all carry
+    it); a split tokenized as words (a tag per token) keeps its rows of tags, each as long as its row."""
     first_rows = np.unique(document_ids(split), return_index=True)[1]
-    return np.asarray(split.select(first_rows)["labels"])
+    labels = split.select(first_rows)["labels"]
+    return labels if "word_ids" in split.column_names else np.asarray(labels)
 
 
 def fold_of_documents(train: Dataset, task: str, fold: FoldConfig) -> np.ndarray:

@@ -65,7 +65,7 @@ def source_for(data: DataConfig) -> Source:
     """Where data's examples come from: the Hub, or local files."""
     if data.hub:
         return HubDataset(data.hub, data.subset, data.label_field)
-    return LocalFiles(data.split_files(), data.quoting)
+    return LocalFiles(data.split_files(), data.quoting, data.format)
 
 
 def load_raw_splits(data: DataConfig) -> tuple[dict[str, Rows], list[str] | None]:

@@ -30,13 +30,14 @@ class Source(Protocol):
 class LocalFiles:
     files: dict[str, str]  # split name -> path
     quoting: str = "auto"
+    format: str = "auto"  # data.format: conll reads .tsv and .txt files as CoNLL
 
     def splits(self) -> tuple[dict[str, Rows], list[str] | None]:
-        return {split: read_records(path, self.quoting) for split, path in self.files.items()}, None
+        return {split: read_records(path, self.quoting, self.format) for split, path in self.files.items()}, None
 
     def fingerprint(self) -> str:
         # Paths are left out: the same bytes under another path are the same data.
-        digest = hashlib.sha256(self.quoting.encode())
+        digest = hashlib.sha256((self.quoting + ("" if self.format == "auto" else self.format)).encode())
         for split, path in self.files.items():
             digest.update(split.encode())
             digest.update(file_sha256(require_file(path)).encode())

@@ -205,6 +205,15 @@ class Task:
         also reads the tokenized rows (each sub-token's word) and the texts."""
         return [self.prediction_fields(decider, names, row_scores) for row_scores in scores]
 
+    def per_example(self, values: Any, tokenized: Any) -> np.ndarray:
+        """Each example's labels or scores as `ftcli audit` reads them, from a split's (its rows
+        tokenized: `tokenized`): the array as it is; token_classification: each word's."""
+        return np.asarray(values)
+
+    def issue_record(self, issue: dict[str, Any], row: dict, text_fields: list[str]) -> dict[str, Any]:
+        """A label issue (label_issues) with its example's texts, as label_issues.csv lists it."""
+        return issue | {field: row[field] for field in text_fields}
+
     def analyse(
         self, label_names: list[str], scores: np.ndarray, decisions: np.ndarray, labels: np.ndarray, losses: np.ndarray,
         rows: list[dict] | None = None, tokenized: Any = None, data: Any = None,

@@ -19,6 +19,7 @@ import numpy as np
 
 from ftcli.errors import FtcliError
 from ftcli.tasks.base import TOP, Decider, MetricSpec, Objective, Option, Task
+from ftcli.tasks.labels import label_value
 from ftcli.tasks.single_label import SingleLabel, SingleLabelObjective, softmax
 
 if TYPE_CHECKING:
@@ -121,6 +122,15 @@ def align(word_ids: list[int | None], word_tags: list[int], names: list[str], al
             labels.append(IGNORE)
         previous = word
     return labels
+
+
+def first_pieces(word_ids: list[int | None]) -> dict[int, int]:
+    """Each word's first sub-token: word -> position, in word order (a word cut by max_length has none)."""
+    firsts: dict[int, int] = {}
+    for position, word in enumerate(word_ids):
+        if word is not None:
+            firsts.setdefault(word, position)
+    return firsts
 
 
 def words_and_tags(rows: np.ndarray, references: np.ndarray, names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
@@ -383,7 +393,9 @@ def _default_stride(data: dict[str, Any]) -> int:
 
 
 def _conll_file(config: Any) -> bool:
-    return any(str(path or "").lower().endswith(".conll") for path in (config.data.train, config.data.validation, config.data.test))
+    """CoNLL data: a .conll file, or data.format: conll (this task's default, so set by hand under another)."""
+    files = (config.data.train, config.data.validation, config.data.test)
+    return config.data.format == "conll" or any(str(path or "").lower().endswith(".conll") for path in files)
 
 
 class TokenClassification(Task):
@@ -394,7 +406,8 @@ class TokenClassification(Task):
     token_level = True
     # Long sentences are read in windows unless long_text: truncate says otherwise (a run trained
     # before windows existed says so in its saved config, and is read as it was trained).
-    data_defaults = {"text_fields": ["tokens"], "label_field": "ner_tags", "long_text": "window", "stride": _default_stride}
+    data_defaults = {"text_fields": ["tokens"], "label_field": "ner_tags", "long_text": "window", "stride": _default_stride,
+                     "format": "conll"}
     default_metrics = ("f1", "precision", "recall", "accuracy")
     losses = ("cross_entropy",)
     metrics = {
@@ -404,7 +417,6 @@ class TokenClassification(Task):
         "accuracy": MetricSpec((NAME,), about="share of labelled tokens whose tag is right"),
         "f1_macro": MetricSpec((NAME,), about="token_classification: entity-level F1 averaged over the types"),
     }
-    not_yet = ("audit",)
     pipeline_task = "token-classification"
     pipeline_arguments = ', aggregation_strategy="simple"'  # entities, as ftcli predict gives them
     calibrates = True  # on its words: each labelled piece is one example (TokenObjective.calibration_pairs)
@@ -413,8 +425,8 @@ class TokenClassification(Task):
         *[option for option in SingleLabel.options if option.problem.startswith("training.label_smoothing")],  # read here too
         Option(lambda config: config.data.tag_scheme != "auto", "data.tag_scheme is for task: token_classification, not {task}"),
         Option(lambda config: config.data.label_all_subwords, "data.label_all_subwords is for task: token_classification, not {task}"),
-        Option(_conll_file, "a .conll file holds a tag per word: set task: token_classification, not {task} (or give a "
-               "jsonl/csv file with one label per text)"),
+        Option(_conll_file, "CoNLL data (a .conll file, data.format: conll) holds a tag per word: set task: "
+               "token_classification, not {task} (or give a jsonl/csv file with one label per text)"),
     )
 
     def own_problems(self, config: Any) -> list[str]:
@@ -433,6 +445,12 @@ class TokenClassification(Task):
         where = _with_file(where, data)
         for number, row in enumerate(rows, start=1):
             tokens, tags = row[words], row[field]
+            if isinstance(tokens, str) and not isinstance(tags, list):
+                raise FtcliError(
+                    f"{where} sentence {number}: '{words}' is a text with one label, not a list of words with a tag each",
+                    "a label per text is a sentence-level task (e.g. task: single_label); token_classification "
+                    "reads {\"tokens\": [words], \"ner_tags\": [tags]} rows or a .conll file",
+                )
             if not isinstance(tokens, list) or not isinstance(tags, list):
                 raise FtcliError(
                     f"{where} sentence {number}: '{words}' and '{field}' must be lists of words and of tags",
@@ -454,23 +472,30 @@ class TokenClassification(Task):
     def label_names(self, train: list[dict], data: Any) -> list[str]:
         """O, then each type's B- and I- (whether or not the training tags hold an I-: with
         label_all_subwords a word's later pieces take it); plain tags sorted."""
+        if all(isinstance(label_value(tag), int) for row in train for tag in row[data.label_field]):
+            raise FtcliError(
+                "split 'train': the tags are ids (numbers), and nothing names them",
+                "list the tag names in id order in data.label_names, e.g. [O, B-PER, I-PER]",
+            )
         tags = {str(tag) for row in train for tag in row[data.label_field]}
         if not is_entity_tagging(tags):
             return sorted(tags)
         return ["O"] + [f"{prefix}-{kind}" for kind in sorted({tag[2:] for tag in tags - {"O"}}) for prefix in ("B", "I")]
 
     def encode(self, rows: list[dict], data: Any, label_names: list[str], where: str) -> list:
-        """A tag id per word."""
+        """A tag id per word: a tag names one of label_names, or (a number: data.label_names or a
+        Hub dataset's ClassLabel names them) is its position."""
         index = {name: position for position, name in enumerate(label_names)}
         encoded = []
         for number, row in enumerate(rows, start=1):
-            unknown = next((tag for tag in row[data.label_field] if str(tag) not in index), None)
-            if unknown is not None:
+            ids = [_tag_id(tag, index) for tag in row[data.label_field]]
+            if None in ids:
+                unknown = row[data.label_field][ids.index(None)]
                 raise FtcliError(
-                    f"{where} sentence {number}: tag {unknown!r} is not one of the training tags {label_names}",
-                    "fix the tag, or list every tag in data.label_names",
+                    f"{where} sentence {number}: tag {unknown!r} is not one of the tags {label_names}",
+                    f"fix the tag, or list every tag in data.label_names (ids: 0..{len(label_names) - 1})",
                 )
-            encoded.append([index[str(tag)] for tag in row[data.label_field]])
+            encoded.append(ids)
         return encoded
 
     def align_labels(
@@ -523,18 +548,21 @@ class TokenClassification(Task):
         """Each text's entities, as transformers' token-classification pipeline gives them with
         aggregation_strategy="simple" (entity_group, word, start, end, score), decided per word on
         its first piece: the words' characters in the text (a row of words reads as them joined by
-        spaces), the entity's score the mean of its words'."""
+        spaces), the entity's score the mean of its words'. A row of words also gets `tags`, one per
+        word (null for a word that data.max_length cut)."""
         results = []
         for row_scores, encoded, row in zip(scores, _sentences(tokenized), rows):
             cell = row[data.text_fields[0]]
             text = cell if isinstance(cell, str) else " ".join(cell)
             spans = encoded["spans"] if isinstance(cell, str) else _joined_spans(cell)
-            words = []  # (tag, score, start, end) of each word, from its first piece
-            for position, word in enumerate(encoded["word_ids"]):
-                if word is not None and (position == 0 or encoded["word_ids"][position - 1] != word):
-                    best = int(row_scores[position].argmax())
-                    words.append((names[best], float(row_scores[position][best]), *spans[word]))
-            results.append({"entities": _entity_groups(words, text)})
+            firsts = first_pieces(encoded["word_ids"])
+            best = [int(row_scores[position].argmax()) for position in firsts.values()]
+            words = [(names[tag], float(row_scores[position][tag]), *spans[word]) for (word, position), tag in zip(firsts.items(), best)]
+            result: dict[str, Any] = {"entities": _entity_groups(words, text)}
+            if not isinstance(cell, str):
+                tags = dict(zip(firsts, best))
+                result = {"tags": [names[tags[word]] if word in tags else None for word in range(len(cell))]} | result
+            results.append(result)
         return results
 
     def example_record(self, names: list[str], scores: np.ndarray, decision: Any, truth: Any, loss: float) -> dict[str, Any]:
@@ -613,6 +641,48 @@ class TokenClassification(Task):
             findings.append(_unfound_types(unfound, weights))
         return findings
 
+    # ---------------------------------------------------------------- audit
+
+    def per_example(self, values: Any, tokenized: Any) -> np.ndarray:
+        """Each sentence's tags or probabilities per word, read on its first piece (an array per
+        sentence, in an array of objects: sentences differ in length)."""
+        sentences = np.empty(len(values), dtype=object)
+        word_ids = [sentence["word_ids"] for sentence in _sentences(tokenized)]  # windows put back
+        for index, (row, ids) in enumerate(zip(values, word_ids)):
+            sentences[index] = np.asarray(row)[list(first_pieces(ids).values())]
+        return sentences
+
+    def label_issues(self, cleanlab: Any, labels: np.ndarray, scores: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
+        """The sentences holding a word whose tag cleanlab finds probably wrong (confident learning
+        per word), the lowest sentence quality (its least likely tag's probability) first, each with
+        the words suspected (`positions`), their given and their suggested tags."""
+        from cleanlab.token_classification.filter import find_label_issues
+        from cleanlab.token_classification.rank import get_label_quality_scores
+
+        given = [[int(tag) for tag in sentence] for sentence in labels]
+        probabilities = [np.asarray(sentence, dtype=np.float64) for sentence in scores]
+        suspected: dict[int, list[int]] = {}
+        for sentence, word in find_label_issues(given, probabilities):
+            suspected.setdefault(int(sentence), []).append(int(word))
+        quality = get_label_quality_scores(given, probabilities)[0]
+        issues = []
+        for sentence in sorted(suspected, key=lambda index: (quality[index], index)):
+            words = sorted(suspected[sentence])
+            issues.append({
+                "index": sentence, "positions": words,
+                "given": ", ".join(names[given[sentence][word]] for word in words),
+                "suggested": ", ".join(names[int(probabilities[sentence][word].argmax())] for word in words),
+                "quality": float(quality[sentence]),
+            })
+        return issues
+
+    def issue_record(self, issue: dict[str, Any], row: dict, text_fields: list[str]) -> dict[str, Any]:
+        """The sentence (its words joined by spaces) and the words suspected, each with its place."""
+        words = row[text_fields[0]]
+        suspected = ", ".join(f"{words[word]} (word {word + 1})" for word in issue["positions"])
+        kept = {key: value for key, value in issue.items() if key != "positions"}
+        return kept | {text_fields[0]: " ".join(words), "words": suspected}
+
     def card_description(self, base: str, labels: list[str]) -> str:
         named = ", ".join(f"`{label}`" for label in labels)
         return f"A token classifier (named entities) fine-tuned from {base} with ftcli ({len(labels)} tags: {named})."
@@ -683,6 +753,14 @@ def _sentences(tokenized: Any) -> list[dict[str, Any]]:
                 sentence["word_ids"] += [None] * (place + 1 - len(sentence["word_ids"]))
                 sentence["word_ids"][place] = word
     return [sentences[doc] for doc in sorted(sentences)]
+
+
+def _tag_id(tag: Any, index: dict[str, int]) -> int | None:
+    """A tag's id: the position of the name it is, else a number (an id) within the names."""
+    if str(tag) in index:
+        return index[str(tag)]
+    read = label_value(tag)
+    return read if isinstance(read, int) and 0 <= read < len(index) else None
 
 
 def _with_file(where: str, data: Any) -> str:
