@@ -306,8 +306,8 @@ class LoraConfig(_Strict):
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
-        description="Layers to adapt, by name or name suffix (e.g. [query, value]); null: a decoder's attention and MLP "
-        "projections (every Linear layer of its body), peft's choice for an encoder (BERT's query and value).",
+        description="Layers to adapt, by name or name suffix (e.g. [query, value]); null: every Linear layer of the body "
+        "for a decoder (its attention and MLP projections) or where peft has no choice (ModernBERT), else peft's (BERT's query and value).",
     )
     quantize: Literal["4bit", "8bit"] | None = Field(
         None,

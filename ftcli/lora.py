@@ -12,10 +12,11 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ftcli.config import LoraConfig
@@ -49,7 +50,7 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> torch.nn.Module:
         ) from None
 
 
-def default_target_modules(model: PreTrainedModel, peft) -> list[str] | None:
+def default_target_modules(model: PreTrainedModel, peft: ModuleType) -> list[str] | None:
     """What lora.target_modules: null adapts. A decoder, or an architecture peft has no choice for
     (ModernBERT): every Linear layer of its body, the attention and MLP projections (Llama's q/k/v/o_proj
     and gate/up/down_proj), as QLoRA does; peft's choice for a decoder is q_proj and v_proj alone. An
@@ -95,11 +96,9 @@ def check_quantize(lora: LoraConfig | None, device: torch.device) -> None:
     require("bitsandbytes", "qlora", f"lora.quantize: {lora.quantize}")
 
 
-def quantization_config(lora: LoraConfig, head: list[str], compute_dtype: torch.dtype):
+def quantization_config(lora: LoraConfig, head: list[str], compute_dtype: torch.dtype) -> BitsAndBytesConfig:
     """transformers' BitsAndBytesConfig for lora.quantize (QLoRA's NF4 with double quantization, or
     LLM.int8). The new head stays out: it is trained in full and saved as trained."""
-    from transformers import BitsAndBytesConfig
-
     if lora.quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=head)
     return BitsAndBytesConfig(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -116,12 +117,18 @@ RUNS = {
 }
 
 
+class DecoderRun(NamedTuple):
+    run: Path
+    base: Path  # the model it started from
+    lora: dict | None
+    name: str  # its key in RUNS
+
+
 @pytest.fixture(scope="module", params=list(RUNS))
-def decoder_run(request, tmp_path_factory) -> tuple[Path, Path, dict | None]:
-    """(the run, its base model, its lora section)."""
+def decoder_run(request, tmp_path_factory) -> DecoderRun:
     model_fixture, backend, lora = RUNS[request.param]
     model = request.getfixturevalue(model_fixture)
-    return _train(tmp_path_factory.mktemp(request.param), model, backend, lora), model, lora
+    return DecoderRun(_train(tmp_path_factory.mktemp(request.param), model, backend, lora), model, lora, request.param)
 
 
 def _predict_rows(run: Path, texts: list[str], *options: str) -> list[dict]:
@@ -135,7 +142,7 @@ def _predict_rows(run: Path, texts: list[str], *options: str) -> list[dict]:
 
 
 def test_a_decoder_trains_padding_with_its_end_of_text_token_and_saves_that_choice(decoder_run):
-    run, base, _ = decoder_run
+    run, base = decoder_run.run, decoder_run.base
     env = json.loads((run / "env.json").read_text())
     assert env["pad_token"].startswith(EOS)
     from transformers import AutoConfig, AutoTokenizer
@@ -146,7 +153,11 @@ def test_a_decoder_trains_padding_with_its_end_of_text_token_and_saves_that_choi
     assert AutoConfig.from_pretrained(base).pad_token_id is None  # the base model's folder is untouched
     scored = invoke("evaluate", str(run))
     assert scored.exit_code == 0, scored.output
-    assert json.loads((run / "eval_validation.json").read_text())["accuracy"] >= 0.5
+    # model/ reloaded scores what the model scored in memory before it was saved.
+    reloaded = json.loads((run / "eval_validation.json").read_text())
+    before_saving = json.loads((run / "metrics.json").read_text())["validation"]
+    assert reloaded["loss"] == pytest.approx(before_saving["loss"], abs=1e-5)
+    assert reloaded["accuracy"] == before_saving["accuracy"]
 
 
 def test_the_end_of_text_choice_is_said_once_in_the_log(llama_dir, tmp_path, caplog):
@@ -160,7 +171,7 @@ def test_a_prediction_does_not_depend_on_the_batch_with_either_padding_side(deco
     beside a much longer text, a text gets the same logits, in transformers and in ftcli predict."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    run, _, _ = decoder_run
+    run = decoder_run.run
     model = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
     short, long = "the film was great", " ".join(TEXTS[:6])
     for side in ("right", "left"):
@@ -178,7 +189,7 @@ def test_a_prediction_does_not_depend_on_the_batch_with_either_padding_side(deco
 def test_pipeline_batches_the_saved_decoder(decoder_run):
     from transformers import pipeline
 
-    run, _, _ = decoder_run
+    run = decoder_run.run
     classify = pipeline("text-classification", model=str(run / "model"), device="cpu")
     texts = ["the film was great", " ".join(TEXTS[:6]), "a plot"]
     one_by_one = [classify(text)[0] for text in texts]
@@ -188,16 +199,15 @@ def test_pipeline_batches_the_saved_decoder(decoder_run):
 
 
 def test_lora_trains_and_saves_the_decoders_new_head_and_adapts_attention_and_mlp(decoder_run):
-    run, _, lora = decoder_run
-    if lora is None:
+    run = decoder_run.run
+    if decoder_run.lora is None:
         pytest.skip("a run without LoRA")
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert "score" in adapter["modules_to_save"]
     assert sorted(adapter["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     from safetensors.torch import load_file
 
-    saved = load_file(run / "adapter" / "adapter_model.safetensors")
-    assert any("score" in key and "modules_to_save" in key for key in saved) or any(key.startswith("base_model.model.score") for key in saved)
+    assert "base_model.model.score.weight" in load_file(run / "adapter" / "adapter_model.safetensors")  # the whole head
     texts = ["the film was great", " ".join(TEXTS[:4]), "the plot was awful"]
     merged = _predict_rows(run, texts, "--engine", "torch")
     adapted = _predict_rows(run, texts, "--adapter")
@@ -205,12 +215,12 @@ def test_lora_trains_and_saves_the_decoders_new_head_and_adapts_attention_and_ml
     assert [row["probability"] for row in adapted] == pytest.approx([row["probability"] for row in merged], abs=1e-5)
 
 
-def test_export_of_a_decoder_run_predicts_as_torch_or_refuses_in_one_line(decoder_run):
-    run, _, _ = decoder_run
-    exported = invoke("export", str(run))
-    if exported.exit_code != 0:
-        assert exported.exit_code == 2 and "Traceback" not in exported.output, exported.output
-        return
+def test_export_of_a_decoder_run_predicts_as_torch(decoder_run):
+    if decoder_run.name != "llama-loop":
+        pytest.skip("an export takes half a minute; one decoder's is enough")
+    run = decoder_run.run
+    exported = invoke("export", str(run))  # the head's search for each text's last token traces into the graph
+    assert exported.exit_code == 0, exported.output
     texts = ["the film was great", " ".join(TEXTS[:4])]
     on_onnx = _predict_rows(run, texts, "--engine", "onnx")
     on_torch = _predict_rows(run, texts, "--engine", "torch")
