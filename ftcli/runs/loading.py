@@ -12,7 +12,7 @@ from ftcli.config import Config, load_config
 from ftcli.errors import FtcliError
 from ftcli.fileio import damaged_file
 from ftcli.lora import is_adapter, load_adapter_model
-from ftcli.modeling import load_model, load_tokenizer, resolve_model_source
+from ftcli.modeling import load_model, load_tokenizer, pad_like_tokenizer, resolve_model_source
 from ftcli.objective import Objective
 from ftcli.runs.rundir import RunDir
 from ftcli.runs.thresholds import decider_for
@@ -57,6 +57,8 @@ def load_run(
             )
         else:
             model = load_model(str(weights), trust_remote_code=config.trust_remote_code, head=tasks.get(config.task).model_head)
+        # An adapter's base model is the pretrained one, whose config may name no pad id.
+        pad_like_tokenizer(model, tokenizer)
         # The thresholds tuned after training sit beside model/ (an adapter's beside the merged model).
         objective = objective_for_model(config, run.model_dir if adapter else weights)
     if device is not None:

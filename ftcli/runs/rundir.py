@@ -209,10 +209,12 @@ class RunDir:
             raise _in_use(self, *holder)
 
     # ------------------------------------------------------------ contents
-    def write_env(self, device: str, precision: str, precision_reason: str = "") -> None:
+    def write_env(self, device: str, precision: str, precision_reason: str = "", pad_token: str = "") -> None:
         record = environment(device, precision)
         if precision_reason:
             record["precision_reason"] = precision_reason
+        if pad_token:
+            record["pad_token"] = pad_token
         atomic_write_json(self.env_file, record)
 
     def log_event(self, event: dict[str, Any]) -> None:

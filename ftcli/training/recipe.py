@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+import torch
 from accelerate.utils import set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -22,9 +23,9 @@ from ftcli.data.prepare import Prepared, baselines, prepare
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_text
 from ftcli.inference import evaluate_dataset
-from ftcli.lora import apply_lora, merge_lora
+from ftcli.lora import apply_lora, check_quantize, load_adapter_model, load_quantized_model, merge_lora
 from ftcli.metrics import MetricSuite
-from ftcli.modeling import enable_gradient_checkpointing, load_model, load_tokenizer, resolve_model_source, save_model
+from ftcli.modeling import enable_gradient_checkpointing, ensure_pad_token, load_model, pad_like_tokenizer, load_tokenizer, resolve_model_source, save_model
 from ftcli.objective import Objective, build_objective
 from ftcli.runs import checkpoints
 from ftcli.runs.rundir import RunDir
@@ -73,14 +74,15 @@ def train(
     backend = get_backend(config.backend)
     backend.check(config)
     check_optimizer(config.training.optimizer, runtime.device)
+    check_quantize(config.lora, runtime.device)
     tracker = Tracker(config.report_to)  # before tokenizing: a missing package should fail at once
     # A run directory in the way is reported before minutes of tokenizing, not after. The main
     # process holds it from here until the run is saved and scored, and deletes an old run
     # (--overwrite) only once it holds it.
     run = RunDir.open(config.run_dir) if resuming else RunDir(config.run_dir)
     with hold(run, runtime, resuming, overwrite):
-        tokenizer, prepared, objective, model = setup(config, runtime)
-        resume_point = reopen(config, run, resume_from, runtime) if resuming else start(config, run, runtime)
+        tokenizer, prepared, objective, model, padding = setup(config, runtime)
+        resume_point = reopen(config, run, resume_from, runtime) if resuming else start(config, run, runtime, padding)
         job = TrainJob(
             config, prepared, model, tokenizer, run, runtime, objective,
             events=events if events is not None and runtime.is_main else NoEvents(),
@@ -112,8 +114,9 @@ def hold(run: RunDir, runtime: Runtime, resuming: bool, overwrite: bool) -> Abst
     return run.lock() if resuming else RunDir.claim(run.path, overwrite)
 
 
-def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Prepared, Objective, PreTrainedModel]:
-    """The tokenizer, the prepared data, the objective and the model to train. The model loads in
+def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Prepared, Objective, PreTrainedModel, str]:
+    """The tokenizer, the prepared data, the objective, the model to train and the pad token (said
+    for env.json: the tokenizer's, or the one ftcli chose where it had none). The model loads in
     a thread while the splits are tokenized: it needs only the label names, known before
     tokenizing starts. With several processes the main ones tokenize into the
     cache while the others wait, then read the cache."""
@@ -127,7 +130,10 @@ def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Pr
             _, tokenizer, prepared = setup_data(config, on_labels=load_meanwhile)
         MetricSuite(config.metrics, prepared.label_names, config.task)  # an unknown metric fails now
         objective = build_objective(config, prepared)  # and class weights that do not fit the labels
-        return tokenizer, prepared, objective, loading[0].result()
+        padding = ensure_pad_token(tokenizer)
+        model = loading[0].result()
+        pad_like_tokenizer(model, tokenizer)
+        return tokenizer, prepared, objective, model, padding
 
 
 def seeded_model(config: Config, source: str, label_names: list[str]) -> PreTrainedModel:
@@ -174,7 +180,10 @@ def setup_model(config: Config, source: str, label_names: list[str]) -> PreTrain
     """The model to train: pretrained weights and a new head, wrapped in LoRA adapters and
     recomputing activations when the config says so."""
     task = tasks.get(config.task)
-    model = load_model(source, label_names, config.trust_remote_code, task.problem_type, head=task.model_head)
+    if config.lora and config.lora.quantize:
+        model = load_quantized_model(source, label_names, config.lora, config.trust_remote_code, task.problem_type, task.model_head)
+    else:
+        model = load_model(source, label_names, config.trust_remote_code, task.problem_type, head=task.model_head)
     if config.lora:
         model = apply_lora(model, config.lora)
     if config.training.gradient_checkpointing:
@@ -182,12 +191,13 @@ def setup_model(config: Config, source: str, label_names: list[str]) -> PreTrain
     return model
 
 
-def start(config: Config, run: RunDir, runtime: Runtime) -> None:
-    """A fresh run: an old one in its place is deleted, the resolved config and the environment written."""
+def start(config: Config, run: RunDir, runtime: Runtime, padding: str) -> None:
+    """A fresh run: an old one in its place is deleted, the resolved config and the environment
+    (with the pad token, `padding`) written."""
     if runtime.is_main:
         run.clear()
         atomic_write_text(run.config_file, dump_config(config))
-        run.write_env(str(runtime.device), runtime.precision, runtime.precision_reason)
+        run.write_env(str(runtime.device), runtime.precision, runtime.precision_reason, pad_token=padding)
     _wait_for_everyone(runtime)
 
 
@@ -268,7 +278,7 @@ def save_and_score(job: TrainJob, outcome: TrainOutcome) -> dict[str, dict[str, 
     decisions = decide(config, model, validation, tokenizer.pad_token_id, runtime, job.objective, job.prepared.label_names)
     if config.lora:
         save_model(model, tokenizer, run.adapter_dir)
-        model = merge_lora(model)
+        model = merge_lora(full_precision(job) if config.lora.quantize else model)
     save_model(model, tokenizer, run.model_dir)
     decisions.save(run.model_dir)
     metrics: dict[str, dict[str, float]] = {}
@@ -279,6 +289,18 @@ def save_and_score(job: TrainJob, outcome: TrainOutcome) -> dict[str, dict[str, 
         )
         run.update_metrics("validation", metrics["validation"])
     return metrics
+
+
+def full_precision(job: TrainJob) -> torch.nn.Module:
+    """A QLoRA run's saved adapter on the base model in full precision: merged into 4-bit weights the
+    adapters would be rounded away, and model/ would need bitsandbytes and a GPU to load."""
+    config, task = job.config, tasks.get(job.config.task)
+    model = load_adapter_model(
+        job.run.adapter_dir, resolve_model_source(config.model), job.prepared.label_names, config.trust_remote_code,
+        task.problem_type, task.model_head,
+    )
+    pad_like_tokenizer(model, job.tokenizer)
+    return model.to(job.runtime.device)
 
 
 def _wait_for_everyone(runtime: Runtime) -> None:
