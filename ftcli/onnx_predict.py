@@ -62,6 +62,17 @@ class DamagedExport(FtcliError):
         super().__init__(f"{path} is damaged ({why})", f"run `ftcli export {self.run}` again, or use --engine torch")
 
 
+class NeedsWindows(FtcliError):
+    """A sentence longer than data.max_length for a tagger whose run reads it in windows, which only
+    the torch engine cuts: predict --engine auto predicts with torch instead."""
+
+    def __init__(self, sentence: int, max_length: int) -> None:
+        super().__init__(
+            f"input row {sentence + 1} is longer than data.max_length={max_length} tokens, and the ONNX path reads no windows",
+            "predict with --engine torch (or auto), which tags every word",
+        )
+
+
 @dataclass
 class OnnxExport:
     session: Any  # onnxruntime.InferenceSession
@@ -77,7 +88,7 @@ def export_problem(run: RunDir, config: Config) -> FtcliError | None:
     command = f"ftcli export {run.path}"
     if "export" in tasks.get(config.task).not_yet:
         return FtcliError(f"task {config.task} has no ONNX path yet", "predict with --engine torch")
-    if config.data.long_text == "window":
+    if config.data.long_text == "window" and not tasks.get(config.task).token_level:  # a tagger's: NeedsWindows, per row
         return FtcliError(
             "the ONNX path truncates texts, and this run splits them into windows (data.long_text: window)",
             "predict with --engine torch",
@@ -218,6 +229,9 @@ def predict_with_export(run: RunDir, config: Config, rows: Rows) -> list[dict[st
     task = tasks.get(config.task)
     if task.token_level:
         encodings, tokenized = encode_words(export.tokenizer, rows, config.data.text_fields[0])
+        cut = [index for index, encoding in enumerate(encodings) if encoding.overflowing]
+        if cut and config.data.long_text == "window":
+            raise NeedsWindows(cut[0], config.data.max_length)
     else:
         encodings = tokenized = encode(export.tokenizer, rows, config.data.text_fields)
     logits = _logits(export, encodings, config.training.eval_batch_size)

@@ -230,3 +230,39 @@ def test_predict_finds_entities_over_a_whole_long_text_with_their_offsets(window
     assert ("location", "Tokyo", text.index("Tokyo"), text.index("Tokyo") + 5) in found
     assert all(text[start:end] == word for _, word, start, end in found)
     assert len(text.split()) > 3 * MAX_LENGTH
+
+
+def test_the_server_reads_a_long_text_in_windows_as_predict_does(window_runs):
+    from test_serve import serving
+
+    from ftcli.commands.predict import predict
+
+    text = "Paris " + "then the friends went home today and later " * 6 + "and John Smith saw Tokyo ."
+    short = "John Smith saw Tokyo"
+    expected = [row["entities"] for row in predict(window_runs["loop"], None, text=text, engine="torch")]
+    expected += [row["entities"] for row in predict(window_runs["loop"], None, text=short, engine="torch")]
+    with serving(window_runs["loop"]) as client:
+        answer = client.post("/v1/predict", json={"inputs": [text, short]})
+    assert answer.status_code == 200, answer.text
+    served = [row["entities"] for row in answer.json()["predictions"]]
+    assert [[(e["entity_group"], e["start"], e["end"]) for e in row] for row in served] == \
+        [[(e["entity_group"], e["start"], e["end"]) for e in row] for row in expected]
+    assert [e["score"] for row in served for e in row] == pytest.approx([e["score"] for row in expected for e in row], abs=1e-5)
+    assert any(e["word"] == "Tokyo" for e in served[0])  # a word past the first window
+
+
+def test_the_onnx_path_refuses_a_sentence_it_would_cut_and_auto_predicts_with_torch(window_runs):
+    from ftcli.commands.predict import predict
+    from ftcli.errors import FtcliError
+
+    run = window_runs["trainer"]
+    result = invoke("export", str(run))
+    assert result.exit_code == 0, result.output
+    text = "Paris " + "then the friends went home today and later " * 6 + "and John Smith saw Tokyo ."
+    with pytest.raises(FtcliError, match=r"input row 1 is longer than data.max_length=16 tokens, and the ONNX path reads no windows"):
+        predict(run, None, text=text, engine="onnx")
+    assert predict(run, None, text=text, engine="auto") == predict(run, None, text=text, engine="torch")
+    (onnx,) = predict(run, None, text="John Smith saw Tokyo", engine="onnx")  # what fits is the export's to tag
+    (torch_row,) = predict(run, None, text="John Smith saw Tokyo", engine="torch")
+    assert [(e["entity_group"], e["start"], e["end"]) for e in onnx["entities"]] == [(e["entity_group"], e["start"], e["end"]) for e in torch_row["entities"]]
+    assert [e["score"] for e in onnx["entities"]] == pytest.approx([e["score"] for e in torch_row["entities"]], abs=1e-4)

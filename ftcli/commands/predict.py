@@ -21,7 +21,7 @@ from ftcli import tasks
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_text
 from ftcli.formats import Rows, check_texts, check_words, read_records
-from ftcli.onnx_predict import DamagedExport, export_problem, predict_with_export
+from ftcli.onnx_predict import DamagedExport, NeedsWindows, export_problem, predict_with_export
 from ftcli.runs.rundir import RunDir
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv")
@@ -78,10 +78,14 @@ def predict(
 def _predict_with_engine(
     run: RunDir, config: Config, rows: Rows, engine: str, checkpoint: str | None, adapter: bool, precision: str | None
 ) -> list[dict[str, Any]]:
-    """Each row's prediction fields from the engine chosen; auto's damaged export: torch's, and a warning."""
+    """Each row's prediction fields from the engine chosen; auto's damaged export: torch's, and a
+    warning; auto's tagger with a sentence to read in windows: torch's."""
     try:
         if uses_export(run, config, engine, checkpoint, adapter, precision):
             return predict_with_export(run, config, rows)
+    except NeedsWindows:
+        if engine != "auto":
+            raise
     except DamagedExport as damage:
         if engine != "auto":
             raise

@@ -75,10 +75,10 @@ class ServedModel:
             longest = max(range(len(full)), key=lambda index: len(full[index]))
             if len(full[longest]) > max_length:
                 raise TooLong(longest, len(full[longest]))
+        if self.token_level:  # before windows: a tagger's are of whole words (tokenize_words')
+            return self._words(inputs)
         if self.windowed:
             return self._windows(inputs)
-        if self.token_level:
-            return self._words(inputs)
         encoded = self.tokenizer(*columns, truncation=True, max_length=max_length)  # as tokenize_rows does
         names = [name for name in MODEL_COLUMNS if name in encoded]
         return [[{name: encoded[name][index] for name in names}] for index in range(len(inputs))]
@@ -96,21 +96,30 @@ class ServedModel:
         """Each text's words and their pieces, as ftcli predict tokenizes them (tokenize_words'
         columns); a row keeps its words (word_ids, spans) for row_predictions."""
         columns = word_columns([dict(zip(self.text_fields, texts)) for texts in inputs], self.config.data, self.tokenizer)
-        return [[{name: values[index] for name, values in columns.items()}] for index in range(len(inputs))]
+        rows: list[list[Row]] = [[] for _ in inputs]
+        for index in range(len(columns["input_ids"])):  # a long sentence's windows carry its index (doc)
+            row = {name: values[index] for name, values in columns.items()}
+            rows[row.get("doc", index)].append(row)
+        return rows
 
-    def logits_of(self, row_logits: np.ndarray) -> torch.Tensor:
-        """One input's logits (1, labels) from its rows': a windowed input's put together as
-        ftcli predict puts a document's windows together."""
+    def logits_of(self, row_logits: np.ndarray, rows: list[Row] | None = None) -> torch.Tensor:
+        """One input's logits (1, labels), or a tagger's (1, tokens, labels), from its rows': a
+        windowed input's put together as ftcli predict puts a document's windows together."""
         logits = torch.from_numpy(np.ascontiguousarray(row_logits))
-        if self.windowed:
+        if rows and "doc_positions" in rows[0]:  # a tagger's windows: each token from the window that reports it
+            width = logits.shape[1]
+            positions = torch.tensor([(row["doc_positions"] + [-1] * width)[:width] for row in rows])
+            return self.objective.aggregate(logits, torch.zeros(len(logits), dtype=torch.long), 1, positions)
+        if self.windowed and not self.token_level:
             return self.objective.aggregate(logits, torch.zeros(len(logits), dtype=torch.long), 1)
         return logits
 
     def predictions(self, inputs: list[Texts], rows: list[list[Row]], logits: list[np.ndarray]) -> list[dict[str, Any]]:
         """What ftcli predict gives for these inputs, from their rows (encode) and their rows' logits."""
-        scores = [self.objective.scores(self.logits_of(input_logits)).numpy()[0] for input_logits in logits]
+        scores = [self.objective.scores(self.logits_of(input_logits, input_rows)).numpy()[0] for input_logits, input_rows in zip(logits, rows)]
         texts = [dict(zip(self.text_fields, input_texts)) for input_texts in inputs]
-        tokenized = [input_rows[0] for input_rows in rows]  # a windowed text's windows are decided as one
+        # A windowed text's windows are decided as one; a tagger's are put back into its sentence's words.
+        tokenized = [row for input_rows in rows for row in input_rows] if self.token_level else [input_rows[0] for input_rows in rows]
         return tasks.get(self.config.task).row_predictions(self.objective, self.label_names, scores, tokenized, texts, self.config.data)
 
     def label_scores(self, row_logits: np.ndarray, raw_scores: bool) -> list[dict[str, Any]]:

@@ -743,10 +743,11 @@ def _unfound_types(rows: list[dict[str, Any]], weights: Any) -> dict[str, Any]:
 def _sentences(tokenized: Any) -> list[dict[str, Any]]:
     """The tokenized rows (word_ids, and spans where a text was split into words) as sentences: a
     windowed split's windows put back at their sentences' places, as `aggregate` puts their scores."""
-    if "doc" not in tokenized.column_names:
-        return list(tokenized)
+    rows = list(tokenized)  # a Dataset's rows, or rows already (a server's request)
+    if not rows or "doc" not in rows[0]:
+        return rows
     sentences: dict[int, dict[str, Any]] = {}
-    for row in tokenized:
+    for row in rows:
         sentence = sentences.setdefault(row["doc"], {"word_ids": [], "spans": row.get("spans")})
         for place, word in zip(row["doc_positions"], row["word_ids"]):
             if place >= 0:
