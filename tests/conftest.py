@@ -179,48 +179,54 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_experiment(
+    folder: Path, model_dir: Path, pair: bool = False, suffix: str = ".jsonl", train_size: int = 128, eval_size: int = 32,
+    **sections,
+) -> Path:
+    """Write data files and an experiment YAML into folder (runs go to folder/runs); returns the
+    YAML's path. Keyword arguments override top-level sections (merged one level deep)."""
+    data_dir = folder / "data"
+    train = write_rows(data_dir / f"train{suffix}", sentiment_rows(train_size, seed=1, pair=pair))
+    validation = write_rows(data_dir / f"validation{suffix}", sentiment_rows(eval_size, seed=2, pair=pair))
+    experiment = {
+        "name": "tiny",
+        "output_dir": str(folder / "runs"),
+        "model": str(model_dir),
+        "data": {
+            "train": str(train),
+            "validation": str(validation),
+            "text_fields": ["sentence1", "sentence2"] if pair else ["text"],
+            "max_length": 32,
+        },
+        "training": {
+            "epochs": 3,
+            "batch_size": 8,
+            "learning_rate": 5e-3,
+            "logging_steps": 2,
+            "eval_every": "epoch",
+            "save_every": "epoch",
+            # auto is bf16 on CPUs with native bf16 and fp32 on others: the tests compare runs
+            # to float tolerances and must do the same arithmetic on every machine.
+            "precision": "fp32",
+        },
+        "metrics": ["accuracy", "f1"],
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(experiment.get(key), dict):
+            experiment[key] = {**experiment[key], **value}
+        else:
+            experiment[key] = value
+    path = folder / "experiment.yaml"
+    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def make_experiment(tmp_path: Path, tiny_model_dir: Path):
-    """Write data files and an experiment YAML; returns the YAML's path. Keyword arguments
-    override top-level sections (merged one level deep)."""
+    """write_experiment into the test's tmp_path, with the tiny BERT."""
 
-    def make(
-        pair: bool = False, suffix: str = ".jsonl", train_size: int = 128, eval_size: int = 32, **sections
-    ) -> Path:
-        data_dir = tmp_path / "data"
-        train = write_rows(data_dir / f"train{suffix}", sentiment_rows(train_size, seed=1, pair=pair))
-        validation = write_rows(data_dir / f"validation{suffix}", sentiment_rows(eval_size, seed=2, pair=pair))
-        experiment = {
-            "name": "tiny",
-            "output_dir": str(tmp_path / "runs"),
-            "model": str(tiny_model_dir),
-            "data": {
-                "train": str(train),
-                "validation": str(validation),
-                "text_fields": ["sentence1", "sentence2"] if pair else ["text"],
-                "max_length": 32,
-            },
-            "training": {
-                "epochs": 3,
-                "batch_size": 8,
-                "learning_rate": 5e-3,
-                "logging_steps": 2,
-                "eval_every": "epoch",
-                "save_every": "epoch",
-                # auto is bf16 on CPUs with native bf16 and fp32 on others: the tests compare runs
-                # to float tolerances and must do the same arithmetic on every machine.
-                "precision": "fp32",
-            },
-            "metrics": ["accuracy", "f1"],
-        }
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(experiment.get(key), dict):
-                experiment[key] = {**experiment[key], **value}
-            else:
-                experiment[key] = value
-        path = tmp_path / "experiment.yaml"
-        path.write_text(yaml.safe_dump(experiment, sort_keys=False))
-        return path
+    def make(**options) -> Path:
+        return write_experiment(tmp_path, tiny_model_dir, **options)
 
     return make
 

@@ -72,9 +72,13 @@ def test_audit_finds_flipped_labels_and_cross_validates(make_experiment, tmp_pat
 def test_audit_again_keeps_finished_folds_and_refuses_another_config(make_experiment, tmp_path):
     experiment = flipped_experiment(make_experiment, tmp_path, epochs=1)
     first = run_audit(load_config(experiment), folds=2)
+    figures = sorted((tmp_path / "runs" / "tiny-audit").glob("tiny-fold-*/*.png"))
+    drawn = [path.stat().st_mtime_ns for path in figures]
     again = run_audit(load_config(experiment), folds=2)
     assert first.trained == 2 and again.trained == 0
     assert again.issues == first.issues and again.metrics == first.metrics
+    # report.html shows the figures each fold drew when it trained: they are not drawn again.
+    assert len(figures) == 4 and [path.stat().st_mtime_ns for path in figures] == drawn
 
     # A fold left without its final model (interrupted) is trained again; the other is kept.
     fold = tmp_path / "runs" / "tiny-audit" / "tiny-fold-1"

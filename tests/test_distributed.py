@@ -5,6 +5,7 @@ Both see the same examples at every optimizer step (the same permutation, split 
 processes) and average the same gradients, so with dropout off every logged number agrees up to
 the order of float sums (all-reduce versus one batch). Only the main process writes and prints.
 Two machines (two launches on 127.0.0.1, one process each) train exactly as two processes of one.
+The trainer backend is launched with configs/accelerate/ddp.yaml: that file launches ftcli too.
 """
 
 from __future__ import annotations
@@ -14,26 +15,50 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import run_cli
+from conftest import invoke, run_cli, write_experiment
 from safetensors.torch import load_file
 
 from ftcli.launch import free_port
 
-
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+DDP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
+TRAINING = {"epochs": 2, "eval_every": 4, "save_every": 4}
 
 
 def launch_two_processes(backend: str, experiment, *overrides: str) -> subprocess.CompletedProcess:
     if backend == "loop":  # ftcli's own flag, which re-executes itself under accelerate launch
         return run_cli("train", str(experiment), *overrides, "--num-processes", "2", env=CPU_ONLY)
     command = [
-        *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2"),
-        *("--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"),
-        *("-m", "ftcli", "train", str(experiment), *overrides),
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG)),
+        *(f"--main_process_port={free_port()}", "-m", "ftcli", "train", str(experiment), *overrides),
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **CPU_ONLY})
+
+
+def train_on_one_cpu_process(experiment, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The single-process run, in this process (no subprocess's imports), on the CPU as the launched
+    processes are also where there is a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    single = invoke("train", str(experiment), "--set", f"name={name}")
+    assert single.exit_code == 0, single.output
+
+
+@pytest.fixture(scope="module")
+def loop_on_two_processes(tmp_path_factory, tiny_model_without_dropout_dir) -> tuple[Path, Path]:
+    """The loop backend on two processes of batch 4 (the experiment says 8), shared by the tests
+    that compare it with one process and with two machines: (experiment, run directory)."""
+    folder = tmp_path_factory.mktemp("distributed-loop")
+    experiment = write_experiment(
+        folder, tiny_model_without_dropout_dir, train_size=64, backend="loop", training=TRAINING
+    )
+    launched = launch_two_processes("loop", experiment, "--set", "name=two", "--set", "training.batch_size=4")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("run directory:") == 1, "the second process printed too"
+    return experiment, folder / "runs" / "two"
 
 
 def assert_close(expected: dict, actual: dict) -> None:
@@ -48,21 +73,21 @@ def assert_close(expected: dict, actual: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["loop", "trainer"])
 def test_two_processes_train_as_one_with_the_same_global_batch(
-    backend, make_experiment, tiny_model_without_dropout_dir, tmp_path
+    backend, loop_on_two_processes, tiny_model_without_dropout_dir, tmp_path, monkeypatch
 ):
-    experiment = make_experiment(
-        train_size=64,
-        backend=backend,
-        model=str(tiny_model_without_dropout_dir),
-        training={"epochs": 2, "eval_every": 4, "save_every": 4},
-    )
-    single = run_cli("train", str(experiment), "--set", "name=one", env=CPU_ONLY)
-    assert single.returncode == 0, single.stderr[-3000:]
-    launched = launch_two_processes(backend, experiment, "--set", "name=two", "--set", "training.batch_size=4")
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    assert launched.stdout.count("run directory:") == 1, "the second process printed too"
+    if backend == "loop":
+        experiment, two = loop_on_two_processes
+    else:
+        experiment = write_experiment(
+            tmp_path, tiny_model_without_dropout_dir, train_size=64, backend=backend, training=TRAINING
+        )
+        launched = launch_two_processes(backend, experiment, "--set", "name=two", "--set", "training.batch_size=4")
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        assert launched.stdout.count("run directory:") == 1, "the second process printed too"
+        two = tmp_path / "runs" / "two"
+    train_on_one_cpu_process(experiment, "one", monkeypatch)
+    one = two.parent / "one"
 
-    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     events_one = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     events_two = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert len(events_two) == len(events_one)  # each event once: only the main process logs
@@ -74,6 +99,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(
     assert_close(metrics_one["validation"], metrics_two["validation"])
     for key in ("global_step", "epoch", "train_samples"):
         assert metrics_two["train"][key] == metrics_one["train"][key], key
+    assert metrics_two["train"]["train_samples"] == 2 * 64  # two processes of 4 examples a step, 2 epochs
     assert [p.name for p in (two / "checkpoints").iterdir()] == [p.name for p in (one / "checkpoints").iterdir()]
 
 
@@ -102,20 +128,14 @@ def launch_as_two_machines(experiment, *overrides: str) -> list[subprocess.Compl
 
 
 @pytest.mark.slow
-def test_two_machines_train_as_two_processes_of_one(make_experiment, tiny_model_without_dropout_dir, tmp_path):
-    experiment = make_experiment(
-        train_size=64,
-        model=str(tiny_model_without_dropout_dir),
-        training={"epochs": 2, "eval_every": 4, "save_every": 4, "batch_size": 4},
-    )
-    one_machine = launch_two_processes("loop", experiment, "--set", "name=one-machine")
-    assert one_machine.returncode == 0, one_machine.stderr[-3000:]
-    main, other = launch_as_two_machines(experiment, "--set", "name=two-machines")
+def test_two_machines_train_as_two_processes_of_one(loop_on_two_processes):
+    experiment, one = loop_on_two_processes
+    main, other = launch_as_two_machines(experiment, "--set", "name=two-machines", "--set", "training.batch_size=4")
     assert main.returncode == 0, main.stderr[-3000:]
     assert other.returncode == 0, other.stderr[-3000:]
     assert main.stdout.count("run directory:") == 1 and "run directory:" not in other.stdout  # only rank 0 prints
 
-    one, two = tmp_path / "runs" / "one-machine", tmp_path / "runs" / "two-machines"
+    two = one.parent / "two-machines"
     # The same ranks, the same all-reduces: the same numbers, bit for bit.
     assert (two / "metrics.jsonl").read_text() == (one / "metrics.jsonl").read_text()
     metrics_one, metrics_two = (json.loads((run / "metrics.json").read_text()) for run in (one, two))

@@ -198,12 +198,10 @@ def test_windowed_multi_label_and_regression_score_documents(task, rows, field, 
 
 
 def test_a_stride_that_barely_advances_and_a_second_text_that_fills_the_window_are_one_line(tmp_path, tiny_model_dir, make_experiment):
-    from conftest import run_cli
-
     path = make_experiment(data={"long_text": "window", "stride": 16, "max_length": 32})
     result = invoke("train", str(path))
     assert result.exit_code == 2 and "data.stride=16 must be below half of data.max_length=32" in result.output
     long_second = make_experiment(pair=True, data={"long_text": "window", "stride": 2, "max_length": 8})
-    result = run_cli("prepare", str(long_second))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "leaves 2 for the windowed text, not more than data.stride=2" in result.stderr and "raise data.max_length" in result.stderr
+    result = invoke("prepare", str(long_second))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "leaves 2 for the windowed text, not more than data.stride=2" in result.output and "raise data.max_length" in result.output

@@ -5,52 +5,78 @@ CPU) and the same metrics as a run never interrupted."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke
+from conftest import invoke, write_experiment
 from safetensors.torch import load_file
 
 from ftcli.runs.rundir import RunDir
 
-# One intra-op thread here and in the subprocess, hence the same float reductions.
-ENV = {"OMP_NUM_THREADS": "1"}
 STEPS_PER_EPOCH = 64 // 8
+# The interrupted runs are processes of their own, killed (or stopped) wherever they are; they fork
+# from a server that imported torch, transformers and ftcli once, rather than each spending ~6 s of
+# CPU on the imports (ten starts in this file).
+FORK_SERVER = multiprocessing.get_context("forkserver")
+FORK_SERVER.set_forkserver_preload(["torch", "transformers", "ftcli.cli", "ftcli.commands.train"])
+# What `python -m ftcli ARGS` runs, with stdout dropped and stderr into a file; one intra-op thread,
+# as in the runs it is compared with (one_thread), hence the same float reductions.
+START = """
+import os, sys, torch
+torch.set_num_threads(1)
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+os.dup2(os.open({stderr!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+sys.argv = ["ftcli", *{argv!r}]
+from ftcli.cli import main
+main()
+"""
 
 
-def experiment_for(make_experiment, backend: str, precision: str = "fp32"):
-    return make_experiment(
-        train_size=64,
-        backend=backend,
-        training={
-            "epochs": 2, "eval_every": 2, "save_every": 2, "logging_steps": 2, "keep_checkpoints": 2, "precision": precision
-        },
-    )
+def start_ftcli(*argv: str, stderr: Path = Path(os.devnull)) -> multiprocessing.Process:
+    """`ftcli ARGS` in a process of its own (see FORK_SERVER)."""
+    process = FORK_SERVER.Process(target=exec, args=(START.format(argv=list(argv), stderr=str(stderr)),))
+    process.start()
+    return process
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_model_dir):
+    """experiment(backend, precision): the experiment of 2 epochs, saving every 2 steps, whose
+    uninterrupted run (runs/straight) is trained once per backend and precision for the tests that
+    interrupt it; returns (experiment, runs folder)."""
+    trained: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+    def experiment(backend: str, precision: str = "fp32") -> tuple[Path, Path]:
+        if (backend, precision) not in trained:
+            folder = tmp_path_factory.mktemp(f"resume-{backend}-{precision}")
+            training = {
+                "epochs": 2, "eval_every": 2, "save_every": 2, "logging_steps": 2, "keep_checkpoints": 2, "precision": precision
+            }
+            path = write_experiment(folder, tiny_model_dir, train_size=64, backend=backend, training=training)
+            train_straight(path)  # inside a test that holds one_thread, as the interrupted runs (START)
+            trained[backend, precision] = path, folder / "runs"
+        return trained[backend, precision]
+
+    return experiment
 
 
 def train_until_killed(experiment, run, after_step: int = 0) -> None:
     """Start `ftcli train` and kill -9 it as soon as a checkpoint past after_step exists (mid-epoch)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ftcli", "train", str(experiment), "--set", f"name={run.name}"],
-        env={**os.environ, **ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_ftcli("train", str(experiment), "--set", f"name={run.name}")
     deadline = time.monotonic() + 300
     while not [path for path in (run / "checkpoints").glob("checkpoint-*") if int(path.name.split("-")[1]) > after_step]:
-        assert process.poll() is None, "training ended before a checkpoint appeared"
+        assert process.is_alive(), "training ended before a checkpoint appeared"
         assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
         time.sleep(0.01)
     process.kill()
-    process.wait()
+    process.join()
     assert not (run / "model").exists(), "the run finished before it was killed"
 
 
@@ -81,18 +107,16 @@ def one_thread():
     [("loop", "fp32", 0), ("trainer", "fp32", 0), ("loop", "bf16", 0), ("trainer", "fp32", STEPS_PER_EPOCH)],
     ids=["loop", "trainer", "loop-bf16", "trainer-second-epoch"],
 )
-def test_killed_run_resumes_exactly(backend, precision, after_step, make_experiment, tmp_path, one_thread):
-    experiment = experiment_for(make_experiment, backend, precision)
-    runs = tmp_path / "runs"
-    train_straight(experiment)
-
-    train_until_killed(experiment, runs / "killed", after_step)
-    resumed = invoke("train", str(experiment), "--set", "name=killed", "--resume")
+def test_killed_run_resumes_exactly(backend, precision, after_step, straight_run, one_thread):
+    experiment, runs = straight_run(backend, precision)
+    killed = runs / f"killed-after-{after_step}"
+    train_until_killed(experiment, killed, after_step)
+    resumed = invoke("train", str(experiment), "--set", f"name={killed.name}", "--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert_same_weights_as_straight(runs, runs / "killed")
+    assert_same_weights_as_straight(runs, killed)
 
     expected_metrics = json.loads((runs / "straight" / "metrics.json").read_text())
-    metrics = json.loads((runs / "killed" / "metrics.json").read_text())
+    metrics = json.loads((killed / "metrics.json").read_text())
     assert metrics["validation"] == expected_metrics["validation"]
     for key in ("global_step", "epoch", "train_samples", "best_score", "stopped_early"):
         assert metrics["train"][key] == expected_metrics["train"][key], key
@@ -101,7 +125,7 @@ def test_killed_run_resumes_exactly(backend, precision, after_step, make_experim
 
     # The events the killed run logged after its checkpoint were dropped and logged again.
     expected_events = (runs / "straight" / "metrics.jsonl").read_text().splitlines()
-    assert (runs / "killed" / "metrics.jsonl").read_text().splitlines() == expected_events
+    assert (killed / "metrics.jsonl").read_text().splitlines() == expected_events
 
 
 def test_resume_refuses_a_changed_config_and_a_finished_run_stays_finished(make_experiment, tmp_path):
@@ -123,25 +147,19 @@ def test_resume_refuses_a_changed_config_and_a_finished_run_stays_finished(make_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["loop", "trainer"])
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(backend, make_experiment, tmp_path, one_thread):
-    experiment = experiment_for(make_experiment, backend)
-    runs = tmp_path / "runs"
-    train_straight(experiment)
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(backend, straight_run, one_thread):
+    experiment, runs = straight_run(backend)
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ftcli", "train", str(experiment), "--set", "name=stopped"],
-        env={**os.environ, **ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = runs.parent / "stopped.stderr"
+    process = start_ftcli("train", str(experiment), "--set", "name=stopped", stderr=log)
     deadline = time.monotonic() + 300
     while not any((runs / "stopped" / "checkpoints").glob("checkpoint-*")):
-        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        assert process.is_alive() and time.monotonic() < deadline, "no checkpoint before the run ended"
         time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
+    os.kill(process.pid, signal.SIGTERM)
+    process.join(timeout=120)
+    stderr = log.read_text()
+    assert process.exitcode == 143, stderr
     stopped_step = int(stderr.split("interrupted at step ")[1].split(":")[0])
     assert f"checkpoint-{stopped_step} saved; continue with ftcli train" in stderr and "--resume" in stderr
     newest = sorted((runs / "stopped" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -174,18 +192,13 @@ def test_five_kills_at_random_points_still_resume_exactly(make_experiment, tmp_p
     newest = 0  # the step the next start resumes from
     for kill in range(5):
         args = ["--resume"] if kill else []
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ftcli", "train", str(experiment), "--set", "name=killed", *args],
-            env={**os.environ, **ENV},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        process = start_ftcli("train", str(experiment), "--set", "name=killed", *args)
         # Once this start has saved a checkpoint of its own, kill it a random moment later.
-        while process.poll() is None and not [p for p in run.list_checkpoints() if run.checkpoint_step(p) > newest]:
+        while process.is_alive() and not [p for p in run.list_checkpoints() if run.checkpoint_step(p) > newest]:
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.1))
         process.kill()
-        process.wait()
+        process.join()
         assert not run.model_dir.exists(), "the run finished before it was killed"
         newest = max(map(run.checkpoint_step, run.list_checkpoints()))
 

@@ -94,7 +94,8 @@ def _run_section(run: RunReport) -> str:
 
 def write_audit_html(runs: list[Path], folder: Path, audit: dict[str, Any]) -> Path:
     """The audit's report.html: its folds side by side under the cross-validated metrics and the label issues."""
-    report = build_report(runs, folder=folder)
+    # Each fold drew its curves.png and calibration.png when it trained (ftcli.commands.train).
+    report = build_report(runs, folder=folder, draw_runs=False)
     report.audit = audit
     return write_html(report)
 

@@ -56,8 +56,9 @@ class Report:
 # ---------------------------------------------------------------- building
 
 
-def analyze_run(run: RunDir, label: str | None = None) -> RunReport:
-    """Read a run's events, diagnose them, write curves.png and diagnosis.json beside them."""
+def analyze_run(run: RunDir, label: str | None = None, draw: bool = True) -> RunReport:
+    """Read a run's events, diagnose them, write curves.png and diagnosis.json beside them (with
+    draw False, the figures its training drew stay as they are)."""
     events = run.read_events()
     if not events:
         raise FtcliError(
@@ -77,22 +78,24 @@ def analyze_run(run: RunDir, label: str | None = None) -> RunReport:
     diagnosis = diagnose(events, metrics.get("data"), config, calibration, validation)
     report = RunReport(run, label or run.path.name, events, metrics, config_text, diagnosis, calibration, evaluated, config.get("task") or tasks.DEFAULT)
     title = f"{report.label}: {diagnosis.verdict.replace('_', ' ')}"
-    write_png(run_figure(events, title, best_step=best_eval_step(events)), run.curves_png)
+    if draw:
+        write_png(run_figure(events, title, best_step=best_eval_step(events)), run.curves_png)
+        if calibration is not None:
+            write_png(reliability_figure(calibration), run.calibration_png)
     atomic_write_json(run.diagnosis_file, diagnosis.to_json())
-    if calibration is not None:
-        write_png(reliability_figure(calibration), run.calibration_png)
     return report
 
 
-def build_report(paths: list[Path], folder: Path | None = None) -> Report:
-    """Analyze every run; with several, draw them together.
+def build_report(paths: list[Path], folder: Path | None = None, draw_runs: bool = True) -> Report:
+    """Analyze every run (redrawing its figures unless draw_runs is False); with several, draw them together.
 
     The comparison figure (and report.html, ftcli.reporting.html) go into folder: by default the
     run directory itself, or the folder that holds all the runs.
     """
     runs = [RunDir.open(path) for path in dict.fromkeys(Path(path).resolve() for path in paths)]
     labels = _labels(runs)
-    report = Report([analyze_run(run, label) for run, label in zip(runs, labels)], folder or _common_folder(runs))
+    analyzed = [analyze_run(run, label, draw_runs) for run, label in zip(runs, labels)]
+    report = Report(analyzed, folder or _common_folder(runs))
     if len(report.runs) > 1:
         report.folder.mkdir(parents=True, exist_ok=True)
         figure = comparison_figure({run.label: run.events for run in report.runs})
