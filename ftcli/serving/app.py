@@ -14,11 +14,14 @@ With an API key, every route but /health needs `Authorization: Bearer <key>`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import logging
+import queue
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from dataclasses import replace
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -26,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ftcli.errors import FtcliError
-from ftcli.serving.batcher import Batcher, QueueFull, warm_up
+from ftcli.serving.batcher import Batcher, QueueFull, Row, warm_up
 from ftcli.serving.metrics import ServingMetrics
 from ftcli.serving.requests import ApiError, Limits, read_json, tei_inputs, v1_inputs
 from ftcli.serving.served import ServedModel, Texts, TooLong
@@ -56,28 +59,18 @@ def create_app(
     _add_guard(app, metrics, api_key)
     _add_error_handlers(app)
 
+    encode = _tokenizing(served, batcher)
+
     async def logits_of(inputs: list[Texts], truncate: bool = True) -> list[np.ndarray]:
         if not state["ready"]:
             raise ApiError(503, "the model is still loading", "retry in a moment", {"Retry-After": RETRY_AFTER_SECONDS})
         try:
-            rows = served.encode(inputs, truncate)
-        except TooLong as error:
-            raise ApiError(
-                413, f"input {error.index} has {error.tokens} tokens, more than data.max_length={served.config.data.max_length}",
-                'send "truncate": true',
-            ) from None
-        except FtcliError as error:  # e.g. a pair whose second text leaves no room for windows
-            raise ApiError(422, error.message, error.hint) from None
-        if sum(len(input_rows) for input_rows in rows) > batcher.max_queue:
-            raise ApiError(413, f"more inputs than the server's queue holds ({batcher.max_queue})", "split them over several requests")
-        try:
-            futures = batcher.enqueue(rows)
+            return await batcher.submit(len(inputs), lambda: encode(inputs, truncate))
         except QueueFull:
             raise ApiError(
                 503, f"the server is at capacity ({batcher.max_queue} inputs waiting)", "retry shortly",
                 {"Retry-After": RETRY_AFTER_SECONDS},
             ) from None
-        return await asyncio.gather(*futures)  # cancelled with the request: the batcher skips them
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> JSONResponse:
@@ -96,7 +89,8 @@ def create_app(
             return JSONResponse({"status": "loading"}, 503, {"Retry-After": RETRY_AFTER_SECONDS})
         return JSONResponse({"status": "ok"})
 
-    settings = {"max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1000, "max_queue": batcher.max_queue,
+    settings = {"max_batch": batcher.max_batch, "max_batch_tokens": batcher.max_batch_tokens,
+                "max_wait_ms": batcher.max_wait * 1000, "max_queue": batcher.max_queue,
                 "max_inputs": limits.max_inputs, "max_chars": limits.max_chars}
 
     @app.get("/v1/info")
@@ -108,6 +102,40 @@ def create_app(
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return app
+
+
+def _tokenizing(served: ServedModel, batcher: Batcher) -> Callable[[list[Texts], bool], list[list[Row]]]:
+    """What the tokenizer threads run: token rows, or the 4xx that says why not."""
+    encoders = _encoders(served, batcher.tokenizer_threads)
+
+    def encode(inputs: list[Texts], truncate: bool) -> list[list[Row]]:
+        mine = encoders.get()
+        try:
+            rows = mine.encode(inputs, truncate)
+        except TooLong as error:
+            raise ApiError(
+                413, f"input {error.index} has {error.tokens} tokens, more than data.max_length={served.config.data.max_length}",
+                'send "truncate": true',
+            ) from None
+        except FtcliError as error:  # e.g. a pair whose second text leaves no room for windows
+            raise ApiError(422, error.message, error.hint) from None
+        finally:
+            encoders.put(mine)
+        if sum(len(input_rows) for input_rows in rows) > batcher.max_queue:
+            raise ApiError(413, f"more inputs than the server's queue holds ({batcher.max_queue})", "split them over several requests")
+        return rows
+
+    return encode
+
+
+def _encoders(served: ServedModel, count: int) -> queue.SimpleQueue:
+    """A copy of the model's tokenizer per tokenizer thread: transformers sets truncation on the
+    Rust tokenizer it shares at every call, so two threads asking for different truncation (TEI's
+    truncate: false) would race over it."""
+    encoders: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(count):
+        encoders.put(replace(served, tokenizer=copy.deepcopy(served.tokenizer)))
+    return encoders
 
 
 def _warm(served: ServedModel, batcher: Batcher, state: dict[str, bool]) -> None:
