@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Callable
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from ftcli.errors import FtcliError
@@ -152,28 +153,47 @@ def _warm(served: ServedModel, batcher: Batcher, state: dict[str, bool]) -> None
 
 def _add_guard(app: FastAPI, metrics: ServingMetrics, api_key: str | None) -> None:
     """Around every request: the key check, the 500 without a traceback, and the metrics."""
-    expected = api_key.encode() if api_key else None
+    app.add_middleware(_Guard, metrics=metrics, expected=api_key.encode() if api_key else None)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        path = request.url.path
-        if expected is not None and path not in OPEN_ROUTES and not _authorized(request, expected):
-            response: Response = _error_response(
-                ApiError(401, "missing or wrong API key", "send the header Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
+
+class _Guard:
+    """A plain ASGI middleware: Starlette's @app.middleware("http") runs every request through an
+    extra task and memory streams, which cost more than the rest of the front end's bookkeeping
+    (measured with a zero-cost engine, see bench/RESULTS.md)."""
+
+    def __init__(self, app: Any, metrics: ServingMetrics, expected: bytes | None) -> None:
+        self.app, self.metrics, self.expected = app, metrics, expected
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, path = time.perf_counter(), scope["path"]
+        status = 500
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if self.expected is not None and path not in OPEN_ROUTES and not _authorized(Headers(scope=scope), self.expected):
+            bearer = {"WWW-Authenticate": "Bearer"}
+            await _error_response(ApiError(401, "missing or wrong API key", "send the header Authorization: Bearer <key>", bearer))(
+                scope, receive, sending
             )
         else:
             try:
-                response = await call_next(request)
+                await self.app(scope, receive, sending)
             except Exception:
-                log.exception("%s %s failed", request.method, path)
-                response = _error_response(ApiError(500, "internal error", "the server logged it; retry, or report it"))
-        metrics.observe(path if path in ROUTES else "other", response.status_code, time.perf_counter() - started)
-        return response
+                log.exception("%s %s failed", scope["method"], path)
+                await _error_response(ApiError(500, "internal error", "the server logged it; retry, or report it"))(
+                    scope, receive, sending
+                )
+        self.metrics.observe(path if path in ROUTES else "other", status, time.perf_counter() - started)
 
 
-def _authorized(request: Request, expected: bytes) -> bool:
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+def _authorized(headers: Headers, expected: bytes) -> bool:
+    scheme, _, given = headers.get("authorization", "").partition(" ")
     # compare_digest takes as long for a wrong key as for a right one: no timing hint of its bytes
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
 
