@@ -263,6 +263,19 @@ def test_full_queue_answers_503_and_a_gone_client_blocks_nothing(runs, monkeypat
         assert time.monotonic() - started < 5
 
 
+def test_a_failing_forward_pass_is_a_json_500_and_counted(pair_server, monkeypatch):
+    def broken(engine, batch):
+        raise RuntimeError("a broken kernel")
+
+    monkeypatch.setattr(TorchEngine, "logits", broken)
+    failed = pair_server.post("/v1/predict", json={"inputs": PAIRS[0]})
+    assert failed.status_code == 500 and failed.json() == {"error": "internal error", "fix": "the server logged it; retry, or report it"}
+    assert "kernel" not in failed.text
+    assert 'ftcli_request_errors_total{route="/v1/predict",status="500"} 1.0' in pair_server.get("/metrics").text
+    monkeypatch.undo()
+    assert pair_server.post("/v1/predict", json={"inputs": PAIRS[0]}).status_code == 200  # the server goes on
+
+
 def test_api_key_is_required_except_for_health(runs, monkeypatch):
     monkeypatch.setenv("FTCLI_API_KEY", "s3cret-key")
     with serving(runs["pair"]) as client:
