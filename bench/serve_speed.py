@@ -118,6 +118,13 @@ async def wait_ready(client, url: str, seconds: float = 300) -> None:
     raise RuntimeError(f"{url} never answered")
 
 
+async def ready(url: str) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        await wait_ready(client, url)
+
+
 def _body(url: str, pair: tuple[str, str]) -> dict:
     text = {"text": pair[0], "text_pair": pair[1]}
     return {"inputs": text} if url.endswith("/v1/predict") else text
@@ -157,13 +164,26 @@ async def drive(url: str, clients: int, seconds: float) -> dict:
     return {"latencies": latencies, "errors": errors, "seconds": seconds}
 
 
+def forward_passes(port: int, kind: str) -> list[float]:
+    """ftcli's (forward passes, inputs in them) so far, from /metrics; nothing for the baseline."""
+    if kind == "baseline":
+        return []
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=60).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith("ftcli_batch_size_")}
+    return [values["ftcli_batch_size_count"], values["ftcli_batch_size_sum"]]
+
+
 def summary(kind: str, clients: int, rounds: list[dict]) -> dict:
     """One row from its rounds: their requests pooled."""
     values = np.asarray([value for one in rounds for value in one["latencies"]]) * 1000
     seconds = sum(one["seconds"] for one in rounds)
+    passes, inputs = (sum(one["passes"][index] for one in rounds if one["passes"]) for index in (0, 1))
     return {
         "server": kind, "clients": clients, "rounds": len(rounds), "requests": len(values),
         "requests_per_second": len(values) / seconds, "errors": sum(one["errors"] for one in rounds),
+        "inputs_per_pass": inputs / passes if passes else float("nan"),
         **{f"p{q}_ms": float(np.percentile(values, q)) if len(values) else float("nan") for q in (50, 95, 99)},
     }
 
@@ -174,12 +194,17 @@ def measure(kinds: list[str], run: Path, levels: list[int], seconds: float, roun
     servers = [start_server(kind, run, ports[kind], before) for kind in kinds]
     results: dict[tuple[str, int], list[dict]] = {}
     try:
+        for kind in kinds:
+            asyncio.run(ready(f"http://127.0.0.1:{ports[kind]}{'/predict' if kind == 'baseline' else '/v1/predict'}"))
         for _ in range(rounds):
             for clients in levels:
                 for kind in kinds:
                     route = "/predict" if kind == "baseline" else "/v1/predict"
                     url = f"http://127.0.0.1:{ports[kind]}{route}"
-                    results.setdefault((kind, clients), []).append(asyncio.run(drive(url, clients, seconds)))
+                    passes = forward_passes(ports[kind], kind)
+                    result = asyncio.run(drive(url, clients, seconds))
+                    result["passes"] = [after - before for after, before in zip(forward_passes(ports[kind], kind), passes)]
+                    results.setdefault((kind, clients), []).append(result)
     finally:
         for server in servers:
             server.terminate()
@@ -190,14 +215,14 @@ def measure(kinds: list[str], run: Path, levels: list[int], seconds: float, roun
 
 def print_table(rows: list[dict]) -> None:
     baseline = {row["clients"]: row for row in rows if row["server"] == "baseline"}
-    print(f"{'server':<14}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}{'req/s vs (a)':>14}{'p50 vs (a)':>12}")
+    print(f"{'server':<14}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}{'req/s vs (a)':>14}{'p50 vs (a)':>12}{'batch':>7}")
     for row in rows:
         reference = baseline.get(row["clients"])
         ratio = row["requests_per_second"] / reference["requests_per_second"] if reference else float("nan")
         latency = row["p50_ms"] / reference["p50_ms"] if reference else float("nan")
         print(
             f"{row['server']:<14}{row['clients']:>8}{row['requests_per_second']:>9.1f}{row['p50_ms']:>9.1f}"
-            f"{row['p95_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['errors']:>8}{ratio:>13.2f}x{latency:>11.2f}x"
+            f"{row['p95_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['errors']:>8}{ratio:>13.2f}x{latency:>11.2f}x{row['inputs_per_pass']:>7.1f}"
         )
 
 
