@@ -3,16 +3,22 @@ ftcli serve (torch engine, and ONNX int8), on the same model and MRPC validation
 
     python -m bench.serve_speed                      # trains a short MiniLM MRPC run first
     python -m bench.serve_speed --run runs/mrpc-minilm --seconds 10 --clients 1,8,32
+    git archive REF | tar -x -C /tmp/before          # ftcli as it was at REF, as one more row:
+    python -m bench.serve_speed --run RUN --servers baseline,before,torch --before /tmp/before --rounds 3
 
-Rows, each a server process started one after another on this machine and driven over loopback
-by --clients concurrent clients (asyncio + httpx, one pair per request, each client sending its
-next request when its last is answered) for --seconds each, after a 1 s warm-up:
+Every server process is started first and left idle while another is driven; then each client
+count drives each server in turn (baseline, then the others), --rounds times, so that every row
+sees the same machine (a shared machine's load drifts over minutes). A row pools its rounds'
+requests. Driving: --clients concurrent clients on this machine over loopback (asyncio + httpx,
+one pair per request, each client sending its next request when its last is answered) for
+--seconds, after a 1 s warm-up. The rows (--servers picks them):
   (a) baseline      FastAPI, a sync `def` route calling pipeline("text-classification") once per
                     request, as its tutorials write it (fp32, the default threads)
-  (b) ftcli torch   ftcli serve RUN: dynamic micro-batching, the run's precision
+  (b) ftcli torch   ftcli serve RUN: batching, the run's precision
+      ftcli before  the same command from the ftcli source at --before (to measure a change)
   (c) ftcli int8    ftcli serve RUN --engine onnx --quantized (ftcli export --quantize int8)
 Reported per row: requests/s, p50/p95/p99 latency, errors (non-200 answers and failed requests),
-and the throughput ratio to (a) at the same number of clients.
+and the throughput and p50 latency ratios to (a) at the same number of clients.
 """
 
 from __future__ import annotations
@@ -86,16 +92,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(kind: str, run: Path, port: int) -> subprocess.Popen:
+SERVERS = {"baseline": "baseline", "torch": "ftcli torch", "before": "ftcli before", "int8": "ftcli int8"}
+
+
+def start_server(kind: str, run: Path, port: int, before: Path | None) -> subprocess.Popen:
     if kind == "baseline":
         command = [sys.executable, "-m", "bench.serve_speed", "--baseline-server", str(run / "model"), "--port", str(port)]
     else:
         extra = ["--engine", "onnx", "--quantized"] if kind == "ftcli int8" else []
-        command = [sys.executable, "-m", "ftcli", "serve", str(run), "--port", str(port), *extra]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        command = [sys.executable, "-m", "ftcli", "serve", str(run.resolve()), "--port", str(port), *extra]
+    # python -m puts the working directory first on the path: the source it runs is the folder's
+    folder = before if kind == "ftcli before" else ROOT
+    return subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def wait_ready(client, url: str, seconds: float = 120) -> None:
+async def wait_ready(client, url: str, seconds: float = 300) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -105,6 +116,13 @@ async def wait_ready(client, url: str, seconds: float = 120) -> None:
             pass
         await asyncio.sleep(0.2)
     raise RuntimeError(f"{url} never answered")
+
+
+async def ready(url: str) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        await wait_ready(client, url)
 
 
 def _body(url: str, pair: tuple[str, str]) -> dict:
@@ -143,32 +161,68 @@ async def drive(url: str, clients: int, seconds: float) -> dict:
                     errors += 1
 
         await asyncio.gather(*(one_client(index) for index in range(clients)))
-    values = np.asarray(latencies) * 1000
+    return {"latencies": latencies, "errors": errors, "seconds": seconds}
+
+
+def forward_passes(port: int, kind: str) -> list[float]:
+    """ftcli's (forward passes, inputs in them) so far, from /metrics; nothing for the baseline."""
+    if kind == "baseline":
+        return []
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=60).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith("ftcli_batch_size_")}
+    return [values["ftcli_batch_size_count"], values["ftcli_batch_size_sum"]]
+
+
+def summary(kind: str, clients: int, rounds: list[dict]) -> dict:
+    """One row from its rounds: their requests pooled."""
+    values = np.asarray([value for one in rounds for value in one["latencies"]]) * 1000
+    seconds = sum(one["seconds"] for one in rounds)
+    passes, inputs = (sum(one["passes"][index] for one in rounds if one["passes"]) for index in (0, 1))
     return {
-        "clients": clients, "requests": len(latencies), "requests_per_second": len(latencies) / seconds, "errors": errors,
+        "server": kind, "clients": clients, "rounds": len(rounds), "requests": len(values),
+        "requests_per_second": len(values) / seconds, "errors": sum(one["errors"] for one in rounds),
+        "inputs_per_pass": inputs / passes if passes else float("nan"),
         **{f"p{q}_ms": float(np.percentile(values, q)) if len(values) else float("nan") for q in (50, 95, 99)},
     }
 
 
-def measure(kind: str, run: Path, levels: list[int], seconds: float) -> list[dict]:
-    port = free_port()
-    server = start_server(kind, run, port)
-    route = "/predict" if kind == "baseline" else "/v1/predict"
+def measure(kinds: list[str], run: Path, levels: list[int], seconds: float, rounds: int, before: Path | None) -> list[dict]:
+    """Every server started, then each client count driving each server in turn, `rounds` times."""
+    ports = {kind: free_port() for kind in kinds}
+    servers = [start_server(kind, run, ports[kind], before) for kind in kinds]
+    results: dict[tuple[str, int], list[dict]] = {}
     try:
-        return [{"server": kind} | asyncio.run(drive(f"http://127.0.0.1:{port}{route}", clients, seconds)) for clients in levels]
+        for kind in kinds:
+            asyncio.run(ready(f"http://127.0.0.1:{ports[kind]}{'/predict' if kind == 'baseline' else '/v1/predict'}"))
+        for _ in range(rounds):
+            for clients in levels:
+                for kind in kinds:
+                    route = "/predict" if kind == "baseline" else "/v1/predict"
+                    url = f"http://127.0.0.1:{ports[kind]}{route}"
+                    passes = forward_passes(ports[kind], kind)
+                    result = asyncio.run(drive(url, clients, seconds))
+                    result["passes"] = [after - before for after, before in zip(forward_passes(ports[kind], kind), passes)]
+                    results.setdefault((kind, clients), []).append(result)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(timeout=60)
+    return [summary(kind, clients, results[kind, clients]) for kind in kinds for clients in levels]
 
 
 def print_table(rows: list[dict]) -> None:
-    baseline = {row["clients"]: row["requests_per_second"] for row in rows if row["server"] == "baseline"}
-    print(f"{'server':<14}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}{'vs (a)':>8}")
+    baseline = {row["clients"]: row for row in rows if row["server"] == "baseline"}
+    print(f"{'server':<14}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}{'req/s vs (a)':>14}{'p50 vs (a)':>12}{'batch':>7}")
     for row in rows:
-        ratio = row["requests_per_second"] / baseline[row["clients"]] if baseline.get(row["clients"]) else float("nan")
+        reference = baseline.get(row["clients"])
+        ratio = row["requests_per_second"] / reference["requests_per_second"] if reference else float("nan")
+        latency = row["p50_ms"] / reference["p50_ms"] if reference else float("nan")
         print(
             f"{row['server']:<14}{row['clients']:>8}{row['requests_per_second']:>9.1f}{row['p50_ms']:>9.1f}"
-            f"{row['p95_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['errors']:>8}{ratio:>7.2f}x"
+            f"{row['p95_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['errors']:>8}{ratio:>13.2f}x{latency:>11.2f}x{row['inputs_per_pass']:>7.1f}"
         )
 
 
@@ -186,6 +240,9 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=MRPC)
     parser.add_argument("--seconds", type=float, default=10.0, help="Measured seconds per row and client count")
     parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--servers", default="baseline,torch,int8", help=f"Rows, in order: {', '.join(SERVERS)}")
+    parser.add_argument("--before", type=Path, default=None, help="ftcli's source at an earlier commit, for the row 'before'")
+    parser.add_argument("--rounds", type=int, default=1, help="Passes over every server and client count")
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--out", type=Path, default=None, help="Also write the rows as JSON")
     parser.add_argument("--baseline-server", default=None, help=argparse.SUPPRESS)  # internal: run row (a)'s server
@@ -199,11 +256,14 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     PAIRS.extend(load_pairs(args.data_dir))
     levels = [int(value) for value in args.clients.split(",")]
+    kinds = [SERVERS[name] for name in args.servers.split(",")]
+    if "ftcli before" in kinds and args.before is None:
+        parser.error("the row 'before' needs --before DIR (git archive REF | tar -x -C DIR)")
     with tempfile.TemporaryDirectory() as workdir:
         run = args.run or train_run(Path(workdir), args.train_steps)
-        quantization = export_int8(run)
+        quantization = export_int8(run) if "ftcli int8" in kinds else None
         print(f"int8 export: {json.dumps(quantization)}")
-        rows = [row for kind in ("baseline", "ftcli torch", "ftcli int8") for row in measure(kind, run, levels, args.seconds)]
+        rows = measure(kinds, run, levels, args.seconds, args.rounds, args.before)
     print_table(rows)
     if args.out:
         args.out.write_text(json.dumps({"quantization": quantization, "rows": rows}, indent=2))

@@ -329,7 +329,12 @@ def serve(
     engine: Annotated[str, typer.Option(help="torch (the run's model/) or onnx (RUN/export/, from ftcli export).")] = "torch",
     quantized: Annotated[bool, typer.Option("--quantized", help="With --engine onnx: serve export/model.int8.onnx.")] = False,
     max_batch: Annotated[int, typer.Option(min=1, help="Most inputs per forward pass.")] = 64,
-    max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest an input waits for others to join its batch.")] = 5.0,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, help="Longest an input waits for others to join its batch (0: none; a batch is what queued while the model was busy).")
+    ] = 0.0,
+    max_batch_tokens: Annotated[
+        int, typer.Option(min=1, help="Most padded tokens per forward pass (rows x padded length).")
+    ] = 16_384,
     workers: Annotated[int, typer.Option(min=1, help="Server processes, each with the model (the cores are divided).")] = 1,
     max_queue: Annotated[
         Optional[int], typer.Option(min=1, help="Most inputs waiting; beyond, 503 with Retry-After (default 16 batches).")
@@ -341,7 +346,9 @@ def serve(
     from ftcli.commands.serve import ServeOptions, serve_run
     from ftcli.ui import console
 
-    options = ServeOptions(str(run_dir), engine, quantized, max_batch, max_wait_ms, max_queue, workers, max_inputs, max_chars)
+    options = ServeOptions(
+        str(run_dir), engine, quantized, max_batch, max_wait_ms, max_queue, workers, max_inputs, max_chars, max_batch_tokens
+    )
     serve_run(options, host, port, say=console.print)
     console.print("stopped: every request in flight was answered")
 

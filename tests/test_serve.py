@@ -28,6 +28,7 @@ from conftest import invoke, regression_rows, sentiment_rows, write_rows
 
 from ftcli.commands.predict import predict
 from ftcli.commands.serve import ServeOptions, build_app
+from ftcli.serving.engines import TorchEngine
 
 PAIRS = [
     {"text": "the film was great and lovely", "text_pair": "a superb cast"},
@@ -227,21 +228,52 @@ def _batch_histogram(text: str) -> tuple[float, float, float]:
     return values["ftcli_batch_size_count"], values["ftcli_batch_size_sum"], values['ftcli_batch_size_bucket{le="1.0"}']
 
 
-def test_full_queue_answers_503_and_a_gone_client_blocks_nothing(runs):
-    with serving(runs["pair"], max_batch=4, max_queue=4, max_wait_ms=1000) as client:
-        with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(client.post, "/v1/predict", json={"inputs": PAIRS[0]})  # waits up to 1 s for company
-            time.sleep(0.3)
-            full = client.post("/v1/predict", json={"inputs": PAIRS + PAIRS[:1]})
+def test_full_queue_answers_503_and_a_gone_client_blocks_nothing(runs, monkeypatch):
+    gate, entered = threading.Event(), threading.Event()
+    gate.set()
+    forward = TorchEngine.logits
+
+    def held(engine, batch):  # the engine thread waits at the gate, so the queue fills behind it
+        entered.set()
+        assert gate.wait(30)
+        return forward(engine, batch)
+
+    monkeypatch.setattr(TorchEngine, "logits", held)
+    with serving(runs["pair"], max_batch=4, max_queue=4) as client:  # the warm-up passed the open gate
+        gate.clear()
+        entered.clear()
+        with ThreadPoolExecutor(2) as pool:
+            busy = pool.submit(client.post, "/v1/predict", json={"inputs": PAIRS[0]})
+            assert entered.wait(30)
+            waiting = pool.submit(client.post, "/v1/predict", json={"inputs": PAIRS})  # 3 of the queue's 4
+            while "ftcli_queue_inputs 3.0" not in client.get("/metrics").text:
+                time.sleep(0.01)
+            full = client.post("/v1/predict", json={"inputs": PAIRS[:2]})
             assert full.status_code == 503 and full.headers["retry-after"] == "1" and "capacity" in full.json()["error"]
-            assert waiting.result().status_code == 200
+            gate.set()
+            assert busy.result().status_code == 200 and waiting.result().status_code == 200
         too_many = client.post("/v1/predict", json={"inputs": PAIRS + PAIRS})
         assert too_many.status_code == 413
+        gate.clear()
         with pytest.raises(httpx.TimeoutException):  # this client leaves before its answer
             client.post("/v1/predict", json={"inputs": PAIRS[1]}, timeout=0.1)
+        gate.set()
         started = time.monotonic()
         assert client.post("/v1/predict", json={"inputs": PAIRS[2]}).status_code == 200
         assert time.monotonic() - started < 5
+
+
+def test_a_failing_forward_pass_is_a_json_500_and_counted(pair_server, monkeypatch):
+    def broken(engine, batch):
+        raise RuntimeError("a broken kernel")
+
+    monkeypatch.setattr(TorchEngine, "logits", broken)
+    failed = pair_server.post("/v1/predict", json={"inputs": PAIRS[0]})
+    assert failed.status_code == 500 and failed.json() == {"error": "internal error", "fix": "the server logged it; retry, or report it"}
+    assert "kernel" not in failed.text
+    assert 'ftcli_request_errors_total{route="/v1/predict",status="500"} 1.0' in pair_server.get("/metrics").text
+    monkeypatch.undo()
+    assert pair_server.post("/v1/predict", json={"inputs": PAIRS[0]}).status_code == 200  # the server goes on
 
 
 def test_api_key_is_required_except_for_health(runs, monkeypatch):

@@ -35,11 +35,12 @@ class ServeOptions:
     engine: str = "torch"
     quantized: bool = False
     max_batch: int = 64
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0  # no timer: a batch is what queued while the engine was busy
     max_queue: int | None = None  # inputs waiting; None: 16 batches' worth
     workers: int = 1
     max_inputs: int = 256
     max_chars: int = 20_000
+    max_batch_tokens: int = 16_384  # padded tokens per forward pass (batcher.DEFAULT_MAX_BATCH_TOKENS)
 
 
 def build_app(options: ServeOptions):
@@ -55,7 +56,8 @@ def build_app(options: ServeOptions):
     metrics = ServingMetrics(options.max_batch)
     batcher = Batcher(
         served.engine, served.tokenizer.pad_token_id, served.config.data.max_length, options.max_batch,
-        options.max_wait_ms, options.max_queue or 16 * options.max_batch, metrics,
+        options.max_wait_ms, options.max_queue or 16 * options.max_batch, metrics, options.max_batch_tokens,
+        tokenizer_threads=cpu_threads(options.workers),
     )
     limits = Limits(max_inputs=options.max_inputs, max_chars=options.max_chars)
     return create_app(served, batcher, metrics, limits, os.environ.get(API_KEY_ENV) or None)
@@ -102,7 +104,13 @@ def _check(options: ServeOptions) -> None:
             "let the queue hold at least one batch",
         )
     run = RunDir.open(options.run_path)
-    tasks.require_support(load_config(run.config_file).task, "serve", f"predict with ftcli predict {options.run_path} --text ...")
+    config = load_config(run.config_file)
+    tasks.require_support(config.task, "serve", f"predict with ftcli predict {options.run_path} --text ...")
+    if options.max_batch_tokens < config.data.max_length:
+        raise FtcliError(
+            f"--max-batch-tokens {options.max_batch_tokens} is smaller than one input of data.max_length={config.data.max_length} tokens",
+            f"pass --max-batch-tokens {config.data.max_length} or more",
+        )
 
 
 def _bind(host: str, port: int) -> socket.socket:

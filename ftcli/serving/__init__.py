@@ -3,7 +3,7 @@ micro-batcher that gathers concurrent requests into one forward pass, the FastAP
 limits and errors, and its Prometheus metrics.
 
     engines   torch (the run's model/) or onnx (RUN/export/model.onnx or model.int8.onnx)
-    batcher   a bounded asyncio queue, gathered for max_wait_ms or max_batch rows, run in one thread
+    batcher   a bounded queue fed by tokenizer threads; the engine thread takes what queued when free
     app       routes (/v1/predict, TEI's /predict, /health, /v1/info, /metrics), auth and limits
     metrics   requests, errors, latency and batch sizes on one prometheus-client registry
 """

@@ -15,15 +15,19 @@ With an API key, every route but /health needs `Authorization: Bearer <key>`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import logging
+import queue
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from dataclasses import replace
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from ftcli.errors import FtcliError
@@ -57,21 +61,7 @@ def create_app(
     _add_guard(app, metrics, api_key)
     _add_error_handlers(app)
 
-    async def forward(inputs: list[Texts], truncate: bool = True) -> tuple[list[list[Row]], list[np.ndarray]]:
-        """Each input's rows and their logits, from the batcher."""
-        if not state["ready"]:
-            raise ApiError(503, "the model is still loading", "retry in a moment", {"Retry-After": RETRY_AFTER_SECONDS})
-        rows = _encoded(served, inputs, truncate)
-        if sum(len(input_rows) for input_rows in rows) > batcher.max_queue:
-            raise ApiError(413, f"more inputs than the server's queue holds ({batcher.max_queue})", "split them over several requests")
-        try:
-            futures = batcher.enqueue(rows)
-        except QueueFull:
-            raise ApiError(
-                503, f"the server is at capacity ({batcher.max_queue} inputs waiting)", "retry shortly",
-                {"Retry-After": RETRY_AFTER_SECONDS},
-            ) from None
-        return rows, await asyncio.gather(*futures)  # cancelled with the request: the batcher skips them
+    forward = _forwarding(served, batcher, state)
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> JSONResponse:
@@ -95,7 +85,8 @@ def create_app(
             return JSONResponse({"status": "loading"}, 503, {"Retry-After": RETRY_AFTER_SECONDS})
         return JSONResponse({"status": "ok"})
 
-    settings = {"max_batch": batcher.max_batch, "max_wait_ms": batcher.max_wait * 1000, "max_queue": batcher.max_queue,
+    settings = {"max_batch": batcher.max_batch, "max_batch_tokens": batcher.max_batch_tokens,
+                "max_wait_ms": batcher.max_wait * 1000, "max_queue": batcher.max_queue,
                 "max_inputs": limits.max_inputs, "max_chars": limits.max_chars}
 
     @app.get("/v1/info")
@@ -109,17 +100,64 @@ def create_app(
     return app
 
 
-def _encoded(served: ServedModel, inputs: list[Texts], truncate: bool) -> list[list[Row]]:
-    """Each input's rows (ServedModel.encode), or the 4xx that says why not."""
-    try:
-        return served.encode(inputs, truncate)
-    except TooLong as error:
-        raise ApiError(
-            413, f"input {error.index} has {error.tokens} tokens, more than data.max_length={served.config.data.max_length}",
-            'send "truncate": true',
-        ) from None
-    except FtcliError as error:  # e.g. a pair whose second text leaves no room for windows
-        raise ApiError(422, error.message, error.hint) from None
+def _forwarding(served: ServedModel, batcher: Batcher, state: dict[str, bool]) -> Callable[..., Any]:
+    """The routes' one way to the model: each input's rows (tokenized in a tokenizer thread) and
+    their logits, from the batcher; 503 while loading or at capacity."""
+    encode = _tokenizing(served, batcher)
+
+    async def forward(inputs: list[Texts], truncate: bool = True) -> tuple[list[list[Row]], list[np.ndarray]]:
+        if not state["ready"]:
+            raise ApiError(503, "the model is still loading", "retry in a moment", {"Retry-After": RETRY_AFTER_SECONDS})
+        encoded: list[list[list[Row]]] = []  # the rows, kept for the answers (a tagger's words)
+
+        def encode_and_keep() -> list[list[Row]]:
+            encoded.append(encode(inputs, truncate))
+            return encoded[-1]
+
+        try:
+            logits = await batcher.submit(len(inputs), encode_and_keep)
+        except QueueFull:
+            raise ApiError(
+                503, f"the server is at capacity ({batcher.max_queue} inputs waiting)", "retry shortly",
+                {"Retry-After": RETRY_AFTER_SECONDS},
+            ) from None
+        return encoded[0], logits
+
+    return forward
+
+
+def _tokenizing(served: ServedModel, batcher: Batcher) -> Callable[[list[Texts], bool], list[list[Row]]]:
+    """What the tokenizer threads run: token rows, or the 4xx that says why not."""
+    encoders = _encoders(served, batcher.tokenizer_threads)
+
+    def encode(inputs: list[Texts], truncate: bool) -> list[list[Row]]:
+        mine = encoders.get()
+        try:
+            rows = mine.encode(inputs, truncate)
+        except TooLong as error:
+            raise ApiError(
+                413, f"input {error.index} has {error.tokens} tokens, more than data.max_length={served.config.data.max_length}",
+                'send "truncate": true',
+            ) from None
+        except FtcliError as error:  # e.g. a pair whose second text leaves no room for windows
+            raise ApiError(422, error.message, error.hint) from None
+        finally:
+            encoders.put(mine)
+        if sum(len(input_rows) for input_rows in rows) > batcher.max_queue:
+            raise ApiError(413, f"more inputs than the server's queue holds ({batcher.max_queue})", "split them over several requests")
+        return rows
+
+    return encode
+
+
+def _encoders(served: ServedModel, count: int) -> queue.SimpleQueue:
+    """A copy of the model's tokenizer per tokenizer thread: transformers sets truncation on the
+    Rust tokenizer it shares at every call, so two threads asking for different truncation (TEI's
+    truncate: false) would race over it."""
+    encoders: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(count):
+        encoders.put(replace(served, tokenizer=copy.deepcopy(served.tokenizer)))
+    return encoders
 
 
 def _warm(served: ServedModel, batcher: Batcher, state: dict[str, bool]) -> None:
@@ -136,28 +174,47 @@ def _warm(served: ServedModel, batcher: Batcher, state: dict[str, bool]) -> None
 
 def _add_guard(app: FastAPI, metrics: ServingMetrics, api_key: str | None) -> None:
     """Around every request: the key check, the 500 without a traceback, and the metrics."""
-    expected = api_key.encode() if api_key else None
+    app.add_middleware(_Guard, metrics=metrics, expected=api_key.encode() if api_key else None)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        path = request.url.path
-        if expected is not None and path not in OPEN_ROUTES and not _authorized(request, expected):
-            response: Response = _error_response(
-                ApiError(401, "missing or wrong API key", "send the header Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
+
+class _Guard:
+    """A plain ASGI middleware: Starlette's @app.middleware("http") runs every request through an
+    extra task and memory streams, which cost more than the rest of the front end's bookkeeping
+    (measured with a zero-cost engine, see bench/RESULTS.md)."""
+
+    def __init__(self, app: Any, metrics: ServingMetrics, expected: bytes | None) -> None:
+        self.app, self.metrics, self.expected = app, metrics, expected
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, path = time.perf_counter(), scope["path"]
+        status = 500
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if self.expected is not None and path not in OPEN_ROUTES and not _authorized(Headers(scope=scope), self.expected):
+            bearer = {"WWW-Authenticate": "Bearer"}
+            await _error_response(ApiError(401, "missing or wrong API key", "send the header Authorization: Bearer <key>", bearer))(
+                scope, receive, sending
             )
         else:
             try:
-                response = await call_next(request)
+                await self.app(scope, receive, sending)
             except Exception:
-                log.exception("%s %s failed", request.method, path)
-                response = _error_response(ApiError(500, "internal error", "the server logged it; retry, or report it"))
-        metrics.observe(path if path in ROUTES else "other", response.status_code, time.perf_counter() - started)
-        return response
+                log.exception("%s %s failed", scope["method"], path)
+                await _error_response(ApiError(500, "internal error", "the server logged it; retry, or report it"))(
+                    scope, receive, sending
+                )
+        self.metrics.observe(path if path in ROUTES else "other", status, time.perf_counter() - started)
 
 
-def _authorized(request: Request, expected: bytes) -> bool:
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+def _authorized(headers: Headers, expected: bytes) -> bool:
+    scheme, _, given = headers.get("authorization", "").partition(" ")
     # compare_digest takes as long for a wrong key as for a right one: no timing hint of its bytes
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
 
