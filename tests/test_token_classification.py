@@ -342,3 +342,28 @@ def test_tags_are_padded_with_minus_100_in_batches_and_on_the_device():
     on_device = DeviceTensors(Dataset.from_list(rows), 0, torch.device("cpu"))
     short = on_device.batch(np.array([1]))
     assert short["labels"].tolist() == [[IGNORE, 0, IGNORE]] and short["input_ids"].shape == (1, 3)
+
+
+def test_predictions_are_written_in_the_data_scheme_and_auto_says_what_it_found(caplog):
+    from ftcli.tasks.token_classification import from_iob2, to_iob2
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):  # every IOB2 sequence goes to each scheme and back unchanged
+        tags, before = [], "O"
+        for choice in rng.choice(["O", "B-PER", "I-PER", "B-LOC", "I-LOC"], size=rng.integers(1, 9)):
+            tag = f"B-{choice[2:]}" if choice.startswith("I-") and before[2:] != choice[2:] else str(choice)
+            tags.append(tag)
+            before = tag
+        for scheme in ("iob1", "iob2", "bioes"):
+            assert to_iob2(from_iob2(tags, scheme), scheme) == tags
+    sentence = ["B-PER", "I-PER", "B-PER", "O", "B-LOC"]
+    assert from_iob2(sentence, "iob1") == ["I-PER", "I-PER", "B-PER", "O", "I-LOC"]
+    assert from_iob2(sentence, "bioes") == ["B-PER", "E-PER", "S-PER", "O", "S-LOC"]
+    task, names = get("token_classification"), ["O", "B-PER", "I-PER"]
+    record = task.example_record(names, None, np.array([0, 1, 2, 0]), np.array([IGNORE, 1, 2, IGNORE]), 0.1, _data(tag_scheme="bioes"))
+    assert record["gold"] == ["B-PER", "E-PER"] and record["prediction"] == ["B-PER", "E-PER"] and record["correct"]
+    rows = [{"tokens": ["Jim", "Smith", "in", "Paris"], "ner_tags": ["S-PER", "O", "O", "S-LOC"]}]
+    with caplog.at_level("WARNING", logger="ftcli"):
+        task.check_labels(rows, _data(), "split 'train'")
+    assert rows[0]["ner_tags"] == ["B-PER", "O", "O", "B-LOC"]
+    assert "tags read as BIOES (data.tag_scheme: auto), converted to IOB2; set data.tag_scheme: bioes" in caplog.text

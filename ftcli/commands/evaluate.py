@@ -148,7 +148,7 @@ def _analyse(
 def example_record(config: Config, names: list[str], row: dict, scores, decision, truth, loss: float) -> dict[str, Any]:
     """One line of predictions_<split>.jsonl."""
     record: dict[str, Any] = {field_name: row[field_name] for field_name in config.data.text_fields}
-    return record | tasks.get(config.task).example_record(names, scores, decision, truth, loss)
+    return record | tasks.get(config.task).example_record(names, scores, decision, truth, loss, config.data)
 
 
 def _record(evaluation: Evaluation, weights: Path) -> dict[str, Any]:

@@ -199,7 +199,7 @@ class MultiLabel(Task):
         decided = decider.decide(scores[None, :])[0]
         return {"predicted_labels": [name for name, on in zip(names, decided) if on], "probabilities": probabilities}
 
-    def example_record(self, names: list[str], scores: np.ndarray, decision: Any, truth: Any, loss: float) -> dict[str, Any]:
+    def example_record(self, names: list[str], scores: np.ndarray, decision: Any, truth: Any, loss: float, data: Any = None) -> dict[str, Any]:
         gold = [name for name, on in zip(names, truth) if on]
         predicted = [name for name, on in zip(names, decision) if on]
         probabilities = {name: round(float(p), 6) for name, p in zip(names, scores)}

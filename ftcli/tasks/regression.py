@@ -160,7 +160,7 @@ class Regression(Task):
     def prediction_fields(self, decider: Any, names: list[str], scores: np.ndarray) -> dict[str, Any]:
         return {"prediction": round(float(scores), 6)}
 
-    def example_record(self, names: list[str], scores: np.ndarray, decision: Any, truth: Any, loss: float) -> dict[str, Any]:
+    def example_record(self, names: list[str], scores: np.ndarray, decision: Any, truth: Any, loss: float, data: Any = None) -> dict[str, Any]:
         return {"gold": float(truth), "prediction": float(decision), "error": float(decision - truth), "loss": loss}
 
     def thresholds_of(self, objective: Any, num_labels: int) -> list[float] | None:

@@ -198,7 +198,7 @@ class SingleLabel(Task):
         best = int(decider.decide(scores[None, :])[0])
         return {"predicted_label": names[best], "probability": round(float(scores[best]), 6), "probabilities": probabilities}
 
-    def example_record(self, names: list[str], scores: np.ndarray, decision: Any, truth: Any, loss: float) -> dict[str, Any]:
+    def example_record(self, names: list[str], scores: np.ndarray, decision: Any, truth: Any, loss: float, data: Any = None) -> dict[str, Any]:
         """One line of predictions_<split>.jsonl, less the texts."""
         gold, predicted = names[int(truth)], names[int(decision)]
         probabilities = {name: round(float(p), 6) for name, p in zip(names, scores)}

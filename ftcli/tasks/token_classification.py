@@ -11,6 +11,7 @@ strict mode), plus token accuracy over the labelled sub-tokens.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from itertools import zip_longest
 from typing import TYPE_CHECKING, Any, Mapping
@@ -24,6 +25,8 @@ from ftcli.tasks.single_label import SingleLabel, SingleLabelObjective, softmax
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("ftcli")
 
 NAME = "token_classification"
 IGNORE = -100  # a sub-token the loss and the metrics skip (a word's later pieces, special tokens, padding)
@@ -87,6 +90,25 @@ def to_iob2(tags: list[str], scheme: str) -> list[str] | None:
         converted.append(new)
         before = tag if scheme != "bioes" or prefix not in ("E", "S") else "O"
     return converted
+
+
+def from_iob2(tags: list[str], scheme: str) -> list[str]:
+    """Tags in IOB2 written in `scheme` (the data's, for predictions), entity by entity as strict
+    IOB2 reads them (an I- that opens nothing is O): IOB1 opens with B- only right after an entity
+    of the same type; BIOES marks single-word entities S- and last words E-."""
+    if scheme == "iob2" or not is_entity_tagging(set(tags)):
+        return list(tags)
+    written = ["O"] * len(tags)
+    previous_end, previous_kind = -1, ""
+    for kind, start, end in entities(tags):
+        if scheme == "iob1":
+            written[start:end] = [f"I-{kind}"] * (end - start)
+            if previous_end == start and previous_kind == kind:
+                written[start] = f"B-{kind}"
+        else:
+            written[start:end] = [f"B-{kind}"] + [f"I-{kind}"] * (end - start - 2) + [f"E-{kind}"] if end - start > 1 else [f"S-{kind}"]
+        previous_end, previous_kind = end, kind
+    return written
 
 
 def entities(tags: list[str]) -> list[tuple[str, int, int]]:
@@ -561,14 +583,16 @@ class TokenClassification(Task):
             result: dict[str, Any] = {"entities": _entity_groups(words, text)}
             if not isinstance(cell, str):
                 tags = dict(zip(firsts, best))
-                result = {"tags": [names[tags[word]] if word in tags else None for word in range(len(cell))]} | result
+                result = {"tags": _word_tags([names[tags[word]] if word in tags else None for word in range(len(cell))], data)} | result
             results.append(result)
         return results
 
-    def example_record(self, names: list[str], scores: np.ndarray, decision: Any, truth: Any, loss: float) -> dict[str, Any]:
-        """One line of predictions_<split>.jsonl, less the words: gold and predicted tags per word."""
+    def example_record(self, names: list[str], scores: np.ndarray, decision: Any, truth: Any, loss: float, data: Any = None) -> dict[str, Any]:
+        """One line of predictions_<split>.jsonl, less the words: gold and predicted tags per word,
+        in the data's scheme (data.tag_scheme)."""
         (predicted,), (gold,) = words_and_tags([decision], [truth], names)
-        return {"gold": gold, "prediction": predicted, "loss": loss, "correct": gold == predicted}
+        scheme = _written_scheme(data)
+        return {"gold": from_iob2(gold, scheme), "prediction": from_iob2(predicted, scheme), "loss": loss, "correct": gold == predicted}
 
     def thresholds_of(self, objective: Any, num_labels: int) -> list[float] | None:
         return None
@@ -771,6 +795,18 @@ def _with_file(where: str, data: Any) -> str:
     return f"{where} ({path})" if isinstance(path, str) else where
 
 
+def _written_scheme(data: Any) -> str:
+    """The scheme predictions are written in: the data's when named (auto's tags read as IOB2)."""
+    scheme = getattr(data, "tag_scheme", "auto")
+    return "iob2" if scheme == "auto" else scheme
+
+
+def _word_tags(tags: list[str | None], data: Any) -> list[str | None]:
+    """A row's tags per word in the data's scheme; a word max_length cut (None) stays None."""
+    written = from_iob2([tag or "O" for tag in tags], _written_scheme(data))
+    return [None if tag is None else new for tag, new in zip(tags, written)]
+
+
 def _to_iob2(rows: list[dict], data: Any, where: str) -> None:
     """Entity tags rewritten in IOB2 from data.tag_scheme (auto: detected per file); a sequence
     the scheme does not allow is an error naming the sentence."""
@@ -779,6 +815,9 @@ def _to_iob2(rows: list[dict], data: Any, where: str) -> None:
     if not is_entity_tagging({tag for sentence in sentences for tag in sentence}):
         return
     scheme = detect_scheme(sentences) if data.tag_scheme == "auto" else data.tag_scheme
+    if data.tag_scheme == "auto" and scheme != "iob2":  # auto says what it found, and what that means
+        log.warning(f"{where}: tags read as {scheme.upper()} (data.tag_scheme: auto), converted to IOB2; "
+                    f"set data.tag_scheme: {scheme} to have predictions written in {scheme.upper()} too")
     for number, (row, tags) in enumerate(zip(rows, sentences), start=1):
         converted = to_iob2(tags, scheme)
         if converted is None:
