@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import invoke
+from conftest import invoke, run_cli
 from safetensors.torch import load_file
-from test_token_classification import ner_config
+from test_distributed import CPU_ONLY
+from test_token_classification import ner_config, ner_rows, write_conll
+from test_token_windows import long_rows
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 TEXT = "then John Smith went to Paris today"
@@ -77,3 +79,32 @@ def test_a_lora_tagger_saves_its_token_head_whole_and_its_adapter_tags_as_the_me
     on_model_scores = json.loads((lora_tagger / "eval_validation.json").read_text())
     on_adapter_scores = json.loads((lora_tagger / "adapter" / "eval_validation.json").read_text())
     assert on_adapter_scores["f1"] == on_model_scores["f1"] and on_model_scores["f1"] > 0
+
+
+# ---------------------------------------------------------------- several processes
+
+
+@pytest.mark.slow
+def test_a_tagger_evaluated_on_two_processes_scores_as_one_process_evaluates_its_model(tmp_path, tiny_model_dir):
+    """Each process's evaluation batches are as wide as their own longest sentence: padded to the
+    widest across processes (logits with 0, tags with -100, places with -1) before they are
+    gathered. The validation split is windowed, so the windows are put back together too."""
+    rows = ner_rows(11, seed=2) + long_rows(3, seed=4)  # short sentences, and long ones cut into windows
+    experiment = _with(
+        ner_config(tmp_path, tiny_model_dir, "loop", max_length=16),
+        calibration="none",  # the logged metrics are the model's own, as evaluate's are
+        training={"batch_size": 8, "eval_batch_size": 3, "max_steps": 12, "eval_every": 12, "save_every": 12},
+    )
+    write_conll(Path(yaml.safe_load(experiment.read_text())["data"]["validation"]), rows)
+    launched = run_cli("train", str(experiment), "--num-processes", "2", env=CPU_ONLY)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    run = tmp_path / "runs" / "ner-loop"
+
+    (logged,) = [event for event in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()) if "eval_f1" in event]
+    scored = invoke("evaluate", str(run))
+    assert scored.exit_code == 0, scored.output
+    evaluated = json.loads((run / "eval_validation.json").read_text())
+    assert evaluated["f1"] > 0  # it tags some entities: the comparison says something
+    for metric in ("f1", "precision", "recall", "accuracy"):
+        assert logged[f"eval_{metric}"] == pytest.approx(evaluated[metric], abs=1e-9), metric
+    assert logged["eval_loss"] == pytest.approx(evaluated["loss"], rel=1e-5)
