@@ -26,13 +26,15 @@ from ftcli.modeling import HEADS, is_decoder, load_model
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# peft's task type of each head (modeling.HEADS): the PeftModel class that wraps it and that adapter_config.json names.
+PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
 
 
-def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> torch.nn.Module:
-    """The model wrapped by peft: only the adapters and the head are trainable."""
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, head: str = "sequence_classification") -> torch.nn.Module:
+    """The model wrapped by peft: only the adapters and the head (the model's `head`, modeling.HEADS) are trainable."""
     peft = require("peft", "lora", "lora:")
     settings = peft.LoraConfig(
-        task_type=peft.TaskType.SEQ_CLS,
+        task_type=peft.TaskType[PEFT_TASK_TYPES[head]],
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,

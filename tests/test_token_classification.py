@@ -290,11 +290,10 @@ def test_the_loss_is_each_sentences_mean_over_its_tagged_pieces_weighted_and_smo
     assert plain.predictions(logits).shape == (2, 5)
 
 
-def test_label_smoothing_is_read_and_lora_is_refused():
+def test_label_smoothing_and_lora_are_read():
     assert validate({"name": "x", "task": "token_classification", "data": {"train": "t.conll"},
                      "training": {"label_smoothing": 0.1}}).training.label_smoothing == 0.1
-    with pytest.raises(FtcliError, match="lora is not supported for token_classification"):
-        validate({"name": "x", "task": "token_classification", "data": {"train": "t.conll"}, "lora": {}})
+    assert validate({"name": "x", "task": "token_classification", "data": {"train": "t.conll"}, "lora": {"r": 4}}).lora.r == 4
 
 
 def test_jsonl_rows_of_words_and_iob1_tags_prepare_into_iob2_tags_per_piece(tmp_path, tiny_model_dir):

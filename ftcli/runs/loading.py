@@ -49,14 +49,16 @@ def load_run(
     weights = run.require_model(checkpoint)
     tokenizer_path = weights if (weights / "tokenizer_config.json").is_file() else run.model_dir
     # A damaged file is said with what to do about it in this run (the readers below know only the file).
+    task = tasks.get(config.task)
     with damaged_file(weights, run.repair_hint):
         tokenizer = load_tokenizer(str(tokenizer_path), config.trust_remote_code)
         if is_adapter(weights):
             model = load_adapter_model(
-                weights, resolve_model_source(config.model), _run_label_names(run), config.trust_remote_code
+                weights, resolve_model_source(config.model), _run_label_names(run), config.trust_remote_code,
+                task.problem_type, task.model_head,
             )
         else:
-            model = load_model(str(weights), trust_remote_code=config.trust_remote_code, head=tasks.get(config.task).model_head)
+            model = load_model(str(weights), trust_remote_code=config.trust_remote_code, head=task.model_head)
         # An adapter's base model is the pretrained one, whose config may name no pad id.
         pad_like_tokenizer(model, tokenizer)
         # The thresholds tuned after training sit beside model/ (an adapter's beside the merged model).

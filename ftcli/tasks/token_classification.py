@@ -452,11 +452,10 @@ class TokenClassification(Task):
     )
 
     def own_problems(self, config: Any) -> list[str]:
-        """What token classification does not do (yet), each with the fix."""
-        problems = ["lora is not supported for token_classification yet: drop the lora section"] if config.lora else []
+        """What token classification does not do, each with the fix."""
         if len(config.data.text_fields) != 1:
-            problems.append("token_classification reads one column of words: give one data.text_fields (e.g. [tokens])")
-        return problems
+            return ["token_classification reads one column of words: give one data.text_fields (e.g. [tokens])"]
+        return []
 
     # ---------------------------------------------------------------- labels
 

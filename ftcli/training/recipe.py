@@ -185,7 +185,7 @@ def setup_model(config: Config, source: str, label_names: list[str]) -> PreTrain
     else:
         model = load_model(source, label_names, config.trust_remote_code, task.problem_type, head=task.model_head)
     if config.lora:
-        model = apply_lora(model, config.lora)
+        model = apply_lora(model, config.lora, task.model_head)
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

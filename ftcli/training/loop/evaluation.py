@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from ftcli.data.batching import DOCUMENT_COLUMNS, collate
+from ftcli.data.batching import DOCUMENT_COLUMNS, IGNORE_LABEL, collate
 from ftcli.data.padding import length_sorted_batches
 from ftcli.inference import by_document, score
 from ftcli.metrics import MetricSuite
@@ -56,10 +56,24 @@ def evaluate(
                 logits = model(**batch).logits.float()
             # With several processes the last batch is topped up with repeated examples so that
             # every process has one; gather_for_metrics drops them, so each example counts once.
-            yield accelerator.gather_for_metrics((logits, labels, *documents))
+            yield accelerator.gather_for_metrics(widest_across_processes(accelerator, logits, labels, *documents))
 
     model.eval()
     with torch.no_grad(), attention_kernels(accelerator.device):  # evaluation brings many shapes
         metrics = score(by_document(gathered_batches(), objective), suite, objective)
     model.train()
     return metrics
+
+
+def widest_across_processes(
+    accelerator: Accelerator, logits: torch.Tensor, labels: torch.Tensor, *documents: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """A tagger's per-token tensors (logits (rows, tokens, tags), labels and a window's places
+    (rows, tokens)) padded to the widest batch of any process: each process pads its batch to its
+    own longest sentence, and gather_for_metrics joins rows of equal width only. The padding reads
+    as no token: logits 0, labels IGNORE_LABEL, places -1 (reported by no window)."""
+    if logits.dim() < 3 or accelerator.num_processes == 1:  # one row per text, or nothing to agree with
+        return (logits, labels, *documents)
+    widest = partial(accelerator.pad_across_processes, dim=1)
+    places = (widest(part, pad_index=-1) if part.dim() > 1 else part for part in documents)
+    return (widest(logits, pad_index=0), widest(labels, pad_index=IGNORE_LABEL), *places)
