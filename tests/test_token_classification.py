@@ -265,11 +265,11 @@ def test_a_long_sentence_is_windowed_and_only_long_text_truncate_cuts_it_with_a_
 # ---------------------------------------------------------------- the objective
 
 
-def test_the_loss_is_each_sentences_mean_over_its_tagged_pieces_weighted_and_smoothed():
+def test_evaluation_loss_is_each_sentences_mean_and_training_weighs_every_tagged_piece_alike():
     import torch
     import torch.nn.functional as F
 
-    from ftcli.tasks.token_classification import TokenObjective
+    from ftcli.tasks.token_classification import TokenObjective, pieces_per_sentence
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 3)
@@ -279,14 +279,19 @@ def test_the_loss_is_each_sentences_mean_over_its_tagged_pieces_weighted_and_smo
     second = F.cross_entropy(logits[1, 1:], labels[1, 1:])
     assert torch.allclose(plain.losses(logits, labels), torch.stack([first, second]))
     assert torch.allclose(plain.loss_sum(logits, labels), first + second)
-    assert torch.allclose(plain.training_loss_sum(logits, labels, torch.tensor([True, False])), first)
+    assert torch.allclose(plain.training_loss_sum(logits, labels, torch.tensor([True, False])), first * 2)  # 2 pieces, 1 a sentence
+    # Training weighs every labelled piece alike: each sentence's sum over the split's mean pieces per sentence.
+    per_sentence = pieces_per_sentence(labels.tolist())
+    assert per_sentence == 3.0 and pieces_per_sentence([[IGNORE]]) == 1.0
     weights = torch.tensor([1.0, 2.0, 0.5])
-    smoothed = TokenObjective(weights, 0.1).training_loss_sum(logits, labels)
+    smoothed = TokenObjective(weights, 0.1, per_sentence).training_loss_sum(logits, labels)
     expected = sum(
-        (F.cross_entropy(logits[row, kept], labels[row, kept], weight=weights, reduction="none", label_smoothing=0.1).sum() / len(kept))
+        F.cross_entropy(logits[row, kept], labels[row, kept], weight=weights, reduction="none", label_smoothing=0.1).sum()
         for row, kept in ((0, [1, 3]), (1, [1, 2, 3, 4]))
-    )
+    ) / per_sentence
     assert torch.allclose(smoothed, expected)
+    mean_training = TokenObjective(pieces_per_sentence=per_sentence).training_loss_sum(logits, labels) / 2  # over examples
+    assert torch.allclose(mean_training, F.cross_entropy(logits.transpose(1, 2), labels))  # HF's mean over the batch's pieces
     assert plain.predictions(logits).shape == (2, 5)
 
 
