@@ -49,11 +49,13 @@ class Pair(BaseModel):
 
 
 def baseline_app(model_dir: str):
-    """What a user writes: one pipeline call per request, in FastAPI's thread pool."""
+    """What a user writes: one pipeline call per request, in FastAPI's thread pool (on the GPU
+    where there is one, as the tutorials write it)."""
+    import torch
     from fastapi import FastAPI
     from transformers import pipeline
 
-    classifier = pipeline("text-classification", model=model_dir, device="cpu")
+    classifier = pipeline("text-classification", model=model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     app = FastAPI()
 
     @app.post("/predict")
