@@ -128,7 +128,7 @@ def test_the_model_loads_while_the_splits_are_tokenized(make_experiment, monkeyp
 
     monkeypatch.setattr(recipe, "setup_model", model_loading)
     monkeypatch.setattr(prepare_module, "tokenize_rows", tokenize_once_the_model_is_loading)
-    _, prepared, _, model = recipe.setup(config, Runtime.resolve("fp32"))
+    _, prepared, _, model, _ = recipe.setup(config, Runtime.resolve("fp32"))
     assert overlapped and all(overlapped) and loading.is_set()
     torch.manual_seed(config.training.seed)
     expected = setup_model(config, recipe.resolve_model_source(config.model), prepared.label_names)
