@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # One worker per core; a test file stays on one worker, so the runs its module fixtures train are
 # trained once. test-fast leaves out the tests marked slow (a developer's quick check).
-PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n auto --dist loadfile
+PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(PYTEST) --durations=15
 

@@ -251,3 +251,11 @@ def invoke(*args: str):
     from ftcli.cli import app
 
     return CliRunner().invoke(app, list(args))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files that hold a slow test run first (stable otherwise): under `--dist loadfile
+    --no-loadscope-reorder` (the Makefile's) a long file sent last would run alone at the end while
+    the other worker idles."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -141,6 +141,7 @@ def _predict_rows(run: Path, texts: list[str], *options: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # its file's trainings: run first (conftest)
 def test_a_decoder_trains_padding_with_its_end_of_text_token_and_saves_that_choice(decoder_run):
     run, base = decoder_run.run, decoder_run.base
     env = json.loads((run / "env.json").read_text())

@@ -130,6 +130,7 @@ def weak_tagger(tmp_path_factory, tiny_model_dir):
     return run, evaluated.output, reported.output
 
 
+@pytest.mark.slow  # its file's trainings: run first (conftest)
 def test_evaluate_counts_entity_errors_as_the_predictions_show_them(weak_tagger):
     run, output, _ = weak_tagger
     errors = json.loads((run / "eval_validation.json").read_text())["errors"]

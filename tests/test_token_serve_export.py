@@ -118,6 +118,7 @@ def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_entities
     assert total == len(inputs) and passes < len(inputs), (passes, total)  # some passes held several requests
 
 
+@pytest.mark.slow  # its file's trainings: run first (conftest)
 def test_export_keeps_logits_per_token_and_judges_int8_on_entity_f1(tagger, exported):
     import onnxruntime
 

@@ -180,6 +180,7 @@ def window_runs(tmp_path_factory, tiny_model_dir):
     return runs
 
 
+@pytest.mark.slow  # its file's trainings: run first (conftest)
 @pytest.mark.parametrize("backend", ["loop", "trainer"])
 def test_a_windowed_taggers_metrics_are_those_of_its_per_word_predictions(window_runs, backend):
     run = window_runs[backend]
