@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ftcli.objective import clip_scale
-from ftcli.tasks import Decider, prediction_fields
+from ftcli.tasks import Decider, get
 from ftcli.tasks.multi_label import MultiLabelObjective
 from ftcli.tasks.regression import RegressionObjective
 from ftcli.tasks.single_label import SingleLabelObjective
@@ -96,7 +96,8 @@ def test_numpy_scores_and_fields_match_the_objectives(task):
     if task == "regression":
         assert scores.min() == -1.0 and scores.max() == 1.0  # clipped to the range
     names = ["a", "b", "c"][: logits.shape[1]]
-    assert [prediction_fields(decider, names, row) for row in expected] == [prediction_fields(objective, names, row) for row in expected]
+    fields = get(task).prediction_fields
+    assert [fields(decider, names, row) for row in expected] == [fields(objective, names, row) for row in expected]
 
 
 def test_moving_to_a_device_keeps_the_weights():

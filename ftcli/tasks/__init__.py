@@ -59,9 +59,4 @@ def require_support(name: str, command: str, instead: str) -> None:
         raise FtcliError(f"ftcli {command} is not supported for task {name} yet", instead)
 
 
-def prediction_fields(decider: Any, names: list[str], scores: Any) -> dict[str, Any]:
-    """What one example's prediction reads as (`ftcli predict` and the server), by the decider's task."""
-    return get(decider.task).prediction_fields(decider, names, scores)
-
-
-__all__ = ["DEFAULT", "METRICS", "REGISTRY", "TASKS", "Decider", "described", "MetricSpec", "Objective", "Task", "get", "option_problems", "prediction_fields", "require_support"]
+__all__ = ["DEFAULT", "METRICS", "REGISTRY", "TASKS", "Decider", "described", "MetricSpec", "Objective", "Task", "get", "option_problems", "require_support"]
