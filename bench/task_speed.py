@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,15 +133,20 @@ def run_hf_trainer(args: argparse.Namespace, model_dir: str, files: dict[str, st
             model, training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
             data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
         )
-        train_started = time.perf_counter()
-        trainer.train()
-        _sync(args.device)
-        row.train_seconds = time.perf_counter() - train_started
-        prediction = trainer.predict(tokenized["validation"])
+        prediction = timed_trainer(args, trainer, row)
     row.total_seconds = time.perf_counter() - started
     row.train_samples = len(tokenized["train"]) * args.epochs
     row.metrics = task_metrics(task, prediction.predictions, prediction.label_ids)
     return row
+
+
+def timed_trainer(args: argparse.Namespace, trainer: Any, row: TaskRow) -> Any:
+    """Row (a)'s training, timed into row, then its raw outputs on validation."""
+    train_started = time.perf_counter()
+    trainer.train()
+    _sync(args.device)
+    row.train_seconds = time.perf_counter() - train_started
+    return trainer.predict(trainer.eval_dataset)
 
 
 def run_hf_token_trainer(args: argparse.Namespace, model_dir: str, files: dict[str, str], workdir: Path) -> TaskRow:
@@ -181,11 +187,7 @@ def run_hf_token_trainer(args: argparse.Namespace, model_dir: str, files: dict[s
             model, training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
             data_collator=DataCollatorForTokenClassification(tokenizer), processing_class=tokenizer,
         )
-        train_started = time.perf_counter()
-        trainer.train()
-        _sync(args.device)
-        row.train_seconds = time.perf_counter() - train_started
-        prediction = trainer.predict(tokenized["validation"])
+        prediction = timed_trainer(args, trainer, row)
     row.total_seconds = time.perf_counter() - started
     row.train_samples = len(tokenized["train"]) * args.epochs
     row.metrics = entity_metrics(prediction.predictions.argmax(-1), prediction.label_ids)
