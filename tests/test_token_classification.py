@@ -50,21 +50,38 @@ def write_conll(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def ner_config(root: Path, model_dir: Path, backend: str, **data) -> Path:
-    train = write_conll(root / "data" / "train.conll", ner_rows(96, seed=1))
-    validation = write_conll(root / "data" / "dev.conll", ner_rows(40, seed=2))
+def ner_config(
+    root: Path, model_dir: Path, backend: str, *, name: str = "ner", rows: tuple[list[dict], list[dict]] | None = None,
+    settings: dict | None = None, **data,
+) -> Path:
+    """A tagger's experiment, written under root: rows are its training and validation sentences
+    (ner_rows' by default), settings its top-level options beside these, data its data options."""
+    train_rows, validation_rows = rows or (ner_rows(96, seed=1), ner_rows(40, seed=2))
+    train = write_conll(root / "data" / "train.conll", train_rows)
+    validation = write_conll(root / "data" / "dev.conll", validation_rows)
     experiment = {
-        "name": f"ner-{backend}",
+        "name": f"{name}-{backend}",
         "task": "token_classification",
         "backend": backend,
         "output_dir": str(root / "runs"),
         "model": str(model_dir),
         "data": {"train": str(train), "validation": str(validation), "max_length": 32} | data,
         "training": {"batch_size": 8, "logging_steps": 5, "precision": "fp32", "epochs": 3, "learning_rate": 5e-3},
-    }
-    path = root / f"ner-{backend}.yaml"
+    } | (settings or {})
+    path = root / f"{name}-{backend}.yaml"
     path.write_text(yaml.safe_dump(experiment))
     return path
+
+
+def trained_with_each_backend(root: Path, config_for) -> dict[str, Path]:
+    """The run directory of a training with each backend, of the experiment config_for(backend) writes."""
+    runs = {}
+    for backend in ("loop", "trainer"):
+        path = config_for(backend)
+        result = invoke("train", str(path))
+        assert result.exit_code == 0, result.output
+        runs[backend] = root / "runs" / yaml.safe_load(path.read_text())["name"]
+    return runs
 
 
 # ---------------------------------------------------------------- files and tag schemes
@@ -166,12 +183,7 @@ def test_entity_metrics_match_seqeval_strict_mode_on_random_sequences():
 def ner_runs(tmp_path_factory, tiny_model_dir):
     """A tagger trained with each backend on learnable names and places."""
     root = tmp_path_factory.mktemp("ner")
-    runs = {}
-    for backend in ("loop", "trainer"):
-        result = invoke("train", str(ner_config(root, tiny_model_dir, backend)))
-        assert result.exit_code == 0, result.output
-        runs[backend] = root / "runs" / f"ner-{backend}"
-    return runs
+    return trained_with_each_backend(root, lambda backend: ner_config(root, tiny_model_dir, backend))
 
 
 def _events(run: Path) -> list[dict]:

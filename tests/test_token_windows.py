@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import invoke
-from test_token_classification import ner_rows, write_conll
+from test_token_classification import ner_config, ner_rows, trained_with_each_backend, write_conll
 
 from ftcli.config import validate
 from ftcli.data.prepare import central_windows, tokenize_words, word_windows
@@ -152,32 +151,18 @@ def test_windows_train_each_word_once_in_its_central_window(tmp_path, tokenizer)
 
 
 def windows_config(root: Path, model_dir: Path, backend: str) -> Path:
-    experiment = {
-        "name": f"windows-{backend}",
-        "task": "token_classification",
-        "backend": backend,
-        "output_dir": str(root / "runs"),
-        "model": str(model_dir),
-        "calibration": "none",  # the kept model's logged eval loss is evaluate's (a temperature would change it)
-        "data": {"train": str(write_conll(root / "data" / "train.conll", long_rows(32, seed=1))),
-                 "validation": str(write_conll(root / "data" / "dev.conll", long_rows(12, seed=2))), "max_length": MAX_LENGTH},
-        "training": {"batch_size": 8, "logging_steps": 10, "precision": "fp32", "epochs": 3, "learning_rate": 5e-3},
-    }
-    path = root / f"windows-{backend}.yaml"
-    path.write_text(yaml.safe_dump(experiment))
-    return path
+    return ner_config(
+        root, model_dir, backend, name="windows", rows=(long_rows(32, seed=1), long_rows(12, seed=2)),
+        # The kept model's logged eval loss is evaluate's (a temperature would change it).
+        settings={"calibration": "none"}, max_length=MAX_LENGTH,
+    )
 
 
 @pytest.fixture(scope="module")
 def window_runs(tmp_path_factory, tiny_model_dir):
     """A tagger trained with each backend on sentences two or three windows long."""
     root = tmp_path_factory.mktemp("token-windows")
-    runs = {}
-    for backend in ("loop", "trainer"):
-        result = invoke("train", str(windows_config(root, tiny_model_dir, backend)))
-        assert result.exit_code == 0, result.output
-        runs[backend] = root / "runs" / f"windows-{backend}"
-    return runs
+    return trained_with_each_backend(root, lambda backend: windows_config(root, tiny_model_dir, backend))
 
 
 @pytest.mark.slow  # its file's trainings: run first (conftest)
