@@ -271,7 +271,7 @@ def labelled_words(labels: np.ndarray, tokenized: Any, rows: list[dict] | None, 
     """Per sentence, (word number, word) under each labelled piece, from the tokenized split's
     word_ids and the rows' words; without them, the pieces' positions as #1, #2..."""
     known = tokenized is not None and rows is not None and field is not None
-    word_ids = [sentence["word_ids"] for sentence in _sentences(tokenized)] if known else None  # windows put back
+    word_ids = _sentence_word_ids(tokenized) if known else None
     words = []
     for index, truth in enumerate(labels):
         kept = np.flatnonzero(np.asarray(truth) != IGNORE)
@@ -687,7 +687,7 @@ class TokenClassification(Task):
         """Each sentence's tags or probabilities per word, read on its first piece (an array per
         sentence, in an array of objects: sentences differ in length)."""
         sentences = np.empty(len(values), dtype=object)
-        word_ids = [sentence["word_ids"] for sentence in _sentences(tokenized)]  # windows put back
+        word_ids = _sentence_word_ids(tokenized)
         for index, (row, ids) in enumerate(zip(values, word_ids)):
             sentences[index] = np.asarray(row)[list(first_pieces(ids).values())]
         return sentences
@@ -779,6 +779,11 @@ def _unfound_types(rows: list[dict[str, Any]], weights: Any) -> dict[str, Any]:
             f"weigh the tags of rarer types up: training.class_weights: balanced{now}" if weights != "balanced" else None,
         ],
     }
+
+def _sentence_word_ids(tokenized: Any) -> list[list[int | None]]:
+    """Each sentence's pieces' words, a windowed sentence's windows put back (`_sentences`)."""
+    return [sentence["word_ids"] for sentence in _sentences(tokenized)]
+
 
 def _sentences(tokenized: Any) -> list[dict[str, Any]]:
     """The tokenized rows (word_ids, and spans where a text was split into words) as sentences: a
