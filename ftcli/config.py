@@ -110,6 +110,11 @@ class DataConfig(_Strict):
     max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     fold: FoldConfig | None = Field(None, description="Cross-validation: one fold of the training split held out.")
     max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N examples of other splits.")
+    unlabeled: str | None = Field(
+        None,
+        description="distill: a file of texts without labels (the data's format and text fields), which the student learns "
+        "from the teacher's outputs on, beside the training split.",
+    )
     format: Literal["auto", "conll"] = Field(
         "auto",
         description="How data files are read. auto: by suffix (a .conll file as CoNLL, a .tsv file as a table with a "
@@ -123,7 +128,7 @@ class DataConfig(_Strict):
         "fields, else none, and an error when a quote would join lines into one row.",
     )
 
-    @field_validator("train", "validation", "test")
+    @field_validator("train", "validation", "test", "unlabeled")
     @classmethod
     def _known_suffix(cls, path: str | None) -> str | None:
         if path is not None and not path.lower().endswith(SUFFIXES + CONLL_SUFFIXES):
@@ -330,6 +335,17 @@ class LoraConfig(_Strict):
     )
 
 
+class DistillConfig(_Strict):
+    teacher: str = Field(..., description="The teacher: a trained ftcli run directory of the same task and labels.")
+    temperature: float = Field(2.0, gt=0, description="T: both models' logits are divided by it in the distillation loss.")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the distillation loss (the teacher's outputs); 1 - alpha weighs the task loss on the labels."
+    )
+    max_drop: float = Field(
+        0.01, ge=0, description="The gate: the student passes when its first metric is at most this far below the teacher's."
+    )
+
+
 class SweepRange(_Strict):
     low: float | int = Field(..., description="Smallest value tried.")
     high: float | int = Field(..., description="Largest value tried.")
@@ -386,6 +402,9 @@ class Config(_Strict):
     )
     lora: LoraConfig | None = Field(
         None, description="Train LoRA adapters and the classifier head instead of every weight (needs ftcli[lora])."
+    )
+    distill: DistillConfig | None = Field(
+        None, description="Train this run as a smaller student of a teacher run (`ftcli distill` writes it)."
     )
     sweep: dict[str, SweepRange | list[bool | int | float | str]] | None = Field(
         None,
@@ -446,6 +465,8 @@ class Config(_Strict):
         """Options of one task set under another, each named with the fix."""
         problems = [problem for name in self.metrics if name in METRICS and (problem := metric_problem(name, self.task))]
         problems += tasks.option_problems(self.task, self) + self._needs_validation()
+        if self.data.unlabeled and self.distill is None:
+            problems.append("data.unlabeled is read only by a distilled student; drop it, or distill from a teacher (distill.teacher)")
         losses = tasks.get(self.task).losses
         if self.training.loss is not None and self.training.loss not in losses:
             problems.append(f"training.loss {self.training.loss} does not train task {self.task}; use {' or '.join(losses)}")
