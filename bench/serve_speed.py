@@ -10,8 +10,9 @@ Every server process is started first and left idle while another is driven; the
 count drives each server in turn (baseline, then the others), --rounds times, so that every row
 sees the same machine (a shared machine's load drifts over minutes). A row pools its rounds'
 requests. Driving: --clients concurrent clients on this machine over loopback (asyncio + httpx,
-one pair per request, each client sending its next request when its last is answered) for
---seconds, after a 1 s warm-up. The rows (--servers picks them):
+one pair per request, each client sending its next request when its last is answered), spread
+over --client-processes processes, for --seconds, after a 1 s warm-up; the clients' CPU use is
+reported (cores busy) to show they were not the limit. The rows (--servers picks them):
   (a) baseline      FastAPI, a sync `def` route calling pipeline("text-classification") once per
                     request, as its tutorials write it (fp32, the default threads)
   (b) ftcli torch   ftcli serve RUN: batching, the run's precision
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
@@ -132,16 +135,19 @@ def _body(url: str, pair: tuple[str, str]) -> dict:
     return {"inputs": text} if url.endswith("/v1/predict") else text
 
 
-async def drive(url: str, clients: int, seconds: float) -> dict:
-    """clients concurrent closed-loop clients for `seconds` (after a warm-up): latencies and errors."""
+async def drive(url: str, clients: int, seconds: float, start_at: float) -> dict:
+    """clients concurrent closed-loop clients for `seconds` after a warm-up that starts at the
+    wall-clock time start_at (so that several client processes run at once): latencies, errors,
+    and this process's CPU seconds meanwhile."""
     import httpx
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         await wait_ready(client, url)
+        await asyncio.sleep(max(start_at - time.time(), 0))
         latencies: list[float] = []
         errors = 0
-        start = time.perf_counter()
+        cpu_before, start = time.process_time(), time.perf_counter()
         measure_from, stop_at = start + WARM_UP_SECONDS, start + WARM_UP_SECONDS + seconds
 
         async def one_client(index: int) -> None:
@@ -163,7 +169,32 @@ async def drive(url: str, clients: int, seconds: float) -> dict:
                     errors += 1
 
         await asyncio.gather(*(one_client(index) for index in range(clients)))
-    return {"latencies": latencies, "errors": errors, "seconds": seconds}
+        cpu = time.process_time() - cpu_before
+    return {"latencies": latencies, "errors": errors, "seconds": seconds, "client_cpu_seconds": cpu}
+
+
+def _drive_in_process(job: tuple[str, int, float, float, list]) -> dict:
+    url, clients, seconds, start_at, pairs = job
+    PAIRS[:] = pairs  # a spawned process starts without main's pairs
+    return asyncio.run(drive(url, clients, seconds, start_at))
+
+
+def drive_spread(url: str, clients: int, seconds: float, pool: Any) -> dict:
+    """The clients spread over the pool's client processes (one Python process's event loop tops
+    out near a few thousand requests a second: more clients than that would measure the client),
+    started together; their latencies pooled, and their CPU use summed, in cores."""
+    processes = pool._processes if pool is not None else 1
+    shares = [clients // processes + (index < clients % processes) for index in range(min(processes, clients))]
+    if len(shares) == 1:
+        parts = [asyncio.run(drive(url, clients, seconds, time.time()))]
+    else:
+        start_at = time.time() + 2.0  # every process connected and waiting when the clock starts
+        parts = pool.map(_drive_in_process, [(url, share, seconds, start_at, PAIRS) for share in shares], chunksize=1)
+    cpu = sum(part["client_cpu_seconds"] for part in parts)
+    return {
+        "latencies": [value for part in parts for value in part["latencies"]], "errors": sum(part["errors"] for part in parts),
+        "seconds": seconds, "client_cores": cpu / (seconds + WARM_UP_SECONDS), "client_processes": len(shares),
+    }
 
 
 def forward_passes(port: int, kind: str) -> list[float]:
@@ -187,14 +218,19 @@ def summary(kind: str, clients: int, rounds: list[dict]) -> dict:
         "requests_per_second": len(values) / seconds, "errors": sum(one["errors"] for one in rounds),
         "inputs_per_pass": inputs / passes if passes else float("nan"),
         **{f"p{q}_ms": float(np.percentile(values, q)) if len(values) else float("nan") for q in (50, 95, 99)},
+        "client_processes": rounds[0]["client_processes"],
+        "client_cores": float(np.mean([one["client_cores"] for one in rounds])),
     }
 
 
-def measure(kinds: list[str], run: Path, levels: list[int], seconds: float, rounds: int, before: Path | None) -> list[dict]:
+def measure(
+    kinds: list[str], run: Path, levels: list[int], seconds: float, rounds: int, before: Path | None, processes: int
+) -> list[dict]:
     """Every server started, then each client count driving each server in turn, `rounds` times."""
     ports = {kind: free_port() for kind in kinds}
     servers = [start_server(kind, run, ports[kind], before) for kind in kinds]
     results: dict[tuple[str, int], list[dict]] = {}
+    pool = multiprocessing.get_context("spawn").Pool(processes) if processes > 1 else None
     try:
         for kind in kinds:
             asyncio.run(ready(f"http://127.0.0.1:{ports[kind]}{'/predict' if kind == 'baseline' else '/v1/predict'}"))
@@ -204,10 +240,12 @@ def measure(kinds: list[str], run: Path, levels: list[int], seconds: float, roun
                     route = "/predict" if kind == "baseline" else "/v1/predict"
                     url = f"http://127.0.0.1:{ports[kind]}{route}"
                     passes = forward_passes(ports[kind], kind)
-                    result = asyncio.run(drive(url, clients, seconds))
+                    result = drive_spread(url, clients, seconds, pool)
                     result["passes"] = [after - before for after, before in zip(forward_passes(ports[kind], kind), passes)]
                     results.setdefault((kind, clients), []).append(result)
     finally:
+        if pool is not None:
+            pool.terminate()
         for server in servers:
             server.terminate()
         for server in servers:
@@ -217,7 +255,7 @@ def measure(kinds: list[str], run: Path, levels: list[int], seconds: float, roun
 
 def print_table(rows: list[dict]) -> None:
     baseline = {row["clients"]: row for row in rows if row["server"] == "baseline"}
-    print(f"{'server':<14}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}{'req/s vs (a)':>14}{'p50 vs (a)':>12}{'batch':>7}")
+    print(f"{'server':<14}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}{'req/s vs (a)':>14}{'p50 vs (a)':>12}{'batch':>7}{'client cores':>14}")
     for row in rows:
         reference = baseline.get(row["clients"])
         ratio = row["requests_per_second"] / reference["requests_per_second"] if reference else float("nan")
@@ -225,6 +263,7 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"{row['server']:<14}{row['clients']:>8}{row['requests_per_second']:>9.1f}{row['p50_ms']:>9.1f}"
             f"{row['p95_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['errors']:>8}{ratio:>13.2f}x{latency:>11.2f}x{row['inputs_per_pass']:>7.1f}"
+            f"{row['client_cores']:>9.2f} of {row['client_processes']}"
         )
 
 
@@ -246,6 +285,10 @@ def main() -> None:
     parser.add_argument("--before", type=Path, default=None, help="ftcli's source at an earlier commit, for the row 'before'")
     parser.add_argument("--rounds", type=int, default=1, help="Passes over every server and client count")
     parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument(
+        "--client-processes", type=int, default=None,
+        help="Processes the clients are spread over (default: 1 on a machine of 4 cores or fewer, else 6)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="Also write the rows as JSON")
     parser.add_argument("--baseline-server", default=None, help=argparse.SUPPRESS)  # internal: run row (a)'s server
     parser.add_argument("--port", type=int, default=8000, help=argparse.SUPPRESS)
@@ -265,7 +308,8 @@ def main() -> None:
         run = args.run or train_run(Path(workdir), args.train_steps)
         quantization = export_int8(run) if "ftcli int8" in kinds else None
         print(f"int8 export: {json.dumps(quantization)}")
-        rows = measure(kinds, run, levels, args.seconds, args.rounds, args.before)
+        processes = args.client_processes or (1 if (os.cpu_count() or 1) <= 4 else 6)
+        rows = measure(kinds, run, levels, args.seconds, args.rounds, args.before, processes)
     print_table(rows)
     if args.out:
         args.out.write_text(json.dumps({"quantization": quantization, "rows": rows}, indent=2))
