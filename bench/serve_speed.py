@@ -108,12 +108,15 @@ def start_server(kind: str, run: Path, port: int, before: Path | None) -> subpro
         command = [sys.executable, "-m", "ftcli", "serve", str(run.resolve()), "--port", str(port), *extra]
     # python -m puts the working directory first on the path: the source it runs is the folder's
     folder = before if kind == "ftcli before" else ROOT
-    return subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"serve-{kind.replace(' ', '-')}-", suffix=".log", delete=False)
+    server = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    server.log_path = log.name  # type: ignore[attr-defined]  # shown when the server never answers
+    return server
 
 
-async def wait_ready(client, url: str, seconds: float = 300) -> None:
+async def wait_ready(client, url: str, seconds: float = 300, server: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (server is None or server.poll() is None):
         try:
             if (await client.post(url, json=_body(url, PAIRS[0]))).status_code == 200:
                 return
@@ -123,11 +126,11 @@ async def wait_ready(client, url: str, seconds: float = 300) -> None:
     raise RuntimeError(f"{url} never answered")
 
 
-async def ready(url: str) -> None:
+async def ready(url: str, server: subprocess.Popen) -> None:
     import httpx
 
     async with httpx.AsyncClient(timeout=60) as client:
-        await wait_ready(client, url)
+        await wait_ready(client, url, server=server)
 
 
 def _body(url: str, pair: tuple[str, str]) -> dict:
@@ -232,8 +235,12 @@ def measure(
     results: dict[tuple[str, int], list[dict]] = {}
     pool = multiprocessing.get_context("spawn").Pool(processes) if processes > 1 else None
     try:
-        for kind in kinds:
-            asyncio.run(ready(f"http://127.0.0.1:{ports[kind]}{'/predict' if kind == 'baseline' else '/v1/predict'}"))
+        for kind, server in zip(kinds, servers):
+            try:
+                asyncio.run(ready(f"http://127.0.0.1:{ports[kind]}{'/predict' if kind == 'baseline' else '/v1/predict'}", server))
+            except RuntimeError:
+                print(f"{kind} never answered; its output:\n{Path(server.log_path).read_text()[-4000:]}", file=sys.stderr)
+                raise
         for _ in range(rounds):
             for clients in levels:
                 for kind in kinds:
