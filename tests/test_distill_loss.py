@@ -184,6 +184,9 @@ def test_unlabeled_rows_add_only_their_soft_loss_whatever_their_placeholder(task
     (grad,) = torch.autograd.grad(again, logits)
     (soft_grad,) = torch.autograd.grad(0.4 * soft, logits)
     assert torch.allclose(grad[1], soft_grad[1], atol=1e-7) and torch.count_nonzero(grad[3]) == 0
+    every_row = objective.training_loss_sum(logits, unlabeled, teacher=teacher, labeled=labeled)  # no empty slots
+    every_soft = objective.soft_loss_sum(logits, teacher, labels, T)
+    assert torch.allclose(every_row, 0.4 * every_soft + 0.6 * objective.objective.training_loss_sum(logits, labels, labeled))
 
 
 def test_distilled_is_the_task_objective_beyond_training():
