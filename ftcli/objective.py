@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ftcli import tasks
@@ -28,8 +29,72 @@ if TYPE_CHECKING:
 
 
 def build_objective(config: Config, prepared: Prepared) -> Objective:
-    """The objective config asks for on this data."""
-    return tasks.get(config.task).objective(config, prepared)
+    """The objective config asks for on this data: a distilled student's trains on the teacher's
+    logits too."""
+    objective = tasks.get(config.task).objective(config, prepared)
+    if config.distill is None:
+        return objective
+    return Distilled(objective, config.distill.temperature, config.distill.alpha)
+
+
+class Distilled(Objective):
+    """A student's objective (knowledge distillation, Hinton et al. 2015): alpha times the task's
+    distillation loss against the teacher's logits plus 1 - alpha times the task loss on the
+    labelled rows. Everything else is the task's own objective's, so evaluation, calibration and
+    thresholds are the task's."""
+
+    def __init__(self, objective: Objective, temperature: float, alpha: float) -> None:
+        self.objective, self.temperature, self.alpha = objective, temperature, alpha
+
+    @property
+    def task(self) -> str:  # type: ignore[override]
+        return self.objective.task
+
+    @property
+    def picks_from_windows(self) -> bool:  # type: ignore[override]
+        return self.objective.picks_from_windows
+
+    def to(self, device: torch.device) -> Distilled:
+        return Distilled(self.objective.to(device), self.temperature, self.alpha)
+
+    def training_loss_sum(
+        self, logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor | None = None, *, teacher: torch.Tensor, labeled: torch.Tensor
+    ) -> torch.Tensor:
+        """The summed student loss of a batch's real rows. labeled: (rows,) bool, False for an
+        unlabeled text, whose placeholder labels the task loss must not read (masked as an empty
+        slot is, which no placeholder can turn into a NaN); the distillation loss counts every real row."""
+        soft = self.objective.soft_loss_sum(logits, teacher, labels, self.temperature, real)
+        labelled = labeled if real is None else real & labeled
+        return self.alpha * soft + (1 - self.alpha) * self.objective.training_loss_sum(logits, labels, labelled)
+
+    def soft_loss_sum(
+        self, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, real: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.objective.soft_loss_sum(logits, teacher, labels, temperature, real)
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.objective.loss_sum(logits, labels)
+
+    def losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.objective.losses(logits, labels)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.objective.scores(logits)
+
+    def decide(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
+        return self.objective.decide(scores)
+
+    def predictions(self, logits: torch.Tensor) -> np.ndarray:
+        return self.objective.predictions(logits)
+
+    def calibration_pairs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[Objective, torch.Tensor, torch.Tensor]:
+        return self.objective.calibration_pairs(logits, labels)
+
+    def aggregate(self, logits: torch.Tensor, documents: torch.Tensor, count: int, *positions: torch.Tensor | None) -> torch.Tensor:
+        return self.objective.aggregate(logits, documents, count, *positions)
+
+    def aggregate_labels(self, labels: torch.Tensor, documents: torch.Tensor, count: int, *positions: torch.Tensor | None) -> torch.Tensor:
+        return self.objective.aggregate_labels(labels, documents, count, *positions)
 
 
 def fit_temperature(

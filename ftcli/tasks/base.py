@@ -74,6 +74,16 @@ class Objective:
         """The summed training loss of a batch's real rows (all rows when `real` is None)."""
         raise NotImplementedError
 
+    def soft_loss_sum(
+        self, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, real: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The summed distillation loss of a batch's real rows (all rows when `real` is None): how
+        far the logits are from the teacher's (`teacher`, logits of the same shape), each logit
+        divided by `temperature` where the task's outputs are probabilities. `labels` gives the
+        structure only (token_classification: the pieces that count), never a target: an unlabeled
+        text's are placeholders. Never weighted nor smoothed: the teacher's outputs are the target."""
+        raise NotImplementedError
+
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The summed evaluation loss of a batch: never weighted."""
         raise NotImplementedError

@@ -60,6 +60,21 @@ class MultiLabelObjective(Objective):
         ).mean(-1)
         return sum_of_real(per_example, real)
 
+    def soft_loss_sum(
+        self, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, real: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """T^2 * each label's binary KL(teacher's softened probability || the model's), averaged over
+        the labels as the task loss is; pos_weight is the labels' and is left out."""
+        import torch.nn.functional as F
+
+        from ftcli.tasks.tensors import sum_of_real
+
+        student, teacher = logits.float() / temperature, teacher.float() / temperature
+        # In log-sigmoids, finite for any logits: q log(q/p) + (1-q) log((1-q)/(1-p)), 1-q being sigmoid(-t).
+        yes, no = F.logsigmoid(teacher) - F.logsigmoid(student), F.logsigmoid(-teacher) - F.logsigmoid(-student)
+        chance = teacher.sigmoid()
+        return sum_of_real(temperature**2 * (chance * yes + (1 - chance) * no).mean(-1), real)
+
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.losses(logits, labels).sum()
 

@@ -49,6 +49,17 @@ class RegressionObjective(Objective):
 
         return sum_of_real(self._per_example(logits, labels), real)
 
+    def soft_loss_sum(
+        self, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, real: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The squared error to the teacher's value, per example. No temperature: it softens a
+        distribution, and a value has none to soften; nor T^2, which only undoes the 1/T^2 that
+        dividing both logits by T puts on a softmax loss's gradient."""
+        from ftcli.tasks.tensors import sum_of_real
+
+        predicted = logits.float().squeeze(-1)
+        return sum_of_real((predicted - teacher.float().reshape(predicted.shape)) ** 2, real)
+
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._per_example(logits, labels).sum()
 

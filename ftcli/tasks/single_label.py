@@ -70,6 +70,14 @@ class SingleLabelObjective(Objective):
             label_smoothing=self.label_smoothing,
         )
 
+    def soft_loss_sum(
+        self, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, real: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """T^2 * KL(teacher's softened probabilities || the model's), per example."""
+        from ftcli.tasks.tensors import softmax_kl, sum_of_real
+
+        return sum_of_real(softmax_kl(logits, teacher, temperature), real)
+
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
 

@@ -364,6 +364,17 @@ class TokenObjective(Objective):
         pieces = self._piece_losses(logits, labels, self.class_weights, self.label_smoothing)
         return sum_of_real(pieces.sum(dim=1) / self.pieces_per_sentence, real)
 
+    def soft_loss_sum(
+        self, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, real: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """T^2 * KL(teacher's softened tag probabilities || the model's) per piece that counts (its
+        label not IGNORE), a sentence's summed over the training split's mean pieces per sentence,
+        as training_loss_sum weighs every piece alike."""
+        from ftcli.tasks.tensors import softmax_kl, sum_of_real
+
+        pieces = softmax_kl(logits, teacher, temperature) * (labels != IGNORE)
+        return sum_of_real(pieces.sum(dim=1) / self.pieces_per_sentence, real)
+
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.losses(logits, labels).sum()
 
