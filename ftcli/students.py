@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_json
-from ftcli.modeling import load_model, load_tokenizer, resolve_model_source, save_model
+from ftcli.modeling import WEIGHT_FILES, load_model, load_tokenizer, resolve_model_source, save_model
 
 # Written into the student's folder after the model: the teacher files and K it was built from.
 STAMP_FILE = "student.json"
@@ -37,7 +37,7 @@ def parse_student(spec: str) -> int | None:
         return None
     count = match.group(1).strip()
     if not re.fullmatch(r"[0-9]+", count) or int(count) < 1:
-        raise FtcliError(f"--student {spec}: '{count}' is not a number of layers of 1 or more", _SPEC_HINT)
+        raise FtcliError(f"--student {spec}: the number of layers to keep must be a whole number of 1 or more", _SPEC_HINT)
     return int(count)
 
 
@@ -158,5 +158,7 @@ def _built_before(target: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
     except (OSError, ValueError):  # none, or damaged: build it again
         return None
     if not isinstance(saved, dict) or {key: saved.get(key) for key in stamp} != stamp or not stamp["teacher"]:
+        return None
+    if not any((target / name).is_file() for name in WEIGHT_FILES):  # the stamp outlived the weights
         return None
     return saved.get("record")

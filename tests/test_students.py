@@ -189,12 +189,15 @@ def test_building_again_from_the_same_teacher_keeps_the_student(teacher, tmp_pat
     assert stamp["keep"] == 3 and stamp["record"]["layers"] == [0, 2, 5]
 
 
-def test_a_damaged_stamp_builds_the_student_again(teacher, tmp_path):
+def test_a_damaged_stamp_or_a_stamp_without_weights_builds_the_student_again(teacher, tmp_path):
     target = tmp_path / "student"
     build_student(teacher("bert"), 2, target, "sequence_classification")
     (target / STAMP_FILE).write_text('{"keep": 2, "teac')
     assert build_student(teacher("bert"), 2, target, "sequence_classification")["layers"] == [0, 5]
     assert json.loads((target / STAMP_FILE).read_text())["keep"] == 2
+    (target / "model.safetensors").unlink()  # a stamp without its weights
+    assert build_student(teacher("bert"), 2, target, "sequence_classification")["layers"] == [0, 5]
+    assert (target / "model.safetensors").is_file()
 
 
 def test_a_teacher_of_too_few_layers_or_none_is_one_line(teacher, tmp_path):
