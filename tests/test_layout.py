@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ftcli"
 LAYERS = [
     ("ground", ["errors", "fileio", "runtime", "hub", "extras", "formats", "tasks", "metrics"]),
     ("schema", ["config"]),
-    ("data and models", ["data", "modeling", "lora"]),
+    ("data and models", ["data", "modeling", "lora", "students"]),
     ("objective and run directories", ["objective", "runs"]),
     ("forward passes and reading runs", ["inference", "onnx_predict", "reporting"]),
     ("training", ["training"]),
