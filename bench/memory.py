@@ -158,7 +158,7 @@ def peak_bytes(device: str) -> int:
 
 
 def ftcli_config(args: argparse.Namespace, quantize: bool) -> Any:
-    """The settings of every row, as ftcli's config: the HF rows read theirs from it."""
+    """The settings of every row, as ftcli's config; the HF rows read gradient checkpointing from it (ftcli's default)."""
     from ftcli.config import validate
 
     return validate({
