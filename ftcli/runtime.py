@@ -160,3 +160,22 @@ def attention_kernels(device: torch.device) -> AbstractContextManager:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Count peak GPU memory (peak_memory) from here: a run's own, not an earlier one's in this process."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """metrics.json's train keys for the most GPU memory held since reset_peak_memory: by tensors
+    (peak_gpu_memory_bytes, what the model, its activations and the optimizer needed) and by PyTorch's
+    caching allocator (peak_gpu_memory_reserved_bytes, nearer what nvidia-smi shows). On a CPU no keys:
+    a process's resident memory is no training's own (tokenizing, libraries), so none is reported."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device),
+        "peak_gpu_memory_reserved_bytes": torch.cuda.max_memory_reserved(device),
+    }

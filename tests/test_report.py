@@ -57,8 +57,9 @@ def test_train_writes_curves_and_diagnosis_and_report_renders_html(make_experime
     assert "diagnosis: " in trained.output and "curves: " in trained.output
     diagnosis = assert_run_report_files(run)
     assert diagnosis["verdict"] in ("converged", "still_improving"), diagnosis  # the task is learnable
-    data = json.loads((run / "metrics.json").read_text())["data"]
-    assert data == {"majority_class": "negative", "majority_rate": 0.5, "num_labels": 2}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["data"] == {"majority_class": "negative", "majority_rate": 0.5, "num_labels": 2}
+    assert not [key for key in metrics["train"] if key.startswith("peak_gpu")]  # a CPU run reports no GPU memory
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     (run / "curves.png").unlink()
@@ -67,6 +68,7 @@ def test_train_writes_curves_and_diagnosis_and_report_renders_html(make_experime
     assert (run / "curves.png").is_file()
     for expected in ("best", "last eval", "saved model", "accuracy", "train_loss", "samples/s", "diagnosis: "):
         assert expected in reported.output
+    assert "peak GPU memory" not in reported.output
     page = (run / "report.html").read_text()
     assert f"html report: {run / 'report.html'}" in reported.output.replace("\n", "")
     assert_self_contained(page)
@@ -74,6 +76,27 @@ def test_train_writes_curves_and_diagnosis_and_report_renders_html(make_experime
     assert '<table class="metrics">' in page and "<th>saved model</th>" in page and "<td>accuracy</td>" in page
     assert "learning_rate: 0.005" in page and "report_to:" in page  # the resolved config
     assert f'class="verdict {diagnosis["verdict"]}"' in page and '<table class="evidence">' in page
+
+
+def test_a_gpu_run_keeps_its_training_peak_memory_and_report_shows_it(make_experiment, tmp_path, monkeypatch):
+    """The recipe resets the GPU's peak counter before the backend trains and reads it after (the
+    helpers themselves: test_runtime); faked here, as this machine has no GPU."""
+    from ftcli.training import recipe
+
+    calls: list[str] = []
+    peak = {"peak_gpu_memory_bytes": 3 * 2**29, "peak_gpu_memory_reserved_bytes": 2**31}
+    train = recipe.run_backend
+    monkeypatch.setattr(recipe, "reset_peak_memory", lambda device: calls.append("reset"))
+    monkeypatch.setattr(recipe, "run_backend", lambda backend, job: calls.append("train") or train(backend, job))
+    monkeypatch.setattr(recipe, "peak_memory", lambda device: calls.append("read") or peak)
+    trained = invoke("train", str(make_experiment(training={"epochs": 1})))
+    assert trained.exit_code == 0, trained.output
+    assert calls == ["reset", "train", "read"]
+    run = tmp_path / "runs" / "tiny"
+    assert json.loads((run / "metrics.json").read_text())["train"].items() >= peak.items()
+    reported = invoke("report", str(run))
+    assert reported.exit_code == 0, reported.output
+    assert "peak GPU memory 1.50 GiB" in reported.output
 
 
 def test_report_compares_several_runs_side_by_side(tmp_path):

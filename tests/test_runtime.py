@@ -53,3 +53,17 @@ def test_a_later_process_is_not_the_main_one():
     assert not Runtime(CPU, None, process_index=1, num_processes=2).is_main
     with Runtime(CPU, None).attention_kernels():  # nothing to choose on the CPU
         pass
+
+
+def test_peak_gpu_memory_is_counted_from_the_reset_on_cuda_and_absent_on_the_cpu(monkeypatch):
+    # A fake allocator: the reset sets the peak back to what is held now, as PyTorch's does.
+    allocator = {"held": 5 * 2**20, "peak": 9 * 2**30}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: allocator.update(peak=allocator["held"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocator["peak"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: allocator["peak"] + 2**20)
+    cuda = torch.device("cuda")
+    runtime.reset_peak_memory(cuda)
+    assert runtime.peak_memory(cuda) == {"peak_gpu_memory_bytes": 5 * 2**20, "peak_gpu_memory_reserved_bytes": 6 * 2**20}
+    allocator["peak"] = 7 * 2**30
+    runtime.reset_peak_memory(CPU)  # a CPU run touches no GPU counter, and reports none
+    assert allocator["peak"] == 7 * 2**30 and runtime.peak_memory(CPU) == {}

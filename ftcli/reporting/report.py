@@ -141,7 +141,7 @@ def _row(name: str, points: list[tuple[int, float]], lower_is_better: bool, save
 
 
 def run_stats(report: RunReport) -> dict[str, str]:
-    """Steps, epochs, wall time and throughput, from metrics.json (or the events of an unfinished run)."""
+    """Steps, epochs, wall time, throughput and peak GPU memory, from metrics.json (or the events of an unfinished run)."""
     train = report.metrics.get("train") or {}
     last = report.events[-1]
     stats = {
@@ -152,6 +152,8 @@ def run_stats(report: RunReport) -> dict[str, str]:
         stats["wall time"] = _duration(train["train_seconds"])
     if "train_samples_per_second" in train:
         stats["throughput"] = f"{train['train_samples_per_second']:,.1f} samples/s"
+    if "peak_gpu_memory_bytes" in train:  # runs on a GPU (runtime.peak_memory)
+        stats["peak GPU memory"] = f"{train['peak_gpu_memory_bytes'] / 2**30:.2f} GiB"
     if train.get("stopped_early"):
         stats["stopped"] = "early"
     if "train" not in report.metrics:

@@ -29,7 +29,7 @@ from ftcli.modeling import enable_gradient_checkpointing, ensure_pad_token, load
 from ftcli.objective import Objective, build_objective
 from ftcli.runs import checkpoints
 from ftcli.runs.rundir import RunDir
-from ftcli.runtime import Runtime
+from ftcli.runtime import Runtime, peak_memory, reset_peak_memory
 from ftcli import tasks
 from ftcli.training.backends import get_backend
 from ftcli.training.finalize import decide
@@ -88,7 +88,9 @@ def train(
             events=events if events is not None and runtime.is_main else NoEvents(),
             resume_from=resume_point, tracker=tracker, on_evaluate=on_evaluate,
         )
+        reset_peak_memory(runtime.device)
         outcome = run_backend(backend, job)
+        outcome.extra.update(peak_memory(runtime.device))  # before saving and scoring, which need memory of their own
         if resume_point is not None:
             outcome.extra["resumed_from"] = str(resume_point)
         return finish(job, outcome, analyze)

@@ -1,0 +1,37 @@
+"""The benchmarks run end to end at a tiny size, so that a GPU run later finds them working."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bench import memory
+
+
+@pytest.mark.slow  # three processes (the benchmark's rows each run in a fresh one): about 50 s on 2 cores
+def test_memory_benchmark_runs_tiny_on_the_cpu_and_writes_its_table(tmp_path):
+    out = tmp_path / "memory.md"
+    table = memory.main(["--tiny", "--out", str(out), "--gradient-checkpointing", "on"])
+    assert out.read_text() == table
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in table.splitlines() if line.startswith("| (")}
+    assert list(rows) == ["| (a) hf-trainer + peft", "| (b) ftcli"]
+    for cells in rows.values():
+        assert float(cells[1]) > 0 and float(cells[2]) > 0  # peak memory GiB and mean step ms, measured
+        assert "gradient checkpointing True" in cells[5]
+    assert re.match(r"\d+\.\d\dx \((met|missed): target <= 1\.00x\)", rows["| (b) ftcli"][3])
+    assert "batch 8 x 256 tokens" in table and "4-bit rows skipped" in table
+
+
+def test_memory_table_compares_each_ftcli_row_with_hf_in_the_same_precision():
+    rows = {
+        "hf": memory.Row(memory.ROWS["hf"], peak_bytes=4 * 2**30, step_seconds=0.2),
+        "ftcli": memory.Row(memory.ROWS["ftcli"], peak_bytes=3 * 2**30, step_seconds=0.12, notes={"steps": "cuda_graphs"}),
+        "hf-4bit": memory.Row(memory.ROWS["hf-4bit"], failed="exit code 1"),
+        "ftcli-4bit": memory.Row(memory.ROWS["ftcli-4bit"], peak_bytes=2**30, step_seconds=0.3),
+    }
+    lines = memory.render(rows, "### header", "cuda", []).splitlines()
+    assert "peak GPU memory GiB" in lines[2]
+    assert lines[5] == "| (b) ftcli | 3.000 | 120.0 | 0.75x (met: target <= 1.00x) | 0.60x (missed: target <= 0.50x) | steps cuda_graphs |"
+    assert lines[6].endswith("failed: exit code 1 |")
+    assert lines[7].split(" | ")[3:5] == ["-", "-"]  # its HF row failed: nothing to compare with
