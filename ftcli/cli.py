@@ -166,6 +166,31 @@ def train(
 
 @app.command()
 @user_errors
+def distill(
+    teacher: RunArg,
+    student: Annotated[str, typer.Option("--student", help="The student: a model (as config.model takes) or layers:K (K of the teacher's layers).")],
+    settings: Annotated[
+        Optional[Path], typer.Option("--config", help="A YAML of what the student changes (training, distill, data.unlabeled, name).")
+    ] = None,
+    set_: SetOpt = None,
+    max_drop: Annotated[
+        Optional[float], typer.Option("--max-drop", min=0, help="The gate: the most the first metric may drop (default 0.01).")
+    ] = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="A few steps on a few examples: checks the whole path.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing student run.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the student run from its newest checkpoint.")] = False,
+) -> None:
+    """Train a smaller student on a teacher run's outputs and labels, then weigh it against the teacher."""
+    from ftcli.commands.distill import distill_run
+    from ftcli.ui import TrainingProgress, console, gate_view, trained_view
+
+    distilled = distill_run(teacher, student, settings, set_, max_drop, smoke, overwrite, resume, TrainingProgress(show_result=True))
+    console.print(trained_view(distilled.trained))
+    console.print(gate_view(distilled.gate))
+
+
+@app.command()
+@user_errors
 def evaluate(
     run_dir: RunArg,
     split: Annotated[str, typer.Option(help="Split to score: validation, test, train.")] = "validation",

@@ -709,7 +709,10 @@ def resolve_paths(config: Config, base: Path | None = None) -> Config:
     updates = {
         split: str((base / path).resolve()) for split, path in config.data.split_files().items()
     }
-    return config.model_copy(update={"data": config.data.model_copy(update=updates)})
+    resolved = {"data": config.data.model_copy(update=updates)}
+    if config.distill is not None:
+        resolved["distill"] = config.distill.model_copy(update={"teacher": str((base / config.distill.teacher).resolve())})
+    return config.model_copy(update=resolved)
 
 
 def smoke(config: Config) -> Config:

@@ -20,7 +20,11 @@ from ftcli.errors import FtcliError
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write beside the target, then rename over it: readers see the old file or the new one."""
-    data = text.encode("utf-8")
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """atomic_write_text's bytes."""
     with writing(path, len(data)):
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -193,6 +193,28 @@ def trained_view(trained: TrainedRun) -> Group:
     return Group(*parts)
 
 
+def gate_view(gate: dict[str, Any]) -> Group:
+    """ftcli distill's gate: teacher and student side by side (scores, size, speed), and the verdict."""
+    splits = list(gate["models"]["teacher"]["metrics"])
+    metrics = list(gate["models"]["teacher"]["metrics"][splits[0]])
+    devices = list(gate["models"]["teacher"]["examples_per_second"])
+    table = Table(title="the student beside its teacher", title_justify="left")
+    for column in ["model", *(f"{split} {name}" for split in splits for name in metrics), "parameters", *(f"examples/s {device}" for device in devices)]:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, side in gate["models"].items():
+        table.add_row(
+            name, *(format_number(side["metrics"][split][metric]) for split in splits for metric in metrics),
+            f"{side['parameters'] / 1e6:.1f}M", *(f"{side['examples_per_second'][device]:.0f}" for device in devices),
+        )
+    speed = ", ".join(f"{rate:.2f}x as fast on {device}" for device, rate in gate["speedup"].items())
+    verdict = "[bold green]passed[/]" if gate["passed"] else "[bold red]failed[/]"
+    line = (
+        f"gate {verdict}: {gate['metric']} on {gate['split']} dropped by {gate['drop']:.4f} (max {gate['max_drop']}); "
+        f"{gate['smaller']:.2f}x fewer parameters, {speed}"
+    )
+    return Group(table, line)
+
+
 def sweep_table(result: SweepResult) -> Table:
     """Trials best first (pruned and failed ones after the completed), one column per searched key."""
     from ftcli.commands.sweep import ranked_rows

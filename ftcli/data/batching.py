@@ -17,6 +17,9 @@ from ftcli.data.padding import pad_array
 MODEL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
 # A window's document, and (token_classification) each of its tokens' place there or -1: no model input.
 DOCUMENT_COLUMNS = ("doc", "doc_positions")
+# A distilled student's training rows: its teacher's logits (a row per token for a tagger) and
+# whether the row has a label (data.unlabeled's texts have placeholders): the loss's, no model input.
+TEACHER_COLUMNS = ("teacher", "labeled")
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -47,7 +50,25 @@ def collate(
         batch["doc"] = torch.tensor([row["doc"] for row in features], dtype=torch.long)
     if "doc_positions" in features[0]:  # and where its tokens go in it, padded as "reported by no window"
         batch["doc_positions"] = pad_rows([row["doc_positions"] for row in features], longest, -1)
-    return batch
+    return batch | teacher_targets({name: [row[name] for row in features] for name in TEACHER_COLUMNS if name in features[0]}, longest)
+
+
+def teacher_targets(columns: dict[str, list], width: int) -> dict[str, torch.Tensor]:
+    """A distilled student's rows' teacher logits (a tagger's padded to `width` tokens with zeros,
+    which no counted piece reads) and labelled flags, from their columns; nothing for other runs."""
+    if "teacher" not in columns:
+        return {}
+    return {"teacher": teacher_tensor(columns["teacher"], width), "labeled": torch.tensor(columns["labeled"], dtype=torch.bool)}
+
+
+def teacher_tensor(logits: list, width: int) -> torch.Tensor:
+    """Rows of teacher logits as float32; rows of per-token rows padded to `width` tokens."""
+    if logits and logits[0] and isinstance(logits[0][0], list):
+        padded = torch.zeros(len(logits), width, len(logits[0][0]))
+        for row, values in enumerate(logits):
+            padded[row, : len(values)] = torch.tensor(values)
+        return padded
+    return torch.tensor(logits, dtype=torch.float32)
 
 
 # A token's label the loss and the metrics skip: padding, special tokens, a word's later pieces.
@@ -93,6 +114,8 @@ class DeviceTensors:
             if column in rows.column_names
         }
         self.tensors["labels"] = label_tensor(rows["labels"], self.width).to(device)
+        targets = teacher_targets({name: rows[name] for name in TEACHER_COLUMNS if name in rows.column_names}, self.width)
+        self.tensors |= {name: values.to(device) for name, values in targets.items()}
         self.device = device
 
     @staticmethod
@@ -109,9 +132,20 @@ class DeviceTensors:
     def batch(self, indices: np.ndarray, length: int | None = None) -> dict[str, torch.Tensor]:
         length = length or self.batch_length(indices)
         index = torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self.device, non_blocking=True)
-        batch = {column: values.index_select(0, index)[:, :length] for column, values in self.tensors.items() if column != "labels"}
-        batch["labels"] = self.labels(index, length)
-        return batch
+        batch = {column: self.tensors[column].index_select(0, index)[:, :length] for column in self.model_columns}
+        return batch | {"labels": self.labels(index, length)} | self.targets(index, length)
+
+    @property
+    def model_columns(self) -> list[str]:
+        return [column for column in self.tensors if column in MODEL_COLUMNS]
+
+    def targets(self, index: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+        """A distilled student's rows' teacher logits (a tagger's cut to `length` tokens) and
+        labelled flags; nothing for other runs."""
+        found = {name: self.tensors[name].index_select(0, index) for name in TEACHER_COLUMNS if name in self.tensors}
+        if "teacher" in found and found["teacher"].dim() == 3:
+            found["teacher"] = found["teacher"][:, :length]
+        return found
 
     def labels(self, index: torch.Tensor, length: int) -> torch.Tensor:
         """The rows' labels; a tag per token cut to the batch's `length` tokens, as its inputs are."""

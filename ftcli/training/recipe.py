@@ -35,6 +35,7 @@ from ftcli.training.backends import get_backend
 from ftcli.training.finalize import decide
 from ftcli.training.job import Backend, NoEvents, TrainingEvents, TrainJob, TrainOutcome
 from ftcli.training.optim import check_optimizer
+from ftcli.training.teacher import with_teacher
 from ftcli.training.tracking import Tracker
 
 log = logging.getLogger("ftcli")
@@ -130,8 +131,10 @@ def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Pr
 
         with tokenize_in_turn(runtime):
             _, tokenizer, prepared = setup_data(config, on_labels=load_meanwhile)
-        MetricSuite(config.metrics, prepared.label_names, config.task)  # an unknown metric fails now
-        objective = build_objective(config, prepared)  # and class weights that do not fit the labels
+            MetricSuite(config.metrics, prepared.label_names, config.task)  # an unknown metric fails now
+            objective = build_objective(config, prepared)  # and class weights that do not fit the labels
+            if config.distill is not None:  # the teacher's logits, computed (or read) in turn as the tokens are
+                prepared = with_teacher(config, prepared, tokenizer, runtime)
         padding = ensure_pad_token(tokenizer)
         model = loading[0].result()
         pad_like_tokenizer(model, tokenizer)

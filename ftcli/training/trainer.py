@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import Sampler
@@ -28,6 +29,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ftcli import tasks
 from ftcli.config import Config
+from ftcli.data.batching import TEACHER_COLUMNS, teacher_targets
 from ftcli.fileio import atomic_write_json
 from ftcli.inference import evaluate_dataset
 from ftcli.metrics import MetricSuite, higher_is_better, primary_metric
@@ -93,10 +95,7 @@ def _trainer(job: TrainJob) -> _StagedTrainer:
         objective=job.objective.to(args.device),  # moved once, not at every step
         model=job.model,
         args=args,
-        # A tag per token: labels padded with -100 as the inputs are padded.
-        data_collator=(DataCollatorForTokenClassification if tasks.get(config.task).token_level else DataCollatorWithPadding)(
-            job.tokenizer, pad_to_multiple_of=config.training.resolved_pad_multiple(runtime.device.type)
-        ),
+        data_collator=_collator(job),
         train_dataset=job.prepared.splits["train"],
         eval_dataset=validation,
         processing_class=job.tokenizer,
@@ -114,6 +113,24 @@ def _trainer(job: TrainJob) -> _StagedTrainer:
     return trainer
 
 
+def _collator(job: TrainJob) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """Trainer's padding collator (a tag per token: labels padded with -100 as the inputs are), with
+    a distilled student's teacher columns (batching.TEACHER_COLUMNS) taken aside and put back as tensors."""
+    config = job.config
+    padding = (DataCollatorForTokenClassification if tasks.get(config.task).token_level else DataCollatorWithPadding)(
+        job.tokenizer, pad_to_multiple_of=config.training.resolved_pad_multiple(job.runtime.device.type)
+    )
+    if config.distill is None:
+        return padding
+
+    def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        targets = {name: [row.pop(name) for row in features] for name in TEACHER_COLUMNS if name in features[0]}
+        batch = padding(features)
+        return {**batch, **teacher_targets(targets, batch["input_ids"].shape[1])}
+
+    return collate
+
+
 class _ObjectiveTrainer(Trainer):
     """Trainer on ftcli's objective and schedule, seeded data order, and counts of real and padded
     training tokens (for throughput and padding efficiency); it stops at a nan or inf training loss
@@ -126,13 +143,22 @@ class _ObjectiveTrainer(Trainer):
         self.padded_tokens = 0
         self.loss_watch: LossWatch | None = None
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """Trainer keeps the columns the model's forward takes; a distilled student's teacher columns
+        are compute_loss's."""
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [name for name in TEACHER_COLUMNS if name not in self._signature_columns]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The batch mean of the objective's loss: weighted (training.class_weights) in training only."""
         labels = inputs.pop("labels")
+        targets = {name: inputs.pop(name) for name in TEACHER_COLUMNS if name in inputs}  # a distilled student's
         outputs = model(**inputs)
         inputs["labels"] = labels
-        loss_of = self.objective.training_loss_sum if model.training else self.objective.loss_sum
-        loss = loss_of(outputs.logits, labels) / len(labels)
+        if model.training:
+            loss = self.objective.training_loss_sum(outputs.logits, labels, **targets) / len(labels)
+        else:
+            loss = self.objective.loss_sum(outputs.logits, labels) / len(labels)
         if model.training:
             mask = inputs["attention_mask"]
             self.real_tokens = mask.sum() + self.real_tokens  # stays on the device: no sync per step

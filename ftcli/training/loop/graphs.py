@@ -118,18 +118,14 @@ class GraphedTrainStep:
             self.fused.draw_seed()
         real = self._rows >= 0
         rows = self._rows.clamp(min=0)  # an empty slot repeats row 0, whose loss is ignored below
-        features = {
-            name: values.index_select(0, rows)[:, :length]
-            for name, values in self.data.tensors.items()
-            if name != "labels"
-        }
-        labels = self.data.labels(rows, length)
+        features = {name: self.data.tensors[name].index_select(0, rows)[:, :length] for name in self.data.model_columns}
+        labels, targets = self.data.labels(rows, length), self.data.targets(rows, length)  # targets: a student's
         overrides = {name: copy for name, (_, copy) in self._copies.items()}
         # The autocast cache would hold casts made during capture: graphs need it off.
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
             logits = torch.func.functional_call(self.model, overrides, args=(), kwargs=features).logits
-        loss_sum = self.objective.training_loss_sum(logits, labels, real)  # empty slots: no loss, no gradient
+        loss_sum = self.objective.training_loss_sum(logits, labels, real, **targets)  # empty slots: no loss, no gradient
         (loss_sum / real.sum()).backward()
         self._pack_gradients()
         grad_norm = self._gradients.norm()

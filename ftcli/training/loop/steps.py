@@ -15,7 +15,7 @@ from accelerate.data_loader import DataLoaderShard
 from datasets import Dataset
 
 from ftcli.config import TrainingConfig
-from ftcli.data.batching import DOCUMENT_COLUMNS, DeviceTensors, collate
+from ftcli.data.batching import DOCUMENT_COLUMNS, TEACHER_COLUMNS, DeviceTensors, collate
 from ftcli.training.loop.evaluation import private_generator
 from ftcli.training.loop.graphs import GraphedTrainStep
 from ftcli.training.loop.plan import BatchPlan
@@ -64,9 +64,10 @@ class EagerStep:
             labels = batch.pop("labels")
             for column in DOCUMENT_COLUMNS:  # long_text window: each window trains with its own labels
                 batch.pop(column, None)
+            targets = {column: batch.pop(column) for column in TEACHER_COLUMNS if column in batch}  # a student's
             self.real_tokens += batch["attention_mask"].sum()  # a device tensor: no sync
             self.padded_tokens += batch["input_ids"].numel()
-            loss_sum = self.objective.training_loss_sum(self.model(**batch).logits, labels)
+            loss_sum = self.objective.training_loss_sum(self.model(**batch).logits, labels, **targets)
             # accelerator.backward divides by grad_accum and DDP averages over processes: undo
             # both, so the step's gradient is the mean over exactly the examples of the step.
             accelerator.backward(loss_sum * (self.training.grad_accum * accelerator.num_processes / step_examples))
