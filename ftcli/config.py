@@ -33,6 +33,8 @@ SCHEDULERS = (
 )
 # ftcli.training.backends maps each to its class.
 BACKEND_NAMES = ("loop", "trainer")
+# data.unlabeled's split: texts a distilled student learns from its teacher's outputs on, never scored.
+UNLABELED = "unlabeled"
 # File systems allow 255 bytes a name; this leaves room for the suffixes ftcli adds to run names.
 MAX_NAME_LENGTH = 200
 
@@ -109,11 +111,12 @@ class DataConfig(_Strict):
     )
     max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     fold: FoldConfig | None = Field(None, description="Cross-validation: one fold of the training split held out.")
-    max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N examples of other splits.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N examples of validation and test.")
     unlabeled: str | None = Field(
         None,
-        description="distill: a file of texts without labels (the data's format and text fields), which the student learns "
-        "from the teacher's outputs on, beside the training split.",
+        description="distill: a file of texts without labels (the data's format and text fields; a tagger's words may also be "
+        "one text, cut as ftcli predict cuts it, or CoNLL lines of a word alone), which the student learns from the teacher's "
+        "outputs on, beside the training split. Labels in it are never read; max_*_samples do not cut it.",
     )
     format: Literal["auto", "conll"] = Field(
         "auto",
@@ -189,8 +192,9 @@ class DataConfig(_Strict):
         return self
 
     def split_files(self) -> dict[str, str]:
-        """The local files by split name, in train/validation/test order."""
-        files = {"train": self.train, "validation": self.validation, "test": self.test}
+        """The local files by split name, in train/validation/test/unlabeled order (with data.hub,
+        the unlabeled file alone)."""
+        files = {"train": self.train, "validation": self.validation, "test": self.test, UNLABELED: self.unlabeled}
         return {split: path for split, path in files.items() if path}
 
 

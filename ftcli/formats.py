@@ -19,10 +19,11 @@ from ftcli.errors import FtcliError
 Rows = list[dict[str, Any]]
 
 
-def read_records(path: str | Path, quoting: str = "auto", format: str = "auto") -> Rows:
+def read_records(path: str | Path, quoting: str = "auto", format: str = "auto", tagged: bool = True) -> Rows:
     """Rows of a data file as dicts, read by its suffix; every malformation is an FtcliError.
     quoting: how csv and tsv files quote their fields (data.quoting); format: conll reads the
-    plain-text files (CONLL_SUFFIXES) as CoNLL (data.format)."""
+    plain-text files (CONLL_SUFFIXES) as CoNLL (data.format); tagged: False reads a CoNLL file's
+    words alone, a line's tag if any ignored (texts without labels: data.unlabeled)."""
     path = require_file(path)
     suffix = path.suffix.lower()
     reader = READERS[".conll"] if format == "conll" and suffix in CONLL_SUFFIXES else READERS.get(suffix)
@@ -30,7 +31,7 @@ def read_records(path: str | Path, quoting: str = "auto", format: str = "auto") 
         if suffix in CONLL_SUFFIXES:  # .txt: words and tags only
             raise FtcliError(f"{path}: a {suffix} file is read as CoNLL only", CONLL_HINT)
         raise FtcliError(f"unsupported file type '{path.suffix}' ({path})", f"use {FORMATS}")
-    rows = reader(path, quoting)
+    rows = _read_conll(path, tagged=False) if reader is READERS[".conll"] and not tagged else reader(path, quoting)
     if not rows:
         raise FtcliError(f"data file {path} holds no rows", "fill it, or remove it from the config")
     return rows
@@ -193,10 +194,10 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
 
 
-def _read_conll(path: Path) -> Rows:
+def _read_conll(path: Path, tagged: bool = True) -> Rows:
     """CoNLL: a word and its tag per line (the word first, the tag last, apart by a TAB or
     whitespace), a blank line between sentences, -DOCSTART- lines skipped. Each sentence is a row
-    {"tokens": [words], "ner_tags": [tags]}."""
+    {"tokens": [words], "ner_tags": [tags]}; untagged, {"tokens": [words]}, a line's tag optional."""
     rows: Rows = []
     words: list[str] = []
     tags: list[str] = []
@@ -210,7 +211,7 @@ def _read_conll(path: Path) -> Rows:
         parts = [part.strip() for part in parts if part.strip()]
         if parts[0] == "-DOCSTART-":
             continue
-        if len(parts) < 2:
+        if len(parts) < 2 and tagged:
             raise FtcliError(
                 f"{path}: line {number} has a word but no tag ({line.strip()!r})",
                 "write each word and its tag on one line, apart by a TAB or a space; a blank line between sentences",
@@ -225,7 +226,7 @@ def _read_conll(path: Path) -> Rows:
         tags.append(parts[-1])
     if words:
         rows.append({"tokens": words, "ner_tags": tags})
-    return rows
+    return rows if tagged else [{"tokens": row["tokens"]} for row in rows]
 
 
 def _read_csv(path: Path, quoting: str) -> Rows:

@@ -323,7 +323,7 @@ class TrainingProgress:
 
 def prepare_summary(prepared) -> Table:
     """Splits, sizes, labels (counts per class; for many labels the most common; for regression
-    the targets' spread), token lengths and truncation of a Prepared dataset."""
+    the targets' spread; none for the unlabeled split), token lengths and truncation of a Prepared dataset."""
     source = "cache hit" if prepared.cache_hit else "tokenized and cached"
     table = Table(title=f"data {prepared.fingerprint} ({source}: {prepared.cache_dir})", title_justify="left")
     label_columns, label_values = _label_summary(prepared)
@@ -336,7 +336,7 @@ def prepare_summary(prepared) -> Table:
         table.add_row(
             split,
             str(summary.size),
-            *label_values(summary),
+            *(label_values(summary) if summary.labelled else ["-"] * len(label_columns)),
             f"{summary.length_p50:.0f}",
             f"{summary.length_p95:.0f}",
             str(summary.length_max),

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ftcli.config import Config
+from ftcli.config import UNLABELED, Config
 from ftcli.data.prepare import prepare, split_rows
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_json, atomic_write_text, read_json
@@ -90,9 +90,15 @@ def evaluate_run(
 
 
 def _check(loaded: LoadedRun, splits, label_names: list[str], split: str) -> None:
+    scored = [name for name in splits if name != UNLABELED]
+    if split == UNLABELED:  # texts a distilled student learned from: their labels are placeholders
+        raise FtcliError(
+            f"split '{UNLABELED}' holds texts without labels (data.{UNLABELED}): there is nothing to score it against",
+            f"evaluate {' or '.join(scored)}; ftcli predict RUN --input FILE predicts texts",
+        )
     if split not in splits:
         raise FtcliError(
-            f"split '{split}' is not in this run's data (available: {', '.join(splits)})",
+            f"split '{split}' is not in this run's data (available: {', '.join(scored)})",
             f"add data.{split} to {loaded.run.config_file}" if split in ("validation", "test") else "pick one of those",
         )
     if tasks.get(loaded.config.task).has_classes and label_names != label_names_of(loaded.model):

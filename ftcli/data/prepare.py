@@ -20,13 +20,13 @@ import numpy as np
 from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from ftcli.config import DataConfig
+from ftcli.config import UNLABELED, DataConfig
 from ftcli.data.folds import hold_out
-from ftcli.data.sources import HubDataset, LocalFiles, Source
+from ftcli.data.sources import HubDataset, Joined, LocalFiles, Source
 from ftcli.data.words import prefix_spaced_backend, words_of
 from ftcli.errors import FtcliError
 from ftcli.fileio import cache_home
-from ftcli.formats import Rows, check_texts
+from ftcli.formats import Rows, check_texts, check_words
 from ftcli import tasks
 
 log = logging.getLogger("ftcli")
@@ -45,6 +45,7 @@ class SplitSummary:
     label_stats: dict[str, float] | None = None  # regression: mean, std, min, max of the targets
     windows: int | None = None  # long_text window: the rows the examples became
     windowed: int = 0  # long_text window: examples split into more than one window
+    labelled: bool = True  # False: the unlabeled split (data.unlabeled), whose labels are placeholders: no counts
 
 
 @dataclass
@@ -62,40 +63,55 @@ class Prepared:
 
 
 def source_for(data: DataConfig) -> Source:
-    """Where data's examples come from: the Hub, or local files."""
-    if data.hub:
-        return HubDataset(data.hub, data.subset, data.label_field)
-    return LocalFiles(data.split_files(), data.quoting, data.format)
+    """Where data's examples come from: the Hub, or local files, or both (the Hub's splits and a
+    local data.unlabeled file)."""
+    files = LocalFiles(data.split_files(), data.quoting, data.format)
+    if not data.hub:
+        return files
+    hub = HubDataset(data.hub, data.subset, data.label_field)
+    return Joined((hub, files)) if files.files else hub
 
 
 def load_raw_splits(data: DataConfig) -> tuple[dict[str, Rows], list[str] | None]:
-    """The configured splits as rows, cut to max_train_samples / max_eval_samples, and the
-    label names a Hub dataset declares (None for local files)."""
+    """The configured splits as rows, cut to max_train_samples / max_eval_samples (the unlabeled
+    split whole: its texts only teach), and the label names a Hub dataset declares (None for local files)."""
     splits, hub_names = source_for(data).splits()
-    limits = {split: data.max_train_samples if split == "train" else data.max_eval_samples for split in splits}
+    limits = {split: {"train": data.max_train_samples, UNLABELED: None}.get(split, data.max_eval_samples) for split in splits}
     return {split: rows[: limits[split]] if limits[split] else rows for split, rows in splits.items()}, hub_names
 
 
 def check_columns(splits: dict[str, Rows], data: DataConfig, task: str) -> None:
     """Every split has the text columns as strings and the label columns, each row a label that
-    fits the task (multi_label: an example may have none)."""
+    fits the task (multi_label: an example may have none); the unlabeled split the texts alone
+    (any labels in it are never read)."""
     if "train" not in splits:
         raise FtcliError("the dataset has no train split", "set data.train")
     for split, rows in splits.items():
         if not rows:
             raise FtcliError(f"split '{split}' is empty", "check the file or max_*_samples")
         columns = list(rows[0])
-        for column in list(data.text_fields) + data.label_columns:
+        for column in list(data.text_fields) + (data.label_columns if split != UNLABELED else []):
             if column not in columns:
                 key = "data.text_fields" if column in data.text_fields else "data.label_fields" if data.label_fields else "data.label_field"
                 fix = f"set {key} to one of its columns"
                 if column == data.label_field and split != "train":  # most likely texts to be labelled
                     fix += f", or leave the unlabelled file out of data.{split} and label it with ftcli predict RUN --input FILE"
                 raise FtcliError(f"split '{split}' has no column '{column}' (columns: {', '.join(columns)})", fix)
+        if split == UNLABELED:
+            _check_inputs(rows, data, task, where=f"split '{split}'")
+            continue
         if not tasks.get(task).token_level:  # words come as lists, which the task checks
             check_texts(rows, data.text_fields, where=f"split '{split}'")
         tasks.get(task).check_present(rows, data, where=f"split '{split}'")
         tasks.get(task).check_labels(rows, data, where=f"split '{split}'")
+
+
+def _check_inputs(rows: Rows, data: DataConfig, task: str, where: str) -> None:
+    """Texts without labels: strings, or a tagger's words (a list, or one text to cut into words)."""
+    if tasks.get(task).token_level:
+        check_words(rows, data.text_fields[0], where)
+    else:
+        check_texts(rows, data.text_fields, where)
 
 
 # Tokenizers without a length limit report a huge model_max_length instead.
@@ -133,7 +149,7 @@ def data_fingerprint(data: DataConfig, tokenizer: PreTrainedTokenizerBase, task:
     setting that changes the tokens."""
     digest = hashlib.sha256(f"ftcli-cache-{CACHE_FORMAT}-{task}".encode())
     # The source fingerprints its own files (by content, not path) or Hub id.
-    settings = data.model_dump(mode="json", exclude={"train", "validation", "test", "fold"})  # a fold is cut from the cached splits
+    settings = data.model_dump(mode="json", exclude={"train", "validation", "test", UNLABELED, "fold"})  # a fold is cut from the cached splits
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(source_for(data).fingerprint().encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
@@ -371,19 +387,38 @@ def _build(
     on_labels(label_names)
     splits, summary = {}, {}
     for split, rows in raw.items():
-        labels = tasks.get(task).encode(rows, data, label_names, where=f"split '{split}'")
-        if split == "train":
-            tasks.get(task).check_training_labels(labels, label_names)
-        tokenized = tokenize_for(task, rows, data, tokenizer)
-        if "doc" in tokenized.column_names:  # windows: each its document's label
-            labels = [labels[doc] for doc in tokenized["doc"]]
-        if tasks.get(task).token_level:  # a tag per sub-token, from each word's
-            positions = tokenized["doc_positions"] if "doc_positions" in tokenized.column_names else None
-            labels = tasks.get(task).align_labels(labels, tokenized["word_ids"], data, label_names, positions)
-        tokenized = tokenized.add_column("labels", labels)
-        summary[split] = _summarize(tokenized, label_names, task, data.long_text == "window")
-        splits[split] = tokenized.remove_columns("full_length")
+        splits[split], summary[split] = _prepare_split(split, rows, data, tokenizer, task, label_names)
     return Prepared(DatasetDict(splits), label_names, summary, fingerprint, cache_dir)
+
+
+def _prepare_split(
+    split: str, rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str, label_names: list[str]
+) -> tuple[Dataset, SplitSummary]:
+    """A split tokenized with its labels, and its summary. The unlabeled split's labels are the
+    task's placeholders, of the real labels' shape and type, so that it is batched as train is."""
+    if split == UNLABELED:
+        rows = _as_words(rows, data, tokenizer) if tasks.get(task).token_level else rows
+        labels = tasks.get(task).placeholder_labels(rows, data, label_names)
+    else:
+        labels = tasks.get(task).encode(rows, data, label_names, where=f"split '{split}'")
+    if split == "train":
+        tasks.get(task).check_training_labels(labels, label_names)
+    tokenized = tokenize_for(task, rows, data, tokenizer)
+    if "doc" in tokenized.column_names:  # windows: each its document's label
+        labels = [labels[doc] for doc in tokenized["doc"]]
+    if tasks.get(task).token_level:  # a tag per sub-token, from each word's
+        positions = tokenized["doc_positions"] if "doc_positions" in tokenized.column_names else None
+        labels = tasks.get(task).align_labels(labels, tokenized["word_ids"], data, label_names, positions)
+    tokenized = tokenized.add_column("labels", labels)
+    summary = _summarize(tokenized, label_names, task, data.long_text == "window", labelled=split != UNLABELED)
+    return tokenized.remove_columns("full_length"), summary
+
+
+def _as_words(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Rows:
+    """A tagger's texts as lists of words, a text given as one string cut as ftcli predict cuts
+    it: its placeholder tags are one per word."""
+    words = words_of([row[data.text_fields[0]] for row in rows], tokenizer)[0]
+    return [{data.text_fields[0]: sentence} for sentence in words]
 
 
 def _hold_out_fold(prepared: Prepared, data: DataConfig, task: str) -> Prepared:
@@ -408,9 +443,10 @@ def split_rows(data: DataConfig, prepared: Prepared, split: str) -> Rows:
     return raw[split]
 
 
-def _summarize(tokenized: Dataset, label_names: list[str], task: str, windowing: bool = False) -> SplitSummary:
+def _summarize(tokenized: Dataset, label_names: list[str], task: str, windowing: bool = False, labelled: bool = True) -> SplitSummary:
     """A split's documents, labels and lengths. windowing: long_text window, where a tagger's split
-    with no sentence too long is still reported as windows (one per sentence), none split."""
+    with no sentence too long is still reported as windows (one per sentence), none split.
+    labelled: False for the unlabeled split, whose placeholder labels are not counted."""
     token_level = tasks.get(task).token_level
     windows, windowed = (len(tokenized), 0) if windowing and token_level else (None, 0)
     # A tagger's windows each tag the words they report, once: its labels are counted over them all.
@@ -422,7 +458,9 @@ def _summarize(tokenized: Dataset, label_names: list[str], task: str, windowing:
         tokenized = tokenized.select(first)
     full = np.asarray(tokenized["full_length"])
     lengths = np.asarray(tokenized["length"]) if windows is None else full  # windows cut nothing
-    counts, stats = tasks.get(task).label_counts(label_values(tokenized["labels"], task) if labels is None else labels, label_names)
+    counts, stats = ({}, None) if not labelled else tasks.get(task).label_counts(
+        label_values(tokenized["labels"], task) if labels is None else labels, label_names
+    )
     return SplitSummary(
         size=len(tokenized),
         label_counts=counts,
@@ -433,6 +471,7 @@ def _summarize(tokenized: Dataset, label_names: list[str], task: str, windowing:
         label_stats=stats,
         windows=windows,
         windowed=windowed,
+        labelled=labelled,
     )
 
 

@@ -2,7 +2,8 @@
 
 A source reads its splits as rows (dicts) and fingerprints itself, so that the tokenization cache
 goes stale exactly when the data changes. A new kind of source is a class here with those two
-methods, and a branch in ftcli.data.prepare.source_for.
+methods, and a branch in ftcli.data.prepare.source_for. A Hub dataset with a local data.unlabeled
+file is both: `Joined`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ftcli import hub
+from ftcli.config import UNLABELED
 from ftcli.errors import FtcliError
 from ftcli.fileio import file_sha256
 from ftcli.formats import Rows, read_records, require_file
@@ -33,7 +35,7 @@ class LocalFiles:
     format: str = "auto"  # data.format: conll reads .tsv and .txt files as CoNLL
 
     def splits(self) -> tuple[dict[str, Rows], list[str] | None]:
-        return {split: read_records(path, self.quoting, self.format) for split, path in self.files.items()}, None
+        return {split: read_records(path, self.quoting, self.format, tagged=split != UNLABELED) for split, path in self.files.items()}, None
 
     def fingerprint(self) -> str:
         # Paths are left out: the same bytes under another path are the same data.
@@ -55,6 +57,25 @@ class HubDataset:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(["hub", self.name, self.subset]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Joined:
+    """Several sources' splits as one (a Hub dataset and a local data.unlabeled file), a later
+    source's split replacing an earlier one of the same name."""
+
+    parts: tuple[Source, ...]
+
+    def splits(self) -> tuple[dict[str, Rows], list[str] | None]:
+        rows: dict[str, Rows] = {}
+        names = None
+        for part in self.parts:
+            found, declared = part.splits()
+            rows, names = rows | found, names or declared
+        return rows, names
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([part.fingerprint() for part in self.parts]).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- the Hub

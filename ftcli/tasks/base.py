@@ -173,6 +173,12 @@ class Task:
     def check_training_labels(self, labels: list, label_names: list[str]) -> None:
         """What the encoded training labels must hold (single_label: two classes at least)."""
 
+    def placeholder_labels(self, rows: list[dict], data: Any, label_names: list[str]) -> list:
+        """Labels for texts that have none (data.unlabeled: a distilled student learns from its
+        teacher's outputs on them): as `encode` gives each row, of the same shape and type, so
+        that the rows are aligned, batched and moved as labelled ones; never a target."""
+        raise NotImplementedError
+
     def check_label_names(self, config: Any, label_names: list[str]) -> None:
         """Options that need a given number of classes, checked as soon as the data names its
         classes (before tokenizing)."""

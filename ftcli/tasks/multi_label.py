@@ -179,6 +179,10 @@ class MultiLabel(Task):
             encoded.append(hot)
         return encoded
 
+    def placeholder_labels(self, rows: list[dict], data: Any, label_names: list[str]) -> list:
+        """A 0.0 per label for each row, as encode's floats."""
+        return [[0.0] * len(label_names) for _ in rows]
+
     def label_counts(self, labels: np.ndarray, label_names: list[str]) -> tuple[dict[str, int], dict | None]:
         return {name: int(count) for name, count in zip(label_names, labels.sum(axis=0))}, None
 

@@ -141,6 +141,10 @@ class Regression(Task):
     def encode(self, rows: list[dict], data: Any, label_names: list[str], where: str) -> list:
         return [float(read.label_value(row[data.label_field])) for row in rows]
 
+    def placeholder_labels(self, rows: list[dict], data: Any, label_names: list[str]) -> list:
+        """0.0 for each row."""
+        return [0.0] * len(rows)
+
     def label_counts(self, labels: np.ndarray, label_names: list[str]) -> tuple[dict[str, int], dict | None]:
         stats = {"mean": float(labels.mean()), "std": float(labels.std()), "min": float(labels.min()), "max": float(labels.max())}
         return {}, stats

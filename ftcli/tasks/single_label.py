@@ -158,6 +158,10 @@ class SingleLabel(Task):
     def encode(self, rows: list[dict], data: Any, label_names: list[str], where: str) -> list:
         return [read.label_id(row[data.label_field], label_names, where, number) for number, row in enumerate(rows, start=1)]
 
+    def placeholder_labels(self, rows: list[dict], data: Any, label_names: list[str]) -> list:
+        """Class 0 for each row."""
+        return [0] * len(rows)
+
     def check_training_labels(self, labels: list, label_names: list[str]) -> None:
         if len(set(labels)) < 2:
             raise FtcliError(

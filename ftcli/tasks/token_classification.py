@@ -545,6 +545,11 @@ class TokenClassification(Task):
             encoded.append(ids)
         return encoded
 
+    def placeholder_labels(self, rows: list[dict], data: Any, label_names: list[str]) -> list:
+        """Tag 0 for each word (rows of words as lists): align_labels then gives the pieces the
+        structure labelled words get (IGNORE on later pieces, special tokens and unreported places)."""
+        return [[0] * len(row[data.text_fields[0]]) for row in rows]
+
     def align_labels(
         self, word_labels: list[list[int]], word_ids: list[list[int | None]], data: Any, names: list[str],
         positions: list[list[int]] | None = None,
