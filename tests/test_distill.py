@@ -147,3 +147,22 @@ def test_a_teacher_of_another_task_is_one_line_before_training(teacher_run, tiny
     assert result.exit_code == 2
     assert "was trained for single_label, the student for regression" in result.output
     assert not (tmp_path / "runs" / "student" / "model").exists()
+
+
+def test_unlabeled_texts_join_the_training_rows_with_the_teachers_logits_and_no_label(teacher_run, tiny_model_dir, tmp_path):
+    from conftest import sentiment_rows, write_rows
+
+    texts = [{"text": row["text"]} for row in sentiment_rows(24, seed=7)]
+    unlabeled = write_rows(tmp_path / "data" / "unlabeled.jsonl", texts)
+    experiment = _student(tmp_path, tiny_model_dir, teacher_run, data={"unlabeled": str(unlabeled)}, train_size=32, training={"epochs": 1})
+    config = load_config(experiment)
+    _, tokenizer, prepared = setup_data(config)
+    taught = teacher_module.with_teacher(config, prepared, tokenizer, CPU).splits
+    assert "unlabeled" not in taught and len(taught["train"]) == 32 + 24
+    assert taught["train"]["labeled"] == [True] * 32 + [False] * 24
+    teacher = load_run(teacher_run)
+    expected = row_logits(teacher.model, prepared.splits["unlabeled"], 16, tokenizer.pad_token_id, CPU)
+    assert torch.allclose(torch.tensor(taught["train"]["teacher"][32:]), expected, atol=1e-6)
+    trained = invoke("train", str(experiment))
+    assert trained.exit_code == 0, trained.output
+    assert json.loads((tmp_path / "runs" / "student" / "metrics.json").read_text())["train"]["train_samples"] == 56

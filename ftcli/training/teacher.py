@@ -22,7 +22,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
 from ftcli import tasks
-from ftcli.config import Config
+from ftcli.config import UNLABELED, Config
 from ftcli.data.prepare import Prepared, prepare, tokenizer_fingerprint
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_bytes, damaged_file
@@ -33,9 +33,6 @@ from ftcli.runs.rundir import RunDir
 from ftcli.runtime import Runtime
 
 log = logging.getLogger("ftcli")
-
-UNLABELED = "unlabeled"
-
 
 def with_teacher(config: Config, prepared: Prepared, tokenizer: PreTrainedTokenizerBase, runtime: Runtime) -> Prepared:
     """`prepared` with its training split and its unlabeled texts as one training split, each row
@@ -61,7 +58,11 @@ def training_rows(prepared: Prepared) -> Dataset:
     if UNLABELED not in prepared.splits:
         return train
     unlabeled = prepared.splits[UNLABELED]
-    return concatenate_datasets([train, unlabeled.add_column("labeled", [False] * len(unlabeled))])
+    unlabeled = unlabeled.add_column("labeled", [False] * len(unlabeled))
+    # A tagger's split has windows' columns only where one of its sentences is too long; training
+    # reads no window's place (each window trains on its own pieces), so the rows keep what both have.
+    shared = [column for column in train.column_names if column in unlabeled.column_names]
+    return concatenate_datasets([train.select_columns(shared), unlabeled.select_columns(shared)])
 
 
 def check_teacher(config: Config, teacher: LoadedRun, label_names: list[str]) -> None:
