@@ -351,7 +351,9 @@ def serve(
     run_dir: RunArg,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
-    engine: Annotated[str, typer.Option(help="torch (the run's model/) or onnx (RUN/export/, from ftcli export).")] = "torch",
+    engine: Annotated[
+        str, typer.Option(help="torch (the run's model/), onnx (RUN/export/, from ftcli export), or auto: torch on a GPU, the export on a CPU when it is current (int8 where kept), else torch.")
+    ] = "auto",
     quantized: Annotated[bool, typer.Option("--quantized", help="With --engine onnx: serve export/model.int8.onnx.")] = False,
     max_batch: Annotated[int, typer.Option(min=1, help="Most inputs per forward pass.")] = 64,
     max_wait_ms: Annotated[

@@ -32,7 +32,7 @@ GRACEFUL_SHUTDOWN_SECONDS = 30  # the longest SIGTERM waits for requests in flig
 @dataclass(frozen=True)
 class ServeOptions:
     run_path: str
-    engine: str = "torch"
+    engine: str = "auto"
     quantized: bool = False
     max_batch: int = 64
     max_wait_ms: float = 0.0  # no timer: a batch is what queued while the engine was busy

@@ -10,6 +10,7 @@ row_predictions: a tagger's entities, read off its words), so a server and the c
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,12 @@ from ftcli.objective import Objective
 from ftcli.runs.loading import load_run
 from ftcli.runtime import Runtime
 from ftcli.serving.batcher import Row
+from ftcli.onnx_predict import DamagedExport, export_problem
+from ftcli.runs.rundir import INT8_FILE, RunDir
 from ftcli.serving.engines import ENGINES, Engine, OnnxEngine, TorchEngine, onnx_file_of
 from ftcli import tasks
+
+log = logging.getLogger("ftcli")
 
 Texts = tuple[str, ...]  # one input: a text, or a sentence pair
 
@@ -149,24 +154,40 @@ class ServedModel:
         }
 
 
-def load_served(run_path: str | Path, engine: str = "torch", quantized: bool = False, threads: int = 1) -> ServedModel:
+def load_served(run_path: str | Path, engine: str = "auto", quantized: bool = False, threads: int = 1) -> ServedModel:
     """The run's model behind the chosen engine, checked before the server starts listening."""
-    if engine not in ENGINES:
-        raise FtcliError(f"unknown engine '{engine}'", f"use one of: {', '.join(ENGINES)}")
-    if quantized and engine != "onnx":
+    if engine not in (*ENGINES, "auto"):
+        raise FtcliError(f"unknown engine '{engine}'", f"use one of: auto, {', '.join(ENGINES)}")
+    if quantized and engine == "torch":
         raise FtcliError("--quantized serves the int8 ONNX export", "add --engine onnx")
     loaded = load_run(run_path)
     names = label_names_of(loaded.model)
     # A tagger's words read as following a space (byte-level BPE), copied once here rather than at
     # every request; its pre-tokenizer cuts a text into the same words as the original's.
     tokenizer = prefix_spaced(loaded.tokenizer) if tasks.get(loaded.config.task).token_level else loaded.tokenizer
-    if engine == "onnx":
-        served: Engine = OnnxEngine(onnx_file_of(loaded.run, quantized), threads)
-        precision = "int8" if quantized else "fp32"
-    else:
+    served, precision = _onnx_engine(loaded.run, loaded.config, engine, quantized, threads) if engine != "torch" else (None, "")
+    if served is None:
         runtime = Runtime.resolve(loaded.config.training.precision)
         served = TorchEngine(loaded.model, runtime, str(loaded.weights), threads)
         precision = runtime.precision
+    log.info("engine: %s, %s%s", served.name, precision, " (auto)" if engine == "auto" else "")
     return ServedModel(
         loaded.run.path.name, loaded.config, tokenizer, loaded.objective, names, served, precision
     )
+
+
+def _onnx_engine(run: RunDir, config: Config, engine: str, quantized: bool, threads: int) -> tuple[Engine | None, str]:
+    """--engine onnx's export, or auto's choice: on a machine without a GPU the ONNX export when it is
+    current (its int8 model where the export kept one: its accuracy gate passed), else None (torch,
+    as on a GPU, where batched bf16 is fastest). A damaged export under auto is a warning, then torch."""
+    if engine == "auto":
+        if torch.cuda.is_available() or export_problem(run, config) is not None:
+            return None, ""
+        quantized = quantized or (run.export_dir / INT8_FILE).is_file()
+    try:
+        return OnnxEngine(onnx_file_of(run, quantized), threads), "int8" if quantized else "fp32"
+    except DamagedExport as damage:
+        if engine != "auto":
+            raise
+        log.warning("%s; serving with torch (run `ftcli export %s` again)", damage.message, run.path)
+        return None, ""
