@@ -217,3 +217,33 @@ def test_a_distilled_run_stopped_after_a_checkpoint_resumes_exactly(backend, tea
     assert (stopped / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
     expected, weights = load_file(straight / "model" / "model.safetensors"), load_file(stopped / "model" / "model.safetensors")
     assert expected.keys() == weights.keys() and all(torch.equal(expected[name], weights[name]) for name in expected)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def test_the_report_of_a_student_shows_its_gate_beside_its_teacher(student):
+    run, gate = student("regression", "loop")
+    result = invoke("report", str(run), "--html")
+    assert result.exit_code == 0, result.output
+    moved = f"dropped by {gate['drop']:.4f}" if gate["drop"] >= 0 else f"improved by {-gate['drop']:.4f}"
+    verdict = "passed" if gate["passed"] else "failed"
+    why = f"mse on validation {moved} (max 0.01); {gate['smaller']:.2f}x fewer parameters, {gate['speedup']['cpu']:.2f}x as fast on cpu"
+    output = " ".join(result.output.split())
+    assert f"gate {verdict}: {why}" in output
+    assert "the student beside its teacher" in output and "│ teacher │" in result.output and "│ student │" in result.output
+    page = (run / "report.html").read_text()
+    assert "<th>validation mse</th><th>validation pearson</th>" in page and "<th>test mse</th>" in page
+    assert "<th>parameters</th><th>examples/s cpu</th>" in page
+    assert f'<span class="verdict {verdict}">{verdict}</span> {why}' in page
+    for side in ("teacher", "student"):
+        scores = gate["models"][side]["metrics"]
+        cells = [f"{scores[split][metric]:.4f}" for split in ("validation", "test") for metric in scores["validation"]]
+        assert f"<tr><td>{side}</td>" + "".join(f"<td>{cell}</td>" for cell in cells) in page
+        assert f"{gate['models'][side]['examples_per_second']['cpu']:,.0f}</td></tr>" in page
+
+
+def test_a_run_without_a_gate_reports_none(teacher):
+    result = invoke("report", str(teacher("multi_label")), "--html")
+    assert result.exit_code == 0, result.output
+    assert "gate" not in result.output and "Distillation gate" not in (teacher("multi_label") / "report.html").read_text()
