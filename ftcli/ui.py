@@ -195,23 +195,16 @@ def trained_view(trained: TrainedRun) -> Group:
 
 def gate_view(gate: dict[str, Any]) -> Group:
     """ftcli distill's gate: teacher and student side by side (scores, size, speed), and the verdict."""
-    splits = list(gate["models"]["teacher"]["metrics"])
-    metrics = list(gate["models"]["teacher"]["metrics"][splits[0]])
-    devices = list(gate["models"]["teacher"]["examples_per_second"])
+    from ftcli.reporting.report import gate_table, gate_verdict
+
+    header, rows = gate_table(gate)
     table = Table(title="the student beside its teacher", title_justify="left")
-    for column in ["model", *(f"{split} {name}" for split in splits for name in metrics), "parameters", *(f"examples/s {device}" for device in devices)]:
+    for column in header:
         table.add_column(column, justify="left" if column == "model" else "right")
-    for name, side in gate["models"].items():
-        table.add_row(
-            name, *(format_number(side["metrics"][split][metric]) for split in splits for metric in metrics),
-            f"{side['parameters'] / 1e6:.1f}M", *(f"{side['examples_per_second'][device]:.0f}" for device in devices),
-        )
-    speed = ", ".join(f"{rate:.2f}x as fast on {device}" for device, rate in gate["speedup"].items())
-    verdict = "[bold green]passed[/]" if gate["passed"] else "[bold red]failed[/]"
-    line = (
-        f"gate {verdict}: {gate['metric']} on {gate['split']} dropped by {gate['drop']:.4f} (max {gate['max_drop']}); "
-        f"{gate['smaller']:.2f}x fewer parameters, {speed}"
-    )
+    for row in rows:
+        table.add_row(*row)
+    word, why = gate_verdict(gate)
+    line = Text.assemble("gate ", (word, "bold green" if gate["passed"] else "bold red"), f": {why}")
     return Group(table, line)
 
 
@@ -403,7 +396,8 @@ def report_view(report: Report) -> Group:
     parts: list = []
     for run in report.runs:
         stats = "  ".join(f"{key} {value}" for key, value in {"run": run.run.path, **run_stats(run)}.items())
-        parts += [run_table(run), Text(stats), diagnosis_view(run.diagnosis), Text(f"curves: {run.run.curves_png}"), Text("")]
+        parts += [run_table(run), Text(stats), diagnosis_view(run.diagnosis), Text(f"curves: {run.run.curves_png}")]
+        parts += [gate_view(run.gate), Text("")] if run.gate is not None else [Text("")]
     if report.comparison_png:
         parts.append(Text(f"comparison: {report.comparison_png}"))
     if report.html:

@@ -36,7 +36,6 @@ from ftcli.training.job import TrainingEvents
 
 log = logging.getLogger("ftcli")
 
-GATE_FILE = "distill.json"
 SPEED_ROWS = 512  # examples timed per model and device: enough for a steady rate, seconds on a CPU
 
 
@@ -133,7 +132,7 @@ def weigh(config: Config, run: RunDir, runtime: Runtime) -> dict[str, Any]:
         "smaller": sides["teacher"]["parameters"] / sides["student"]["parameters"],
         "models": sides,
     }
-    atomic_write_json(run.path / GATE_FILE, gate)
+    atomic_write_json(run.gate_file, gate)
     if not gate["passed"]:
         log.warning("the student failed the gate: %s dropped by %.4f on %s (distill.max_drop %s)", metric, drop, splits[0], config.distill.max_drop)
     return gate

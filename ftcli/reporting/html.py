@@ -13,7 +13,7 @@ from ftcli.reporting.curves import DPI, FULL_WIDTH, confusion_figure, png_bytes,
 from ftcli.reporting.diagnosis import Finding
 from ftcli.reporting.events import eval_metric_names
 from ftcli.reporting.formatting import format_number
-from ftcli.reporting.report import Report, RunReport, build_report, metric_rows, run_stats
+from ftcli.reporting.report import Report, RunReport, build_report, gate_table, gate_verdict, metric_rows, run_stats
 from ftcli import tasks
 
 REPORT_HTML = "report.html"
@@ -38,6 +38,7 @@ img { max-width: 100%; height: auto; border: 1px solid #eaeef2; display: block; 
 .verdict { display: inline-block; padding: 2px 10px; border-radius: 12px; color: white; font-weight: 600; font-size: 13px; }
 .converged { background: #1a7f37; } .still_improving { background: #0969da; } .inconclusive { background: #656d76; }
 .overfitting, .underfitting, .weak_spots { background: #bf8700; } .unstable { background: #cf222e; } .overconfidence { background: #8250df; }
+.passed { background: #1a7f37; } .failed { background: #cf222e; }
 .finding { margin: 8px 0 12px; } .evidence td, .evidence th { font-family: ui-monospace, Menlo, monospace; }
 pre { background: #f6f8fa; padding: 12px; border-radius: 6px; overflow-x: auto; font-size: 12px; }
 """
@@ -80,6 +81,7 @@ def _run_section(run: RunReport) -> str:
             f'<p class="muted">{_escape(str(run.run.path))}<br>{_escape(stats)}</p>',
             _table(["metric", "best", "at step", "last eval", "saved model"], rows, css="metrics"),
             _image(run.run.curves_png.read_bytes(), f"learning curves of {run.label}"),
+            _gate_section(run),
             "<h3>Diagnosis</h3>",
             *(_finding(finding) for finding in diagnosis.findings),
             _calibration_section(run),
@@ -129,6 +131,19 @@ def _calibration_section(run: RunReport) -> str:
         f"<h3>Calibration (temperature {run.calibration['temperature']:.3f}, fitted on validation)</h3>",
         _table(["", "ece", "brier", "log_loss"], rows, css="metrics"),
         _image(run.run.calibration_png.read_bytes(), "reliability diagram before and after calibration"),
+    ])
+
+
+def _gate_section(run: RunReport) -> str:
+    """A distilled student's gate (distill.json): it beside its teacher, and the verdict."""
+    if run.gate is None:
+        return ""
+    header, rows = gate_table(run.gate)
+    word, why = gate_verdict(run.gate)
+    return "\n".join([
+        f"<h3>Distillation gate (teacher {_escape(run.gate['teacher'])})</h3>",
+        _table(header, rows, css="metrics"),
+        f'<p class="gate">{_badge(word)} {_escape(why)}</p>',
     ])
 
 

@@ -16,6 +16,7 @@ from ftcli.metrics import higher_is_better
 from ftcli.reporting.curves import comparison_figure, reliability_figure, run_figure, write_png
 from ftcli.reporting.diagnosis import Diagnosis, diagnose
 from ftcli.reporting.events import best_eval_step, eval_metric_names, finite, series
+from ftcli.reporting.formatting import format_number
 from ftcli.runs.rundir import CALIBRATION_FILE, RunDir
 from ftcli import tasks
 
@@ -33,6 +34,7 @@ class RunReport:
     calibration: dict[str, Any] | None = None  # model/calibration.json
     evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> eval_<split>.json
     task: str = tasks.DEFAULT  # config.task, which names what its tables hold (Task.class_noun)
+    gate: dict[str, Any] | None = None  # distill.json: a distilled student beside its teacher
 
 
 @dataclass
@@ -73,10 +75,13 @@ def analyze_run(run: RunDir, label: str | None = None, draw: bool = True) -> Run
     calibration = read_json(calibration_file, run.repair_hint) if calibration_file.is_file() else None
     evaluations = [read_json(path, run.repair_hint) for path in run.eval_files()]
     evaluated = {evaluation["split"]: evaluation for evaluation in evaluations}
+    gate = read_json(run.gate_file, run.repair_hint) if run.gate_file.is_file() else None
     # The kept model's validation scores, with what evaluate found on them when it ran.
     validation = evaluated.get("validation") or metrics.get("validation")
     diagnosis = diagnose(events, metrics.get("data"), config, calibration, validation)
-    report = RunReport(run, label or run.path.name, events, metrics, config_text, diagnosis, calibration, evaluated, config.get("task") or tasks.DEFAULT)
+    report = RunReport(
+        run, label or run.path.name, events, metrics, config_text, diagnosis, calibration, evaluated, config.get("task") or tasks.DEFAULT, gate
+    )
     title = f"{report.label}: {diagnosis.verdict.replace('_', ' ')}"
     if draw:
         write_png(run_figure(events, title, best_step=best_eval_step(events)), run.curves_png)
@@ -138,6 +143,38 @@ def _row(name: str, points: list[tuple[int, float]], lower_is_better: bool, save
     pick = min if lower_is_better else max
     best_step, best = pick(points, key=lambda pair: pair[1])
     return MetricRow(name, best, best_step, points[-1][1], saved)
+
+
+def gate_table(gate: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """distill.json's teacher and student side by side: each metric per split, the parameters and
+    the examples a second on each device timed; (header, rows)."""
+    sides = gate["models"]
+    splits = list(sides["teacher"]["metrics"])
+    metrics = list(sides["teacher"]["metrics"][splits[0]])
+    devices = list(sides["teacher"]["examples_per_second"])
+    header = ["model", *(f"{split} {name}" for split in splits for name in metrics), "parameters", *(f"examples/s {device}" for device in devices)]
+    rows = [
+        [
+            name, *(format_number(side["metrics"][split].get(metric)) for split in splits for metric in metrics),
+            _count(side["parameters"]), *(f"{side['examples_per_second'][device]:,.0f}" for device in devices),
+        ]
+        for name, side in sides.items()
+    ]
+    return header, rows
+
+
+def gate_verdict(gate: dict[str, Any]) -> tuple[str, str]:
+    """The gate in one line: passed or failed, and why (by how much the first metric moved, and
+    what the student saves)."""
+    # drop is signed by the metric's direction (a worse mse drops too): below 0 the student is better.
+    moved = f"dropped by {gate['drop']:.4f}" if gate["drop"] >= 0 else f"improved by {-gate['drop']:.4f}"
+    speed = ", ".join(f"{rate:.2f}x as fast on {device}" for device, rate in gate["speedup"].items())
+    why = f"{gate['metric']} on {gate['split']} {moved} (max {gate['max_drop']}); {gate['smaller']:.2f}x fewer parameters, {speed}"
+    return "passed" if gate["passed"] else "failed", why
+
+
+def _count(parameters: int) -> str:
+    return f"{parameters / 1e6:.2f}M" if parameters >= 1_000_000 else f"{parameters:,}"
 
 
 def run_stats(report: RunReport) -> dict[str, str]:

@@ -38,6 +38,8 @@ WEIGHTS_FILE = "model.safetensors"  # as save_pretrained writes a model's weight
 # and the report (the parity check, the weights of model/ it was exported from and each file's size
 # and digests, checked before the export is used: onnx_predict.check_export_files).
 ONNX_FILE, INT8_FILE, EXPORT_REPORT_FILE = "model.onnx", "model.int8.onnx", "report.json"
+# A distilled student run's gate (ftcli distill): it and its teacher scored, sized and timed.
+GATE_FILE = "distill.json"
 
 SECRET_PATTERN = re.compile(r"(token|secret|password|passwd|api[_-]?key)", re.IGNORECASE)
 
@@ -96,6 +98,10 @@ class RunDir:
     @property
     def calibration_png(self) -> Path:
         return self.path / "calibration.png"
+
+    @property
+    def gate_file(self) -> Path:
+        return self.path / GATE_FILE
 
     def eval_files(self) -> list[Path]:
         """The eval_<split>.json files ftcli evaluate wrote for the final model."""

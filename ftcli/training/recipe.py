@@ -26,7 +26,7 @@ from ftcli.inference import evaluate_dataset
 from ftcli.lora import apply_lora, check_quantize, load_adapter_model, load_quantized_model, merge_lora
 from ftcli.metrics import MetricSuite
 from ftcli.modeling import enable_gradient_checkpointing, ensure_pad_token, load_model, pad_like_tokenizer, load_tokenizer, resolve_model_source, save_model
-from ftcli.objective import Objective, build_objective
+from ftcli.objective import Distilled, Objective, build_objective
 from ftcli.runs import checkpoints
 from ftcli.runs.rundir import RunDir
 from ftcli.runtime import Runtime, peak_memory, reset_peak_memory
@@ -280,7 +280,9 @@ def save_and_score(job: TrainJob, outcome: TrainOutcome) -> dict[str, dict[str, 
     config, run, tokenizer, runtime = job.config, job.run, job.tokenizer, job.runtime
     validation = job.prepared.splits.get("validation")
     model = outcome.model.to(runtime.device)
-    decisions = decide(config, model, validation, tokenizer.pad_token_id, runtime, job.objective, job.prepared.label_names)
+    # A distilled student's decisions are its task's (its Distilled objective only trains it).
+    objective = job.objective.objective if isinstance(job.objective, Distilled) else job.objective
+    decisions = decide(config, model, validation, tokenizer.pad_token_id, runtime, objective, job.prepared.label_names)
     if config.lora:
         save_model(model, tokenizer, run.adapter_dir)
         model = merge_lora(full_precision(job) if config.lora.quantize else model)
