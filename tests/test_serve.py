@@ -301,6 +301,23 @@ def test_onnx_engine_answers_as_torch_does(runs, pair_server):
     assert missing.exit_code == 2 and "--quantize int8" in missing.output
 
 
+def test_engine_auto_serves_a_current_export_on_a_cpu_and_torch_when_it_is_damaged(runs, caplog):
+    assert invoke("export", str(runs["pair"])).exit_code == 0
+    with serving(runs["pair"]) as client:  # auto, on a machine without a GPU
+        assert client.get("/v1/info").json()["engine"] == "onnx"
+    with serving(runs["pair"], engine="torch") as client:
+        assert client.get("/v1/info").json()["engine"] == "torch"
+    onnx_file = runs["pair"] / "export" / "model.onnx"
+    whole = onnx_file.read_bytes()
+    try:
+        onnx_file.write_bytes(whole[: len(whole) // 2])  # a copy cut short
+        with serving(runs["pair"]) as client:
+            assert client.get("/v1/info").json()["engine"] == "torch"
+        assert any("serving with torch" in record.message for record in caplog.records)
+    finally:
+        onnx_file.write_bytes(whole)
+
+
 def test_sigterm_finishes_requests_in_flight_then_exits_0(runs):
     port = _free_port()
     server = subprocess.Popen(

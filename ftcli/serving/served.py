@@ -179,9 +179,12 @@ def load_served(run_path: str | Path, engine: str = "auto", quantized: bool = Fa
 def _onnx_engine(run: RunDir, config: Config, engine: str, quantized: bool, threads: int) -> tuple[Engine | None, str]:
     """--engine onnx's export, or auto's choice: on a machine without a GPU the ONNX export when it is
     current (its int8 model where the export kept one: its accuracy gate passed), else None (torch,
-    as on a GPU, where batched bf16 is fastest). A damaged export under auto is a warning, then torch."""
+    as on a GPU, where batched bf16 is fastest, and for a tagger that reads long sentences in
+    windows). A damaged export under auto is a warning, then torch."""
     if engine == "auto":
-        if torch.cuda.is_available() or export_problem(run, config) is not None:
+        # A tagger's long sentence is read in windows, which only torch serves.
+        windows = tasks.get(config.task).token_level and config.data.long_text == "window"
+        if torch.cuda.is_available() or windows or export_problem(run, config) is not None:
             return None, ""
         quantized = quantized or (run.export_dir / INT8_FILE).is_file()
     try:
