@@ -11,7 +11,8 @@ classification with 2 labels, on random texts of more than 256 tokens cut to exa
 Every row trains LoRA r 8, alpha 16, dropout 0.05 on every projection of attention and MLP (ftcli's
 default for decoders), the head trained in full, bf16 autocast over fp32 weights, AdamW at 2e-4 with
 a linear schedule, gradient checkpointing as ftcli's default has it (auto: on for a decoder on
-CUDA, so on in the GPU rows and off in --tiny's CPU rows; or as --gradient-checkpointing says), no evaluation, no checkpoint before the last step:
+CUDA, so on in the GPU rows and off in the CPU rows; or as --gradient-checkpointing says), no
+evaluation, no checkpoint before the last step:
   (a) hf-trainer     the peft documentation's recipe: AutoModelForSequenceClassification, pad =
                      end-of-text token, get_peft_model(LoraConfig(task_type=SEQ_CLS)), Trainer
   (b) ftcli          ftcli.training.recipe.train with its default backend (loop)
