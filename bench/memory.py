@@ -10,8 +10,9 @@ speed do not depend on the values, and nothing comes from the Hub. The task is s
 classification with 2 labels, on random texts of more than 256 tokens cut to exactly 256, batch 8.
 Every row trains LoRA r 8, alpha 16, dropout 0.05 on every projection of attention and MLP (ftcli's
 default for decoders), the head trained in full, bf16 autocast over fp32 weights, AdamW at 2e-4 with
-a linear schedule, gradient checkpointing as ftcli's default has it (or as --gradient-checkpointing
-says), no evaluation, no checkpoint before the last step:
+a linear schedule, gradient checkpointing as ftcli's default has it (auto: on for a decoder on
+CUDA, so on in the GPU rows and off in the CPU rows; or as --gradient-checkpointing says), no
+evaluation, no checkpoint before the last step:
   (a) hf-trainer     the peft documentation's recipe: AutoModelForSequenceClassification, pad =
                      end-of-text token, get_peft_model(LoraConfig(task_type=SEQ_CLS)), Trainer
   (b) ftcli          ftcli.training.recipe.train with its default backend (loop)
@@ -181,10 +182,22 @@ def run_ftcli(args: argparse.Namespace, quantize: bool) -> Row:
     result = train(config, events=clock)
     extra = result.outcome.extra
     recorded = json.loads((result.run.path / "metrics.json").read_text())["train"].get("peak_gpu_memory_bytes")
-    notes = {"steps": extra.get("steps"), "gradient checkpointing": config.training.gradient_checkpointing}
+    env = json.loads((result.run.path / "env.json").read_text())
+    notes = {"steps": extra.get("steps"), "gradient checkpointing": env["gradient_checkpointing"]}
     if recorded is not None:  # what the run itself recorded: training alone, counted from the backend's start
         notes["metrics.json peak GiB"] = round(recorded / 2**30, 3)
     return Row(ROWS[args.row], clock.peak_bytes, clock.step_seconds, notes)
+
+
+def gradient_checkpointing(args: argparse.Namespace, quantize: bool) -> bool:
+    """Whether the HF rows recompute activations: as ftcli resolves the setting (its default auto: on
+    for a decoder on CUDA) for this model on this device, so that both sides run alike."""
+    from transformers import AutoConfig
+
+    from ftcli.modeling import resolve_gradient_checkpointing
+
+    setting = ftcli_config(args, quantize).training.gradient_checkpointing
+    return resolve_gradient_checkpointing(setting, AutoConfig.from_pretrained(args.model_dir), torch.device(args.device))[0]
 
 
 def hf_model(args: argparse.Namespace, quantize: bool, checkpointing: bool, pad_id: int) -> Any:
@@ -210,7 +223,7 @@ def hf_model(args: argparse.Namespace, quantize: bool, checkpointing: bool, pad_
 def run_hf(args: argparse.Namespace, quantize: bool) -> Row:
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
-    checkpointing = ftcli_config(args, quantize).training.gradient_checkpointing
+    checkpointing = gradient_checkpointing(args, quantize)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     tokenizer.pad_token = tokenizer.eos_token
     rows = [json.loads(line) for line in (args.work / "train.jsonl").read_text().splitlines()]

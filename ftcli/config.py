@@ -233,8 +233,11 @@ class TrainingConfig(_Strict):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after N evaluations without improvement of the first metric."
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations during the backward pass: far less memory, about a third slower."
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto",
+        description="Recompute activations during the backward pass: far less memory, about a third slower. auto: on "
+        "for a decoder LLM (Llama, Qwen, Mistral, Gemma, Phi) on a CUDA GPU, where activations dominate memory, else "
+        "off (env.json says which and why).",
     )
     optimizer: Literal["adamw", "adamw_8bit"] = Field(
         "adamw", description="adamw (PyTorch), or adamw_8bit: bitsandbytes' AdamW with 8-bit state (CUDA only)."

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel,
-    PreTrainedTokenizerBase,
+    AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer, PretrainedConfig,
+    PreTrainedModel, PreTrainedTokenizerBase,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.utils import is_flash_attn_2_available
 from transformers.utils import logging as hf_logging
 
 from ftcli import hub
@@ -33,6 +34,9 @@ HEADS = {
     "token_classification": AutoModelForTokenClassification,
 }
 MODEL_DAMAGED_HINT = "copy the model folder again from where it came from (the Hub, a backup, save_pretrained)"
+# Encoders whose attention skips the padding with flash-attn's variable-length kernels (flash_attention_2
+# unpads each batch; sdpa computes over the padded rectangle): worth most on long, ragged documents.
+UNPADDED_WITH_FLASH = ("modernbert",)
 
 
 def resolve_model_source(name: str) -> str:
@@ -93,6 +97,44 @@ def is_decoder(config: PretrainedConfig) -> bool:
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+def resolve_gradient_checkpointing(
+    setting: bool | str, config: PretrainedConfig, device: torch.device
+) -> tuple[bool, str]:
+    """training.gradient_checkpointing as it runs, and why (env.json). auto: on for a decoder LLM on
+    CUDA, whose activations (long sequences, wide MLPs, many layers) outweigh its LoRA-trained
+    weights many times over on a GPU's fixed memory; off elsewhere, as it costs a third more time."""
+    if setting != "auto":
+        return bool(setting), f"training.gradient_checkpointing: {str(bool(setting)).lower()}"
+    if not is_decoder(config):
+        return False, f"auto: off, not a decoder ({config.model_type})"
+    if device.type == "cuda":
+        return True, "auto: on, a decoder on cuda"
+    return False, f"auto: off, a decoder on {device.type} (on for a decoder on cuda)"
+
+
+def preferred_attention(
+    source: str, device: torch.device, autocast_dtype: torch.dtype | None, trust_remote_code: bool = False
+) -> str | None:
+    """The attention to load the model with for training: flash_attention_2 for an encoder that then
+    unpads (UNPADDED_WITH_FLASH) on a CUDA device where flash-attn is installed and the run computes
+    in bf16 or fp16 (flash-attn's only dtypes); None, transformers' default (sdpa), elsewhere. The
+    model's config is read only where flash-attn could run."""
+    if device.type != "cuda" or autocast_dtype is None or not is_flash_attn_2_available():
+        return None
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return "flash_attention_2" if config.model_type in UNPADDED_WITH_FLASH else None
+
+
+def attention_of(model: torch.nn.Module) -> str:
+    """The attention implementation the loaded model runs (sdpa, eager, flash_attention_2, ...), for
+    env.json; for an encoder of UNPADDED_WITH_FLASH whether it skips the padding."""
+    config = model.config
+    implementation = str(config._attn_implementation)
+    if config.model_type in UNPADDED_WITH_FLASH:
+        return f"{implementation} ({'unpadded' if implementation.startswith('flash_attention') else 'padded'})"
+    return implementation
+
+
 def pad_like_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Tell the model (and so its saved config.json) which id pads: a decoder's head finds each
     text's last token by it, in ftcli and in pipeline() alike, and without one refuses batches of
@@ -108,13 +150,17 @@ def load_model(
     if_damaged: Hint = MODEL_DAMAGED_HINT,
     head: str = "sequence_classification",
     quantization: Any = None,
+    attention: str | None = None,
 ) -> PreTrainedModel:
     """A classifier with `head` (a sequence's or each token's, HEADS); with label_names, a head of that size (new when the checkpoint has
     none) for problem_type (transformers' name of the task, which pipeline() reads: softmax,
     sigmoid per label, or the raw value of regression's one output). A damaged file in the folder
     (weights or config cut short) is one line with `if_damaged`. quantization: a transformers
-    quantization config (lora.quantize), the model then loaded onto this process's GPU."""
+    quantization config (lora.quantize), the model then loaded onto this process's GPU. attention:
+    its attn_implementation (preferred_attention); None: transformers' default."""
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     if quantization is not None:
         kwargs |= {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
     if label_names is not None:

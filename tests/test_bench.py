@@ -35,3 +35,14 @@ def test_memory_table_compares_each_ftcli_row_with_hf_in_the_same_precision():
     assert lines[5] == "| (b) ftcli | 3.000 | 120.0 | 0.75x (met: target <= 1.00x) | 0.60x (missed: target <= 0.50x) | steps cuda_graphs |"
     assert lines[6].endswith("failed: exit code 1 |")
     assert lines[7].split(" | ")[3:5] == ["-", "-"]  # its HF row failed: nothing to compare with
+
+
+@pytest.mark.parametrize(("device", "setting", "on"), [("cuda", "default", True), ("cpu", "default", False), ("cuda", "off", False)])
+def test_memory_rows_resolve_ftcli_default_checkpointing_as_ftcli_does(tmp_path, device, setting, on):
+    """ftcli's default is auto (on for a decoder on CUDA): the HF rows must not read the word 'auto' as on."""
+    from argparse import Namespace
+
+    model_dir = memory.make_model_dir(tmp_path / "model", True, memory.random_texts(64, 20))
+    args = Namespace(row="hf", work=tmp_path, model_dir=model_dir, length=256, steps=3, batch_size=8, device=device,
+                     gradient_checkpointing=setting)
+    assert memory.gradient_checkpointing(args, quantize=False) is on

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import invoke
 
-from ftcli.config import Config, apply_override, dump_config, load_config, resolve_paths, smoke, validate
+from ftcli.config import Config, TrainingConfig, apply_override, dump_config, load_config, resolve_paths, smoke, validate
 from ftcli.errors import FtcliError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_shipped_config_validates(path):
     config = load_config(path)
     assert config.name and config.data.text_fields
+
+
+def test_the_decoder_and_modernbert_templates_say_what_the_families_need():
+    """Both download from the Hub, so none trains here: what they set is checked instead."""
+    qwen = load_config(ROOT / "configs" / "qwen3-0.6b-qlora.yaml")
+    assert qwen.model == "Qwen/Qwen3-0.6B" and qwen.task == "single_label"
+    assert (qwen.lora.r, qwen.lora.quantize, qwen.training.batch_size) == (16, "4bit", 8)
+    assert (qwen.training.precision, qwen.training.gradient_checkpointing) == ("bf16", "auto")
+    assert qwen.data.train.endswith("shared/data/mrpc/train.jsonl")
+    modernbert = load_config(ROOT / "configs" / "modernbert-base-long.yaml")
+    assert modernbert.model == "answerdotai/ModernBERT-base" and modernbert.data.max_length >= 2048
+    assert TrainingConfig().gradient_checkpointing == "auto"
 
 
 def test_main_job_is_the_course_recipe():

@@ -161,6 +161,49 @@ def test_a_decoder_trains_padding_with_its_end_of_text_token_and_saves_that_choi
     assert reloaded["accuracy"] == before_saving["accuracy"]
 
 
+def test_env_and_metrics_say_the_attention_checkpointing_and_kernels_that_ran(decoder_run):
+    """On the CPU: the transformers default attention, gradient checkpointing off (auto: on for a
+    decoder on CUDA only), and eager steps without fused kernels, each with its reason."""
+    run = decoder_run.run
+    env = json.loads((run / "env.json").read_text())
+    assert env["attention"] == "sdpa"
+    assert env["gradient_checkpointing"] is False
+    assert env["gradient_checkpointing_reason"] == "auto: off, a decoder on cpu (on for a decoder on cuda)"
+    kernels = json.loads((run / "metrics.json").read_text())["train"]["kernels"]
+    assert kernels["step"] == "eager" and kernels["fused"] == []
+    if decoder_run.name.endswith(("loop", "loop-lora")):
+        assert kernels["why"] == "cpu" and "only inside a CUDA graph step" in kernels["not_fused"]
+    else:
+        assert kernels["why"] == "the trainer backend (HF Trainer's steps)"
+
+
+def test_gradient_checkpointing_auto_is_on_for_a_decoder_on_cuda_and_forced_either_way(llama_dir, modernbert_dir):
+    from transformers import AutoConfig
+
+    from ftcli.modeling import resolve_gradient_checkpointing
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    llama, modernbert = AutoConfig.from_pretrained(llama_dir), AutoConfig.from_pretrained(modernbert_dir)
+    assert resolve_gradient_checkpointing("auto", llama, cuda) == (True, "auto: on, a decoder on cuda")
+    assert resolve_gradient_checkpointing("auto", llama, cpu)[0] is False
+    assert resolve_gradient_checkpointing("auto", modernbert, cuda) == (False, "auto: off, not a decoder (modernbert)")
+    assert resolve_gradient_checkpointing(True, modernbert, cpu) == (True, "training.gradient_checkpointing: true")
+    assert resolve_gradient_checkpointing(False, llama, cuda) == (False, "training.gradient_checkpointing: false")
+
+
+def test_modernbert_asks_for_flash_attention_2_on_cuda_where_flash_attn_is_installed(llama_dir, modernbert_dir, monkeypatch):
+    from ftcli import modeling
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(modeling, "is_flash_attn_2_available", lambda: True)
+    assert modeling.preferred_attention(str(modernbert_dir), cuda, torch.bfloat16) == "flash_attention_2"
+    assert modeling.preferred_attention(str(llama_dir), cuda, torch.bfloat16) is None  # decoders: transformers' default
+    assert modeling.preferred_attention(str(modernbert_dir), torch.device("cpu"), torch.bfloat16) is None
+    assert modeling.preferred_attention(str(modernbert_dir), cuda, None) is None  # fp32: flash-attn takes half precision only
+    monkeypatch.setattr(modeling, "is_flash_attn_2_available", lambda: False)
+    assert modeling.preferred_attention(str(modernbert_dir), cuda, torch.bfloat16) is None
+
+
 def test_the_end_of_text_choice_is_said_once_in_the_log(llama_dir, tmp_path, caplog):
     _train(tmp_path, llama_dir, "loop")
     chosen = [record.getMessage() for record in caplog.records if record.getMessage().startswith("pad token:")]
@@ -246,6 +289,7 @@ def test_modernbert_trains_and_predicts_without_token_type_ids(modernbert_dir, t
 
     assert "token_type_ids" not in AutoTokenizer.from_pretrained(modernbert_dir)("a text")
     run = _train(tmp_path, modernbert_dir, "loop", LORA)
+    assert json.loads((run / "env.json").read_text())["attention"] == "sdpa (padded)"  # flash_attention_2 alone unpads
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert "classifier" in adapter["modules_to_save"] and adapter["target_modules"]
     rows = _predict_rows(run, ["the film was great", "the plot was awful"])

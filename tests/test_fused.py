@@ -167,12 +167,18 @@ def test_the_graphed_step_with_fused_layers_trains_like_the_eager_step(tmp_path,
         torch.testing.assert_close(trained, eager, atol=tolerance, rtol=tolerance, msg=name)
 
 
-def test_fused_kernels_auto_fuses_long_runs_only_and_never_without_triton(tiny_model_dir, monkeypatch):
+def test_fused_kernels_auto_fuses_long_runs_only_and_never_without_triton_and_says_why(tiny_model_dir, monkeypatch):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-    assert fused_layers(TrainingConfig(), model, FUSED_KERNELS_MIN_STEPS - 1) is None  # auto: too short to repay compiling
-    assert len(fused_layers(TrainingConfig(), model, FUSED_KERNELS_MIN_STEPS)) == 6
-    assert len(fused_layers(TrainingConfig(fused_kernels=True), model, 10)) == 6
-    assert fused_layers(TrainingConfig(fused_kernels=False), model, 10**6) is None
-    assert fused_layers(TrainingConfig(fused_kernels=True), torch.nn.Sequential(torch.nn.Linear(4, 4)), 10) is None
+    # auto: too short to repay compiling
+    assert fused_layers(TrainingConfig(), model, FUSED_KERNELS_MIN_STEPS - 1) == (
+        None, f"training.fused_kernels: auto fuses runs of {FUSED_KERNELS_MIN_STEPS} steps or more, this one has 1999",
+    )
+    fused, why_not = fused_layers(TrainingConfig(), model, FUSED_KERNELS_MIN_STEPS)
+    assert len(fused) == 6 and why_not.startswith("the rest runs PyTorch's kernels: only BERT-family")
+    assert fused.names() == [f"bert.encoder.layer.{i}.{part}" for i in range(2) for part in ("attention.output", "intermediate", "output")]
+    assert len(fused_layers(TrainingConfig(fused_kernels=True), model, 10)[0]) == 6
+    assert fused_layers(TrainingConfig(fused_kernels=False), model, 10**6) == (None, "training.fused_kernels: false")
+    fused, why_not = fused_layers(TrainingConfig(fused_kernels=True), torch.nn.Sequential(torch.nn.Linear(4, 4)), 10)
+    assert fused is None and why_not.startswith("no BERT-family block to fuse")
     monkeypatch.setitem(sys.modules, "ftcli.training.loop.fused", None)  # as if Triton were missing
-    assert fused_layers(TrainingConfig(fused_kernels=True), model, 10) is None
+    assert fused_layers(TrainingConfig(fused_kernels=True), model, 10) == (None, "Triton is not installed")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import ftcli.training.loop
 import ftcli.training.loop.setup
 from ftcli.training.loop.plan import BatchPlan
-from ftcli.training.loop.setup import use_cuda_graphs
+from ftcli.training.loop.setup import family_why_eager, why_eager
 from ftcli.config import TrainingConfig
 from ftcli.training.loop.graphs import CaptureFailed, GraphedTrainStep
 from ftcli.data.batching import DeviceTensors
@@ -47,6 +47,9 @@ def test_loop_backend_writes_the_trainer_backends_run_directory_and_learns(make_
     assert train_events[-1]["learning_rate"] == 0.0  # linear decay to zero at the last step
 
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train"]["kernels"] == {
+        "step": "eager", "why": "cpu", "fused": [], "not_fused": "eager steps: the fused kernels run only inside a CUDA graph step",
+    }
     assert metrics["validation"]["accuracy"] >= 0.75
     assert metrics["train"]["global_step"] == 48 and metrics["train"]["train_samples"] == 3 * 128
     best = metrics["train"]["best_checkpoint"]
@@ -113,21 +116,34 @@ def test_batch_plan_visits_every_example_once_per_epoch_in_a_seeded_order():
     assert np.array_equal(np.concatenate([shared.share(last, rank) for rank in range(2)]), last)
 
 
-def test_cuda_graphs_only_where_they_can_work_else_the_same_config_trains_eagerly(monkeypatch):
+def test_cuda_graphs_only_where_they_can_work_else_the_same_config_trains_eagerly_and_says_why(monkeypatch):
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     small = Dataset.from_dict({"length": [12, 40, 7]})
     for setting in ("cuda_graphs", "auto"):
-        assert use_cuda_graphs(TrainingConfig(compile=setting), small, gpu)
-        assert not use_cuda_graphs(TrainingConfig(compile=setting), small, cpu)
-        assert not use_cuda_graphs(TrainingConfig(compile=setting, grad_accum=2), small, gpu)
-        assert not use_cuda_graphs(TrainingConfig(compile=setting, optimizer="adamw_8bit"), small, gpu)
+        assert why_eager(TrainingConfig(compile=setting), small, gpu) == ""
+        assert why_eager(TrainingConfig(compile=setting), small, cpu) == "cpu"
+        assert why_eager(TrainingConfig(compile=setting, grad_accum=2), small, gpu) == "training.grad_accum: 2 (CUDA graphs: 1)"
+        assert why_eager(TrainingConfig(compile=setting, optimizer="adamw_8bit"), small, gpu) == (
+            "training.optimizer: adamw_8bit (CUDA graphs: adamw)"
+        )
     assert TrainingConfig().compile == "auto"
-    assert not use_cuda_graphs(TrainingConfig(compile="none"), small, gpu)
+    assert why_eager(TrainingConfig(compile="none"), small, gpu) == "training.compile: none"
     # auto leaves a training set that would crowd the GPU, or that the config keeps off it, to eager steps.
-    assert not use_cuda_graphs(TrainingConfig(data_on_device=False), small, gpu)
+    assert why_eager(TrainingConfig(data_on_device=False), small, gpu) == "auto: training.data_on_device: false"
     monkeypatch.setattr(ftcli.training.loop.setup, "DEVICE_DATA_LIMIT_BYTES", DeviceTensors.nbytes_for(small))
-    assert not use_cuda_graphs(TrainingConfig(), small, gpu)
-    assert use_cuda_graphs(TrainingConfig(compile="cuda_graphs"), small, gpu)
+    assert why_eager(TrainingConfig(), small, gpu) == "auto: the training set is too large to keep on the GPU"
+    assert why_eager(TrainingConfig(compile="cuda_graphs"), small, gpu) == ""
+
+
+def test_a_model_with_flash_attention_is_not_captured(tiny_model_dir):
+    """flash-attn's varlen path reads each batch's lengths on the host (ModernBERT's unpadded path):
+    no capture is tried, and the reason is said."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    assert family_why_eager(model) == ""
+    model.config._attn_implementation_internal = "flash_attention_2"  # as loaded on a GPU with flash-attn
+    assert family_why_eager(model).startswith("flash_attention_2 unpads each batch")
 
 
 def test_warmup_then_the_configured_schedule(make_experiment, tmp_path):
@@ -169,7 +185,7 @@ def uncapturable_step(monkeypatch):
     def capture(self, warmup_steps: int = 2) -> None:
         raise CaptureFailed("RuntimeError: operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(ftcli.training.loop, "use_cuda_graphs", lambda training, train_set, device: training.compile != "none")
+    monkeypatch.setattr(ftcli.training.loop, "why_eager", lambda training, train_set, device: "" if training.compile != "none" else "none")
     monkeypatch.setattr(GraphedTrainStep, "capture", capture)
 
 
@@ -179,8 +195,16 @@ def test_compile_auto_trains_eagerly_when_the_step_cannot_be_captured(make_exper
     assert invoke("train", str(experiment), "--set", "name=eager", "--set", "training.compile=none").exit_code == 0
     result = invoke("train", str(experiment), "--set", "name=fallback")
     assert result.exit_code == 0, result.output
-    assert "training with eager steps: this model's step cannot be captured as a CUDA graph (RuntimeError" in caplog.text
-    assert json.loads((tmp_path / "runs" / "fallback" / "metrics.json").read_text())["train"]["steps"] == "eager"
+    said = [record.getMessage() for record in caplog.records if "eager steps" in record.getMessage()]
+    assert said == ["training with eager steps: this model's step cannot be captured as a CUDA graph "
+                    "(RuntimeError: operation not permitted when stream is capturing)"]  # one line
+    train = json.loads((tmp_path / "runs" / "fallback" / "metrics.json").read_text())["train"]
+    assert train["steps"] == "eager"
+    assert train["kernels"] == {
+        "step": "eager",
+        "why": "this model's step cannot be captured as a CUDA graph (RuntimeError: operation not permitted when stream is capturing)",
+        "fused": [], "not_fused": "eager steps: the fused kernels run only inside a CUDA graph step",
+    }
     # The abandoned attempt leaves nothing behind: the run is the eager run, bit for bit.
     eager = load_file(tmp_path / "runs" / "eager" / "model" / "model.safetensors")
     fallback = load_file(tmp_path / "runs" / "fallback" / "model" / "model.safetensors")

@@ -116,6 +116,7 @@ def test_gradient_checkpointing_is_on_in_the_model_to_train(make_experiment, mon
     from transformers import PreTrainedModel
 
     from ftcli.config import load_config
+    from ftcli.runtime import Runtime
     from ftcli.training.recipe import setup_data, setup_model
 
     renamed = hasattr(PreTrainedModel, "activation_checkpointing_enable")  # transformers after 5.17
@@ -131,7 +132,8 @@ def test_gradient_checkpointing_is_on_in_the_model_to_train(make_experiment, mon
         monkeypatch.delattr(PreTrainedModel, "activation_checkpointing_enable")
     config = load_config(make_experiment(lora=LORA, training={"gradient_checkpointing": True}))
     source, _, prepared = setup_data(config)
-    model = setup_model(config, source, prepared.label_names)
+    model, notes = setup_model(config, source, prepared.label_names, Runtime.resolve("fp32"))
+    assert notes["gradient_checkpointing"] is True and notes["gradient_checkpointing_reason"] == "training.gradient_checkpointing: true"
     wrapped = model.base_model.model  # the model peft wraps
     assert wrapped.is_activation_checkpointing if renamed else wrapped.is_gradient_checkpointing
 

@@ -131,7 +131,7 @@ def test_the_model_loads_while_the_splits_are_tokenized(make_experiment, monkeyp
     _, prepared, _, model, _ = recipe.setup(config, Runtime.resolve("fp32"))
     assert overlapped and all(overlapped) and loading.is_set()
     torch.manual_seed(config.training.seed)
-    expected = setup_model(config, recipe.resolve_model_source(config.model), prepared.label_names)
+    expected, _ = setup_model(config, recipe.resolve_model_source(config.model), prepared.label_names, Runtime.resolve("fp32"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
 
 

@@ -215,13 +215,11 @@ class RunDir:
             raise _in_use(self, *holder)
 
     # ------------------------------------------------------------ contents
-    def write_env(self, device: str, precision: str, precision_reason: str = "", pad_token: str = "") -> None:
-        record = environment(device, precision)
-        if precision_reason:
-            record["precision_reason"] = precision_reason
-        if pad_token:
-            record["pad_token"] = pad_token
-        atomic_write_json(self.env_file, record)
+    def write_env(self, device: str, precision: str, precision_reason: str = "", **notes: Any) -> None:
+        """env.json: environment() and what the run chose (`notes`: the pad token, the attention,
+        gradient checkpointing), each with its reason; an empty note is left out."""
+        record = environment(device, precision) | {"precision_reason": precision_reason} | notes
+        atomic_write_json(self.env_file, {key: value for key, value in record.items() if value != ""})
 
     def log_event(self, event: dict[str, Any]) -> None:
         """Append one logging or evaluation event to metrics.jsonl (flushed, so a crash keeps it)."""

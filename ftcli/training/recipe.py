@@ -25,7 +25,10 @@ from ftcli.fileio import atomic_write_text
 from ftcli.inference import evaluate_dataset
 from ftcli.lora import apply_lora, check_quantize, load_adapter_model, load_quantized_model, merge_lora
 from ftcli.metrics import MetricSuite
-from ftcli.modeling import enable_gradient_checkpointing, ensure_pad_token, load_model, pad_like_tokenizer, load_tokenizer, resolve_model_source, save_model
+from ftcli.modeling import (
+    attention_of, enable_gradient_checkpointing, ensure_pad_token, load_model, load_tokenizer, pad_like_tokenizer,
+    preferred_attention, resolve_gradient_checkpointing, resolve_model_source, save_model,
+)
 from ftcli.objective import Distilled, Objective, build_objective
 from ftcli.runs import checkpoints
 from ftcli.runs.rundir import RunDir
@@ -82,8 +85,8 @@ def train(
     # (--overwrite) only once it holds it.
     run = RunDir.open(config.run_dir) if resuming else RunDir(config.run_dir)
     with hold(run, runtime, resuming, overwrite):
-        tokenizer, prepared, objective, model, padding = setup(config, runtime)
-        resume_point = reopen(config, run, resume_from, runtime) if resuming else start(config, run, runtime, padding)
+        tokenizer, prepared, objective, model, notes = setup(config, runtime)
+        resume_point = reopen(config, run, resume_from, runtime) if resuming else start(config, run, runtime, notes)
         job = TrainJob(
             config, prepared, model, tokenizer, run, runtime, objective,
             events=events if events is not None and runtime.is_main else NoEvents(),
@@ -117,17 +120,17 @@ def hold(run: RunDir, runtime: Runtime, resuming: bool, overwrite: bool) -> Abst
     return run.lock() if resuming else RunDir.claim(run.path, overwrite)
 
 
-def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Prepared, Objective, PreTrainedModel, str]:
-    """The tokenizer, the prepared data, the objective, the model to train and the pad token (said
-    for env.json: the tokenizer's, or the one ftcli chose where it had none). The model loads in
-    a thread while the splits are tokenized: it needs only the label names, known before
-    tokenizing starts. With several processes the main ones tokenize into the
-    cache while the others wait, then read the cache."""
+def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Prepared, Objective, PreTrainedModel, dict[str, Any]]:
+    """The tokenizer, the prepared data, the objective, the model to train and what env.json says of
+    them (the pad token: the tokenizer's, or the one ftcli chose where it had none; the attention and
+    gradient checkpointing that run). The model loads in a thread while the splits are tokenized: it
+    needs only the label names, known before tokenizing starts. With several processes the main
+    ones tokenize into the cache while the others wait, then read the cache."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftcli-model") as loader:
-        loading: list[Future[PreTrainedModel]] = []
+        loading: list[Future[tuple[PreTrainedModel, dict[str, Any]]]] = []
 
         def load_meanwhile(source: str, label_names: list[str]) -> None:
-            loading.append(loader.submit(seeded_model, config, source, label_names))
+            loading.append(loader.submit(seeded_model, config, source, label_names, runtime))
 
         with tokenize_in_turn(runtime):
             _, tokenizer, prepared = setup_data(config, on_labels=load_meanwhile)
@@ -136,16 +139,18 @@ def setup(config: Config, runtime: Runtime) -> tuple[PreTrainedTokenizerBase, Pr
             if config.distill is not None:  # the teacher's logits, computed (or read) in turn as the tokens are
                 prepared = with_teacher(config, prepared, tokenizer, runtime)
         padding = ensure_pad_token(tokenizer)
-        model = loading[0].result()
+        model, notes = loading[0].result()
         pad_like_tokenizer(model, tokenizer)
-        return tokenizer, prepared, objective, model, padding
+        return tokenizer, prepared, objective, model, {"pad_token": padding} | notes
 
 
-def seeded_model(config: Config, source: str, label_names: list[str]) -> PreTrainedModel:
+def seeded_model(
+    config: Config, source: str, label_names: list[str], runtime: Runtime
+) -> tuple[PreTrainedModel, dict[str, Any]]:
     """setup_model after the seed is set, which the new head's initialisation draws from. Nothing
     else draws from torch's generator while it runs: tokenizing does not."""
     set_seed(config.training.seed)
-    return setup_model(config, source, label_names)
+    return setup_model(config, source, label_names, runtime)
 
 
 @contextmanager
@@ -181,28 +186,34 @@ def setup_data(
     return source, tokenizer, prepare(config.data, tokenizer, config.task, on_labels=heard)
 
 
-def setup_model(config: Config, source: str, label_names: list[str]) -> PreTrainedModel:
+def setup_model(
+    config: Config, source: str, label_names: list[str], runtime: Runtime
+) -> tuple[PreTrainedModel, dict[str, Any]]:
     """The model to train: pretrained weights and a new head, wrapped in LoRA adapters and
-    recomputing activations when the config says so."""
+    recomputing activations when the config (or its auto, for this model on this device) says so;
+    and env.json's notes of the attention and gradient checkpointing that run, with why."""
     task = tasks.get(config.task)
     if config.lora and config.lora.quantize:
         model = load_quantized_model(source, label_names, config.lora, config.trust_remote_code, task.problem_type, task.model_head)
     else:
-        model = load_model(source, label_names, config.trust_remote_code, task.problem_type, head=task.model_head)
+        attention = preferred_attention(source, runtime.device, runtime.autocast_dtype, config.trust_remote_code)
+        model = load_model(source, label_names, config.trust_remote_code, task.problem_type, head=task.model_head, attention=attention)
+    checkpointing, why = resolve_gradient_checkpointing(config.training.gradient_checkpointing, model.config, runtime.device)
+    notes = {"attention": attention_of(model), "gradient_checkpointing": checkpointing, "gradient_checkpointing_reason": why}
     if config.lora:
         model = apply_lora(model, config.lora, task.model_head)
-    if config.training.gradient_checkpointing:
+    if checkpointing:
         enable_gradient_checkpointing(model)
-    return model
+    return model, notes
 
 
-def start(config: Config, run: RunDir, runtime: Runtime, padding: str) -> None:
+def start(config: Config, run: RunDir, runtime: Runtime, notes: dict[str, Any]) -> None:
     """A fresh run: an old one in its place is deleted, the resolved config and the environment
-    (with the pad token, `padding`) written."""
+    (with setup's `notes`: the pad token, the attention, gradient checkpointing) written."""
     if runtime.is_main:
         run.clear()
         atomic_write_text(run.config_file, dump_config(config))
-        run.write_env(str(runtime.device), runtime.precision, runtime.precision_reason, pad_token=padding)
+        run.write_env(str(runtime.device), runtime.precision, runtime.precision_reason, **notes)
     _wait_for_everyone(runtime)
 
 

@@ -43,6 +43,11 @@ from ftcli.training.timed_saves import SaveTimer
 
 log = logging.getLogger("ftcli")
 
+# metrics.json's kernels record, as the loop backend writes it: Trainer steps eagerly, with PyTorch's kernels.
+KERNELS = {
+    "step": "eager", "why": "the trainer backend (HF Trainer's steps)", "fused": [],
+    "not_fused": "the fused kernels run only inside the loop backend's CUDA graph step",
+}
 # Trainer's log keys, renamed to the keys both backends write into metrics.jsonl.
 LOG_KEYS = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
 
@@ -79,7 +84,7 @@ class TrainerBackend:
             best_checkpoint=state.best_model_checkpoint,
             best_score=state.best_metric,
             stopped_early=state.global_step < state.max_steps,
-            extra={"real_tokens": int(trainer.real_tokens), "padded_tokens": trainer.padded_tokens},
+            extra={"real_tokens": int(trainer.real_tokens), "padded_tokens": trainer.padded_tokens, "kernels": KERNELS},
         )
 
 

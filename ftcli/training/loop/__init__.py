@@ -30,10 +30,15 @@ from ftcli.runs.checkpoints import load_weights
 from ftcli.training.job import TrainJob, TrainOutcome
 from ftcli.training.loop.after_step import after_step
 from ftcli.training.loop.graphs import CaptureFailed
-from ftcli.training.loop.setup import Loop, build_loop, use_cuda_graphs
+from ftcli.training.loop.setup import Loop, build_loop, family_why_eager, why_eager
 
 log = logging.getLogger("ftcli")
 
+# Why a run replays CUDA graphs, by training.compile (metrics.json's kernels record).
+GRAPHED_WHY = {
+    "cuda_graphs": "training.compile: cuda_graphs",
+    "auto": "auto: one CUDA process, no accumulation, adamw, the training set on the GPU",
+}
 # accelerate launch sets these from a config file that shards the model.
 SHARDING_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
@@ -49,34 +54,36 @@ class LoopBackend:
                 )
 
     def train(self, job: TrainJob) -> TrainOutcome:
+        """Replay CUDA graphs where they can work, else (or where this model's step cannot be
+        captured, said in one warning) eager steps; metrics.json's kernels record says which and why."""
         training, runtime = job.config.training, job.runtime
-        if use_cuda_graphs(training, job.prepared.splits["train"], runtime.device):
-            try:
-                # A graphed run trains without cuDNN's attention, which plans anew for every input shape
-                # (measured: capture 1.1 s instead of 2.1 s, the same step time). Eager steps keep it:
-                # the trainer backend measured 1.10x of HF Trainer at batch 8 with it, 0.82-0.92x
-                # without (in different runs, not isolated in one). Evaluation goes without it either way.
-                with runtime.attention_kernels():
-                    return self._train(job, graphs=True)
-            except CaptureFailed as failure:
-                if training.compile == "cuda_graphs":
-                    raise FtcliError(
-                        f"this model's training step cannot be captured as a CUDA graph ({failure})",
-                        "set training.compile: auto (falls back to eager steps) or none",
-                    ) from None
-                reason = str(failure)
+        why = why_eager(training, job.prepared.splits["train"], runtime.device)
+        if not why:
+            why = family_why_eager(job.model)
+            if not why:
+                try:
+                    # A graphed run trains without cuDNN's attention, which plans anew for every input shape
+                    # (measured: capture 1.1 s instead of 2.1 s, the same step time). Eager steps keep it:
+                    # the trainer backend measured 1.10x of HF Trainer at batch 8 with it, 0.82-0.92x
+                    # without (in different runs, not isolated in one). Evaluation goes without it either way.
+                    with runtime.attention_kernels():
+                        return self._train(job, graphs=True, why=GRAPHED_WHY[training.compile])
+                except CaptureFailed as failure:
+                    why = f"this model's step cannot be captured as a CUDA graph ({failure})"
+                    if training.compile == "cuda_graphs":
+                        raise FtcliError(why, "set training.compile: auto (falls back to eager steps) or none") from None
             # Outside the except clause, so that the failed attempt's tensors are freed first.
-            log.warning("training with eager steps: this model's step cannot be captured as a CUDA graph (%s)", reason)
-        return self._train(job, graphs=False)
+            log.warning("training with eager steps: %s", why)
+        return self._train(job, graphs=False, why=why)
 
-    def _train(self, job: TrainJob, graphs: bool) -> TrainOutcome:
+    def _train(self, job: TrainJob, graphs: bool, why: str) -> TrainOutcome:
         loop = build_loop(job, graphs)
         try:
             train_steps(loop)
         except BaseException:
             loop.checkpoints.close()  # what was saved is on disk before the error is reported
             raise
-        return finish(loop)
+        return finish(loop, why)
 
 
 def train_steps(loop: Loop) -> None:
@@ -102,10 +109,11 @@ def train_steps(loop: Loop) -> None:
                 return
 
 
-def finish(loop: Loop) -> TrainOutcome:
+def finish(loop: Loop, why: str) -> TrainOutcome:
     """The weights to keep (the best checkpoint's when there was a validation split, else the last
-    ones) and the counts. The last checkpoint may still be being written: the recipe saves and
-    scores the model meanwhile, then settles it."""
+    ones) and the counts, with how the steps ran (`why`: the reason for graphed or eager steps).
+    The last checkpoint may still be being written: the recipe saves and scores the model
+    meanwhile, then settles it."""
     state, accelerator, step = loop.state, loop.accelerator, loop.step
     loop.job.events.stop()
     seconds = time.perf_counter() - loop.started
@@ -116,9 +124,10 @@ def finish(loop: Loop) -> TrainOutcome:
         loop.checkpoints.wait_for(Path(state.best_checkpoint))
         load_weights(model, Path(state.best_checkpoint))
     how: dict = {"steps": "eager"}
+    fused = loop.step.graphed.fused if loop.graphed else None
     if loop.graphed:
-        fused = loop.step.graphed.fused
         how = {"steps": "cuda_graphs", "capture_seconds": loop.capture_seconds, "fused_modules": len(fused) if fused else 0}
+    how["kernels"] = {"step": how["steps"], "why": why, "fused": fused.names() if fused else [], "not_fused": loop.not_fused}
     return TrainOutcome(
         model=model,
         global_step=state.optimizer_step,

@@ -291,6 +291,10 @@ class FusedLayers:
     def __len__(self) -> int:
         return len(self.modules)
 
+    def names(self) -> list[str]:
+        """The fused modules' names in the model (metrics.json's kernels record)."""
+        return [name for name, _ in self.modules]
+
     def draw_seed(self) -> None:
         # Sites add at most len(modules) to the seed: stay below int64's range, far below 2**62.
         torch.randint(0, 2**62, (1,), device=self.seed.device, out=self.seed)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 # they pay for themselves once the cache is warm.
 FUSED_KERNELS_MIN_STEPS = 2000
 DEVICE_DATA_LIMIT_BYTES = 1 << 30  # MRPC padded is ~10 MB; a split this large leaves the GPU to the model
+EAGER_NOT_FUSED = "eager steps: the fused kernels run only inside a CUDA graph step"
 
 # The run's autocast dtype in Accelerate's words.
 MIXED_PRECISION = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -65,6 +66,7 @@ class Loop:
     window: torch.Tensor
     loss_watch: LossWatch
     capture_seconds: float | None = None  # graphed runs: how long capturing the graphs took
+    not_fused: str = ""  # why no fused kernels, or why only some chains are (metrics.json's kernels record)
     save_timer: SaveTimer = field(default_factory=lambda: SaveTimer(None))  # training.save_every_minutes
     started: float = field(default_factory=time.perf_counter)
     stopped_early: bool = False
@@ -105,7 +107,8 @@ def build_loop(job: TrainJob, graphs: bool) -> Loop:
     suite = MetricSuite(job.config.metrics, job.prepared.label_names, job.config.task)
     state = _start_state(job, accelerator, model, optimizer, scheduler)
     objective = job.objective.to(accelerator.device)
-    step, capture_seconds = _step(job, accelerator, model, optimizer, scheduler, objective, plan, graphs, total_steps)
+    fused, not_fused = fused_layers(training, accelerator.unwrap_model(model), total_steps) if graphs else (None, EAGER_NOT_FUSED)
+    step, capture_seconds = _step(job, accelerator, model, optimizer, scheduler, objective, plan, graphs, fused)
     checkpoints = CheckpointWriter(job.run, accelerator, training.keep_checkpoints)
     checkpoints.reserve(model, optimizer, scheduler)
     # The logging window in progress at the checkpoint, summed over processes, continues on the main one.
@@ -114,7 +117,7 @@ def build_loop(job: TrainJob, graphs: bool) -> Loop:
         window += torch.tensor([state.window_loss, state.window_examples], dtype=torch.float64, device=window.device)
     return Loop(
         job, accelerator, model, optimizer, scheduler, objective, plan, total_steps, state, step, checkpoints,
-        eval_loader, suite, window, LossWatch(accelerator.device), capture_seconds,
+        eval_loader, suite, window, LossWatch(accelerator.device), capture_seconds, not_fused,
         save_timer=SaveTimer(training.save_every_minutes),
     )
 
@@ -163,11 +166,11 @@ def _start_state(job: TrainJob, accelerator: Accelerator, model, optimizer, sche
 
 
 def _step(
-    job, accelerator, model, optimizer, scheduler, objective, plan, graphs, total_steps
+    job, accelerator, model, optimizer, scheduler, objective, plan, graphs: bool, fused: FusedLayers | None
 ) -> tuple[EagerStep | GraphedStep, float | None]:
-    """The step callable, and for a graphed one how long capturing took. Fast paths: the training
-    set padded once on the GPU, and each step replayed as a CUDA graph that gathers its own batch
-    from it."""
+    """The step callable (a graphed one with `fused` layers), and for a graphed one how long
+    capturing took. Fast paths: the training set padded once on the GPU, and each step replayed as
+    a CUDA graph that gathers its own batch from it."""
     training, train_set = job.config.training, job.prepared.splits["train"]
     pad_token_id = job.tokenizer.pad_token_id
     data: Dataset | DeviceTensors = train_set
@@ -178,7 +181,7 @@ def _step(
     unwrapped = accelerator.unwrap_model(model)
     graphed = GraphedTrainStep(
         unwrapped, optimizer.optimizer, data, training.batch_size, length_buckets(data.width),
-        training.max_grad_norm, job.runtime.autocast_dtype, objective, fused_layers(training, unwrapped, total_steps),
+        training.max_grad_norm, job.runtime.autocast_dtype, objective, fused,
     )
     model.train()
     capture_started = time.perf_counter()
@@ -186,32 +189,57 @@ def _step(
     return GraphedStep(graphed, scheduler, data), time.perf_counter() - capture_started
 
 
-def fused_layers(training: TrainingConfig, model: torch.nn.Module, total_steps: int) -> FusedLayers | None:
+def fused_layers(training: TrainingConfig, model: torch.nn.Module, total_steps: int) -> tuple[FusedLayers | None, str]:
     """The fused kernels for the model's BERT-family layers, when training.fused_kernels asks for
     them (auto: a run of FUSED_KERNELS_MIN_STEPS steps or more, counting all its steps, so that a
     resumed run takes the kernels it started with), Triton is installed (CUDA builds of torch bring
-    it) and the model has any."""
+    it) and the model has any; and why not, or why only some of its layers (metrics.json)."""
     wanted = training.fused_kernels
-    if wanted is False or (wanted == "auto" and total_steps < FUSED_KERNELS_MIN_STEPS):
-        return None
+    if wanted is False:
+        return None, "training.fused_kernels: false"
+    if wanted == "auto" and total_steps < FUSED_KERNELS_MIN_STEPS:
+        return None, f"training.fused_kernels: auto fuses runs of {FUSED_KERNELS_MIN_STEPS} steps or more, this one has {total_steps}"
     try:
-        from ftcli.training.loop.fused import FusedLayers  # Triton: only for a graphed step
+        from ftcli.training.loop.fused import BERT_FAMILIES, FusedLayers  # Triton: only for a graphed step
     except ImportError:
-        return None
+        return None, "Triton is not installed"
     fused = FusedLayers(model)
-    return fused if len(fused) else None
+    chains = "BERT-family (" + ", ".join(BERT_FAMILIES) + ") bias-GELU and bias-dropout-residual-LayerNorm chains"
+    if not len(fused):
+        return None, f"no BERT-family block to fuse: the kernels cover {chains} whose Linear is plain (not LoRA-adapted)"
+    return fused, f"the rest runs PyTorch's kernels: only {chains} whose Linear is plain (not LoRA-adapted) are fused"
 
 
-def use_cuda_graphs(training: TrainingConfig, train_set: Dataset, device: torch.device) -> bool:
-    """training.compile=cuda_graphs where it can work: one CUDA process, no accumulation, PyTorch's
-    AdamW. Elsewhere the same config trains eagerly, so it runs unchanged on a laptop. auto also
-    needs the training set to fit on the GPU, where the graph gathers its batches."""
-    if training.compile == "none":
-        return False
-    if training.compile == "auto" and (training.data_on_device is False or not fits_on_device(train_set)):
-        return False
-    single = PartialState().num_processes == 1
-    return device.type == "cuda" and single and training.grad_accum == 1 and training.optimizer == "adamw"
+def why_eager(training: TrainingConfig, train_set: Dataset, device: torch.device) -> str:
+    """Why training.compile does not replay CUDA graphs here, or "" where it can: one CUDA process,
+    no accumulation, PyTorch's AdamW. Elsewhere the same config trains eagerly, so it runs unchanged
+    on a laptop. auto also needs the training set to fit on the GPU, where the graph gathers its batches."""
+    processes = PartialState().num_processes
+    reasons = [
+        (training.compile == "none", "training.compile: none"),
+        (device.type != "cuda", device.type),
+        (processes > 1, f"{processes} processes (CUDA graphs: one)"),
+        (training.grad_accum > 1, f"training.grad_accum: {training.grad_accum} (CUDA graphs: 1)"),
+        (training.optimizer != "adamw", f"training.optimizer: {training.optimizer} (CUDA graphs: adamw)"),
+        (training.compile == "auto" and training.data_on_device is False, "auto: training.data_on_device: false"),
+    ]
+    for applies, reason in reasons:
+        if applies:
+            return reason
+    if training.compile == "auto" and not fits_on_device(train_set):
+        return "auto: the training set is too large to keep on the GPU"
+    return ""
+
+
+def family_why_eager(model: torch.nn.Module) -> str:
+    """Why this model's step is not worth trying to capture, or "": flash-attn's variable-length
+    path (a model loaded with flash_attention_2, as ModernBERT is on CUDA where flash-attn is
+    installed) reads each batch's longest sequence back to the host (transformers' _upad_input:
+    .item()), which a CUDA graph cannot hold, so the capture would fail after its warm-up steps."""
+    attention = str(getattr(model.config, "_attn_implementation", ""))
+    if attention.startswith("flash_attention"):
+        return f"{attention} unpads each batch by lengths read on the host, which a CUDA graph cannot capture"
+    return ""
 
 
 def fits_on_device(train_set: Dataset) -> bool:
