@@ -1,4 +1,4 @@
-"""Decoder models (Llama, Qwen2) as their tokenizers ship (an end-of-text token, no pad token), and
+"""Decoder models (Llama, Qwen2, Gemma) as their tokenizers ship (an end-of-text token, no pad token), and
 ModernBERT: the pad token, the last-token pooling, LoRA's head and targets, QLoRA's settings."""
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import pytest
 import torch
 import yaml
 from conftest import NEGATIVE, NOUNS, POSITIVE, invoke, sentiment_rows, write_rows
+from safetensors.torch import load_file
+from test_distill_tasks import _sigterm_at
+from test_serve import serving
 
 from ftcli.config import LoraConfig
 from ftcli.errors import FtcliError
@@ -31,13 +34,13 @@ def _tokenizer(special_tokens: list[str], **kwargs):
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **kwargs)
 
 
-def _save_decoder(target: Path, config_class, model_class) -> Path:
+def _save_decoder(target: Path, config_class, model_class, **settings) -> Path:
     tokenizer = _tokenizer([EOS], eos_token=EOS)  # as Llama 3's and Qwen2's: no pad token
     assert tokenizer.pad_token is None
     config = config_class(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=None, **settings,
     )
     torch.manual_seed(0)
     model_class(config).save_pretrained(target)
@@ -57,6 +60,14 @@ def qwen2_dir(tmp_path_factory) -> Path:
     from transformers import Qwen2Config, Qwen2Model
 
     return _save_decoder(tmp_path_factory.mktemp("tiny-qwen2"), Qwen2Config, Qwen2Model)
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory) -> Path:
+    """Gemma's head_dim defaults to 256, whatever the hidden size: set to the tiny model's."""
+    from transformers import GemmaConfig, GemmaModel
+
+    return _save_decoder(tmp_path_factory.mktemp("tiny-gemma"), GemmaConfig, GemmaModel, head_dim=16)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +125,8 @@ RUNS = {
     "llama-trainer-lora": ("llama_dir", "trainer", LORA),
     "qwen2-loop-lora": ("qwen2_dir", "loop", LORA),
     "qwen2-trainer": ("qwen2_dir", "trainer", None),
+    "gemma-loop-lora": ("gemma_dir", "loop", LORA),
+    "gemma-trainer": ("gemma_dir", "trainer", None),
 }
 
 
@@ -249,8 +262,6 @@ def test_lora_trains_and_saves_the_decoders_new_head_and_adapts_attention_and_ml
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert "score" in adapter["modules_to_save"]
     assert sorted(adapter["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    from safetensors.torch import load_file
-
     assert "base_model.model.score.weight" in load_file(run / "adapter" / "adapter_model.safetensors")  # the whole head
     texts = ["the film was great", " ".join(TEXTS[:4]), "the plot was awful"]
     merged = _predict_rows(run, texts, "--engine", "torch")
@@ -259,16 +270,36 @@ def test_lora_trains_and_saves_the_decoders_new_head_and_adapts_attention_and_ml
     assert [row["probability"] for row in adapted] == pytest.approx([row["probability"] for row in merged], abs=1e-5)
 
 
-def test_export_of_a_decoder_run_predicts_as_torch(decoder_run):
-    if decoder_run.name != "llama-loop":
-        pytest.skip("an export takes half a minute; one decoder's is enough")
+def test_a_decoder_served_answers_as_ftcli_predict(decoder_run):
+    """The server pads its own batches (with the end-of-text token): each text's probabilities are
+    ftcli predict's, asked alone or beside longer texts."""
     run = decoder_run.run
-    exported = invoke("export", str(run))  # the head's search for each text's last token traces into the graph
+    texts = ["the film was great", " ".join(TEXTS[:6]), "a plot"]
+    expected = _predict_rows(run, texts, "--engine", "torch")
+    with serving(run, engine="torch") as client:
+        together = client.post("/v1/predict", json={"inputs": texts})
+        alone = [client.post("/v1/predict", json={"inputs": text}).json()["predictions"][0] for text in texts]
+    assert together.status_code == 200, together.text
+    for answers in (together.json()["predictions"], alone):
+        assert [answer["predicted_label"] for answer in answers] == [row["predicted_label"] for row in expected]
+        for answer, row in zip(answers, expected):
+            assert answer["probabilities"] == pytest.approx(row["probabilities"], abs=1e-5)
+
+
+def _assert_export_predicts_as_torch(run: Path) -> None:
+    exported = invoke("export", str(run))
     assert exported.exit_code == 0, exported.output
     texts = ["the film was great", " ".join(TEXTS[:4])]
     on_onnx = _predict_rows(run, texts, "--engine", "onnx")
     on_torch = _predict_rows(run, texts, "--engine", "torch")
     assert [row["probability"] for row in on_onnx] == pytest.approx([row["probability"] for row in on_torch], abs=1e-4)
+
+
+def test_export_of_a_decoder_run_predicts_as_torch(decoder_run):
+    if decoder_run.name not in ("llama-loop", "gemma-loop-lora"):
+        pytest.skip("an export takes seconds; two decoders' (one merged from LoRA) are enough")
+    # the head's search for each text's last token traces into the graph
+    _assert_export_predicts_as_torch(decoder_run.run)
 
 
 def test_a_tokenizer_with_neither_pad_nor_end_of_text_token_is_one_line(llama_dir, tmp_path):
@@ -294,6 +325,56 @@ def test_modernbert_trains_and_predicts_without_token_type_ids(modernbert_dir, t
     assert "classifier" in adapter["modules_to_save"] and adapter["target_modules"]
     rows = _predict_rows(run, ["the film was great", "the plot was awful"])
     assert len(rows) == 2 and all(row["predicted_label"] in ("negative", "positive") for row in rows)
+
+
+@pytest.fixture(scope="module")
+def modernbert_trainer_lora(modernbert_dir, tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("modernbert-trainer-lora"), modernbert_dir, "trainer", LORA)
+
+
+def test_modernbert_trains_through_the_trainer_with_lora_and_reloads_as_it_was(modernbert_trainer_lora):
+    run = modernbert_trainer_lora
+    assert "classifier" in json.loads((run / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
+    scored = invoke("evaluate", str(run))
+    assert scored.exit_code == 0, scored.output
+    reloaded = json.loads((run / "eval_validation.json").read_text())
+    assert reloaded["loss"] == pytest.approx(json.loads((run / "metrics.json").read_text())["validation"]["loss"], abs=1e-5)
+    short, long = "the film was great", " ".join(TEXTS[:6])
+    merged = _predict_rows(run, [short, long], "--engine", "torch")
+    adapted = _predict_rows(run, [short, long], "--adapter")
+    alone = _predict_rows(run, [short], "--engine", "torch")
+    assert [row["probability"] for row in adapted] == pytest.approx([row["probability"] for row in merged], abs=1e-5)
+    assert alone[0]["probabilities"] == pytest.approx(merged[0]["probabilities"], abs=1e-5)
+
+
+def test_export_of_modernbert_predicts_as_torch(modernbert_trainer_lora):
+    _assert_export_predicts_as_torch(modernbert_trainer_lora)
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_a_decoder_run_stopped_after_a_checkpoint_resumes_exactly(llama_dir, tmp_path, monkeypatch, lora):
+    schedule = [f"training.{key}={value}" for key, value in (("epochs", 1), ("save_every", 2), ("eval_every", 2), ("logging_steps", 2))]
+
+    def train(name: str):
+        experiment = _experiment(tmp_path / name, llama_dir, "loop", lora)
+        return invoke("train", str(experiment), *[option for setting in schedule for option in ("--set", setting)])
+
+    assert (done := train("straight")).exit_code == 0, done.output
+    with monkeypatch.context() as patched:
+        _sigterm_at(patched, 3)  # after checkpoint-2, mid-epoch (8 steps an epoch)
+        interrupted = train("stopped")
+    straight, stopped = tmp_path / "straight" / "runs" / "run", tmp_path / "stopped" / "runs" / "run"
+    assert interrupted.exit_code == 128 + 15, interrupted.output
+    assert not (stopped / "model").exists() and (stopped / "checkpoints" / "checkpoint-3").is_dir()
+    resumed = invoke("train", str(stopped), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((stopped / "metrics.json").read_text())["train"]["resumed_from"].endswith("checkpoint-3")
+    assert (stopped / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
+    expected, weights = load_file(straight / "model" / "model.safetensors"), load_file(stopped / "model" / "model.safetensors")
+    assert expected.keys() == weights.keys() and all(torch.equal(expected[name], weights[name]) for name in expected)
 
 
 # ---------------------------------------------------------------- QLoRA (lora.quantize)
