@@ -140,7 +140,7 @@ def _forwarding(served: ServedModel, batcher: Batcher, state: dict[str, bool]) -
     their logits, from the batcher; 503 while loading or at capacity."""
     encode = _tokenizing(served, batcher)
 
-    async def forward(inputs: list[Texts], truncate: bool = True, side: str = "right") -> tuple[list[list[Row]], list[np.ndarray]]:
+    async def forward(inputs: list[Texts], truncate: bool = True, side: str | None = None) -> tuple[list[list[Row]], list[np.ndarray]]:
         if not state["ready"]:
             raise ApiError(503, "the model is still loading", "retry in a moment", {"Retry-After": RETRY_AFTER_SECONDS})
         encoded: list[list[list[Row]]] = []  # the rows, kept for the answers (a tagger's words)
@@ -161,11 +161,11 @@ def _forwarding(served: ServedModel, batcher: Batcher, state: dict[str, bool]) -
     return forward
 
 
-def _tokenizing(served: ServedModel, batcher: Batcher) -> Callable[[list[Texts], bool, str], list[list[Row]]]:
+def _tokenizing(served: ServedModel, batcher: Batcher) -> Callable[[list[Texts], bool, str | None], list[list[Row]]]:
     """What the tokenizer threads run: token rows, or the 4xx that says why not."""
     encoders = _encoders(served, batcher.tokenizer_threads)
 
-    def encode(inputs: list[Texts], truncate: bool, side: str) -> list[list[Row]]:
+    def encode(inputs: list[Texts], truncate: bool, side: str | None) -> list[list[Row]]:
         mine = encoders.get()
         try:
             rows = mine.encode(inputs, truncate, side)

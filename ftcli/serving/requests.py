@@ -132,7 +132,7 @@ class TeiRequest:
     batch: bool
     raw_scores: bool = False
     truncate: bool = AUTO_TRUNCATE
-    side: Literal["right", "left"] = "right"  # which end truncation cuts
+    side: Literal["right", "left"] | None = None  # the end truncation cuts; None: the run's tokenizer's, as ftcli predict
 
 
 def tei_inputs(body: Any, fields: list[str], limits: Limits) -> TeiRequest:
@@ -141,9 +141,9 @@ def tei_inputs(body: Any, fields: list[str], limits: Limits) -> TeiRequest:
     raw_scores, truncate = body.get("raw_scores", False), body.get("truncate")
     if not isinstance(raw_scores, bool) or not isinstance(truncate, (bool, type(None))):
         raise ApiError(422, "'raw_scores' must be true or false, and 'truncate' true, false or null", "send JSON booleans")
-    direction = body.get("truncation_direction", "right")
+    direction = body.get("truncation_direction")
     side = DIRECTIONS.get(direction) if isinstance(direction, str) else None
-    if side is None:
+    if side is None and "truncation_direction" in body:
         raise ApiError(422, f"truncation_direction {json.dumps(direction)} is neither 'right' nor 'left'", "send 'right' or 'left'")
     raw = body["inputs"]
     batch = isinstance(raw, list) and bool(raw) and isinstance(raw[0], list)

@@ -72,10 +72,10 @@ class ServedModel:
         """Whether the model tags each word (token_classification) rather than a text."""
         return tasks.get(self.config.task).token_level
 
-    def encode(self, inputs: list[Texts], truncate: bool = True, side: str = "right") -> list[list[Row]]:
+    def encode(self, inputs: list[Texts], truncate: bool = True, side: str | None = None) -> list[list[Row]]:
         """Each input's token rows (one, or a windowed input's windows). truncate=False: TooLong
-        for the first input longer than data.max_length; side: the end truncation cuts (windows
-        and a tagger's words read the whole text)."""
+        for the first input longer than data.max_length; side: the end truncation cuts, None the
+        tokenizer's own as ftcli predict (windows and a tagger's words read the whole text)."""
         columns = [list(texts) for texts in zip(*inputs)]
         max_length = self.config.data.max_length
         if not truncate and not self.windowed:  # windows read a long text whole
@@ -87,10 +87,14 @@ class ServedModel:
             return self._words(inputs)
         if self.windowed:
             return self._windows(inputs)
-        # The tokenizer reads its truncation_side at every call, and each tokenizer thread holds its
-        # own copy (app._encoders), so setting it here races with no other request.
-        self.tokenizer.truncation_side = side
-        encoded = self.tokenizer(*columns, truncation=True, max_length=max_length)  # as tokenize_rows does
+        own = self.tokenizer.truncation_side
+        # The tokenizer reads truncation_side at every call (it takes no argument for it); each
+        # tokenizer thread holds its own copy (app._encoders), so no other request sees the change.
+        self.tokenizer.truncation_side = side or own
+        try:
+            encoded = self.tokenizer(*columns, truncation=True, max_length=max_length)  # as tokenize_rows does
+        finally:
+            self.tokenizer.truncation_side = own
         names = [name for name in MODEL_COLUMNS if name in encoded]
         return [[{name: encoded[name][index] for name in names}] for index in range(len(inputs))]
 
