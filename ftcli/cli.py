@@ -369,7 +369,7 @@ def serve(
     max_inputs: Annotated[int, typer.Option(min=1, help="Most inputs per request (413 beyond).")] = 256,
     max_chars: Annotated[int, typer.Option(min=1, help="Most characters per text (413 beyond).")] = 20_000,
 ) -> None:
-    """Serve a run's model over HTTP: /v1/predict, TEI's /predict, /health, /v1/info, /metrics. FTCLI_API_KEY set: Bearer auth."""
+    """Serve a run's model over HTTP: /v1/predict, /v1/info, /v1/health, /metrics, and text-embeddings-inference's /predict, /info, /health. FTCLI_API_KEY set: Bearer auth."""
     from ftcli.commands.serve import ServeOptions, serve_run
     from ftcli.ui import console
 

@@ -88,7 +88,7 @@ def test_the_server_answers_the_entities_ftcli_predict_gives(tagger, expected):
         info = client.get("/v1/info").json()
         assert info["task"] == "token_classification" and info["text_fields"] == ["tokens"] and info["engine"] == "torch"
         assert info["labels"] == ["O", "B-location", "I-location", "B-person", "I-person"] and info["thresholds"] is None
-        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/v1/health").json() == {"status": "ok"}
         metrics = client.get("/metrics").text
         assert 'ftcli_requests_total{route="/v1/predict",status="200"} 3.0' in metrics
         assert 'ftcli_requests_total{route="/predict",status="422"} 1.0' in metrics

@@ -4,6 +4,6 @@ limits and errors, and its Prometheus metrics.
 
     engines   torch (the run's model/) or onnx (RUN/export/model.onnx or model.int8.onnx)
     batcher   a bounded queue fed by tokenizer threads; the engine thread takes what queued when free
-    app       routes (/v1/predict, TEI's /predict, /health, /v1/info, /metrics), auth and limits
+    app       routes (/v1/predict, /v1/info, /v1/health, /metrics; TEI's /predict, /info, /health), auth and limits
     metrics   requests, errors, latency and batch sizes on one prometheus-client registry
 """

@@ -1,15 +1,19 @@
 """The HTTP face of a served run: FastAPI routes over one ServedModel and its Batcher.
 
+ftcli's own API:
     POST /v1/predict  {"predictions": [...]}: per input the fields ftcli predict gives (a tagger's: its entities)
-    POST /predict     text-embeddings-inference's classifier route: [{"label", "score"}, ...] per input
-                      (a label per text: a tagger refuses it, 422)
-    GET  /health      200 once the model is loaded and warmed up, 503 before
+    GET  /v1/health   {"status": "ok"} once the model is loaded and warmed up; 503 {"status": "loading"} before
     GET  /v1/info     model, task, labels, thresholds, text fields, engine, versions
     GET  /metrics     Prometheus text
+text-embeddings-inference's, as TEI answers them for a classifier, so its clients work unchanged:
+    POST /predict     [{"label", "score"}, ...] per input (a label per text: a tagger refuses it, 422);
+                      also at POST / and POST /invocations (SageMaker), where TEI serves a classifier
+    GET  /health      200 with an empty body once warmed up, 503 before; also at GET / and GET /ping
+    GET  /info        model_id, model_dtype, model_type {"classifier": {id2label, label2id}}, the limits
 
 Every refusal is a JSON body {"error": ..., "fix": ...} with a 4xx status; an unexpected failure
 is a 500 with {"error": "internal error"} and is logged on the server, never sent as a traceback.
-With an API key, every route but /health needs `Authorization: Bearer <key>`.
+With an API key, every route but the health probes needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
@@ -33,13 +37,16 @@ from starlette.exceptions import HTTPException
 from ftcli.errors import FtcliError
 from ftcli.serving.batcher import Batcher, QueueFull, Row, warm_up
 from ftcli.serving.metrics import ServingMetrics
-from ftcli.serving.requests import ApiError, Limits, read_json, tei_inputs, v1_inputs
+from ftcli.serving.requests import AUTO_TRUNCATE, ApiError, Limits, read_json, tei_inputs, v1_inputs
 from ftcli.serving.served import ServedModel, Texts, TooLong
 
 log = logging.getLogger("ftcli.serve")
 
-ROUTES = ("/v1/predict", "/predict", "/health", "/v1/info", "/metrics")
-OPEN_ROUTES = ("/health",)  # probes of a load balancer carry no key
+ROUTES = ("/v1/predict", "/v1/health", "/v1/info", "/metrics", "/predict", "/", "/invocations", "/health", "/ping", "/info")
+TEI_PREDICT_ROUTES = ("/predict", "/", "/invocations")
+TEI_HEALTH_ROUTES = ("/health", "/", "/ping")
+# Probes of a load balancer carry no key: GET / is one, POST / a prediction.
+OPEN_ROUTES = {("GET", path) for path in (*TEI_HEALTH_ROUTES, "/v1/health")}
 RETRY_AFTER_SECONDS = "1"
 
 
@@ -68,18 +75,7 @@ def create_app(
         inputs = v1_inputs(await read_json(request, limits), served.text_fields, limits)
         return JSONResponse({"predictions": served.predictions(inputs, *await forward(inputs))})
 
-    @app.post("/predict")
-    async def predict_tei(request: Request) -> JSONResponse:
-        if served.token_level:
-            raise ApiError(
-                422, "/predict (text-embeddings-inference's classifier route) gives a label per text, and this model tags words",
-                'POST /v1/predict {"inputs": "a text"}: each text\'s entities with their characters',
-            )
-        inputs, batch, raw_scores, truncate = tei_inputs(await read_json(request, limits), served.text_fields, limits)
-        answers = [served.label_scores(logits, raw_scores) for logits in (await forward(inputs, truncate))[1]]
-        return JSONResponse(answers if batch else answers[0])
-
-    @app.get("/health")
+    @app.get("/v1/health")
     async def health() -> JSONResponse:
         if not state["ready"]:
             return JSONResponse({"status": "loading"}, 503, {"Retry-After": RETRY_AFTER_SECONDS})
@@ -93,6 +89,8 @@ def create_app(
     async def info() -> JSONResponse:
         return JSONResponse(served.info(settings) | {"ready": state["ready"]})
 
+    _add_tei_routes(app, served, batcher, limits, forward, state)
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
@@ -100,18 +98,55 @@ def create_app(
     return app
 
 
+def _add_tei_routes(
+    app: FastAPI, served: ServedModel, batcher: Batcher, limits: Limits, forward: Callable[..., Any], state: dict[str, bool]
+) -> None:
+    """text-embeddings-inference's routes for a classifier, with its request and answer shapes."""
+
+    async def predict_tei(request: Request) -> JSONResponse:
+        if served.token_level:
+            raise ApiError(
+                422, "/predict (text-embeddings-inference's classifier route) gives a label per text, and this model tags words",
+                'POST /v1/predict {"inputs": "a text"}: each text\'s entities with their characters',
+            )
+        body = tei_inputs(await read_json(request, limits), served.text_fields, limits)
+        answers = [served.label_scores(logits, body.raw_scores) for logits in (await forward(body.inputs, body.truncate, body.side))[1]]
+        return JSONResponse(answers if body.batch else answers[0])
+
+    async def health_tei() -> Response:
+        if not state["ready"]:
+            return JSONResponse({"error": "the model is still loading", "fix": "retry in a moment"}, 503, {"Retry-After": RETRY_AFTER_SECONDS})
+        return Response(status_code=200)
+
+    # TEI's router settings, as ftcli's batcher holds them: requests are bounded by the inputs
+    # queued (each at least one), a forward pass by its rows and padded tokens.
+    router = {"max_concurrent_requests": batcher.max_queue, "max_input_length": served.config.data.max_length,
+              "max_batch_tokens": batcher.max_batch_tokens, "max_batch_requests": batcher.max_batch,
+              "max_client_batch_size": limits.max_inputs, "auto_truncate": AUTO_TRUNCATE,
+              "tokenization_workers": batcher.tokenizer_threads}
+
+    async def info_tei() -> JSONResponse:
+        return JSONResponse(served.tei_info(router))
+
+    for path in TEI_PREDICT_ROUTES:
+        app.add_api_route(path, predict_tei, methods=["POST"])
+    for path in TEI_HEALTH_ROUTES:
+        app.add_api_route(path, health_tei, methods=["GET"])
+    app.add_api_route("/info", info_tei, methods=["GET"])
+
+
 def _forwarding(served: ServedModel, batcher: Batcher, state: dict[str, bool]) -> Callable[..., Any]:
     """The routes' one way to the model: each input's rows (tokenized in a tokenizer thread) and
     their logits, from the batcher; 503 while loading or at capacity."""
     encode = _tokenizing(served, batcher)
 
-    async def forward(inputs: list[Texts], truncate: bool = True) -> tuple[list[list[Row]], list[np.ndarray]]:
+    async def forward(inputs: list[Texts], truncate: bool = True, side: str | None = None) -> tuple[list[list[Row]], list[np.ndarray]]:
         if not state["ready"]:
             raise ApiError(503, "the model is still loading", "retry in a moment", {"Retry-After": RETRY_AFTER_SECONDS})
         encoded: list[list[list[Row]]] = []  # the rows, kept for the answers (a tagger's words)
 
         def encode_and_keep() -> list[list[Row]]:
-            encoded.append(encode(inputs, truncate))
+            encoded.append(encode(inputs, truncate, side))
             return encoded[-1]
 
         try:
@@ -126,14 +161,14 @@ def _forwarding(served: ServedModel, batcher: Batcher, state: dict[str, bool]) -
     return forward
 
 
-def _tokenizing(served: ServedModel, batcher: Batcher) -> Callable[[list[Texts], bool], list[list[Row]]]:
+def _tokenizing(served: ServedModel, batcher: Batcher) -> Callable[[list[Texts], bool, str | None], list[list[Row]]]:
     """What the tokenizer threads run: token rows, or the 4xx that says why not."""
     encoders = _encoders(served, batcher.tokenizer_threads)
 
-    def encode(inputs: list[Texts], truncate: bool) -> list[list[Row]]:
+    def encode(inputs: list[Texts], truncate: bool, side: str | None) -> list[list[Row]]:
         mine = encoders.get()
         try:
-            rows = mine.encode(inputs, truncate)
+            rows = mine.encode(inputs, truncate, side)
         except TooLong as error:
             raise ApiError(
                 413, f"input {error.index} has {error.tokens} tokens, more than data.max_length={served.config.data.max_length}",
@@ -153,7 +188,7 @@ def _tokenizing(served: ServedModel, batcher: Batcher) -> Callable[[list[Texts],
 def _encoders(served: ServedModel, count: int) -> queue.SimpleQueue:
     """A copy of the model's tokenizer per tokenizer thread: transformers sets truncation on the
     Rust tokenizer it shares at every call, so two threads asking for different truncation (TEI's
-    truncate: false) would race over it."""
+    truncate: false, truncation_direction: left) would race over it."""
     encoders: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(count):
         encoders.put(replace(served, tokenizer=copy.deepcopy(served.tokenizer)))
@@ -197,7 +232,7 @@ class _Guard:
                 status = message["status"]
             await send(message)
 
-        if self.expected is not None and path not in OPEN_ROUTES and not _authorized(Headers(scope=scope), self.expected):
+        if self.expected is not None and (scope["method"], path) not in OPEN_ROUTES and not _authorized(Headers(scope=scope), self.expected):
             bearer = {"WWW-Authenticate": "Bearer"}
             await _error_response(ApiError(401, "missing or wrong API key", "send the header Authorization: Bearer <key>", bearer))(
                 scope, receive, sending

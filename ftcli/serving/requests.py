@@ -1,8 +1,11 @@
 """Reading a request body into inputs, or a 4xx ApiError that says what is wrong and how to fix it.
 
-    POST /v1/predict  {"inputs": "text" | {"text": ..., "text_pair": ...} | a list of those}
+    POST /v1/predict  {"inputs": "text" | {"text": ..., "text_pair": ...} | a list of those}; any
+                      other key is refused (ftcli's own API: a misspelt option must not pass unseen)
     POST /predict     text-embeddings-inference's shape: {"inputs": "text" | ["a", "b"] (one pair)
-                      | [["a"], ["a", "b"], ...] (a batch), "raw_scores": false, "truncate": false}
+                      | [["a"], ["a", "b"], ...] (a batch), "raw_scores": false, "truncate": false,
+                      "truncation_direction": "right"}; other keys are ignored, as TEI's serde
+                      ignores them (huggingface_hub's InferenceClient sends "parameters")
 
 Every limit is checked before anything is tokenized: the body's size while it is read, then its
 UTF-8 and JSON, then the number of inputs and each text's characters.
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from starlette.requests import Request
 
@@ -58,12 +61,9 @@ async def read_json(request: Request, limits: Limits) -> Any:
         raise ApiError(400, f"the body is not valid JSON: {error}", 'send e.g. {"inputs": "a text"}') from None
 
 
-def _object_with_inputs(body: Any, allowed: set[str], example: str) -> dict[str, Any]:
+def _object_with_inputs(body: Any, example: str) -> dict[str, Any]:
     if not isinstance(body, dict) or "inputs" not in body:
         raise ApiError(422, "the body must be a JSON object with 'inputs'", f"send e.g. {example}")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ApiError(422, f"unknown key {', '.join(repr(key) for key in unknown)}", f"the keys are {', '.join(sorted(allowed))}")
     return body
 
 
@@ -96,7 +96,10 @@ def _arity(texts: Texts, index: int, fields: list[str]) -> Texts:
 
 def v1_inputs(body: Any, fields: list[str], limits: Limits) -> list[Texts]:
     """/v1/predict's inputs, each a text or a pair, in the request's order."""
-    body = _object_with_inputs(body, {"inputs"}, '{"inputs": "a text"} or {"inputs": [{"text": "a", "text_pair": "b"}]}')
+    body = _object_with_inputs(body, '{"inputs": "a text"} or {"inputs": [{"text": "a", "text_pair": "b"}]}')
+    unknown = sorted(set(body) - {"inputs"})
+    if unknown:
+        raise ApiError(422, f"unknown key {', '.join(repr(key) for key in unknown)}", "the only key is inputs")
     raw = body["inputs"]
     items = raw if isinstance(raw, list) else [raw]
     _check_count(len(items), limits)
@@ -116,14 +119,32 @@ def _v1_item(item: Any, index: int, fields: list[str], limits: Limits) -> Texts:
     return tuple(_check_text(item[name], f"input {index} {name}", limits) for name in names if name in item)
 
 
-def tei_inputs(body: Any, fields: list[str], limits: Limits) -> tuple[list[Texts], bool, bool, bool]:
-    """/predict's inputs, whether the answer is a batch, and its raw_scores and truncate flags."""
-    body = _object_with_inputs(body, {"inputs", "raw_scores", "truncate", "truncation_direction"}, '{"inputs": "a text"}')
-    flags = [body.get(name, False) for name in ("raw_scores", "truncate")]
-    if not all(isinstance(flag, bool) for flag in flags):
-        raise ApiError(422, "'raw_scores' and 'truncate' must be true or false", "send JSON booleans")
-    if str(body.get("truncation_direction", "right")).lower() != "right":
-        raise ApiError(422, "only truncation_direction 'right' is supported", "drop truncation_direction")
+AUTO_TRUNCATE = False  # /predict's truncate when a request leaves it out or null (TEI's --auto-truncate)
+# TEI's TruncationDirection: serde's names and aliases, exactly (so "RIGHT" is refused as there).
+DIRECTIONS = {"Right": "right", "right": "right", "Left": "left", "left": "left"}
+
+
+@dataclass(frozen=True)
+class TeiRequest:
+    """A /predict body: its inputs and whether the answer is a batch (a list per input)."""
+
+    inputs: list[Texts]
+    batch: bool
+    raw_scores: bool = False
+    truncate: bool = AUTO_TRUNCATE
+    side: Literal["right", "left"] | None = None  # the end truncation cuts; None: the run's tokenizer's, as ftcli predict
+
+
+def tei_inputs(body: Any, fields: list[str], limits: Limits) -> TeiRequest:
+    """/predict's request; keys other than TEI's PredictRequest fields are ignored, as TEI does."""
+    body = _object_with_inputs(body, '{"inputs": "a text"}')
+    raw_scores, truncate = body.get("raw_scores", False), body.get("truncate")
+    if not isinstance(raw_scores, bool) or not isinstance(truncate, (bool, type(None))):
+        raise ApiError(422, "'raw_scores' must be true or false, and 'truncate' true, false or null", "send JSON booleans")
+    direction = body.get("truncation_direction")
+    side = DIRECTIONS.get(direction) if isinstance(direction, str) else None
+    if side is None and "truncation_direction" in body:
+        raise ApiError(422, f"truncation_direction {json.dumps(direction)} is neither 'right' nor 'left'", "send 'right' or 'left'")
     raw = body["inputs"]
     batch = isinstance(raw, list) and bool(raw) and isinstance(raw[0], list)
     sequences = raw if batch else [raw if isinstance(raw, list) else [raw]]
@@ -136,4 +157,4 @@ def tei_inputs(body: Any, fields: list[str], limits: Limits) -> tuple[list[Texts
             raise ApiError(422, f"input {index} must be a string or a list of 1 or 2 strings", 'send "text", ["text", "pair"] or [["a"], ["b", "c"]]')
         texts = tuple(_check_text(text, f"input {index}", limits) for text in sequence)
         inputs.append(_arity(texts, index, fields))
-    return inputs, batch, flags[0], flags[1]
+    return TeiRequest(inputs, batch, raw_scores, AUTO_TRUNCATE if truncate is None else truncate, side)

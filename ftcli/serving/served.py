@@ -36,6 +36,8 @@ from ftcli import tasks
 
 log = logging.getLogger("ftcli")
 
+TEI_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # /info's model_dtype; int8 stays int8
+
 Texts = tuple[str, ...]  # one input: a text, or a sentence pair
 
 
@@ -70,9 +72,10 @@ class ServedModel:
         """Whether the model tags each word (token_classification) rather than a text."""
         return tasks.get(self.config.task).token_level
 
-    def encode(self, inputs: list[Texts], truncate: bool = True) -> list[list[Row]]:
+    def encode(self, inputs: list[Texts], truncate: bool = True, side: str | None = None) -> list[list[Row]]:
         """Each input's token rows (one, or a windowed input's windows). truncate=False: TooLong
-        for the first input longer than data.max_length."""
+        for the first input longer than data.max_length; side: the end truncation cuts, None the
+        tokenizer's own as ftcli predict (windows and a tagger's words read the whole text)."""
         columns = [list(texts) for texts in zip(*inputs)]
         max_length = self.config.data.max_length
         if not truncate and not self.windowed:  # windows read a long text whole
@@ -84,7 +87,14 @@ class ServedModel:
             return self._words(inputs)
         if self.windowed:
             return self._windows(inputs)
-        encoded = self.tokenizer(*columns, truncation=True, max_length=max_length)  # as tokenize_rows does
+        own = self.tokenizer.truncation_side
+        # The tokenizer reads truncation_side at every call (it takes no argument for it); each
+        # tokenizer thread holds its own copy (app._encoders), so no other request sees the change.
+        self.tokenizer.truncation_side = side or own
+        try:
+            encoded = self.tokenizer(*columns, truncation=True, max_length=max_length)  # as tokenize_rows does
+        finally:
+            self.tokenizer.truncation_side = own
         names = [name for name in MODEL_COLUMNS if name in encoded]
         return [[{name: encoded[name][index] for name in names}] for index in range(len(inputs))]
 
@@ -135,6 +145,19 @@ class ServedModel:
         values = values.reshape(-1).tolist()
         pairs = [{"label": name, "score": float(value)} for name, value in zip(self.label_names, values)]
         return sorted(pairs, key=lambda pair: -pair["score"])
+
+    def tei_info(self, router: dict[str, Any]) -> dict[str, Any]:
+        """GET /info as text-embeddings-inference answers it: the model, then the server's settings
+        (router: max_concurrent_requests to tokenization_workers, in TEI's order)."""
+        return {
+            "model_id": self.run_name, "model_sha": None,  # a run's weights have no Hub commit
+            "model_dtype": TEI_DTYPES.get(self.precision, self.precision), "served_model_name": self.run_name,
+            "model_type": {"classifier": {
+                "id2label": {str(index): name for index, name in enumerate(self.label_names)},
+                "label2id": {name: index for index, name in enumerate(self.label_names)},
+            }},
+            **router, "version": ftcli.__version__, "sha": None, "docker_label": None,
+        }
 
     def info(self, batcher_settings: dict[str, Any]) -> dict[str, Any]:
         """GET /v1/info: what is served, how, and with which versions."""
