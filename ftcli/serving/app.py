@@ -4,7 +4,7 @@
     POST /predict     text-embeddings-inference's classifier route: [{"label", "score"}, ...] per input
                       (a label per text: a tagger refuses it, 422)
     GET  /health      200 once the model is loaded and warmed up, 503 before
-    GET  /v1/info     model, task, labels, thresholds, text fields, engine, versions
+    GET  /v1/info     model, task, labels, thresholds, text fields, engine, versions, the process id
     GET  /metrics     Prometheus text
 
 Every refusal is a JSON body {"error": ..., "fix": ...} with a 4xx status; an unexpected failure
@@ -18,6 +18,7 @@ import asyncio
 import copy
 import hmac
 import logging
+import os
 import queue
 import time
 from contextlib import asynccontextmanager
@@ -91,7 +92,8 @@ def create_app(
 
     @app.get("/v1/info")
     async def info() -> JSONResponse:
-        return JSONResponse(served.info(settings) | {"ready": state["ready"]})
+        # pid: with --workers, which process took this connection
+        return JSONResponse(served.info(settings) | {"ready": state["ready"], "pid": os.getpid()})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
