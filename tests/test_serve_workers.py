@@ -155,3 +155,17 @@ def _wait_for_queue(client: httpx.Client, inputs: int) -> None:
     while _metrics(client)["ftcli_queue_inputs"] != inputs:
         assert time.monotonic() < deadline, f"never {inputs} inputs queued"
         time.sleep(0.02)
+
+
+def test_metrics_forget_the_queue_of_a_worker_that_died_and_keep_its_counts(tmp_path):
+    """uvicorn starts another worker in a dead one's place: the inputs the dead one held no longer
+    wait, but the requests it answered were answered."""
+    from ftcli.serving.metrics import _forget_dead_processes
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = [f"gauge_livesum_{dead.pid}.db", f"counter_{dead.pid}.db", f"histogram_{dead.pid}.db", f"gauge_livesum_{os.getpid()}.db"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    _forget_dead_processes(str(tmp_path))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[1:])

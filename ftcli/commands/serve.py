@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -73,11 +74,22 @@ def build_app(options: ServeOptions, metrics_dir: str | None = None):
 
 
 def app_from_environment():
-    """uvicorn's factory in each --workers process: the options the command put in the environment."""
+    """uvicorn's factory in each --workers process: the options the command put in the environment.
+    A worker that cannot load the model (the GPU full with the others' copies, the run gone) says
+    why and exits as a startup failure: uvicorn's supervisor then stops, where any other exit
+    would have it start the worker again, and again."""
+    from uvicorn.config import STARTUP_FAILURE
+
     from ftcli.serving.metrics import SHARED_DIR_ENV
 
     _log_to_terminal()
-    return build_app(ServeOptions(**json.loads(os.environ[OPTIONS_ENV])), os.environ[SHARED_DIR_ENV])
+    try:
+        return build_app(ServeOptions(**json.loads(os.environ[OPTIONS_ENV])), os.environ[SHARED_DIR_ENV])
+    except FtcliError as error:
+        logging.getLogger("ftcli.serve").error("this worker cannot start: %s", error)
+    except Exception:
+        logging.getLogger("ftcli.serve").exception("this worker cannot start")
+    sys.exit(STARTUP_FAILURE)
 
 
 def serve_run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, say: Callable[[str], None] = print) -> None:
@@ -119,11 +131,11 @@ def _serve_workers(options: ServeOptions, listener: socket.socket, settings: dic
         supervisor = Multiprocess(config, sockets=[listener])
         supervisor.run()
     listener.close()
-    failed = [str(process.pid) for process in supervisor.processes if process.exitcode == STARTUP_FAILURE]
+    failed = sum(process.exitcode == STARTUP_FAILURE for process in supervisor.processes)
     if failed:
         raise FtcliError(
-            f"{len(failed)} of {options.workers} server workers failed to start (process {', '.join(failed)}); the reason is above",
-            "fix it, or pass fewer --workers (each loads the model)",
+            f"{failed} of {options.workers} server workers could not start; the log above says why",
+            "fix that, or pass fewer --workers: each loads the model",
         )
 
 
