@@ -1,5 +1,6 @@
-"""ftcli serve --workers 2: one real server of two processes behind one port (a subprocess, ~20 s
-to start: three processes import torch and load the model), spoken to over several connections.
+"""ftcli serve --workers 2: one real server of two processes behind one port, spoken to over several
+connections. It is slow to start (the command and each worker import torch and load the model), so
+the module starts one, for a tiny run trained once.
 
 Both processes answer; /metrics counts every process's requests whichever process answers the
 scrape; each process's queue is its own (full: 503 with Retry-After) and /metrics adds the queues
