@@ -362,9 +362,11 @@ def serve(
     max_batch_tokens: Annotated[
         int, typer.Option(min=1, help="Most padded tokens per forward pass (rows x padded length).")
     ] = 16_384,
-    workers: Annotated[int, typer.Option(min=1, help="Server processes, each with the model (the cores are divided).")] = 1,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Server processes behind the one port, each with the model (the cores divided), its own queue and batches; /metrics adds them up.")
+    ] = 1,
     max_queue: Annotated[
-        Optional[int], typer.Option(min=1, help="Most inputs waiting; beyond, 503 with Retry-After (default 16 batches).")
+        Optional[int], typer.Option(min=1, help="Most inputs waiting, per worker process; beyond, 503 with Retry-After (default 16 batches).")
     ] = None,
     max_inputs: Annotated[int, typer.Option(min=1, help="Most inputs per request (413 beyond).")] = 256,
     max_chars: Annotated[int, typer.Option(min=1, help="Most characters per text (413 beyond).")] = 20_000,

@@ -3,8 +3,10 @@
 Everything that can be a user mistake (the run, the engine's files, the port) is checked before
 the server listens, as one line and exit 2. The model is then warmed up while /health answers
 503. SIGTERM (or Ctrl-C) stops taking connections, answers the requests in flight, stops the
-batcher and returns: exit 0. With --workers N, N processes each load the model (each with the
-cores divided among them) behind one port; each keeps its own /metrics.
+batcher and returns: exit 0. With --workers N, uvicorn's supervisor runs N processes on the one
+listening socket, each with the model (and the cores divided among them) and its own bounded queue;
+SIGTERM to the command drains every one of them. Their metrics meet in a private folder that
+/metrics adds up, removed when they stop.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ftcli import tasks
 from ftcli.config import load_config
@@ -27,6 +33,9 @@ from ftcli.runs.rundir import RunDir
 API_KEY_ENV = "FTCLI_API_KEY"
 OPTIONS_ENV = "FTCLI_SERVE_OPTIONS"  # how --workers processes learn the options
 GRACEFUL_SHUTDOWN_SECONDS = 30  # the longest SIGTERM waits for requests in flight
+# How long a --workers process may take to answer the supervisor's ping before it is killed and
+# replaced: uvicorn's 5 s is shorter than importing torch and loading a model on a busy machine.
+WORKER_HEALTHCHECK_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -43,8 +52,9 @@ class ServeOptions:
     max_batch_tokens: int = 16_384  # padded tokens per forward pass (batcher.DEFAULT_MAX_BATCH_TOKENS)
 
 
-def build_app(options: ServeOptions):
-    """The FastAPI app for these options: the model loaded (not yet warmed up) behind its batcher."""
+def build_app(options: ServeOptions, metrics_dir: str | None = None):
+    """The FastAPI app for these options: the model loaded (not yet warmed up) behind its batcher;
+    metrics_dir: the --workers processes' shared folder of metrics."""
     from ftcli.serving.app import create_app
     from ftcli.serving.batcher import Batcher
     from ftcli.serving.engines import cpu_threads
@@ -53,7 +63,7 @@ def build_app(options: ServeOptions):
     from ftcli.serving.served import load_served
 
     served = load_served(options.run_path, options.engine, options.quantized, cpu_threads(options.workers))
-    metrics = ServingMetrics(options.max_batch)
+    metrics = ServingMetrics(options.max_batch, metrics_dir)
     batcher = Batcher(
         served.engine, served.tokenizer.pad_token_id, served.config.data.max_length, options.max_batch,
         options.max_wait_ms, options.max_queue or 16 * options.max_batch, metrics, options.max_batch_tokens,
@@ -64,8 +74,22 @@ def build_app(options: ServeOptions):
 
 
 def app_from_environment():
-    """uvicorn's factory in each --workers process: the options the command put in the environment."""
-    return build_app(ServeOptions(**json.loads(os.environ[OPTIONS_ENV])))
+    """uvicorn's factory in each --workers process: the options the command put in the environment.
+    A worker that cannot load the model (the GPU full with the others' copies, the run gone) says
+    why and exits as a startup failure: uvicorn's supervisor then stops, where any other exit
+    would have it start the worker again, and again."""
+    from uvicorn.config import STARTUP_FAILURE
+
+    from ftcli.serving.metrics import SHARED_DIR_ENV
+
+    _log_to_terminal()
+    try:
+        return build_app(ServeOptions(**json.loads(os.environ[OPTIONS_ENV])), os.environ[SHARED_DIR_ENV])
+    except FtcliError as error:
+        logging.getLogger("ftcli.serve").error("this worker cannot start: %s", error)
+    except Exception:
+        logging.getLogger("ftcli.serve").exception("this worker cannot start")
+    sys.exit(STARTUP_FAILURE)
 
 
 def serve_run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, say: Callable[[str], None] = print) -> None:
@@ -88,11 +112,51 @@ def serve_run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, 
         return
     load_check = build_app(options)  # the model loads once here, so its mistakes end as one line
     del load_check
-    listener.close()
-    os.environ[OPTIONS_ENV] = json.dumps(asdict(options))
     say(f"serving {options.run_path} ({options.engine}, {options.workers} workers) on http://{host}:{port} {key}")
-    with _exit_cleanly_on_signals():
-        uvicorn.run("ftcli.commands.serve:app_from_environment", factory=True, host=host, port=port, workers=options.workers, **config)
+    _serve_workers(options, listener, config)
+
+
+def _serve_workers(options: ServeOptions, listener: socket.socket, settings: dict) -> None:
+    """--workers N: uvicorn's supervisor starts N processes that share the listener; on SIGTERM or
+    Ctrl-C it sends each a SIGTERM, and each drains as a single server does, and waits for them."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors.multiprocess import SIGNALS, Multiprocess
+
+    config = uvicorn.Config(
+        f"{__name__}:app_from_environment", factory=True, workers=options.workers,
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS, **settings,
+    )
+    with _worker_environment(options), _exit_cleanly_on_signals(tuple(SIGNALS)):
+        supervisor = Multiprocess(config, sockets=[listener])
+        supervisor.run()
+    listener.close()
+    failed = sum(process.exitcode == STARTUP_FAILURE for process in supervisor.processes)
+    if failed:
+        raise FtcliError(
+            f"{failed} of {options.workers} server workers could not start; the log above says why",
+            "fix that, or pass fewer --workers: each loads the model",
+        )
+
+
+@contextmanager
+def _worker_environment(options: ServeOptions) -> Iterator[None]:
+    """What the worker processes inherit: the options, and a fresh private folder for their metrics
+    (prometheus-client in each keeps its values there), removed once they have stopped."""
+    from ftcli.serving.metrics import SHARED_DIR_ENV
+
+    folder = tempfile.mkdtemp(prefix="ftcli-serve-metrics-")
+    saved = {name: os.environ.get(name) for name in (OPTIONS_ENV, SHARED_DIR_ENV)}
+    os.environ.update({OPTIONS_ENV: json.dumps(asdict(options)), SHARED_DIR_ENV: folder})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check(options: ServeOptions) -> None:
@@ -146,10 +210,11 @@ class _exit_cleanly_on_signals:
     with Python's defaults that would kill the process (or raise KeyboardInterrupt) after a clean
     drain. Handlers that do nothing make the drained server return, and the command exit 0."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = signals  # --workers: every one uvicorn's supervisor takes over, given back after
 
     def __enter__(self) -> None:
-        self.previous = {number: signal.signal(number, lambda *_: None) for number in self.SIGNALS}
+        self.previous = {number: signal.signal(number, lambda *_: None) for number in self.signals}
 
     def __exit__(self, *exc_info) -> None:
         for number, handler in self.previous.items():

@@ -3,7 +3,7 @@
 ftcli's own API:
     POST /v1/predict  {"predictions": [...]}: per input the fields ftcli predict gives (a tagger's: its entities)
     GET  /v1/health   {"status": "ok"} once the model is loaded and warmed up; 503 {"status": "loading"} before
-    GET  /v1/info     model, task, labels, thresholds, text fields, engine, versions
+    GET  /v1/info     model, task, labels, thresholds, text fields, engine, versions, the process id
     GET  /metrics     Prometheus text
 text-embeddings-inference's, as TEI answers them for a classifier, so its clients work unchanged:
     POST /predict     [{"label", "score"}, ...] per input (a label per text: a tagger refuses it, 422);
@@ -22,6 +22,7 @@ import asyncio
 import copy
 import hmac
 import logging
+import os
 import queue
 import time
 from contextlib import asynccontextmanager
@@ -87,7 +88,8 @@ def create_app(
 
     @app.get("/v1/info")
     async def info() -> JSONResponse:
-        return JSONResponse(served.info(settings) | {"ready": state["ready"]})
+        # pid: with --workers, which process took this connection
+        return JSONResponse(served.info(settings) | {"ready": state["ready"], "pid": os.getpid()})
 
     _add_tei_routes(app, served, batcher, limits, forward, state)
 
