@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
 from conftest import invoke
 
 from ftcli.runs import checkpoints as checkpoint
@@ -266,3 +267,16 @@ def test_a_tensor_learning_rate_keeps_its_tensor_and_takes_the_saved_value(tmp_p
     checkpointing.load_optimizer_state(optimizer, torch.load(tmp_path / "optimizer.pt", weights_only=True))
     assert optimizer.param_groups[0]["lr"] is rate
     assert rate.item() == 0.25
+
+
+def test_a_loop_checkpoints_optimizer_file_holds_only_the_optimizer_state(make_experiment):
+    """optimizer.pt holds AdamW's two fp32 moments per trainable parameter and little else: the
+    snapshot's host memory once carried the weights into it too (1.5 times the size)."""
+    experiment = make_experiment(backend="loop", train_size=16, training={"max_steps": 2, "eval_every": 2, "save_every": 2})
+    run = train(load_config(experiment)).run
+    folder = run.checkpoint_dir(2)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    moments = 2 * 4 * sum(p.numel() for p in trainable)
+    allowance = 16_384 + 256 * len(trainable)  # the pickled structure, a step count per tensor, alignment
+    assert moments < (folder / "optimizer.pt").stat().st_size <= moments + allowance
