@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from conftest import invoke
 
 from ftcli.runs import checkpoints as checkpoint
@@ -266,3 +268,34 @@ def test_a_tensor_learning_rate_keeps_its_tensor_and_takes_the_saved_value(tmp_p
     checkpointing.load_optimizer_state(optimizer, torch.load(tmp_path / "optimizer.pt", weights_only=True))
     assert optimizer.param_groups[0]["lr"] is rate
     assert rate.item() == 0.25
+
+
+def test_a_loop_checkpoints_optimizer_file_holds_only_the_optimizer_state(make_experiment):
+    """optimizer.pt holds AdamW's two fp32 moments per trainable parameter and little else: the
+    snapshot's host memory once carried the weights into it too (1.5 times the size)."""
+    experiment = make_experiment(backend="loop", train_size=16, training={"max_steps": 2, "eval_every": 2, "save_every": 2})
+    run = train(load_config(experiment)).run
+    folder = run.checkpoint_dir(2)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    moments = 2 * 4 * sum(p.numel() for p in trainable)
+    allowance = 16_384 + 256 * len(trainable)  # the pickled structure, a step count per tensor, alignment
+    assert moments < (folder / "optimizer.pt").stat().st_size <= moments + allowance
+
+
+def test_a_tensor_learning_rates_schedule_file_holds_only_the_schedule(tiny_model_dir, tmp_path):
+    """With a CUDA-graph run's tensor learning rate the schedule's state holds tensors too (its base
+    and last rates): scheduler.pt must hold those few numbers, not the weights and moments beside
+    them in the snapshot's host memory."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    model(input_ids=torch.ones(1, 4, dtype=torch.long)).logits.sum().backward()
+    optimizer.step()
+    scheduler.step()
+    run = RunDir(tmp_path)
+    writer = checkpointing.CheckpointWriter(run, Accelerator(cpu=True), keep=1)
+    writer.save(run.checkpoint_dir(1), model, AutoTokenizer.from_pretrained(tiny_model_dir), optimizer, scheduler, {}, None)
+    writer.close()
+    assert torch.is_tensor(torch.load(run.checkpoint_dir(1) / "scheduler.pt", weights_only=True)["_last_lr"][0])
+    assert (run.checkpoint_dir(1) / "scheduler.pt").stat().st_size < 16_384
