@@ -148,13 +148,14 @@ def train(
 ) -> None:
     """Fine-tune: prepare if needed, train, evaluate on validation, write the run directory."""
     from ftcli import launch
+
+    machines = launch.Machines(accelerate_config, num_machines, machine_rank, main_process_ip, main_process_port)
+    if machines.wanted(num_processes):  # before the training code's imports, which the launched processes make
+        launch.relaunch(num_processes, sys.argv[1:], machines)
     from ftcli.commands.train import train_run
     from ftcli.runtime import Runtime
     from ftcli.ui import TrainingProgress, console, train_header, trained_view
 
-    machines = launch.Machines(accelerate_config, num_machines, machine_rank, main_process_ip, main_process_port)
-    if machines.wanted(num_processes):
-        launch.relaunch(num_processes, sys.argv[1:], machines)
     console.quiet = not launch.is_main_process()
     loaded = _load(config, set_, backend, smoke)
     runtime = Runtime.resolve(loaded.training.precision, distributed=True)

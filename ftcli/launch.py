@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NoReturn
 
-import torch
-
 from ftcli.errors import FtcliError
 
 
@@ -59,6 +57,8 @@ def relaunch(num_processes: int | None, argv: list[str], machines: Machines = Ma
         raise FtcliError(
             "--num-processes inside a launched run", "leave --num-processes out: the launcher started the processes"
         )
+    import torch  # here, not at the top: the relaunching process needs nothing else of it
+
     if num_processes and torch.cuda.is_available() and num_processes > torch.cuda.device_count():
         raise FtcliError(
             f"--num-processes {num_processes} but this machine has {torch.cuda.device_count()} GPUs",
