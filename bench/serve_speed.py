@@ -18,6 +18,7 @@ reported (cores busy) to show they were not the limit. The rows (--servers picks
   (b) ftcli torch   ftcli serve RUN: batching, the run's precision
       ftcli before  the same command from the ftcli source at --before (to measure a change)
   (c) ftcli int8    ftcli serve RUN --engine onnx --quantized (ftcli export --quantize int8)
+      ftcli torch, N workers   ftcli serve RUN --workers N (workers2, workers4): N front-end processes
 Reported per row: requests/s, p50/p95/p99 latency, errors (non-200 answers and failed requests),
 and the throughput and p50 latency ratios to (a) at the same number of clients.
 """
@@ -97,15 +98,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-SERVERS = {"baseline": "baseline", "torch": "ftcli torch", "before": "ftcli before", "int8": "ftcli int8"}
+SERVERS = {
+    "baseline": "baseline", "torch": "ftcli torch", "before": "ftcli before", "int8": "ftcli int8",
+    "workers2": "ftcli torch, 2 workers", "workers4": "ftcli torch, 4 workers",
+}
+# ftcli serve's options for each ftcli row beyond its defaults
+SERVE_OPTIONS = {
+    "ftcli int8": ["--engine", "onnx", "--quantized"],
+    "ftcli torch, 2 workers": ["--workers", "2"],
+    "ftcli torch, 4 workers": ["--workers", "4"],
+}
 
 
 def start_server(kind: str, run: Path, port: int, before: Path | None) -> subprocess.Popen:
     if kind == "baseline":
         command = [sys.executable, "-m", "bench.serve_speed", "--baseline-server", str(run / "model"), "--port", str(port)]
     else:
-        extra = ["--engine", "onnx", "--quantized"] if kind == "ftcli int8" else []
-        command = [sys.executable, "-m", "ftcli", "serve", str(run.resolve()), "--port", str(port), *extra]
+        command = [sys.executable, "-m", "ftcli", "serve", str(run.resolve()), "--port", str(port), *SERVE_OPTIONS.get(kind, [])]
     # python -m puts the working directory first on the path: the source it runs is the folder's
     folder = before if kind == "ftcli before" else ROOT
     log = tempfile.NamedTemporaryFile("w+", prefix=f"serve-{kind.replace(' ', '-')}-", suffix=".log", delete=False)
