@@ -74,8 +74,8 @@ class _Captured:
 
 class GraphedEngine:
     """A TorchEngine on a GPU whose forward passes replay CUDA graphs; batches it has no graph for
-    (more rows than max_batch, a shape warm-up did not visit, or after a failed capture) run on
-    the eager engine."""
+    (more rows than most_rows lets in, a shape warm-up did not visit, or any after a failed
+    capture) run on the eager engine."""
 
     name = "torch"
 
@@ -113,6 +113,7 @@ class GraphedEngine:
         for name, tensor in padded.items():
             captured.inputs[name].copy_(tensor, non_blocking=True)
         captured.graph.replay()
+        # Read at once: graphs captured later in the shared pool may reuse this memory for their own work.
         return captured.logits[:rows].cpu().numpy()
 
     @contextmanager
