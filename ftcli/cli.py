@@ -371,13 +371,17 @@ def serve(
     ] = None,
     max_inputs: Annotated[int, typer.Option(min=1, help="Most inputs per request (413 beyond).")] = 256,
     max_chars: Annotated[int, typer.Option(min=1, help="Most characters per text (413 beyond).")] = 20_000,
+    cuda_graphs: Annotated[
+        bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay the torch engine's forward passes as CUDA graphs (captured at warm-up).")
+    ] = True,
 ) -> None:
     """Serve a run's model over HTTP: /v1/predict, /v1/info, /v1/health, /metrics, and text-embeddings-inference's /predict, /info, /health. FTCLI_API_KEY set: Bearer auth."""
     from ftcli.commands.serve import ServeOptions, serve_run
     from ftcli.ui import console
 
     options = ServeOptions(
-        str(run_dir), engine, quantized, max_batch, max_wait_ms, max_queue, workers, max_inputs, max_chars, max_batch_tokens
+        str(run_dir), engine, quantized, max_batch, max_wait_ms, max_queue, workers, max_inputs, max_chars, max_batch_tokens,
+        cuda_graphs,
     )
     serve_run(options, host, port, say=console.print)
     console.print("stopped: every request in flight was answered")

@@ -47,8 +47,12 @@ class Runtime:
     def is_main(self) -> bool:
         return self.process_index == 0
 
-    def autocast(self) -> AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+    def autocast(self, cache: bool = True) -> AbstractContextManager:
+        """The run's precision. cache=False for a forward captured as a CUDA graph: the cache would
+        keep casts made during capture (the arithmetic is the same either way)."""
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None, cache_enabled=cache
+        )
 
     def attention_kernels(self) -> AbstractContextManager:
         return attention_kernels(self.device)
@@ -160,6 +164,24 @@ def attention_kernels(device: torch.device) -> AbstractContextManager:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def first_cause(error: BaseException) -> str:
+    """The first line of the error that started a chain: a failed CUDA graph capture raises again on
+    leaving the capture, and that second error says less."""
+    while error.__context__ is not None:
+        error = error.__context__
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def end_failed_capture(device: torch.device) -> None:
+    """A CUDA graph capture that CUDA invalidated ends without telling PyTorch's CUDA generator,
+    which then refuses to draw dropout masks outside a capture ("Offset increment outside graph
+    capture", seen on an H200). A capture that ends normally tells it."""
+    scratch = torch.zeros(1, device=device)
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        scratch.add_(1)
 
 
 def reset_peak_memory(device: torch.device) -> None:

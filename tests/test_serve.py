@@ -154,6 +154,7 @@ def test_answers_equal_ftcli_predict_for_pairs_and_tei_route(pair_server, runs, 
 
     info = pair_server.get("/v1/info").json()
     assert info["task"] == "single_label" and info["labels"] == ["0", "1"] and info["engine"] == "torch"
+    assert info["cuda_graphs"] is (info["device"] == "cuda")  # the torch engine replays graphs on a GPU
     assert info["text_fields"] == ["sentence1", "sentence2"] and info["versions"]["ftcli"] and info["ready"] is True
 
 

@@ -20,7 +20,7 @@ import socket
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -50,6 +50,7 @@ class ServeOptions:
     max_inputs: int = 256
     max_chars: int = 20_000
     max_batch_tokens: int = 16_384  # padded tokens per forward pass (batcher.DEFAULT_MAX_BATCH_TOKENS)
+    cuda_graphs: bool = True  # the torch engine on a GPU replays CUDA graphs (serving/graphs.py)
 
 
 def build_app(options: ServeOptions, metrics_dir: str | None = None):
@@ -58,11 +59,14 @@ def build_app(options: ServeOptions, metrics_dir: str | None = None):
     from ftcli.serving.app import create_app
     from ftcli.serving.batcher import Batcher
     from ftcli.serving.engines import cpu_threads
+    from ftcli.serving.graphs import with_cuda_graphs
     from ftcli.serving.metrics import ServingMetrics
     from ftcli.serving.requests import Limits
     from ftcli.serving.served import load_served
 
     served = load_served(options.run_path, options.engine, options.quantized, cpu_threads(options.workers))
+    if options.cuda_graphs:
+        served = replace(served, engine=with_cuda_graphs(served.engine, options.max_batch, options.max_batch_tokens))
     metrics = ServingMetrics(options.max_batch, metrics_dir)
     batcher = Batcher(
         served.engine, served.tokenizer.pad_token_id, served.config.data.max_length, options.max_batch,

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -33,6 +34,7 @@ import torch
 
 from ftcli.data.batching import MODEL_COLUMNS, pad_rows, round_up
 from ftcli.serving.engines import Engine
+from ftcli.serving.graphs import GraphedEngine, most_rows, row_buckets
 from ftcli.serving.metrics import ServingMetrics
 
 log = logging.getLogger("ftcli.serve")
@@ -218,17 +220,29 @@ def _fail(batch: list[_Pending], error: Exception) -> None:
 
 def warm_up(batcher: Batcher, sample: Row) -> None:
     """Run the shapes a server will see first, so the first requests pay no one-time costs
-    (kernel selection, memory pools, onnxruntime's first-run setup): one row and max_batch rows,
-    at the shortest and the longest length; on a GPU at every length bucket. The larger count is
-    the most rows of that length max_batch_tokens lets into one batch."""
-    device = batcher.engine.device.type
-    lengths = {len(sample["input_ids"]), batcher.max_length}
-    if device == "cuda":
-        lengths |= {bucket_length(length, "cuda", batcher.max_length) for length in range(1, batcher.max_length + 1)}
-    for length in sorted(lengths):
-        row = {name: (values * length)[:length] for name, values in sample.items() if name in MODEL_COLUMNS}
-        fits = batcher.max_batch_tokens // bucket_length(length, device, batcher.max_length)
-        for count in sorted({1, max(1, min(batcher.max_batch, fits))}):
+    (kernel selection, memory pools, onnxruntime's first-run setup, a graphed engine's capture)."""
+    engine = batcher.engine
+    shapes = warm_up_shapes(
+        engine.device.type, len(sample["input_ids"]), batcher.max_length, batcher.max_batch, batcher.max_batch_tokens
+    )
+    with engine.capturing() if isinstance(engine, GraphedEngine) else nullcontext():
+        for count, length in shapes:
+            row = {name: (values * length)[:length] for name, values in sample.items() if name in MODEL_COLUMNS}
             batcher.forward([row] * count)
-    if batcher.engine.device.type == "cuda":
+    if engine.device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def warm_up_shapes(
+    device_type: str, sample_length: int, max_length: int, max_batch: int, max_batch_tokens: int
+) -> list[tuple[int, int]]:
+    """The (rows, padded length) shapes of warm-up, most tokens first (so that one CUDA graph
+    memory pool, sized by the largest, serves the rest): one row and the most rows that
+    max_batch_tokens lets into a batch, at the sample's length and the longest; on a GPU at every
+    length bucket and every row count a graphed engine pads to (graphs.row_buckets)."""
+    lengths = {sample_length, max_length} | (set(range(1, max_length + 1)) if device_type == "cuda" else set())
+    shapes = set()
+    for length in {bucket_length(length, device_type, max_length) for length in lengths}:
+        most = most_rows(length, max_batch, max_batch_tokens)
+        shapes |= {(count, length) for count in (row_buckets(most) if device_type == "cuda" else {1, most})}
+    return sorted(shapes, key=lambda shape: (-shape[0] * shape[1], -shape[1]))

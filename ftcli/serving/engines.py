@@ -1,7 +1,11 @@
 """What computes a padded batch's logits for the server: the run's PyTorch model, or its ONNX
 export through onnxruntime. Both take int64 token tensors (input_ids, attention_mask and, where
 the model has them, token_type_ids) and give fp32 logits on the host, so the batcher and the
-routes never know which one runs."""
+routes never know which one runs. On a GPU, serving/graphs.py replays the torch engine's forward
+pass as CUDA graphs.
+
+The ONNX modules are imported only where an ONNX engine is made, so that the torch engine (and the
+graphed one) needs only torch and transformers."""
 
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ from transformers import PreTrainedModel
 
 from ftcli.errors import FtcliError
 from ftcli.extras import require
-from ftcli.onnx_predict import check_export_files, open_session, stale_export
 from ftcli.runs.rundir import INT8_FILE, ONNX_FILE, RunDir
 from ftcli.runtime import Runtime
 
@@ -26,6 +29,7 @@ class Engine(Protocol):
     name: str
     device: torch.device
     file: str  # what it computes with: model/ or an ONNX file
+    cuda_graphs: bool  # whether its forward passes replay CUDA graphs (/v1/info)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         """fp32 logits of one padded batch, one row per example, on the host."""
@@ -43,6 +47,7 @@ class TorchEngine:
     CPUs that compute bf16 natively)."""
 
     name = "torch"
+    cuda_graphs = False
 
     def __init__(self, model: PreTrainedModel, runtime: Runtime, file: str, threads: int) -> None:
         if runtime.device.type == "cpu":
@@ -52,16 +57,24 @@ class TorchEngine:
 
     def logits(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         inputs = {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
-        with torch.inference_mode(), self.runtime.attention_kernels(), self.runtime.autocast():
-            return self.model(**inputs).logits.float().cpu().numpy()
+        return self.forward(inputs).cpu().numpy()
+
+    def forward(self, inputs: dict[str, torch.Tensor], cache: bool = True) -> torch.Tensor:
+        """fp32 logits on the device of token tensors already there (cache: the autocast cache,
+        off in a captured forward)."""
+        with torch.inference_mode(), self.runtime.attention_kernels(), self.runtime.autocast(cache):
+            return self.model(**inputs).logits.float()
 
 
 class OnnxEngine:
     """An ONNX export on onnxruntime: CUDA where onnxruntime-gpu and a GPU are there, else the CPU."""
 
     name = "onnx"
+    cuda_graphs = False
 
     def __init__(self, onnx_file: Path, threads: int) -> None:
+        from ftcli.onnx_predict import open_session
+
         require("onnxruntime", "export", "ftcli serve --engine onnx")
         self.session = open_session(onnx_file, threads, cuda=torch.cuda.is_available())
         self.inputs = [node.name for node in self.session.get_inputs()]
@@ -76,6 +89,8 @@ class OnnxEngine:
 def onnx_file_of(run: RunDir, quantized: bool) -> Path:
     """The export to serve; missing, stale or damaged, a user error that says which export command
     writes it. The whole file is hashed: once per start, beside seconds of loading the run."""
+    from ftcli.onnx_predict import check_export_files, stale_export
+
     path = run.export_dir / (INT8_FILE if quantized else ONNX_FILE)
     if not path.is_file():
         command = f"ftcli export {run.path} --format onnx" + (" --quantize int8" if quantized else "")

@@ -173,7 +173,7 @@ class ServedModel:
             "labels": self.label_names, "thresholds": thresholds,
             "text_fields": self.text_fields, "max_length": self.config.data.max_length,
             "long_text": self.config.data.long_text, "engine": self.engine.name,
-            "device": str(self.engine.device), "precision": self.precision, **batcher_settings, "versions": versions,
+            "device": str(self.engine.device), "cuda_graphs": self.engine.cuda_graphs, "precision": self.precision, **batcher_settings, "versions": versions,
         }
 
 

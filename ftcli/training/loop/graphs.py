@@ -18,6 +18,7 @@ from torch import nn
 
 from ftcli.data.batching import DeviceTensors
 from ftcli.objective import Objective, clip_scale
+from ftcli.runtime import end_failed_capture, first_cause
 
 if TYPE_CHECKING:  # Triton is imported only where the fused kernels run
     from ftcli.training.loop.fused import FusedLayers
@@ -188,7 +189,7 @@ class GraphedTrainStep:
             self._outputs.clear()
             for parameter in self.parameters:
                 parameter.grad = None  # not views of the flat buffer: an eager step after this one owns them
-            _end_generator_capture(self.device)
+            end_failed_capture(self.device)
             raise
         finally:
             torch.cuda.set_rng_state(rng_state, self.device)
@@ -210,7 +211,7 @@ class GraphedTrainStep:
                 with torch.cuda.graph(graph, pool=pool):
                     self._outputs[length] = self._step(length)
             except Exception as error:  # the warm-up ran the same step eagerly: only capturing it failed
-                raise CaptureFailed(_first_cause(error)) from error
+                raise CaptureFailed(first_cause(error)) from error
             pool = graph.pool()
             self._graphs[length] = graph
         torch.cuda.synchronize()
@@ -248,20 +249,3 @@ class GraphedTrainStep:
         self._graphs[bucket].replay()
         return self._outputs[bucket]
 
-
-def _first_cause(error: BaseException) -> str:
-    """The first line of the error that started a chain: a failed capture raises again on leaving
-    the capture, and that second error says less."""
-    while error.__context__ is not None:
-        error = error.__context__
-    lines = str(error).splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def _end_generator_capture(device: torch.device) -> None:
-    """A capture that CUDA invalidated ends without telling PyTorch's CUDA generator, which then
-    refuses to draw dropout masks outside a capture ("Offset increment outside graph capture",
-    seen on an H200). A capture that ends normally tells it."""
-    scratch = torch.zeros(1, device=device)
-    with torch.cuda.graph(torch.cuda.CUDAGraph()):
-        scratch.add_(1)
