@@ -72,7 +72,7 @@ def flop_rates(model: torch.nn.Module, token_level: bool) -> FlopRates:
     per token or, for an encoder's sequence-level head, per row; attention's 12 x layers x width."""
     transformer = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's wrapper
     config = transformer.config
-    per_row_modules = set()
+    per_row_modules: set[str] = set()
     if not token_level and not is_decoder(config):
         per_row_modules = set(head_modules(transformer)) | {f"{transformer.base_model_prefix}.pooler"}
     per_row = per_token = 0
