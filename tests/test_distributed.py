@@ -97,7 +97,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(
     metrics_one = json.loads((one / "metrics.json").read_text())
     metrics_two = json.loads((two / "metrics.json").read_text())
     assert_close(metrics_one["validation"], metrics_two["validation"])
-    for key in ("global_step", "epoch", "train_samples"):
+    # Tokens and model FLOPs summed over both processes (the fixture's texts are all as long: the same padding).
+    for key in ("global_step", "epoch", "train_samples", "real_tokens", "padded_tokens", "model_flops"):
         assert metrics_two["train"][key] == metrics_one["train"][key], key
     assert metrics_two["train"]["train_samples"] == 2 * 64  # two processes of 4 examples a step, 2 epochs
     assert [p.name for p in (two / "checkpoints").iterdir()] == [p.name for p in (one / "checkpoints").iterdir()]

@@ -107,13 +107,14 @@ def test_report_compares_several_runs_side_by_side(tmp_path):
         "healthy",
         decaying(60),
         [0.3, 0.21, 0.2, 0.195, 0.196, 0.195],
-        metrics={"train": {"global_step": 300, "epoch": 6.0, "train_seconds": 125.0, "train_samples_per_second": 19.2}},
+        metrics={"train": {"global_step": 300, "epoch": 6.0, "train_seconds": 125.0, "train_samples_per_second": 19.2,
+                           "achieved_flops_per_second": 1.254e12}},
     )
     result = invoke("report", str(overfit), str(healthy), "--html")
     assert result.exit_code == 0, result.output
     output = result.output.replace("\n", "")
     assert f"comparison: {runs / 'comparison.png'}" in output and f"html report: {runs / 'report.html'}" in output
-    assert "wall time 2m 05s" in output and "throughput 19.2 samples/s" in output
+    assert "wall time 2m 05s" in output and "throughput 19.2 samples/s" in output and "achieved 1.25 TFLOP/s" in output
     assert "unfinished" in output  # the run without metrics.json
     assert png_size((runs / "comparison.png").read_bytes()) == (1200, 800)
     assert json.loads((overfit / "diagnosis.json").read_text())["verdict"] == "overfitting"

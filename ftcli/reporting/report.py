@@ -16,7 +16,7 @@ from ftcli.metrics import higher_is_better
 from ftcli.reporting.curves import comparison_figure, reliability_figure, run_figure, write_png
 from ftcli.reporting.diagnosis import Diagnosis, diagnose
 from ftcli.reporting.events import best_eval_step, eval_metric_names, finite, series
-from ftcli.reporting.formatting import format_number
+from ftcli.reporting.formatting import format_flops, format_number
 from ftcli.runs.rundir import CALIBRATION_FILE, RunDir
 from ftcli import tasks
 
@@ -178,7 +178,7 @@ def _count(parameters: int) -> str:
 
 
 def run_stats(report: RunReport) -> dict[str, str]:
-    """Steps, epochs, wall time, throughput and peak GPU memory, from metrics.json (or the events of an unfinished run)."""
+    """Steps, epochs, wall time, throughput, achieved FLOP/s and peak GPU memory, from metrics.json (or the events of an unfinished run)."""
     train = report.metrics.get("train") or {}
     last = report.events[-1]
     stats = {
@@ -189,6 +189,8 @@ def run_stats(report: RunReport) -> dict[str, str]:
         stats["wall time"] = _duration(train["train_seconds"])
     if "train_samples_per_second" in train:
         stats["throughput"] = f"{train['train_samples_per_second']:,.1f} samples/s"
+    if "achieved_flops_per_second" in train:  # model FLOPs over the training time (training/flops.py)
+        stats["achieved"] = f"{format_flops(train['achieved_flops_per_second'])}/s"
     if "peak_gpu_memory_bytes" in train:  # runs on a GPU (runtime.peak_memory)
         stats["peak GPU memory"] = f"{train['peak_gpu_memory_bytes'] / 2**30:.2f} GiB"
     if train.get("stopped_early"):

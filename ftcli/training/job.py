@@ -98,6 +98,8 @@ class TrainOutcome:
     best_score: float | None = None
     stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # The model FLOPs of the steps trained (training/flops.py), over every process; None: not counted.
+    model_flops: int | None = None
     # A backend may return while its last checkpoint is still being written; the recipe calls this
     # (on every process) before the run is complete.
     settle_saves: Callable[[], None] = field(default=lambda: None, repr=False)
@@ -114,7 +116,13 @@ class TrainOutcome:
             "best_score": self.best_score,
             "stopped_early": self.stopped_early,
             "train_samples_per_second": self.train_samples / seconds,
-        } | self.extra
+        } | self._flops(seconds) | self.extra
+
+    def _flops(self, seconds: float) -> dict[str, Any]:
+        # Over train_seconds: the loop backend's evaluations and checkpoint saves inside training included.
+        if self.model_flops is None:
+            return {}
+        return {"model_flops": self.model_flops, "achieved_flops_per_second": self.model_flops / seconds}
 
 
 class Backend(Protocol):

@@ -35,6 +35,7 @@ from ftcli.inference import evaluate_dataset
 from ftcli.metrics import MetricSuite, higher_is_better, primary_metric
 from ftcli.runs import checkpoints
 from ftcli.runtime import Runtime
+from ftcli.training.flops import Fed, all_fed, flop_rates
 from ftcli.training.job import TrainJob, TrainOutcome
 from ftcli.objective import Objective
 from ftcli.training.optim import build_scheduler, trainer_optimizer
@@ -72,6 +73,7 @@ class TrainerBackend:
         trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
         seconds = time.perf_counter() - started
         state, args = trainer.state, trainer.args
+        real_tokens, fed = all_fed(trainer.accelerator, trainer.real_tokens, trainer.fed)
         if job.stop_signals.signal_number and state.global_step < state.max_steps:
             raise job.stop_signals.interrupted(job.run, state.global_step)
         return TrainOutcome(
@@ -84,7 +86,8 @@ class TrainerBackend:
             best_checkpoint=state.best_model_checkpoint,
             best_score=state.best_metric,
             stopped_early=state.global_step < state.max_steps,
-            extra={"real_tokens": int(trainer.real_tokens), "padded_tokens": trainer.padded_tokens, "kernels": KERNELS},
+            extra={"real_tokens": real_tokens, "padded_tokens": fed.tokens, "kernels": KERNELS},
+            model_flops=flop_rates(trainer.model, tasks.get(job.config.task).token_level).flops(fed),
         )
 
 
@@ -144,8 +147,8 @@ class _ObjectiveTrainer(Trainer):
     def __init__(self, *args, job: TrainJob, objective: Objective, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.job, self.training, self.objective = job, job.config.training, objective
-        self.real_tokens: torch.Tensor | int = 0
-        self.padded_tokens = 0
+        self.real_tokens: torch.Tensor | int = 0  # this process's
+        self.fed = Fed()  # this process's
         self.loss_watch: LossWatch | None = None
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -167,7 +170,7 @@ class _ObjectiveTrainer(Trainer):
         if model.training:
             mask = inputs["attention_mask"]
             self.real_tokens = mask.sum() + self.real_tokens  # stays on the device: no sync per step
-            self.padded_tokens += mask.numel()
+            self.fed.add(*mask.shape)
             if self.loss_watch is None:
                 self.loss_watch = LossWatch(mask.device)
             self.loss_watch.observe(loss, self.state.global_step + 1)

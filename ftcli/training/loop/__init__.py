@@ -22,11 +22,11 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
+from ftcli import tasks
 from ftcli.config import Config
 from ftcli.errors import FtcliError
 from ftcli.runs.checkpoints import load_weights
+from ftcli.training.flops import all_fed, flop_rates
 from ftcli.training.job import TrainJob, TrainOutcome
 from ftcli.training.loop.after_step import after_step
 from ftcli.training.loop.graphs import CaptureFailed
@@ -117,7 +117,7 @@ def finish(loop: Loop, why: str) -> TrainOutcome:
     state, accelerator, step = loop.state, loop.accelerator, loop.step
     loop.job.events.stop()
     seconds = time.perf_counter() - loop.started
-    tokens = accelerator.reduce(torch.stack([step.real_tokens, torch.tensor(step.padded_tokens, device=step.real_tokens.device)]))
+    real_tokens, fed = all_fed(accelerator, step.real_tokens, step.fed)
     model = accelerator.unwrap_model(loop.model, keep_fp32_wrapper=False)
     # The model holds the best weights already when the best is the last: the one still being written.
     if state.best_checkpoint is not None and state.best_checkpoint != str(loop.checkpoints.newest):
@@ -137,6 +137,7 @@ def finish(loop: Loop, why: str) -> TrainOutcome:
         best_checkpoint=state.best_checkpoint,
         best_score=state.best_checkpoint_score,
         stopped_early=loop.stopped_early,
-        extra={"real_tokens": int(tokens[0]), "padded_tokens": int(tokens[1])} | how,
+        extra={"real_tokens": real_tokens, "padded_tokens": fed.tokens} | how,
         settle_saves=loop.checkpoints.close,
+        model_flops=flop_rates(model, tasks.get(loop.job.config.task).token_level).flops(fed),
     )

@@ -235,10 +235,6 @@ class GraphedTrainStep:
                 return bucket
         raise ValueError(f"sequence length {length} exceeds the largest bucket {self.buckets[-1]}")
 
-    def padded_tokens(self, rows: np.ndarray) -> int:
-        """Tokens the step computes for these rows, padding and empty slots included."""
-        return self.batch_size * self.bucket_for(rows)
-
     def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on at most batch_size rows of the training set; returns (summed loss, grad norm)."""
         slots = np.full(self.batch_size, -1, dtype=np.int64)

@@ -16,6 +16,7 @@ from datasets import Dataset
 
 from ftcli.config import TrainingConfig
 from ftcli.data.batching import DOCUMENT_COLUMNS, TEACHER_COLUMNS, DeviceTensors, collate
+from ftcli.training.flops import Fed
 from ftcli.training.loop.evaluation import private_generator
 from ftcli.training.loop.graphs import GraphedTrainStep
 from ftcli.training.loop.plan import BatchPlan
@@ -52,7 +53,7 @@ class EagerStep:
         self.pad_multiple = training.resolved_pad_multiple(accelerator.device.type)
         self.grad_norm: torch.Tensor | None = None
         self.real_tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)  # this process's
-        self.padded_tokens = 0
+        self.fed = Fed()  # this process's
 
     def batches(self, global_batches: list[np.ndarray]) -> DataLoaderShard:
         shares = [self.plan.share(batch, self.accelerator.process_index) for batch in global_batches]
@@ -66,7 +67,7 @@ class EagerStep:
                 batch.pop(column, None)
             targets = {column: batch.pop(column) for column in TEACHER_COLUMNS if column in batch}  # a student's
             self.real_tokens += batch["attention_mask"].sum()  # a device tensor: no sync
-            self.padded_tokens += batch["input_ids"].numel()
+            self.fed.add(*batch["input_ids"].shape)
             loss_sum = self.objective.training_loss_sum(self.model(**batch).logits, labels, **targets)
             # accelerator.backward divides by grad_accum and DDP averages over processes: undo
             # both, so the step's gradient is the mean over exactly the examples of the step.
@@ -94,7 +95,7 @@ class GraphedStep:
         self.graphed, self.scheduler, self.data = graphed, scheduler, data
         self.grad_norm: torch.Tensor | None = None
         self.real_tokens = torch.zeros((), dtype=torch.long, device=graphed.device)
-        self.padded_tokens = 0
+        self.fed = Fed()
 
     def batches(self, global_batches: list[np.ndarray]) -> list[np.ndarray]:
         return global_batches
@@ -103,7 +104,8 @@ class GraphedStep:
         loss_sum, self.grad_norm = self.graphed(rows)
         self.scheduler.step()
         self.real_tokens += int(self.data.lengths[rows].sum())
-        self.padded_tokens += self.graphed.padded_tokens(rows)
+        # The graph computes every slot of its batch at its bucket's length, empty slots and padding included.
+        self.fed.add(self.graphed.batch_size, self.graphed.bucket_for(rows))
         return MicroStep(loss_sum, len(rows), True)
 
 
