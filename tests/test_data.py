@@ -293,3 +293,32 @@ def test_whole_number_floats_and_boolean_text_are_ids_and_names(tmp_path, tokeni
     from_csv = prepare(DataConfig(train=str(write_rows(tmp_path / "b.csv", csv_rows))), tokenizer, "single_label")
     from_json = prepare(DataConfig(train=str(write_rows(tmp_path / "b.jsonl", json_rows))), tokenizer, "single_label")
     assert from_csv.label_names == from_json.label_names == ["false", "true"]
+
+
+LONG = "the plot was " + "rather slow and " * 12 + "then wonderful"
+
+
+@pytest.mark.parametrize(
+    ("task", "fields", "rows", "long_text"),
+    [
+        ("single_label", ["text"], [{"text": "a lovely film"}, {"text": LONG}], "truncate"),
+        ("single_label", ["premise", "claim"], [{"premise": LONG, "claim": "a short claim"}, {"premise": "brief", "claim": "no"}], "window"),
+        ("token_classification", ["tokens"], [{"tokens": LONG.split()}, {"tokens": "Smith went to Paris"}], "window"),
+        ("token_classification", ["tokens"], [{"tokens": LONG.split()}], "truncate"),
+    ],
+    ids=["texts-truncated", "pairs-windowed", "words-windowed", "words-truncated"],
+)
+def test_predicts_columns_are_the_rows_of_the_training_split(tokenizer, task, fields, rows, long_text):
+    """ftcli predict tokenizes without datasets (tokenize_columns): the rows, columns and their
+    order are those tokenize_for's Dataset holds, so its predictions are those of a Dataset."""
+    from ftcli.config import validate
+    from ftcli.data.prepare import tokenize_columns, tokenize_for
+
+    data = validate(
+        {"name": "x", "task": task, "data": {"train": "t.jsonl", "text_fields": fields, "max_length": 12, "long_text": long_text, "stride": 4}}
+    ).data
+    dataset, columns = tokenize_for(task, rows, data, tokenizer), tokenize_columns(task, rows, data, tokenizer)
+    assert columns.column_names == dataset.column_names and len(columns) == len(dataset)
+    assert ("doc" in columns.column_names) == (long_text == "window")  # the long text was read in windows
+    assert columns.to_list() == dataset.to_list() == list(columns)
+    assert all(columns[name] == list(dataset[name]) for name in dataset.column_names)

@@ -144,7 +144,7 @@ def _predict_with_torch(
 ) -> list[dict[str, Any]]:
     """Each row's prediction fields from the PyTorch model, in the rows' order."""
     # Imported here: torch and transformers take seconds to import, and the ONNX path uses neither.
-    from ftcli.data.prepare import tokenize_for
+    from ftcli.data.prepare import tokenize_columns
     from ftcli.inference import predict_scores
     from ftcli.modeling import label_names_of
     from ftcli.runs.loading import load_run
@@ -154,7 +154,7 @@ def _predict_with_torch(
     config, tokenizer, objective = loaded.config, loaded.tokenizer, loaded.objective
     runtime = Runtime.resolve(precision or config.training.precision)
     model = loaded.model.to(runtime.device)
-    dataset = tokenize_for(config.task, rows, config.data, tokenizer)
+    dataset = tokenize_columns(config.task, rows, config.data, tokenizer)
     scores = predict_scores(model, dataset, config.training.eval_batch_size, tokenizer.pad_token_id, runtime, objective)
     return tasks.get(config.task).row_predictions(objective, label_names_of(model), scores, dataset, rows, config.data)
 

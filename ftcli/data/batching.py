@@ -6,13 +6,15 @@ the whole split padded once onto the GPU.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from datasets import Dataset
 
 from ftcli.data.padding import pad_array
+
+if TYPE_CHECKING:  # only annotations: ftcli predict batches rows without datasets (seconds to import)
+    from datasets import Dataset
 
 MODEL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
 # A window's document, and (token_classification) each of its tokens' place there or -1: no model input.

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset, DatasetDict
 
 from ftcli.config import FoldConfig
 from ftcli.errors import FtcliError
 from ftcli import tasks
+
+if TYPE_CHECKING:  # imported where a fold is cut: ftcli predict imports this module and needs no datasets
+    from datasets import Dataset, DatasetDict
 
 log = logging.getLogger("ftcli")
 
@@ -72,6 +75,8 @@ def hold_out(splits: DatasetDict, task: str, fold: FoldConfig) -> tuple[DatasetD
     }
     held = {split: select_documents(train, documents) for split, documents in origin.items()}
     others = {split: dataset for split, dataset in splits.items() if split not in held}
+    from datasets import DatasetDict
+
     return DatasetDict({**others, **held}), origin
 
 

@@ -12,12 +12,12 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 from ftcli.config import UNLABELED, DataConfig
@@ -28,6 +28,9 @@ from ftcli.errors import FtcliError
 from ftcli.fileio import cache_home
 from ftcli.formats import Rows, check_texts, check_words
 from ftcli import tasks
+
+if TYPE_CHECKING:  # datasets is imported where a split is built or read: it takes seconds, and predict needs none
+    from datasets import Dataset, DatasetDict
 
 log = logging.getLogger("ftcli")
 
@@ -173,34 +176,68 @@ def cache_root() -> Path:
     return cache_home() / "prepared"
 
 
+class Columns:
+    """Tokenized rows held as a list per column: the part of a datasets.Dataset that the forward
+    passes and row_predictions read (column_names, a column, len, to_list, its rows in order),
+    for ftcli predict, which builds no Dataset: importing datasets alone takes seconds."""
+
+    def __init__(self, columns: dict[str, list]) -> None:
+        self.columns = columns
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.columns)
+
+    def __len__(self) -> int:
+        return len(self.columns["input_ids"])
+
+    def __getitem__(self, column: str) -> list:
+        return self.columns[column]
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, values)) for values in zip(*self.columns.values())]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.to_list())
+
+
 def tokenize_rows(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
     """Tokenize (pairs as pairs) in batches, without padding: batches pad later. A text longer
     than data.max_length is truncated, or with data.long_text: window split into windows that
     share data.stride tokens, each a row whose `doc` column is its example's index."""
+    from datasets import Dataset
+
     columns = {column: [row[column] for row in rows] for column in data.text_fields}
-    window = data.long_text == "window"
-
-    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        texts = [batch[column] for column in data.text_fields]
-        full = [len(ids) for ids in tokenizer(*texts, truncation=False, add_special_tokens=True)["input_ids"]]
-        if not window:
-            encoded = tokenizer(*texts, truncation=True, max_length=data.max_length)
-            return dict(encoded) | {"length": [len(ids) for ids in encoded["input_ids"]], "full_length": full}
-        _check_room(texts, indices, data, tokenizer)
-        encoded = tokenizer(
-            *texts, truncation="only_first" if len(texts) == 2 else True, max_length=data.max_length,
-            stride=data.stride, return_overflowing_tokens=True,
-        )
-        origin = encoded.pop("overflow_to_sample_mapping")
-        return dict(encoded) | {
-            "length": [len(ids) for ids in encoded["input_ids"]],
-            "full_length": [full[source] for source in origin],
-            "doc": [indices[source] for source in origin],
-        }
-
     return Dataset.from_dict(columns).map(
-        encode, batched=True, batch_size=1000, with_indices=True, remove_columns=list(data.text_fields)
+        lambda batch, indices: _encoded_texts(batch, indices, data, tokenizer),
+        batched=True, batch_size=1000, with_indices=True, remove_columns=list(data.text_fields),
     )
+
+
+def text_columns(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
+    """tokenize_rows' columns as lists, in one batch (the same rows: each text is tokenized alone)."""
+    columns = {column: [row[column] for row in rows] for column in data.text_fields}
+    return _encoded_texts(columns, list(range(len(rows))), data, tokenizer)
+
+
+def _encoded_texts(batch: dict[str, list], indices: list[int], data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
+    """A batch of rows' texts (the rows at `indices`) tokenized as tokenize_rows says, by column."""
+    texts = [batch[column] for column in data.text_fields]
+    full = [len(ids) for ids in tokenizer(*texts, truncation=False, add_special_tokens=True)["input_ids"]]
+    if data.long_text != "window":
+        encoded = tokenizer(*texts, truncation=True, max_length=data.max_length)
+        return dict(encoded) | {"length": [len(ids) for ids in encoded["input_ids"]], "full_length": full}
+    _check_room(texts, indices, data, tokenizer)
+    encoded = tokenizer(
+        *texts, truncation="only_first" if len(texts) == 2 else True, max_length=data.max_length,
+        stride=data.stride, return_overflowing_tokens=True,
+    )
+    origin = encoded.pop("overflow_to_sample_mapping")
+    return dict(encoded) | {
+        "length": [len(ids) for ids in encoded["input_ids"]],
+        "full_length": [full[source] for source in origin],
+        "doc": [indices[source] for source in origin],
+    }
 
 
 def tokenize_words(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Dataset:
@@ -212,6 +249,8 @@ def tokenize_words(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerB
     window is the one that reports it (`doc_positions`, -1 elsewhere); with long_text: truncate
     it is cut, with a warning counting what was cut. A split with no sentence too long gets no
     window columns: its rows are exactly those of a sentence tokenized whole."""
+    from datasets import Dataset
+
     return Dataset.from_dict(word_columns(rows, data, tokenizer))
 
 
@@ -345,6 +384,11 @@ def tokenize_for(task: str, rows: Rows, data: DataConfig, tokenizer: PreTrainedT
     return (tokenize_words if tasks.get(task).token_level else tokenize_rows)(rows, data, tokenizer)
 
 
+def tokenize_columns(task: str, rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Columns:
+    """tokenize_for's rows as Columns, without datasets: the same columns and values (ftcli predict)."""
+    return Columns((word_columns if tasks.get(task).token_level else text_columns)(rows, data, tokenizer))
+
+
 def label_values(column: list, task: str) -> Any:
     """A split's labels as the task summarises them: an array, or (a label per token) the lists."""
     return column if tasks.get(task).token_level else np.asarray(column)
@@ -401,6 +445,8 @@ def _build(
     splits, summary = {}, {}
     for split, rows in raw.items():
         splits[split], summary[split] = _prepare_split(split, rows, data, tokenizer, task, label_names)
+    from datasets import DatasetDict
+
     return Prepared(DatasetDict(splits), label_names, summary, fingerprint, cache_dir)
 
 
@@ -511,6 +557,8 @@ def _save_cache(prepared: Prepared) -> None:
 def _load_cached(cache_dir: Path, fingerprint: str) -> Prepared | None:
     """The cached splits; None when the cache entry is damaged (a disk that filled while it was
     written, a copy cut short), deleted so that the splits are tokenized and cached again."""
+    from datasets import load_from_disk
+
     try:
         meta = json.loads((cache_dir / "meta.json").read_text(encoding="utf-8"))
         splits = load_from_disk(str(cache_dir / "splits"))
