@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from ftcli.data.batching import DOCUMENT_COLUMNS, IGNORE_LABEL, collate, label_tensor, pad_rows
+from ftcli.data.batching import DOCUMENT_COLUMNS, IGNORE_LABEL, collate, column, label_tensor, pad_rows
 from ftcli.data.padding import length_sorted_batches
 from ftcli.metrics import MetricSuite
 from ftcli.runtime import Runtime
@@ -34,7 +34,7 @@ def iterate_logits(
     rows = dataset.to_list()
     model.eval()
     with torch.inference_mode(), runtime.attention_kernels():
-        for indices in length_sorted_batches(dataset["length"], batch_size):
+        for indices in length_sorted_batches(column(dataset, "length"), batch_size):
             batch = collate([rows[i] for i in indices], pad_token_id)
             batch = {key: value.to(runtime.device, non_blocking=True) for key, value in batch.items()}
             inputs = {key: value for key, value in batch.items() if key != "labels" and key not in DOCUMENT_COLUMNS}
@@ -52,10 +52,10 @@ def documents_of(dataset: Dataset | Columns) -> tuple[torch.Tensor, ...] | None:
     longest row as its logits are; else None. What objective.aggregate takes after the logits."""
     if "doc" not in dataset.column_names:
         return None
-    documents = torch.tensor(dataset["doc"])
+    documents = torch.tensor(column(dataset, "doc"))
     found = (documents, int(documents.max()) + 1 if len(documents) else 0)
     if "doc_positions" in dataset.column_names:
-        found += (pad_rows(dataset["doc_positions"], max(dataset["length"], default=0), -1),)
+        found += (pad_rows(column(dataset, "doc_positions"), max(column(dataset, "length"), default=0), -1),)
     return found
 
 
@@ -125,7 +125,7 @@ def logits_store(model: PreTrainedModel, dataset: Dataset | Columns) -> torch.Te
     """Zeros for a split's logits: a row per example, or (a tag per token) a row per token of
     each, as many as the longest example's."""
     if "word_ids" in dataset.column_names:  # tokenized as words: token_classification
-        return torch.zeros(len(dataset), max(dataset["length"], default=0), model.config.num_labels)
+        return torch.zeros(len(dataset), max(column(dataset, "length"), default=0), model.config.num_labels)
     return torch.zeros(len(dataset), model.config.num_labels)
 
 
@@ -140,7 +140,7 @@ def keep(logits: torch.Tensor, indices: np.ndarray, batch_logits: torch.Tensor) 
 
 def document_labels(dataset: Dataset, objective: Objective) -> torch.Tensor:
     """Every example's label (a windowed split's per document), in the dataset's order."""
-    labels = label_tensor(dataset["labels"], max(dataset["length"], default=0))
+    labels = label_tensor(column(dataset, "labels"), max(column(dataset, "length"), default=0))
     documents = documents_of(dataset)
     return labels if documents is None else objective.aggregate_labels(labels, *documents)
 

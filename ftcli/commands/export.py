@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from datasets import Dataset
 
-from ftcli.data.batching import collate
+from ftcli.data.batching import collate, column
 from ftcli.data.padding import length_sorted_batches
 from ftcli.data.prepare import prepare
 from ftcli import tasks
@@ -187,7 +187,7 @@ def onnx_metric(onnx_file: Path, dataset: Dataset, loaded: LoadedRun, metric: st
     rows = dataset.to_list()
 
     def batches():
-        for indices in length_sorted_batches(dataset["length"], config.training.eval_batch_size):
+        for indices in length_sorted_batches(column(dataset, "length"), config.training.eval_batch_size):
             batch = collate([rows[index] for index in indices], loaded.tokenizer.pad_token_id)
             logits = torch.from_numpy(session.run(["logits"], {name: batch[name].numpy() for name in names})[0])
             yield (logits, batch["labels"], batch["doc"]) if "doc" in batch else (logits, batch["labels"])

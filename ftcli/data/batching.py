@@ -28,6 +28,13 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def column(split: Any, name: str) -> list:
+    """A split's column as a list. datasets 5 answers split[name] with a lazy Column, which numpy,
+    torch and max() read one element at a time (43k ints: 2.3 s for np.asarray, 22 s for
+    torch.tensor, against 0.01 and 0.03 s from the list it gives whole)."""
+    return split[name][:]
+
+
 def pad_rows(sequences: list[list[int]], length: int, value: int) -> torch.Tensor:
     """Sequences as one int64 tensor of `length` columns, padded with `value`."""
     return torch.from_numpy(pad_array(sequences, length, value))
@@ -82,7 +89,7 @@ def label_tensor(labels: list, width: int | None = None) -> torch.Tensor:
     class ids (a tag per token) as int64 padded to `width` tokens with IGNORE_LABEL."""
     if labels and isinstance(labels[0], list) and all(isinstance(value, int) for row in labels for value in row):
         return pad_rows(labels, width or max(map(len, labels)), IGNORE_LABEL)
-    values = torch.tensor(labels)
+    values = torch.from_numpy(np.asarray(labels))  # 4x faster than torch.tensor on a list of rows; the same values
     return values.float() if values.is_floating_point() else values.long()
 
 
@@ -105,24 +112,24 @@ class DeviceTensors:
 
     def __init__(self, dataset: Dataset, pad_token_id: int, device: torch.device, pad_to_multiple_of: int | None = None) -> None:
         rows = dataset.with_format(None)
-        self.lengths = np.asarray(rows["length"])
+        self.lengths = np.asarray(column(rows, "length"))
         self.pad_to_multiple_of = pad_to_multiple_of
         self.width = int(self.lengths.max())
         if pad_to_multiple_of:
             self.width = round_up(self.width, pad_to_multiple_of)
         self.tensors = {
-            column: pad_rows(rows[column], self.width, pad_token_id if column == "input_ids" else 0).to(device)
-            for column in MODEL_COLUMNS
-            if column in rows.column_names
+            name: pad_rows(column(rows, name), self.width, pad_token_id if name == "input_ids" else 0).to(device)
+            for name in MODEL_COLUMNS
+            if name in rows.column_names
         }
-        self.tensors["labels"] = label_tensor(rows["labels"], self.width).to(device)
-        targets = teacher_targets({name: rows[name] for name in TEACHER_COLUMNS if name in rows.column_names}, self.width)
+        self.tensors["labels"] = label_tensor(column(rows, "labels"), self.width).to(device)
+        targets = teacher_targets({name: column(rows, name) for name in TEACHER_COLUMNS if name in rows.column_names}, self.width)
         self.tensors |= {name: values.to(device) for name, values in targets.items()}
         self.device = device
 
     @staticmethod
     def nbytes_for(dataset: Dataset) -> int:
-        lengths = np.asarray(dataset["length"])
+        lengths = np.asarray(column(dataset, "length"))
         return int(len(lengths) * lengths.max() * 8 * len(MODEL_COLUMNS))
 
     def batch_length(self, indices: np.ndarray) -> int:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ftcli.config import FoldConfig
+from ftcli.data.batching import column
 from ftcli.errors import FtcliError
 from ftcli import tasks
 
@@ -25,14 +26,14 @@ log = logging.getLogger("ftcli")
 
 def document_ids(split: Dataset) -> np.ndarray:
     """Each row's document: its own index, or for windows (long_text: window) its doc column."""
-    return np.asarray(split["doc"]) if "doc" in split.column_names else np.arange(len(split))
+    return np.asarray(column(split, "doc")) if "doc" in split.column_names else np.arange(len(split))
 
 
 def labels_by_document(split: Dataset) -> np.ndarray | list:
     """Each document's label, in document order: its first row's (a long text's windows all carry
     it); a split tokenized as words (a tag per token) keeps its rows of tags, each as long as its row."""
     first_rows = np.unique(document_ids(split), return_index=True)[1]
-    labels = split.select(first_rows)["labels"]
+    labels = column(split.select(first_rows), "labels")
     return labels if "word_ids" in split.column_names else np.asarray(labels)
 
 

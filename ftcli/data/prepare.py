@@ -21,6 +21,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from ftcli.config import UNLABELED, DataConfig
+from ftcli.data.batching import column
 from ftcli.data.folds import hold_out
 from ftcli.data.sources import HubDataset, Joined, LocalFiles, Source
 from ftcli.data.words import prefix_spaced_backend, words_of
@@ -464,10 +465,10 @@ def _prepare_split(
         tasks.get(task).check_training_labels(labels, label_names)
     tokenized = tokenize_for(task, rows, data, tokenizer)
     if "doc" in tokenized.column_names:  # windows: each its document's label
-        labels = [labels[doc] for doc in tokenized["doc"]]
+        labels = [labels[doc] for doc in column(tokenized, "doc")]
     if tasks.get(task).token_level:  # a tag per sub-token, from each word's
-        positions = tokenized["doc_positions"] if "doc_positions" in tokenized.column_names else None
-        labels = tasks.get(task).align_labels(labels, tokenized["word_ids"], data, label_names, positions)
+        positions = column(tokenized, "doc_positions") if "doc_positions" in tokenized.column_names else None
+        labels = tasks.get(task).align_labels(labels, column(tokenized, "word_ids"), data, label_names, positions)
     tokenized = tokenized.add_column("labels", labels)
     summary = _summarize(tokenized, label_names, task, data.long_text == "window", labelled=split != UNLABELED)
     return tokenized.remove_columns("full_length"), summary
@@ -486,10 +487,10 @@ def _hold_out_fold(prepared: Prepared, data: DataConfig, task: str) -> Prepared:
     summary = dict(prepared.summary)
     for split in origin:
         # The cache keeps no untruncated lengths: a fold counts the examples cut at max_length.
-        lengths = splits[split].add_column("full_length", splits[split]["length"])
+        lengths = splits[split].add_column("full_length", column(splits[split], "length"))
         summary[split] = _summarize(lengths, prepared.label_names, task, data.long_text == "window")
         if data.long_text == "truncate":
-            summary[split].truncated = int((np.asarray(lengths["length"]) >= data.max_length).sum())
+            summary[split].truncated = int((np.asarray(column(lengths, "length")) >= data.max_length).sum())
     return replace(prepared, splits=splits, summary=summary, origin=origin)
 
 
@@ -509,16 +510,16 @@ def _summarize(tokenized: Dataset, label_names: list[str], task: str, windowing:
     token_level = tasks.get(task).token_level
     windows, windowed = (len(tokenized), 0) if windowing and token_level else (None, 0)
     # A tagger's windows each tag the words they report, once: its labels are counted over them all.
-    labels = label_values(tokenized["labels"], task) if token_level else None
+    labels = label_values(column(tokenized, "labels"), task) if token_level else None
     if "doc" in tokenized.column_names:  # one row per window: summarise the documents
-        docs = np.asarray(tokenized["doc"])
+        docs = np.asarray(column(tokenized, "doc"))
         windows, windowed = len(docs), int((np.bincount(docs) > 1).sum())
         first = np.unique(docs, return_index=True)[1]
         tokenized = tokenized.select(first)
-    full = np.asarray(tokenized["full_length"])
-    lengths = np.asarray(tokenized["length"]) if windows is None else full  # windows cut nothing
+    full = np.asarray(column(tokenized, "full_length"))
+    lengths = np.asarray(column(tokenized, "length")) if windows is None else full  # windows cut nothing
     counts, stats = ({}, None) if not labelled else tasks.get(task).label_counts(
-        label_values(tokenized["labels"], task) if labels is None else labels, label_names
+        label_values(column(tokenized, "labels"), task) if labels is None else labels, label_names
     )
     return SplitSummary(
         size=len(tokenized),
@@ -584,5 +585,5 @@ def baselines(prepared: Prepared, task: str) -> dict[str, Any] | None:
         return None
     train, validation = prepared.splits["train"], prepared.splits["validation"]
     return tasks.get(task).baseline(
-        label_values(train["labels"], task), label_values(validation["labels"], task), summary, prepared.label_names
+        label_values(column(train, "labels"), task), label_values(column(validation, "labels"), task), summary, prepared.label_names
     )

@@ -580,7 +580,7 @@ class TokenClassification(Task):
         from ftcli.tasks.single_label import class_weights
 
         return TokenObjective(
-            class_weights(config.training.class_weights, prepared), config.training.label_smoothing, pieces_per_sentence(prepared.splits["train"]["labels"]),
+            class_weights(config.training.class_weights, prepared), config.training.label_smoothing, pieces_per_sentence(prepared.splits["train"]["labels"][:]),
         )
 
     def saved_objective(self, config: Any, decider: Decider) -> TokenObjective:

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ftcli import tasks
 from ftcli.config import UNLABELED, Config
+from ftcli.data.batching import column
 from ftcli.data.prepare import Prepared, prepare, tokenizer_fingerprint
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_bytes, damaged_file
@@ -95,9 +96,9 @@ def teacher_logits(
         document_logits(teacher.model, theirs.splits[split], batch, pad, runtime, teacher.objective)
         for split in ("train", UNLABELED) if split in theirs.splits
     ]
-    documents = torch.tensor(rows["doc"]) if "doc" in rows.column_names else torch.arange(len(rows))
+    documents = torch.tensor(column(rows, "doc")) if "doc" in rows.column_names else torch.arange(len(rows))
     if len(parts) == 2:  # the unlabeled texts' documents are numbered after the training split's
-        documents = documents + torch.tensor([0 if labeled else len(parts[0]) for labeled in rows["labeled"]])
+        documents = documents + torch.tensor([0 if labeled else len(parts[0]) for labeled in column(rows, "labeled")])
     return torch.cat(parts)[documents]
 
 
@@ -105,7 +106,7 @@ def _per_row(logits: torch.Tensor, rows: Dataset) -> list:
     """Logits as a column: a row's, or a tagger's row of a row per token, cut to its length."""
     if logits.dim() == 2:
         return logits.tolist()
-    return [values[:length].tolist() for values, length in zip(logits, rows["length"])]
+    return [values[:length].tolist() for values, length in zip(logits, column(rows, "length"))]
 
 
 def _cache_key(config: Config, prepared: Prepared, rows: int) -> str:

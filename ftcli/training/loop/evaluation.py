@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from ftcli.data.batching import DOCUMENT_COLUMNS, IGNORE_LABEL, collate
+from ftcli.data.batching import DOCUMENT_COLUMNS, IGNORE_LABEL, collate, column
 from ftcli.data.padding import length_sorted_batches
 from ftcli.inference import by_document, score
 from ftcli.metrics import MetricSuite
@@ -27,7 +27,7 @@ def private_generator() -> torch.Generator:
 
 def evaluation_loader(dataset: Dataset, batch_size: int, pad_token_id: int) -> DataLoader:
     """Batches of similar lengths (little padding), longest first, as ftcli.inference evaluates."""
-    order = np.concatenate(length_sorted_batches(dataset["length"], batch_size))
+    order = np.concatenate(length_sorted_batches(column(dataset, "length"), batch_size))
     return DataLoader(
         dataset.select(order),
         batch_size=batch_size,

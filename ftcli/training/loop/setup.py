@@ -17,7 +17,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from ftcli.config import TrainingConfig
-from ftcli.data.batching import DeviceTensors
+from ftcli.data.batching import DeviceTensors, column
 from ftcli.errors import FtcliError
 from ftcli.metrics import MetricSuite
 from ftcli.training.job import TrainJob
@@ -148,7 +148,7 @@ def _plan(training: TrainingConfig, train_set: Dataset, num_processes: int) -> B
         training.grad_accum,
         training.seed,
         num_processes,
-        lengths=np.asarray(train_set["length"]) if training.group_by_length else None,
+        lengths=np.asarray(column(train_set, "length")) if training.group_by_length else None,
     )
 
 
