@@ -116,6 +116,30 @@ def test_evaluate_and_predict_answer_per_document(windowed_run, tmp_path):
     assert [row["predicted_label"] for row in rows] == [row["label"] for row in documents]
 
 
+def test_a_server_reads_long_texts_in_windows_and_answers_as_predict_does(windowed_run, tmp_path):
+    """ftcli serve's model (serving.served): each long text's windows, forwarded and put together,
+    give ftcli predict's probabilities."""
+    from ftcli.serving.batcher import Batcher
+    from ftcli.serving.metrics import ServingMetrics
+    from ftcli.serving.served import load_served
+
+    documents = late_label_rows(4, seed=4)
+    write_rows(tmp_path / "in.jsonl", [{"text": row["text"]} for row in documents])
+    predicted = invoke("predict", str(windowed_run), "--input", str(tmp_path / "in.jsonl"))
+    assert predicted.exit_code == 0, predicted.output
+    expected = [json.loads(line) for line in predicted.stdout.splitlines()]
+
+    served = load_served(windowed_run, engine="torch")
+    batcher = Batcher(served.engine, served.tokenizer.pad_token_id, MAX_LENGTH, 64, 0, 1024, ServingMetrics(64))
+    inputs = [(row["text"],) for row in documents]
+    rows = served.encode(inputs)
+    assert all(len(windows) > 1 for windows in rows)  # each text read in several windows
+    answers = served.predictions(inputs, rows, [batcher.forward(windows) for windows in rows])
+    assert [answer["predicted_label"] for answer in answers] == [row["predicted_label"] for row in expected]
+    for answer, row in zip(answers, expected):
+        assert answer["probabilities"] == pytest.approx(row["probabilities"], abs=1e-5)
+
+
 def test_calibration_of_windows_keeps_every_documents_prediction():
     # Two-class documents of three windows: one sure window and two leaning the other way. A
     # temperature below 1 makes the sure window count for less in the mean and can flip a document.

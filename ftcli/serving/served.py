@@ -1,9 +1,9 @@
 """The model a server answers with: a run's tokenizer, objective and label names beside an engine,
 and the two translations around a forward pass: texts to token rows, logits to answers.
 
-Token rows are made exactly as `ftcli predict` makes them (data.prepare.tokenize_rows: truncation
+Token rows are made exactly as `ftcli predict` makes them (data.prepare.tokenize_columns: truncation
 to data.max_length, or with long_text: window overlapping windows; a tagger's words as
-tokenize_words makes them), and answers are what `ftcli predict` gives (the task's
+word_columns makes them), and answers are what `ftcli predict` gives (the task's
 row_predictions: a tagger's entities, read off its words), so a server and the command agree.
 """
 
@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 import ftcli
 from ftcli.config import Config
 from ftcli.data.batching import MODEL_COLUMNS
-from ftcli.data.prepare import prefix_spaced, tokenize_rows, word_columns
+from ftcli.data.prepare import Columns, prefix_spaced, text_columns, word_columns
 from ftcli.errors import FtcliError
 from ftcli.modeling import label_names_of
 from ftcli.objective import Objective
@@ -100,10 +100,10 @@ class ServedModel:
 
     def _windows(self, inputs: list[Texts]) -> list[list[Row]]:
         rows = [dict(zip(self.text_fields, texts)) for texts in inputs]
-        dataset = tokenize_rows(rows, self.config.data, self.tokenizer)
-        names = [name for name in MODEL_COLUMNS if name in dataset.column_names]
+        columns = Columns(text_columns(rows, self.config.data, self.tokenizer))  # no Dataset per request
+        names = [name for name in MODEL_COLUMNS if name in columns.column_names]
         windows: list[list[Row]] = [[] for _ in inputs]
-        for window in dataset.to_list():
+        for window in columns.to_list():
             windows[window["doc"]].append({name: window[name] for name in names})
         return windows
 
