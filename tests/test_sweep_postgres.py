@@ -97,9 +97,11 @@ def test_two_workers_share_three_trials_each_run_once_and_the_study_continues(ma
     assert {trial.user_attrs["worker"] for trial in trained} == {0, 1} and len(trained) == 3
     assert all(trial.state == optuna.trial.TrialState.FAIL for trial in study.trials if trial not in trained)
 
+    # The new trial takes the study's next number: after a surplus trial (3) that is 4.
+    continued = ["0", "1", "2", str(len(study.trials))]
     again = invoke("sweep", str(experiment), "--trials", "4", "--storage", storage)  # continued, one more
     assert again.exit_code == 0, again.output
-    assert "1 run now" in again.output and [row["trial"] for row in read_trials(sweep_dir)] == ["0", "1", "2", "3"]
+    assert "1 run now" in again.output and [row["trial"] for row in read_trials(sweep_dir)] == continued
 
 
 @pytest.mark.slow
