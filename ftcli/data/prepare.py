@@ -207,11 +207,16 @@ def tokenize_rows(rows: Rows, data: DataConfig, tokenizer: PreTrainedTokenizerBa
     than data.max_length is truncated, or with data.long_text: window split into windows that
     share data.stride tokens, each a row whose `doc` column is its example's index."""
     from datasets import Dataset
+    from datasets.fingerprint import generate_random_fingerprint
 
     columns = {column: [row[column] for row in rows] for column in data.text_fields}
+    # A fingerprint given, datasets does not hash the function (with the tokenizer, its whole
+    # vocabulary pickled: 0.3-0.8 s a split); an in-memory dataset is never cached under it, and
+    # ftcli's cache has its own key (data_fingerprint).
     return Dataset.from_dict(columns).map(
         lambda batch, indices: _encoded_texts(batch, indices, data, tokenizer),
         batched=True, batch_size=1000, with_indices=True, remove_columns=list(data.text_fields),
+        new_fingerprint=generate_random_fingerprint(),
     )
 
 
