@@ -35,6 +35,15 @@ def column(split: Any, name: str) -> list:
     return split[name][:]
 
 
+def with_column(split: Dataset, name: str, values: Any) -> Dataset:
+    """split with a column added. Its new fingerprint is drawn, not hashed: datasets would pickle
+    every value to hash them (GoEmotions' 43k label vectors: seconds). An added column lives in
+    memory and names no datasets cache file; ftcli's cache has its own key (data_fingerprint)."""
+    from datasets.fingerprint import generate_random_fingerprint
+
+    return split.add_column(name, values, new_fingerprint=generate_random_fingerprint())
+
+
 def pad_rows(sequences: list[list[int]], length: int, value: int) -> torch.Tensor:
     """Sequences as one int64 tensor of `length` columns, padded with `value`."""
     return torch.from_numpy(pad_array(sequences, length, value))

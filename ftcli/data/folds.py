@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ftcli.config import FoldConfig
-from ftcli.data.batching import column
+from ftcli.data.batching import column, with_column
 from ftcli.errors import FtcliError
 from ftcli import tasks
 
@@ -89,4 +89,4 @@ def select_documents(split: Dataset, documents: np.ndarray) -> Dataset:
     renumber = np.full(ids.max() + 1, -1)
     renumber[documents] = np.arange(len(documents))
     rows = np.flatnonzero(renumber[ids] >= 0)
-    return split.select(rows).remove_columns("doc").add_column("doc", renumber[ids[rows]].tolist())
+    return with_column(split.select(rows).remove_columns("doc"), "doc", renumber[ids[rows]].tolist())

@@ -21,7 +21,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from ftcli.config import UNLABELED, DataConfig
-from ftcli.data.batching import column
+from ftcli.data.batching import column, with_column
 from ftcli.data.folds import hold_out
 from ftcli.data.sources import HubDataset, Joined, LocalFiles, Source
 from ftcli.data.words import prefix_spaced_backend, words_of
@@ -474,7 +474,7 @@ def _prepare_split(
     if tasks.get(task).token_level:  # a tag per sub-token, from each word's
         positions = column(tokenized, "doc_positions") if "doc_positions" in tokenized.column_names else None
         labels = tasks.get(task).align_labels(labels, column(tokenized, "word_ids"), data, label_names, positions)
-    tokenized = tokenized.add_column("labels", labels)
+    tokenized = with_column(tokenized, "labels", labels)
     summary = _summarize(tokenized, label_names, task, data.long_text == "window", labelled=split != UNLABELED)
     return tokenized.remove_columns("full_length"), summary
 
@@ -492,7 +492,7 @@ def _hold_out_fold(prepared: Prepared, data: DataConfig, task: str) -> Prepared:
     summary = dict(prepared.summary)
     for split in origin:
         # The cache keeps no untruncated lengths: a fold counts the examples cut at max_length.
-        lengths = splits[split].add_column("full_length", column(splits[split], "length"))
+        lengths = with_column(splits[split], "full_length", column(splits[split], "length"))
         summary[split] = _summarize(lengths, prepared.label_names, task, data.long_text == "window")
         if data.long_text == "truncate":
             summary[split].truncated = int((np.asarray(column(lengths, "length")) >= data.max_length).sum())

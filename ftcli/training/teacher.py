@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ftcli import tasks
 from ftcli.config import UNLABELED, Config
-from ftcli.data.batching import column
+from ftcli.data.batching import column, with_column
 from ftcli.data.prepare import Prepared, prepare, tokenizer_fingerprint
 from ftcli.errors import FtcliError
 from ftcli.fileio import atomic_write_bytes, damaged_file
@@ -48,18 +48,18 @@ def with_teacher(config: Config, prepared: Prepared, tokenizer: PreTrainedTokeni
         _write_cache(cache, logits)
         log.info("teacher %s: logits for %d training rows cached in %s", config.distill.teacher, len(rows), cache)
     splits = {name: split for name, split in prepared.splits.items() if name != UNLABELED}
-    splits["train"] = rows.add_column("teacher", _per_row(logits, rows))
+    splits["train"] = with_column(rows, "teacher", _per_row(logits, rows))
     return replace(prepared, splits=DatasetDict(splits))
 
 
 def training_rows(prepared: Prepared) -> Dataset:
     """The training split, then the unlabeled texts, with a "labeled" column telling them apart."""
     train = prepared.splits["train"]
-    train = train.add_column("labeled", [True] * len(train))
+    train = with_column(train, "labeled", [True] * len(train))
     if UNLABELED not in prepared.splits:
         return train
     unlabeled = prepared.splits[UNLABELED]
-    unlabeled = unlabeled.add_column("labeled", [False] * len(unlabeled))
+    unlabeled = with_column(unlabeled, "labeled", [False] * len(unlabeled))
     # A tagger's split has windows' columns only where one of its sentences is too long; training
     # reads no window's place (each window trains on its own pieces), so the rows keep what both have.
     shared = [column for column in train.column_names if column in unlabeled.column_names]
