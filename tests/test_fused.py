@@ -104,14 +104,16 @@ def dropout_mask(inputs, p: float, seed: int, site: int = 0) -> torch.Tensor:
 
 def test_dropout_draws_a_mask_from_its_seed_and_site_and_backward_uses_the_same_one():
     p = 0.25
-    inputs = layer_norm_inputs(rows=64, width=96)
+    # 32 rows: on a CPU each row is a program of Triton's interpreter, whose random numbers cost
+    # ~20 ms a row; 3,072 draws keep the share test within 3.8 standard deviations (0.0078).
+    inputs = layer_norm_inputs(rows=32, width=96)
     kept = dropout_mask(inputs, p, seed=7)
-    assert abs(kept.float().mean().item() - (1 - p)) < 0.03  # 6,144 draws
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.03
     assert torch.equal(kept, dropout_mask(inputs, p, seed=7))
     assert not torch.equal(kept, dropout_mask(inputs, p, seed=8))
     assert not torch.equal(kept, dropout_mask(inputs, p, seed=7, site=1))
 
-    grad = torch.randn(64, 96, device=DEVICE)
+    grad = torch.randn(32, 96, device=DEVICE)
     y = fused_layer_norm(inputs, p, seed=7)
     y.backward(grad)
     reference_inputs = leaves(*inputs)
