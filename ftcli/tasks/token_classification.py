@@ -579,8 +579,10 @@ class TokenClassification(Task):
     def objective(self, config: Any, prepared: Any) -> TokenObjective:
         from ftcli.tasks.single_label import class_weights
 
+        # [:] reads the column whole, as data.batching.column does (tasks sit below data, so not that helper).
+        labels = prepared.splits["train"]["labels"][:]
         return TokenObjective(
-            class_weights(config.training.class_weights, prepared), config.training.label_smoothing, pieces_per_sentence(prepared.splits["train"]["labels"][:]),
+            class_weights(config.training.class_weights, prepared), config.training.label_smoothing, pieces_per_sentence(labels),
         )
 
     def saved_objective(self, config: Any, decider: Decider) -> TokenObjective:
