@@ -22,10 +22,14 @@ from ftcli.runs.rundir import RunDir
 
 STEPS_PER_EPOCH = 64 // 8
 # The interrupted runs are processes of their own, killed (or stopped) wherever they are; they fork
-# from a server that imported torch, transformers and ftcli once, rather than each spending ~6 s of
-# CPU on the imports (ten starts in this file).
+# from a server that imported once what a training imports (torch, transformers, ftcli, both
+# backends, and what training imports late: the metrics' sklearn, the figures' matplotlib), rather
+# than each spending ~7 s of CPU on the imports (ten starts in this file).
 FORK_SERVER = multiprocessing.get_context("forkserver")
-FORK_SERVER.set_forkserver_preload(["torch", "transformers", "ftcli.cli", "ftcli.commands.train"])
+FORK_SERVER.set_forkserver_preload([
+    "torch", "transformers", "ftcli.cli", "ftcli.commands.train", "ftcli.training.loop", "ftcli.training.trainer",
+    "ftcli.reporting.report", "sklearn.metrics", "transformers.optimization", "transformers.models.bert.modeling_bert",
+])
 # What `python -m ftcli ARGS` runs, with stdout dropped and stderr into a file; one intra-op thread,
 # as in the runs it is compared with (one_thread), hence the same float reductions.
 START = """
