@@ -1,9 +1,9 @@
 """A full disk is a user error wherever ftcli writes: one line that says so, where, and how much the
 write needed; exit code 2, no traceback; the last whole checkpoint whole and nothing half-written.
 
-Training runs fill a real 24 MB tmpfs (mounted here; skipped where mounting is not permitted): a
-checkpoint of the tiny model is 16.8 MB (loop: weights 4.0 MB, AdamW state 12.1 MB, tokenizer 0.7 MB)
-or 12.8 MB (trainer), so the first fits and the second runs out of space in the optimizer's
+Training runs fill a real 4 MB tmpfs (mounted here; skipped where mounting is not permitted): a
+checkpoint of the tiny model is 2.3 MB in either backend (weights 0.7 MB, AdamW state 1.5 MB,
+tokenizer 0.1 MB), so the first fits and the second runs out of space in the optimizer's
 torch.save, whose zip writer reports it without the OS's reason. The other write sites are made to
 fail with ENOSPC at the lowest level they write through."""
 
@@ -29,14 +29,14 @@ from ftcli.runs import checkpoints
 from ftcli.runs.rundir import RunDir
 from ftcli.training.loop import checkpointing
 
-DISK = "24m"
+DISK = "4m"
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 _mounts = itertools.count()
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A fresh 24 MB tmpfs, unmounted afterwards whatever happened."""
+    """A fresh 4 MB tmpfs, unmounted afterwards whatever happened."""
     folder = tmp_path / f"disk{next(_mounts)}"
     folder.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(folder)], capture_output=True, text=True)
@@ -112,7 +112,8 @@ def test_the_final_model_save_on_a_full_disk_leaves_model_as_it_was(tiny_model_d
     with pytest.raises(DiskFull) as raised:
         save_model(model, tokenizer, target)
     assert f"no space left on device writing {target}: {target.parent} (filesystem " in str(raised.value)
-    assert "MB needed" in str(raised.value)
+    needed = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    assert f"about {fileio.format_bytes(needed)} needed" in str(raised.value)
     assert {path.name: path.read_bytes() for path in target.iterdir()} == before
     assert sorted(path.name for path in target.parent.iterdir()) == ["model"]  # no staging folder left
 
