@@ -31,7 +31,6 @@ if not Path("/dev/nvidia0").exists() and not shutil.which("nvidia-smi"):
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
-WORKER_THREADS = 1  # torch's intra-op threads in this worker, read once the tests are collected
 
 POSITIVE = ["great", "wonderful", "excellent", "superb", "lovely", "brilliant"]
 NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "poor", "boring"]
@@ -122,16 +121,25 @@ def tiny_model_without_dropout_dir(tiny_model_dir: Path, tmp_path_factory: pytes
     return target
 
 
+@pytest.fixture(scope="session")
+def worker_threads() -> int:
+    """torch's intra-op threads in this worker as it started: a session fixture is set up before
+    the first test's module fixtures, so none of them has changed it yet."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
-def torch_threads():
-    """Every test leaves the worker's intra-op threads as the worker started (WORKER_THREADS): a
-    test or module fixture that set them (an in-process server's engine takes all the cores) made
-    each later test of its worker compute on two threads against the other worker's, and their
-    spinning slowed the suite's last minutes two- to threefold."""
+def torch_threads(worker_threads: int):
+    """Every test leaves the worker's intra-op threads as the worker started: a test or module
+    fixture that set them (an in-process server's engine takes all the cores) made each later test
+    of its worker compute on two threads against the other worker's, and their spinning slowed the
+    suite's last minutes two- to threefold."""
     yield
     import torch
 
-    torch.set_num_threads(WORKER_THREADS)
+    torch.set_num_threads(worker_threads)
 
 
 @pytest.fixture(autouse=True)
@@ -296,10 +304,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Everything imported so far (torch, transformers, the test modules: ~500k objects) is moved
     out of the garbage collector's reach: each full collection, automatic or a library's
     gc.collect() (HF Trainer calls one per training), would walk them all again, ~0.25 s each."""
-    global WORKER_THREADS
-    import torch
-
-    WORKER_THREADS = torch.get_num_threads()
     gc.collect()
     gc.freeze()
 
